@@ -1,0 +1,74 @@
+"""Message values exchanged between nodes (decoded form), and their limits.
+
+Message type numbers are append-only: never reuse or renumber one, so that
+mixed-version clusters can at least tell what they cannot read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+
+from lbd.protocol.errors import DecodeError
+
+MAX_NODES = 256
+MAX_NODE_ID_LEN = 64
+MAX_WEIGHT = 1000
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+class MessageType(IntEnum):
+    HEARTBEAT = 1
+    LEAVE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One node as a view lists it. Ownership depends on id, weight and draining."""
+
+    node_id: str
+    incarnation: int
+    weight: int
+    draining: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Periodic state of the sender.
+
+    ``view`` is the sender's current membership, sorted by node ID; ``acks[i]`` is
+    the highest sequence the sender has received from ``view[i]`` (0 for itself or
+    nothing yet). An ack is also the sender's support for that member's lease.
+    ``agreed`` says the sender has completed the barrier on ``view``; ``held`` is
+    how many buckets the sender currently has in its kernel set.
+    """
+
+    sender: str
+    incarnation: int
+    seq: int
+    weight: int
+    draining: bool
+    view: tuple[Member, ...]
+    acks: tuple[int, ...]
+    agreed: bool
+    held: int
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """The sender has released every bucket and dropped its lease; forget it now."""
+
+    sender: str
+    incarnation: int
+    seq: int
+
+
+Message = Heartbeat | Leave
+
+
+def validate_node_id(node_id: object) -> str:
+    """Return node_id if it is a valid node ID, else raise DecodeError."""
+    if not isinstance(node_id, str) or not NODE_ID_PATTERN.fullmatch(node_id):
+        raise DecodeError(f"invalid node id {node_id!r}")
+    return node_id

@@ -1,0 +1,1 @@
+"""Kernel tests in real network namespaces, and the test bed they share (bed.py)."""

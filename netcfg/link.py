@@ -32,7 +32,8 @@ things it set, unless someone changed them since (then they are left alone and l
 original value is kept (so a restarted daemon restores the value from before lbd, not
 its own), a VIP already on the interface is adopted (never an error; removed on restore
 only if lbd added it), and recorded items no longer wanted are restored first.
-``restore()`` with nothing recorded is a no-op.
+``restore()`` with nothing recorded is a no-op. If ``apply()`` raises (LinkError), what
+it changed so far is on record: call ``restore()``.
 
 This runs inside the daemon's namespace: sysctls are files under /proc/sys, which
 follow the namespace of the calling process; netlink work goes through pyroute2.
@@ -140,6 +141,8 @@ class LinkSetup:
         """Record previous values, then set VIPs, MAC and sysctls. Idempotent."""
         with IPRoute() as ipr:
             index = self._index(ipr)
+            for vip in self.vips:  # refuse a bad VIP before changing anything
+                self._check_vip(vip, self._addresses(ipr, index))
             state = self._load()
             self._drop_unwanted(ipr, state)
             wanted = self._wanted_sysctls()
@@ -151,11 +154,9 @@ class LinkSetup:
                         continue
                     state["sysctls"][key] = {"old": old, "set": wanted[key]}
             if self.cluster_mac and state["mac"] is None:
-                state["mac"] = {
-                    "interface": self.interface,
-                    "old": self._mac(ipr, index),
-                    "set": self.cluster_mac,
-                }
+                state["mac"] = {"interface": self.interface, "old": self._mac(ipr, index)}
+            if self.cluster_mac:
+                state["mac"]["set"] = self.cluster_mac  # the configured MAC may have changed
             present = self._addresses(ipr, index)
             for vip in self.vips:
                 if vip.key not in state["addresses"]:
@@ -229,7 +230,8 @@ class LinkSetup:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state_file.with_name(f".{self.state_file.name}.tmp")
             with tmp.open("w") as fh:
-                json.dump(state, fh, indent=1, sort_keys=True)
+                # Key order is the restore order (reversed): never sort it.
+                json.dump(state, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
             tmp.replace(self.state_file)
@@ -338,24 +340,32 @@ class LinkSetup:
     def _add_vip(
         self, ipr: IPRoute, index: int, vip: Vip, present: dict[str, tuple[int, int]]
     ) -> None:
+        self._check_vip(vip, present)
         kwargs: dict[str, Any] = {
             "index": index,
             "address": vip.address,
             "prefixlen": vip.prefixlen,
         }
-        if vip.version == 4:
-            if vip.prefixlen < 32 and not self._has_primary_in(vip, present):
-                raise LinkError(
-                    f"{self.interface}: VIP {vip.key} would become the primary address of "
-                    f"its subnet; configure the node's own address in it first, or use /32"
-                )
-        else:
+        if vip.version == 6:
             kwargs.update(flags=IFA_F_NODAD, preferred_lft=0, valid_lft=INFINITY_LFT)
         try:
             ipr.addr("add", **kwargs)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:  # added meanwhile: already there is fine
                 raise LinkError(f"{self.interface}: cannot add VIP {vip.key}: {exc}") from None
+
+    def _check_vip(self, vip: Vip, present: dict[str, tuple[int, int]]) -> None:
+        """A v4 VIP with a prefix must land as a secondary of the node's own address."""
+        if (
+            vip.version == 4
+            and vip.prefixlen < 32
+            and vip.address not in present
+            and not self._has_primary_in(vip, present)
+        ):
+            raise LinkError(
+                f"{self.interface}: VIP {vip.key} would become the primary address of "
+                f"its subnet; configure the node's own address in it first, or use /32"
+            )
 
     @staticmethod
     def _has_primary_in(vip: Vip, present: dict[str, tuple[int, int]]) -> bool:

@@ -199,16 +199,19 @@ def test_changed_config_converges(bed: MakeBed, tmp_path: Path) -> None:
     assert snapshot(b, node) == before
 
 
-def test_vip_with_prefix_never_becomes_primary(bed: MakeBed) -> None:
+def test_vip_with_prefix_never_becomes_primary(bed: MakeBed, tmp_path: Path) -> None:
     b = bed(nodes=1, add_vip=False)
     node = b.nodes[0]
-    ok = drive(b, node, ["apply"], vips=["192.0.2.100/24"])
-    assert ok["apply"] == "ok"
+    state = str(tmp_path / "state.json")
+    before = snapshot(b, node)
+    assert drive(b, node, ["apply"], vips=["192.0.2.100/24"], state_file=state)["apply"] == "ok"
     listing = b.run(node.name, "ip", "-4", "addr", "show", "eth0").stdout
     assert "192.0.2.100/24 scope global secondary eth0" in listing
-    refused = drive(b, node, ["apply"], vips=["203.0.113.50/24"])
-    assert "would become the primary address" in refused["apply"]
-    assert "203.0.113.50" not in b.run(node.name, "ip", "addr").stdout
+    assert drive(b, node, ["restore"], vips=[], state_file=state)["restore"] == "ok"
+    assert snapshot(b, node) == before
+    refused = drive(b, node, ["apply"], vips=["203.0.113.50/24"], state_file=state)
+    assert "eth0: VIP 203.0.113.50/24 would become the primary address" in refused["apply"]
+    assert snapshot(b, node) == before  # refused before anything changed
 
 
 def test_cluster_mac_live_and_with_link_bounce(bed: MakeBed, tmp_path: Path) -> None:

@@ -319,6 +319,8 @@ class Bed(TrafficMixin):
                 "net.ipv6.conf.all.forwarding": 0,
                 "net.ipv6.conf.eth0.addr_gen_mode": 1,
                 "net.ipv6.conf.eth0.accept_dad": 0,
+                # link_down() must not wipe the IPv6 addresses (the kernel's default).
+                "net.ipv6.conf.eth0.keep_addr_on_down": 1,
             },
         )
         lines = [
@@ -473,11 +475,16 @@ class Bed(TrafficMixin):
     def link_up(self, node: int | str | NodeNs) -> None:
         """Bring a node's eth0 up again and restore its default routes.
 
-        Admin-down removes the routes through the link, so they are re-added.
+        Admin-down removes the routes through the link (addresses stay: IPv6 ones thanks
+        to keep_addr_on_down=1), so the default routes are re-added.
         """
         n = self.node(node)
         self._ip(n.name, "link", "set", n.iface, "up")
-        self._batch(
-            n.name,
-            [f"route replace default via {ROUTER_LAN4}", f"route replace ::/0 via {ROUTER_LAN6}"],
-        )
+        for gateway in (ROUTER_LAN4, ROUTER_LAN6):
+            argv = ["ip", "route", "replace", "default", "via", gateway]
+
+            def replaced(cmd: list[str] = argv) -> bool:
+                return self.run(n.name, *cmd, check=False).returncode == 0
+
+            # The kernel re-creates the IPv6 prefix route a moment after the link is up.
+            wait_for(replaced, 3.0, 0.02, f"default route via {gateway} in {n.name}")

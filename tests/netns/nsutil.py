@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -109,6 +110,8 @@ def cleanup_prefix(prefix: str) -> list[str]:
     delete_netns(doomed)
     with contextlib.suppress(FileNotFoundError):
         (OWNER_DIR / prefix).unlink()
+    for logdir in Path(tempfile.gettempdir()).glob(f"{prefix}*"):  # the bed's process logs
+        shutil.rmtree(logdir, ignore_errors=True)
     return doomed
 
 

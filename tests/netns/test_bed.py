@@ -157,3 +157,13 @@ def test_cleanup_stale_removes_beds_of_dead_builders() -> None:
     finally:
         subprocess.run(["ip", "netns", "del", f"{prefix}hub"], check=False, capture_output=True)
         (OWNER_DIR / prefix).unlink(missing_ok=True)
+
+
+def test_link_down_isolates_a_node_and_link_up_restores_it(bed: MakeBed) -> None:
+    b = bed(nodes=2)
+    b.link_down(0)
+    assert not b.ping(b.router, b.nodes[0].addr4, timeout=0.3)
+    assert b.ping(b.router, b.nodes[1].addr4)
+    b.link_up(b.nodes[0])
+    assert b.ping(b.router, b.nodes[0].addr4)
+    assert b.ping(b.client, b.nodes[0].addr6, src="2001:db8:2::30")  # routes are back

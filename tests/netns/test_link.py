@@ -218,7 +218,10 @@ def test_cluster_mac_live_and_with_link_bounce(bed: MakeBed, tmp_path: Path) -> 
     b = bed(nodes=1, add_vip=False)
     node = b.nodes[0]
     # Unlike the bed's nodes, a fresh host generates link-local addresses and runs DAD.
-    b.set_sysctls(node.name, {"net.ipv6.conf.eth0.accept_dad": 1})
+    b.set_sysctls(
+        node.name,
+        {"net.ipv6.conf.eth0.accept_dad": 1, "net.ipv6.conf.eth0.keep_addr_on_down": 0},
+    )
     before = snapshot(b, node)
     mac = "02:00:5e:00:01:65"
     for live in (True, False):

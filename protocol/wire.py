@@ -1,0 +1,429 @@
+"""The authenticated wire format: Heartbeat/Leave <-> one sealed UDP datagram.
+
+Theory of operation
+-------------------
+Every datagram is an envelope around an encrypted msgpack body::
+
+    offset  size  field
+    0       2     magic b"LB"
+    2       1     wire version (1)
+    3       4     key fingerprint: SHA-256(b"lbd-key-id" + key)[:4]
+    7       12    nonce (random, from ``nonce_source``)
+    19      n+16  ChaCha20-Poly1305 ciphertext of the body, then its tag
+
+The associated data is the 19 header bytes followed by the UTF-8 cluster name,
+so the header cannot be altered and a datagram for another cluster fails
+authentication even when both clusters share a key.
+
+``Codec.open`` works from the cheapest check to the dearest: size (before
+anything is parsed or decrypted), magic, version, key lookup, AEAD tag, msgpack
+decoding under tight limits, then strict field validation. Its one promise is
+that *any* input either yields a valid Heartbeat/Leave or raises DecodeError
+(AuthError and ReplayError are subclasses), never another exception.
+
+Replays are not the codec's business: a sealed datagram is self-contained. The
+caller passes every *opened* message through a ReplayGuard.
+
+Nonces are random 96-bit values. The chance that two datagrams under one key
+share a nonce after n datagrams (all senders together) is about n**2 / 2**97,
+some 2**-33 after 2**32 datagrams: rotate the key long before that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import cast
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from lbd.protocol.errors import AuthError, ConfigError, DecodeError, ReplayError
+from lbd.protocol.messages import (
+    MAX_NODE_ID_LEN,
+    MAX_NODES,
+    MAX_WEIGHT,
+    Heartbeat,
+    Leave,
+    Member,
+    Message,
+    MessageType,
+    validate_node_id,
+)
+
+MAGIC = b"LB"
+WIRE_VERSION = 1
+KEY_LEN = 32
+FINGERPRINT_LEN = 4
+NONCE_LEN = 12
+TAG_LEN = 16
+_VERSION_AT, _FINGERPRINT_AT, _NONCE_AT = 2, 3, 7  # offsets into the header
+HEADER_LEN = _NONCE_AT + NONCE_LEN  # 19
+# The smallest body (a one-byte msgpack value) is still a byte.
+MIN_DATAGRAM = HEADER_LEN + TAG_LEN + 1
+MAX_DATAGRAM = 32768
+MAX_COUNTER = 2**63 - 1  # incarnation and seq: fit a signed 64-bit int everywhere
+MAX_HELD = 65536  # buckets a node can hold at most (the largest bucket count)
+
+_KEY_ID_DOMAIN = b"lbd-key-id"
+_HEARTBEAT_FIELDS = 10
+_LEAVE_FIELDS = 4
+_MEMBER_FIELDS = 4
+
+# Body decoding limits: node IDs are the only strings, arrays never exceed a
+# full view, and maps, bins and extension types never occur. So a hostile body
+# can make msgpack allocate no more than a valid one could.
+_UNPACK_LIMITS: dict[str, int] = {
+    "max_str_len": MAX_NODE_ID_LEN,
+    "max_bin_len": 0,
+    "max_array_len": MAX_NODES,
+    "max_map_len": 0,
+    "max_ext_len": 0,
+}
+
+NonceSource = Callable[[int], bytes]
+
+
+def key_fingerprint(key: bytes) -> bytes:
+    """The 4-byte ID that tells receivers which key sealed a datagram."""
+    return hashlib.sha256(_KEY_ID_DOMAIN + key).digest()[:FINGERPRINT_LEN]
+
+
+def _check_key(key: object, what: str) -> bytes:
+    if not isinstance(key, bytes) or len(key) != KEY_LEN:
+        raise ConfigError(f"{what} key must be {KEY_LEN} bytes")
+    return key
+
+
+class Keyring:
+    """The cluster key, plus the one it replaces while a rotation is under way.
+
+    Datagrams are always sealed with ``current``; ones sealed with either key are
+    opened. To rotate: give every node ``Keyring(new, old)``, then, once all run
+    with it, ``Keyring(new)``.
+    """
+
+    __slots__ = ("_aead_by_fingerprint", "_current", "_current_fingerprint", "_previous")
+
+    def __init__(self, current: bytes, previous: bytes | None = None) -> None:
+        self._current = _check_key(current, "current")
+        self._previous = None if previous is None else _check_key(previous, "previous")
+        self._current_fingerprint = key_fingerprint(current)
+        self._aead_by_fingerprint: dict[bytes, ChaCha20Poly1305] = {}
+        if self._previous is not None and self._previous != current:
+            previous_fingerprint = key_fingerprint(self._previous)
+            if previous_fingerprint == self._current_fingerprint:
+                # 1 in 2**32: receivers could not tell the keys apart.
+                raise ConfigError("current and previous keys share a fingerprint; pick a new key")
+            self._aead_by_fingerprint[previous_fingerprint] = ChaCha20Poly1305(self._previous)
+        self._aead_by_fingerprint[self._current_fingerprint] = ChaCha20Poly1305(current)
+
+    @property
+    def current(self) -> bytes:
+        return self._current
+
+    @property
+    def previous(self) -> bytes | None:
+        return self._previous
+
+    @property
+    def current_fingerprint(self) -> bytes:
+        return self._current_fingerprint
+
+    def rotated(self, new_current: bytes) -> Keyring:
+        """A keyring sealing with new_current and still opening the old current."""
+        return Keyring(new_current, self._current)
+
+    def sealing_aead(self) -> ChaCha20Poly1305:
+        return self._aead_by_fingerprint[self._current_fingerprint]
+
+    def opening_aead(self, fingerprint: bytes) -> ChaCha20Poly1305 | None:
+        return self._aead_by_fingerprint.get(fingerprint)
+
+    def __repr__(self) -> str:
+        # Never print key material, only the fingerprints.
+        held = ", ".join(fp.hex() for fp in self._aead_by_fingerprint)
+        return f"Keyring(current={self._current_fingerprint.hex()}, opens=[{held}])"
+
+
+class Codec:
+    """Seals messages into datagrams and opens datagrams into messages."""
+
+    __slots__ = ("_associated_suffix", "_cluster_name", "_keyring", "_nonce_source")
+
+    def __init__(
+        self,
+        cluster_name: str,
+        keyring: Keyring,
+        nonce_source: NonceSource = os.urandom,
+    ) -> None:
+        if not isinstance(cluster_name, str) or not cluster_name:
+            raise ConfigError("cluster name must be a non-empty string")
+        try:
+            self._associated_suffix = cluster_name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError("cluster name is not encodable as UTF-8") from exc
+        if not isinstance(keyring, Keyring):
+            raise ConfigError("keyring must be a Keyring")
+        self._cluster_name = cluster_name
+        self._keyring = keyring
+        self._nonce_source = nonce_source
+
+    @property
+    def cluster_name(self) -> str:
+        return self._cluster_name
+
+    @property
+    def keyring(self) -> Keyring:
+        return self._keyring
+
+    def seal(self, message: Message) -> bytes:
+        """Encode, encrypt and authenticate message with the current key.
+
+        Raises ValueError if message would not pass the receivers' validation:
+        that is a bug in the caller, and better found here than by every peer.
+        """
+        body = _body_of(message)
+        try:
+            _message_from_body(body)
+        except DecodeError as exc:
+            raise ValueError(f"refusing to seal an invalid message: {exc}") from exc
+        nonce = self._nonce_source(NONCE_LEN)
+        if not isinstance(nonce, bytes) or len(nonce) != NONCE_LEN:
+            raise ConfigError(f"nonce source must return {NONCE_LEN} bytes")
+        header = MAGIC + bytes((WIRE_VERSION,)) + self._keyring.current_fingerprint + nonce
+        plaintext = msgpack.packb(body)
+        sealed = self._keyring.sealing_aead().encrypt(
+            nonce, plaintext, header + self._associated_suffix
+        )
+        datagram = header + sealed
+        if len(datagram) > MAX_DATAGRAM:
+            # Unreachable while MAX_NODES and MAX_NODE_ID_LEN keep their values.
+            raise ValueError(f"sealed message is {len(datagram)} bytes, over {MAX_DATAGRAM}")
+        return datagram
+
+    def open(self, data: bytes) -> Message:
+        """Authenticate, decrypt and validate one datagram.
+
+        Returns a valid Heartbeat or Leave, or raises DecodeError (AuthError when
+        the key or cluster is wrong or the datagram was altered). Nothing else.
+        Replay checking is the caller's: see ReplayGuard.
+        """
+        if not isinstance(data, bytes):
+            raise DecodeError("datagram is not bytes")
+        # Size first: nothing of an over- or undersized datagram is looked at.
+        if len(data) < MIN_DATAGRAM:
+            raise DecodeError(f"datagram too short ({len(data)} bytes)")
+        if len(data) > MAX_DATAGRAM:
+            raise DecodeError(f"datagram too long ({len(data)} bytes)")
+        if data[:_VERSION_AT] != MAGIC:
+            raise DecodeError("bad magic")
+        if data[_VERSION_AT] != WIRE_VERSION:
+            raise DecodeError(f"unknown wire version {data[_VERSION_AT]}")
+        aead = self._keyring.opening_aead(data[_FINGERPRINT_AT:_NONCE_AT])
+        if aead is None:
+            raise AuthError("unknown key fingerprint")
+        header = data[:HEADER_LEN]
+        try:
+            plaintext = aead.decrypt(
+                data[_NONCE_AT:HEADER_LEN], data[HEADER_LEN:], header + self._associated_suffix
+            )
+        except InvalidTag:
+            raise AuthError("authentication failed (wrong key or cluster, or altered)") from None
+        return _message_from_body(_unpack_body(plaintext))
+
+
+def _unpack_body(plaintext: bytes) -> object:
+    try:
+        return msgpack.unpackb(
+            plaintext, raw=False, use_list=False, strict_map_key=True, **_UNPACK_LIMITS
+        )
+    # ValueError covers ExtraData, FormatError, StackError and UnicodeDecodeError;
+    # UnpackException covers OutOfData, which is not a ValueError.
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        # msgpack's messages are short ("3 exceeds max_array_len(2)"); cap them anyway.
+        raise DecodeError(f"malformed body: {type(exc).__name__}: {str(exc)[:80]}") from None
+
+
+# --- encoding ----------------------------------------------------------------
+
+
+def _body_of(message: Message) -> tuple[object, ...]:
+    if isinstance(message, Heartbeat):
+        return (
+            MessageType.HEARTBEAT.value,
+            message.sender,
+            message.incarnation,
+            message.seq,
+            message.weight,
+            message.draining,
+            tuple((m.node_id, m.incarnation, m.weight, m.draining) for m in message.view),
+            tuple(message.acks),
+            message.agreed,
+            message.held,
+        )
+    if isinstance(message, Leave):
+        return (MessageType.LEAVE.value, message.sender, message.incarnation, message.seq)
+    raise ValueError(f"cannot seal {type(message).__name__}: not a Heartbeat or Leave")
+
+
+# --- decoding and validation ------------------------------------------------
+# Exact type checks (``type(x) is int``) on purpose: bool is an int subclass and
+# must not pass as a number, nor a number as a bool.
+
+
+def _counter(value: object, what: str, minimum: int = 0) -> int:
+    if type(value) is not int or not minimum <= value <= MAX_COUNTER:
+        raise DecodeError(f"{what} must be an int in {minimum}..2**63-1")
+    return value
+
+
+def _bounded(value: object, what: str, maximum: int) -> int:
+    if type(value) is not int or not 0 <= value <= maximum:
+        raise DecodeError(f"{what} must be an int in 0..{maximum}")
+    return value
+
+
+def _flag(value: object, what: str) -> bool:
+    if type(value) is not bool:
+        raise DecodeError(f"{what} must be a bool")
+    return value
+
+
+def _node_id(value: object, what: str) -> str:
+    if type(value) is not str:
+        # Checked here so that the error never carries a big repr of junk.
+        raise DecodeError(f"{what} must be a string")
+    return validate_node_id(value)
+
+
+def _sequence(value: object, what: str, min_len: int, max_len: int) -> tuple[object, ...]:
+    if type(value) is not tuple or not min_len <= len(value) <= max_len:
+        raise DecodeError(f"{what} must be an array of {min_len}..{max_len} items")
+    return value
+
+
+def _message_from_body(body: object) -> Message:
+    if type(body) is not tuple or not body:
+        raise DecodeError("body must be a non-empty array")
+    kind = body[0]
+    if type(kind) is int and kind == MessageType.HEARTBEAT:
+        return _heartbeat(body)
+    if type(kind) is int and kind == MessageType.LEAVE:
+        return _leave(body)
+    raise DecodeError("unknown message type")
+
+
+def _leave(body: tuple[object, ...]) -> Leave:
+    if len(body) != _LEAVE_FIELDS:
+        raise DecodeError(f"leave must have {_LEAVE_FIELDS} fields")
+    return Leave(
+        sender=_node_id(body[1], "sender"),
+        incarnation=_counter(body[2], "incarnation"),
+        seq=_counter(body[3], "seq", minimum=1),
+    )
+
+
+def _heartbeat(body: tuple[object, ...]) -> Heartbeat:
+    if len(body) != _HEARTBEAT_FIELDS:
+        raise DecodeError(f"heartbeat must have {_HEARTBEAT_FIELDS} fields")
+    sender = _node_id(body[1], "sender")
+    view = _view(body[6], sender)
+    acks = _sequence(body[7], "acks", len(view), len(view))
+    for ack in acks:
+        if type(ack) is not int or not 0 <= ack <= MAX_COUNTER:
+            raise DecodeError("ack must be an int in 0..2**63-1")
+    return Heartbeat(
+        sender,
+        _counter(body[2], "incarnation"),
+        _counter(body[3], "seq", minimum=1),
+        _bounded(body[4], "weight", MAX_WEIGHT),
+        _flag(body[5], "draining"),
+        view,
+        cast("tuple[int, ...]", acks),  # every item was just checked to be an int
+        _flag(body[8], "agreed"),
+        _bounded(body[9], "held", MAX_HELD),
+    )
+
+
+def _view(value: object, sender: str) -> tuple[Member, ...]:
+    entries = _sequence(value, "view", 1, MAX_NODES)
+    members: list[Member] = []
+    has_sender = False
+    previous_id = ""  # sorts before every valid ID, which is non-empty
+    # The checks are spelled out inline: this loop is the hot path of open().
+    for entry in entries:
+        if type(entry) is not tuple or len(entry) != _MEMBER_FIELDS:
+            raise DecodeError(f"view member must be an array of {_MEMBER_FIELDS} items")
+        node_id, incarnation, weight, draining = entry
+        node_id = _node_id(node_id, "member id")
+        if node_id <= previous_id:
+            # Ownership is a function of the view, so a view has one spelling only.
+            raise DecodeError("view must be strictly sorted by node id")
+        if type(incarnation) is not int or not 0 <= incarnation <= MAX_COUNTER:
+            raise DecodeError("member incarnation must be an int in 0..2**63-1")
+        if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
+            raise DecodeError(f"member weight must be an int in 0..{MAX_WEIGHT}")
+        if type(draining) is not bool:
+            raise DecodeError("member draining must be a bool")
+        members.append(Member(node_id, incarnation, weight, draining))
+        has_sender = has_sender or node_id == sender
+        previous_id = node_id
+    if not has_sender:
+        raise DecodeError("view must contain the sender")
+    return tuple(members)
+
+
+# --- replay protection --------------------------------------------------------
+
+
+class ReplayGuard:
+    """Rejects datagrams older than the newest one accepted from each sender.
+
+    Call ``check`` only with messages that ``Codec.open`` returned: it records
+    what it accepts, so unauthenticated input could poison it. A sender's
+    datagrams are ordered by (incarnation, seq); a higher incarnation (a
+    restarted node) resets its sequence. The guard is only as good as its
+    memory: a sender that was forgotten or evicted (the least recently updated
+    goes once ``max_senders`` are tracked) can be replayed once more.
+    """
+
+    __slots__ = ("_latest", "_max_senders")
+
+    def __init__(self, max_senders: int = 1024) -> None:
+        if type(max_senders) is not int or max_senders < 1:
+            raise ConfigError("max_senders must be a positive int")
+        self._max_senders = max_senders
+        # sender -> (incarnation, seq) last accepted; order = least recently updated first.
+        self._latest: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    def check(self, sender: str, incarnation: int, seq: int) -> None:
+        """Record (incarnation, seq) for sender, or raise ReplayError if not newer."""
+        latest = self._latest.get(sender)
+        if latest is not None:
+            latest_incarnation, latest_seq = latest
+            if incarnation < latest_incarnation:
+                raise ReplayError(f"stale incarnation {incarnation} from {sender}")
+            if incarnation == latest_incarnation and seq <= latest_seq:
+                raise ReplayError(f"replayed seq {seq} from {sender}")
+            self._latest.move_to_end(sender)
+        elif len(self._latest) >= self._max_senders:
+            self._latest.popitem(last=False)
+        self._latest[sender] = (incarnation, seq)
+
+    def forget(self, sender: str) -> None:
+        """Drop what is known of sender (a no-op for an unknown one).
+
+        Its old datagrams are then accepted once more, so forget a sender only
+        when it is gone for good (not merely because it sent a Leave).
+        """
+        self._latest.pop(sender, None)
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def __contains__(self, sender: object) -> bool:
+        return sender in self._latest

@@ -59,22 +59,20 @@ def test_hub_floods_to_every_node(bed: MakeBed) -> None:
 
 
 def test_probe_many_sources_is_fast_and_bounded(bed: MakeBed) -> None:
-    b = bed(nodes=2)
+    b = bed(nodes=1)
     b.start_echo()
     sources = sources4(254) + sources6(246)
     start = time.monotonic()
-    got = b.probe(sources, proto="udp", parallel=256)
+    got = b.probe(sources, proto="tcp", parallel=256)
     took_ok = time.monotonic() - start
-    names = {n.name for n in b.nodes}
-    assert len(got) == 500
-    assert all(v in names for v in got.values()), [k for k, v in got.items() if v not in names]
-    # Nobody listens on port 9: every attempt times out, and the run stays bounded.
+    assert got == dict.fromkeys(sources, b.nodes[0].name)
+    # Nobody has these addresses: every attempt times out, the run stays bounded.
     start = time.monotonic()
-    silent = b.probe(sources, proto="tcp", port=9, timeout=0.5, parallel=256)
+    silent = b.probe(sources, dst4="192.0.2.99", dst6="2001:db8:1::99", timeout=0.5, parallel=256)
     took_silent = time.monotonic() - start
     assert set(silent.values()) == {None}
-    assert took_ok < 4.0, took_ok
-    assert took_silent < 5.0, took_silent
+    assert took_ok < 4.0, took_ok  # measured ~0.3 s
+    assert took_silent < 5.0, took_silent  # measured ~1.1 s: two rounds of 0.5 s
 
 
 MCAST_RECV = """

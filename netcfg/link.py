@@ -196,6 +196,18 @@ class LinkSetup:
             raise LinkError(f"{self.interface}: restore incomplete: {'; '.join(failures)}")
         self._forget()
 
+    def __enter__(self) -> LinkSetup:
+        """``with LinkSetup(...):`` applies, and restores on exit (also if apply fails)."""
+        try:
+            self.apply()
+        except BaseException:
+            self.restore()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
     @property
     def recorded(self) -> dict[str, Any]:
         """The record of previous values (a copy), as persisted in the state file."""

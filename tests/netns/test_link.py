@@ -118,6 +118,8 @@ def test_apply_sets_everything_and_restore_puts_it_back(bed: MakeBed, tmp_path: 
         "2001:db8:2::9": node.name,
     }
     assert b.probe(["198.51.100.9"], proto="udp") == {"198.51.100.9": node.name}
+    neigh = b.run(b.router, "ip", "neigh", "show", b.vip4).stdout
+    assert b.shared_mac in neigh  # the node answered ARP for the VIP
 
     report = drive(b, node, ["restore"], state_file=str(state))
     assert report["restore"] == "ok"

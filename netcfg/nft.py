@@ -19,7 +19,8 @@ all-or-nothing) that
    handles); ``guard_every`` can thin this out;
 2. deletes/adds only the buckets that changed since the last successful apply
    (the kernel set is only ever changed by this object: other processes get
-   EPERM on an owner table, so the shadow copy cannot drift);
+   EPERM on an owner table, so the shadow copy cannot drift), or flushes the set
+   and re-adds what stays when that is smaller;
 3. refreshes the lease (add, delete, add with timeout) or removes it.
 
 Text commands rather than JSON: libnftables 1.0.6's JSON parser reads element
@@ -64,6 +65,7 @@ class ApplyStats:
 
     added: int
     removed: int
+    elements_sent: int
     lease_ms: int | None
     guard: bool
     commands: int
@@ -185,7 +187,8 @@ class NftDataplane:
         remove = self._owned - target
         guard = self._applies % self.guard_every == 0
         cmds = guard_commands(self.spec) if guard else []
-        cmds += element_commands(self.spec, add, remove)
+        elem_cmds, sent = element_commands(self.spec, add, remove, target)
+        cmds += elem_cmds
         cmds += lease_commands(self.spec, lease_ms)
         start = time.perf_counter()
         self._run(cmds)
@@ -195,6 +198,7 @@ class NftDataplane:
         self.last_apply_stats = ApplyStats(
             added=len(add),
             removed=len(remove),
+            elements_sent=sent,
             lease_ms=lease_ms,
             guard=guard,
             commands=len(cmds),

@@ -39,7 +39,7 @@ typed after ``jhash`` loads but crashes nft 1.0.6's listing.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 
 OWNER_TABLE = "lbd"
@@ -287,16 +287,30 @@ def guard_commands(spec: RulesetSpec) -> list[str]:
     return cmds
 
 
-def element_commands(spec: RulesetSpec, add: Iterable[int], remove: Iterable[int]) -> list[str]:
-    """Incremental change of the owned set: only the buckets that differ travel."""
-    cmds = []
+def element_commands(
+    spec: RulesetSpec, add: Iterable[int], remove: Iterable[int], target: Set[int]
+) -> tuple[list[str], int]:
+    """Incremental change of the owned set: only the buckets that differ travel.
+
+    When more buckets leave than the node keeps (a drain, a lost quorum), flushing
+    the set and re-adding ``target`` is the smaller transaction; it is just as
+    atomic. Returns the commands and how many elements they carry.
+    """
     rm = sorted(remove)
     ad = sorted(add)
+    t = f"inet {spec.table}"
+    if len(rm) > len(target) + 1:
+        cmds = [f"flush set {t} owned"]
+        keep = sorted(target)
+        if keep:
+            cmds.append(f"add element {t} owned {{ {', '.join(map(str, keep))} }}")
+        return cmds, len(keep)
+    cmds = []
     if rm:
-        cmds.append(f"delete element inet {spec.table} owned {{ {', '.join(map(str, rm))} }}")
+        cmds.append(f"delete element {t} owned {{ {', '.join(map(str, rm))} }}")
     if ad:
-        cmds.append(f"add element inet {spec.table} owned {{ {', '.join(map(str, ad))} }}")
-    return cmds
+        cmds.append(f"add element {t} owned {{ {', '.join(map(str, ad))} }}")
+    return cmds, len(rm) + len(ad)
 
 
 def lease_commands(spec: RulesetSpec, lease_ms: int | None) -> list[str]:

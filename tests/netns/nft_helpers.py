@@ -13,7 +13,7 @@ Client side, run as a program in the client namespace::
         {"src": {"node", "rounds", "errors", "max_rtt"}}.  Prints READY first.
     nft_helpers.py loop --dst4 V --dst6 V6 --port 80 --sources a,b --duration 1
         a fresh TCP connect every --interval s (sources in turn, --timeout each);
-        prints [[monotonic_time, ok], ...].
+        prints READY, then [[monotonic_start_time, ok], ...] at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import json
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -91,15 +92,14 @@ def client_counters(bed: Any, reset: bool = False) -> dict[str, int]:
 WATCH = r"""
 import json, sys, time
 import nftables
-nft = nftables.Nftables()
-nft.set_json_output(True)
+nft = nftables.Nftables()  # text output: JSON listing in a tight loop crashed 1.0.6
 print("READY", flush=True)
 deadline = time.monotonic() + float(sys.argv[2])
+want = "table inet " + sys.argv[1]
 while time.monotonic() < deadline:
     rc, out, err = nft.cmd("list tables")
-    names = [o["table"]["name"] for o in json.loads(out)["nftables"] if "table" in o]
-    if sys.argv[1] not in names:
-        print(json.dumps({"gone": time.monotonic()}), flush=True)
+    if want not in out.splitlines():
+        print(json.dumps({"gone": time.monotonic(), "rc": rc, "err": err}), flush=True)
         break
     time.sleep(0.0002)
 else:
@@ -121,6 +121,46 @@ def table_gone_at(bed: Any, proc: Any, timeout: float = 10.0) -> float | None:
             value: float | None = json.loads(line)["gone"]
             return value
     raise AssertionError(f"table watcher said nothing: {bed.output(proc)}")
+
+
+def start_streams(bed: Any, sources: list[str], interval: float = 0.005) -> Any:
+    """Long-lived echo connections from ``sources`` (stream mode, below); READY awaited."""
+    proc = bed.python(
+        bed.client, str(HERE / "nft_helpers.py"), "stream", "--sources", ",".join(sources),
+        "--dst4", bed.vip4, "--dst6", bed.vip6, "--interval", str(interval),
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    bed.wait_for(lambda: "READY" in bed.output(proc) or proc.poll() is not None, 10.0)
+    return proc
+
+
+def stop_streams(bed: Any, proc: Any) -> dict[str, Any]:
+    """End the streams; per source: node, rounds, errors, max_rtt."""
+    assert proc.stdin is not None
+    proc.stdin.write(b"stop\n")
+    proc.stdin.close()
+    proc.wait(timeout=15)
+    result: dict[str, Any] = json.loads(bed.output(proc).strip().splitlines()[-1])
+    return result
+
+
+def start_loop(
+    bed: Any, sources: list[str], duration: float, interval: float = 0.005, timeout: float = 0.05
+) -> Any:
+    """Fresh connections in a loop (loop mode, below); READY awaited."""
+    proc = bed.python(
+        bed.client, str(HERE / "nft_helpers.py"), "loop", "--sources", ",".join(sources),
+        "--dst4", bed.vip4, "--dst6", bed.vip6, "--interval", str(interval),
+        "--timeout", str(timeout), "--duration", str(duration),
+    )  # fmt: skip
+    bed.wait_for(lambda: "READY" in bed.output(proc) or proc.poll() is not None, 10.0)
+    return proc
+
+
+def loop_results(bed: Any, proc: Any) -> list[tuple[float, bool]]:
+    """[(monotonic start, answered)] of every attempt of a loop process."""
+    proc.wait(timeout=30)
+    return [(t, ok) for t, ok in json.loads(bed.output(proc).strip().splitlines()[-1])]
 
 
 # ---------------------------------------------------------------- client side
@@ -195,6 +235,7 @@ def _connect_once(src: str, dst: str, port: int, timeout: float) -> bool:
 
 def _loop(args: argparse.Namespace) -> list[tuple[float, bool]]:
     results = []
+    print("READY", flush=True)
     end = time.monotonic() + args.duration
     i = 0
     while time.monotonic() < end and i < 100_000:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,11 +20,12 @@ from .bed import Bed, sources4, sources6
 from .conftest import bed_prefix
 from .nft_agent import AgentClient, AgentError
 from .nft_helpers import (
-    HERE,
     client_counters,
     install_client_counters,
     owner_of,
     split,
+    start_streams,
+    stop_streams,
 )
 
 BUCKETS = 4096
@@ -101,6 +101,14 @@ def test_rules_load_list_idempotent_incremental(nbed: Bed, agents: dict[str, Age
     stats = agent.apply(second, 5000)
     assert (stats["added"], stats["removed"]) == (2, 3)
     assert set(agent.call("kernel_owned")["owned"]) == second
+
+    # Dropping most buckets flushes the set and re-adds the rest: fewer elements sent.
+    stats = agent.apply({5, 7}, 5000)
+    assert (stats["added"], stats["removed"]) == (2, len(second))
+    assert stats["elements_sent"] == 2
+    assert set(agent.call("kernel_owned")["owned"]) == {5, 7}
+    stats = agent.apply(second, 5000)
+    assert stats["elements_sent"] == len(second) + 2
 
     # An admin's stray rule in the guard is gone after one apply; no duplicates ever.
     nbed.run(nbed.nodes[0].name, "nft", "add", "rule", "inet", "lbd_guard", "vip", "accept")
@@ -186,26 +194,6 @@ def test_exactly_one_owner_tcp_udp_icmp(nbed: Bed, agents: dict[str, AgentClient
     assert client_counters(nbed)["synack"] == 0
 
 
-def _start_streams(bed: Bed, sources: list[str]) -> subprocess.Popen[Any]:
-    proc = bed.python(
-        bed.client, str(HERE / "nft_helpers.py"), "stream", "--sources", ",".join(sources),
-        "--dst4", bed.vip4, "--dst6", bed.vip6, "--interval", "0.005",
-        stdin=subprocess.PIPE,
-    )  # fmt: skip
-    bed.wait_for(lambda: "READY" in bed.output(proc) or proc.poll() is not None, 10.0)
-    return proc
-
-
-def _stop_streams(bed: Bed, proc: subprocess.Popen[Any]) -> dict[str, Any]:
-    assert proc.stdin is not None
-    proc.stdin.write(b"stop\n")
-    proc.stdin.close()
-    proc.wait(timeout=15)
-    line = bed.output(proc).strip().splitlines()[-1]
-    result: dict[str, Any] = json.loads(line)
-    return result
-
-
 def test_atomic_moves_keep_streams_and_send_no_rst(
     nbed: Bed, agents: dict[str, AgentClient]
 ) -> None:
@@ -220,7 +208,7 @@ def test_atomic_moves_keep_streams_and_send_no_rst(
         streams += [s for s in SRC4 if _expected(shares, [s])[s] == name][:1]
         streams += [s for s in SRC6 if _expected(shares, [s])[s] == name][:1]
     client_counters(nbed, reset=True)
-    proc = _start_streams(nbed, streams)
+    proc = start_streams(nbed, streams)
     try:
         # Rotate every bucket to the next node, three times (each bucket visits every
         # node): release on all old owners first, then claim on the new ones.
@@ -234,7 +222,7 @@ def test_atomic_moves_keep_streams_and_send_no_rst(
             probe = [*streams, "198.51.100.250", "2001:db8:2::4000"]
             assert nbed.probe(probe, "tcp", timeout=2.0) == _expected(new, probe)
             shares = new
-        result = _stop_streams(nbed, proc)
+        result = stop_streams(nbed, proc)
     finally:
         if proc.poll() is None:
             nbed.stop(proc, signal.SIGKILL)

@@ -1,0 +1,220 @@
+"""Unit tests of the nft rule builder and of NftDataplane's transactions (fake context).
+
+The kernel behaviour is tested in tests/netns/test_nft*.py; here: what text is sent,
+in how many transactions, and the argument checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lbd.netcfg import nft as nft_mod
+from lbd.netcfg.nft import NftDataplane, NftError
+from lbd.netcfg.ruleset import (
+    Balance,
+    RulesetSpec,
+    claim_rules,
+    element_commands,
+    guard_commands,
+    lease_commands,
+    owner_table_commands,
+    owner_vip_rules,
+)
+from lbd.protocol.errors import LbdError
+
+VIPS = ["192.0.2.100", "2001:db8:1::100"]
+
+
+def spec(**kw: Any) -> RulesetSpec:
+    return RulesetSpec.build(kw.pop("vips", VIPS), **{"buckets": 4096, "seed": 0x1BD, **kw})
+
+
+def test_balance_parse() -> None:
+    assert Balance.parse("all") == Balance()
+    b = Balance.parse(["tcp/80", "tcp/443", "udp/53", "tcp/8000-8010"])
+    assert b == Balance(True, ("80", "443", "8000-8010"), True, ("53",), False)
+    assert Balance.parse(["tcp", "tcp/80"]).tcp_ports is None
+    assert Balance.parse(["icmp"]) == Balance(False, (), False, (), True)
+    for bad in (["sctp"], ["tcp/0"], ["tcp/90-80"], ["udp/x"], [], ["icmp/3"]):
+        with pytest.raises(ValueError):
+            Balance.parse(bad)
+
+
+def test_spec_validation() -> None:
+    s = spec()
+    assert (s.vips4, s.vips6) == (("192.0.2.100",), ("2001:db8:1::100",))
+    assert s.families == ("ipv4", "ipv6")
+    for kw in (
+        {"vips": []},
+        {"vips": ["nonsense"]},
+        {"buckets": 0},
+        {"seed": -1},
+        {"prefix4": 33},
+        {"mark": 0},
+        {"mark": 0x1, "mark_mask": 0xFFFF0000},
+        {"owner_priority": -170, "guard_priority": -180},
+        {"owner_priority": -200},
+        {"table": "lbd; flush ruleset"},
+    ):
+        with pytest.raises(ValueError):
+            spec(**kw)
+
+
+def test_owner_rules_claim_only_true_syn_udp_and_echo() -> None:
+    rules = owner_vip_rules(spec(balance=Balance.parse(["tcp/80", "udp/53", "icmp"])))
+    assert "tcp dport 80 tcp flags & (fin|syn|rst|ack) == syn jump claim" in rules
+    assert "udp dport 53 jump claim" in rules
+    assert "icmp type echo-request jump claim" in rules
+    assert rules[-1] == "counter drop"
+    # No UDP shortcut through conntrack: every datagram is claimed again.
+    assert not any("udp" in r and "established" in r for r in rules)
+    only_tcp = owner_vip_rules(spec(vips=["192.0.2.100"], balance=Balance.parse(["tcp"])))
+    assert not any("udp" in r or "icmp" in r for r in only_tcp)
+
+
+def test_claim_rules_hash_prefix_and_lease() -> None:
+    rules = claim_rules(spec(prefix4=24, prefix6=56))
+    assert rules[0].startswith("meta nfproto @lease jhash ip saddr & 255.255.255.0 mod 4096 ")
+    assert "jhash ip6 saddr & ffff:ffff:ffff:ff00:: mod 4096 seed 0x000001bd @owned" in rules[1]
+    assert all("@lease" in r for r in rules[:-1])
+    only4 = claim_rules(spec(vips=["192.0.2.100"]))
+    assert len(only4) == 2 and "ip6" not in only4[0]
+
+
+def test_owner_table_repeats_flags_owner_and_many_vips_use_a_set() -> None:
+    many = [f"192.0.2.{i}" for i in range(100, 110)]
+    cmds = owner_table_commands(spec(vips=many), replace=True)
+    tables = [c for c in cmds if " table " in f" {c}"]
+    assert tables[0] == "add table inet lbd { flags owner; }"
+    assert "delete table inet lbd" in cmds
+    assert all("flags owner" in c for c in tables if c.startswith("add table"))
+    assert any("ip daddr { 192.0.2.100, " in c for c in cmds)
+
+
+def test_guard_commands_are_exact_and_idempotent() -> None:
+    cmds = guard_commands(spec())
+    assert cmds[:5] == [
+        "add table inet lbd_guard",
+        "add chain inet lbd_guard pre { type filter hook prerouting priority -170; "
+        "policy accept; }",
+        "add chain inet lbd_guard vip",
+        "flush chain inet lbd_guard pre",
+        "flush chain inet lbd_guard vip",
+    ]
+    assert "add rule inet lbd_guard vip meta mark & 0xffff0000 == 0x4c420000 accept" in cmds
+    assert cmds[-1] == "add rule inet lbd_guard vip drop"
+
+
+def test_element_commands_incremental_or_flush() -> None:
+    s = spec()
+    cmds, sent = element_commands(s, {5}, {1, 2}, frozenset({5, 9}))
+    assert cmds == ["delete element inet lbd owned { 1, 2 }", "add element inet lbd owned { 5 }"]
+    assert sent == 3
+    cmds, sent = element_commands(s, set(), set(range(100)), frozenset({200}))
+    assert cmds == ["flush set inet lbd owned", "add element inet lbd owned { 200 }"]
+    assert sent == 1
+    flushed = element_commands(s, set(), set(range(10)), frozenset())
+    assert flushed == (["flush set inet lbd owned"], 0)
+    assert element_commands(s, set(), set(), frozenset({1})) == ([], 0)
+
+
+def test_lease_commands() -> None:
+    s = spec()
+    assert lease_commands(s, 750) == [
+        "add element inet lbd lease { ipv4, ipv6 }",
+        "delete element inet lbd lease { ipv4, ipv6 }",
+        "add element inet lbd lease { ipv4 timeout 750ms, ipv6 timeout 750ms }",
+    ]
+    assert lease_commands(s, None) == lease_commands(s, 750)[:2]
+
+
+class FakeNft:
+    """Records each cmd() call: one call is one transaction."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.fail: str | None = None
+
+    def set_json_output(self, _: bool) -> None: ...
+    def set_handle_output(self, _: bool) -> None: ...
+
+    def cmd(self, text: str) -> tuple[int, str, str]:
+        self.calls.append(text)
+        if self.fail and self.fail in text:
+            return 1, "", "Error: Could not process rule: Operation not permitted\n"
+        return 0, "", ""
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeNft:
+    fake = FakeNft()
+    monkeypatch.setattr(nft_mod.NftDataplane, "_context", lambda self: fake)
+    return fake
+
+
+def test_apply_is_one_incremental_transaction(fake: FakeNft) -> None:
+    dp = NftDataplane(VIPS, 4096, 0x1BD)
+    with pytest.raises(NftError, match="before install"):
+        dp.apply({1}, 500)
+    dp.install()
+    assert len(fake.calls) == 1 and "flags owner" in fake.calls[0]
+    dp.apply({1, 2, 3}, 500)
+    assert len(fake.calls) == 2
+    text = fake.calls[-1]
+    assert "flush chain inet lbd_guard vip" in text
+    assert "add element inet lbd owned { 1, 2, 3 }" in text
+    assert text.endswith("ipv6 timeout 500ms }")
+    dp.apply({2, 3, 4}, 500)
+    assert "delete element inet lbd owned { 1 }" in fake.calls[-1]
+    assert "add element inet lbd owned { 4 }" in fake.calls[-1]
+    assert dp.last_apply_stats is not None
+    assert (dp.last_apply_stats.added, dp.last_apply_stats.removed) == (1, 1)
+    dp.apply({2, 3, 4}, None)
+    assert "owned" not in fake.calls[-1] and "timeout" not in fake.calls[-1]
+    assert dp.owned == {2, 3, 4}
+
+
+def test_failed_apply_keeps_shadow_state_and_raises_lbd_error(fake: FakeNft) -> None:
+    dp = NftDataplane(VIPS, 4096, 0x1BD, guard_every=3)
+    dp.install()
+    dp.apply({1}, 500)
+    fake.fail = "{ 7 }"
+    with pytest.raises(LbdError, match="Operation not permitted"):
+        dp.apply({1, 7}, 500)
+    assert dp.owned == {1}
+    fake.fail = None
+    dp.apply({1, 7}, 500)
+    assert "add element inet lbd owned { 7 }" in fake.calls[-1]
+    # guard_every=3: applies 0 and 3 re-assert the guard, 1 and 2 do not.
+    guards = ["lbd_guard" in c for c in fake.calls[1:]]
+    assert guards == [True, False, False]
+
+
+def test_argument_checks(fake: FakeNft) -> None:
+    dp = NftDataplane(VIPS, 16, 1)
+    dp.install()
+    with pytest.raises(ValueError, match="out of range"):
+        dp.apply({16}, 500)
+    with pytest.raises(ValueError, match="lease_ms"):
+        dp.apply({1}, 0)
+    with pytest.raises(ValueError):
+        NftDataplane(VIPS, 16, 1, guard_every=0)
+    with pytest.raises(ValueError):
+        NftDataplane(VIPS, 16, 1, balance=["gre"])
+
+
+def test_remove(fake: FakeNft) -> None:
+    dp = NftDataplane(VIPS, 16, 1)
+    dp.install()
+    dp.remove(guard=False)
+    assert fake.calls[-1] == "delete table inet lbd"
+    assert not dp.installed
+    dp.install()
+    dp.remove()
+    assert fake.calls[-1].splitlines() == [
+        "delete table inet lbd",
+        "add table inet lbd_guard",
+        "delete table inet lbd_guard",
+    ]

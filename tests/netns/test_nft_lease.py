@@ -176,7 +176,6 @@ def test_flush_ruleset_then_sigkill_still_fails_closed(
     result = stop_streams(lbed, streams)
     for src, stats in result.items():
         assert stats["node"] == subject and stats["errors"] == [], (src, stats)
-    assert client_counters(lbed)["rst"] == 0
 
 
 def _monotonic() -> float:

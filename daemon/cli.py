@@ -1,0 +1,124 @@
+"""``lbd``: run the daemon, check a config, make a cluster key.
+
+    lbd run [--config /etc/lbd/lbd.toml]
+    lbd check-config [--config PATH]      parse, read the key, resolve the interface
+    lbd keygen PATH [--rotate | --force]   new random key, mode 0600
+
+Exit codes: 0 ok; 1 runtime failure (lock held, kernel refused the rules, kernel
+apply failed later); 2 configuration or key-file mistake (one line naming the
+file, the key and the problem, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from lbd.daemon.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigFileError,
+    DaemonConfig,
+    default_node_id,
+    load_config,
+    load_keyring,
+    resolve_address,
+    write_key,
+)
+from lbd.daemon.notify import ERR, LogSink, Notifier, SinkHandler
+from lbd.protocol.errors import ConfigError, LbdError
+from lbd.protocol.wire import Keyring
+
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+
+
+def _prepare(path: Path) -> tuple[DaemonConfig, Keyring, str, int, str]:
+    """Everything a start needs that can be wrong in the config; ConfigFileError otherwise."""
+    cfg = load_config(path)
+    keyring = load_keyring(cfg.key_file)
+    try:
+        node_id = cfg.node_id or default_node_id()
+    except ConfigError as exc:
+        raise ConfigFileError(path, "node_id", str(exc)) from None
+    ifindex, address = resolve_address(cfg, path)
+    return cfg, keyring, node_id, ifindex, address
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lbd.daemon.service import Service  # noqa: PLC0415 - keeps keygen/check light
+
+    path = Path(args.config)
+    cfg, keyring, node_id, ifindex, address = _prepare(path)
+    sink = LogSink()
+    handler = SinkHandler(sink)
+    root = logging.getLogger("lbd")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    service = Service(cfg, path, keyring, node_id=node_id, ifindex=ifindex, address=address,
+                      sink=sink, notifier=Notifier())
+    try:
+        code = asyncio.run(service.run())
+    except LbdError as exc:
+        sink.emit(ERR, f"cannot start: {exc}")
+        return EXIT_RUNTIME
+    finally:
+        root.removeHandler(handler)
+    sink.emit(6, f"stopped (exit {code})", "Stopped")
+    sink.close()
+    return code
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg, keyring, node_id, _ifindex, address = _prepare(Path(args.config))
+    rotation = " (+ previous key)" if keyring.previous is not None else ""
+    print(f"{args.config}: ok: cluster {cfg.cluster!r}, node {node_id} at {address} on "
+          f"{cfg.interface}, VIPs {', '.join(cfg.vips)}, {cfg.buckets} buckets, "
+          f"timers {cfg.timer_profile}, key {keyring.current_fingerprint.hex()}{rotation}")
+    return EXIT_OK
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    write_key(args.path, rotate=args.rotate, force=args.force)
+    print(f"wrote a new cluster key to {args.path} (mode 0600); copy it to every node")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="lbd", description="load-sharing daemon")
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    run.set_defaults(func=_run)
+    check = sub.add_parser("check-config", help="validate the config and key file")
+    check.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    check.set_defaults(func=_check)
+    keygen = sub.add_parser("keygen", help="write a new random cluster key")
+    keygen.add_argument("path")
+    how = keygen.add_mutually_exclusive_group()
+    how.add_argument("--rotate", action="store_true",
+                     help="keep the file's current key as the previous one")
+    how.add_argument("--force", action="store_true", help="replace an existing file")
+    keygen.set_defaults(func=_keygen)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigFileError as exc:
+        print(f"lbd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except LbdError as exc:
+        print(f"lbd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_RUNTIME
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The daemon's configuration: one TOML file, every setting with its default here.
+
+``DaemonConfig`` is the single documented list of settings (systemd/lbd.toml.example
+mirrors it). ``load_config`` reads the file strictly: an unknown key, a wrong type or
+an out-of-range value raises ``ConfigFileError`` whose message names the file, the key
+and the problem on one line (the CLI prints it and exits 2, never a traceback).
+
+The cluster key lives in its own file (``key_file``): 32 raw bytes, or 64 hex
+characters on the first line and optionally the previous key (64 hex) on the second,
+for rotation. Group- or world-accessible key files are refused.
+
+Values that depend on the host (own address, node ID) are resolved separately by
+``resolve_address`` / ``default_node_id`` so that parsing stays pure and testable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import stat
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from lbd.protocol.config import PROFILES, CoreConfig, QuorumMode, Timers
+from lbd.protocol.errors import ConfigError, LbdError
+from lbd.protocol.messages import MAX_WEIGHT, NODE_ID_PATTERN
+from lbd.protocol.wire import KEY_LEN, Keyring
+
+DEFAULT_CONFIG_PATH = "/etc/lbd/lbd.toml"
+TIMER_FIELDS = ("interval", "dead_after", "lease", "join_holddown", "startup_wait",
+                "leave_timeout", "apply_margin")  # fmt: skip
+
+
+class ConfigFileError(LbdError):
+    """A configuration or key file mistake; str() is the one line shown to the admin."""
+
+    def __init__(self, path: str | Path, key: str | None, problem: str) -> None:
+        self.path, self.key, self.problem = str(path), key, problem
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(where + problem)
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Every setting of ``lbd run``; defaults are what an empty file gives."""
+
+    cluster: str = "lbd"
+    """Cluster name: part of every datagram's authentication (must match on all nodes)."""
+    interface: str = "eth0"
+    """The interface facing the shared segment: VIPs and heartbeats live here."""
+    address: str | None = None
+    """This node's own IPv4 address (heartbeat source); default: interface's primary IPv4."""
+    vips: tuple[str, ...] = ()
+    """Virtual addresses shared by the cluster ("192.0.2.100", "2001:db8::100", "/24" ok)."""
+    key_file: str = "/etc/lbd/cluster.key"
+    """The cluster key (lbd keygen); must not be group/world-accessible."""
+    node_id: str | None = None
+    """Stable node name; default /etc/machine-id, else the hostname (sanitised)."""
+    weight: int = 100
+    """Relative share of slices (1..1000)."""
+    draining: bool = False
+    """Start (or, on reload, switch to) draining: keep established flows, take no NEW."""
+    buckets: int = 4096
+    """Number of slices B (1..65536); identical on every node."""
+    seed: int = 0x4C4244
+    """jhash seed (32-bit); identical on every node."""
+    quorum: str = "majority"
+    """"majority" (safe under partition) or "none" (available; both sides may serve)."""
+    timers: Timers = field(default_factory=Timers)
+    """[timers] profile = "default"|"fast", plus per-value overrides in seconds."""
+    timer_profile: str = "default"
+    group: str = "239.255.0.1"
+    """IPv4 multicast group of the heartbeats."""
+    port: int = 7946
+    """UDP port of the heartbeats (group and unicast peers)."""
+    peers: tuple[str, ...] = ()
+    """Optional unicast peer addresses, for networks that block multicast."""
+    multicast: bool = True
+    """Send heartbeats to ``group`` (set false to use ``peers`` only)."""
+    cluster_mac: str | None = None
+    """Optional shared MAC set on the interface (else the site provides one)."""
+    balance: tuple[str, ...] = ("all",)
+    """Traffic shared out: "all" or tokens like "tcp/80", "udp/53", "icmp"."""
+    prefix4: int = 32
+    """Source-prefix affinity for IPv4 clients (e.g. 24: a /24 stays on one node)."""
+    prefix6: int = 128
+    """Source-prefix affinity for IPv6 clients (e.g. 56)."""
+    control_socket: str = "/run/lbd/control.sock"
+    """Unix socket of lbd-cli (mode 0660, group lbd if that group exists)."""
+    state_dir: str = "/var/lib/lbd"
+    """Lock file, incarnation counter and the link record for restore."""
+
+    def core_config(self) -> CoreConfig:
+        return CoreConfig(self.cluster, self.buckets, self.seed, QuorumMode(self.quorum),
+                          self.timers)  # fmt: skip
+
+
+def _expect(path: Path, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    # bool is an int subclass in Python; TOML true must not pass as a number.
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigFileError(path, key, f"expected {what}, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigFileError(path, key, f"expected {what}, got {type(value).__name__}")
+    return value
+
+
+def _string_list(path: Path, key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    _expect(path, key, value, list, "a list of strings")
+    for item in value:
+        _expect(path, key, item, str, "a list of strings")
+    return tuple(value)
+
+
+def _ipv4(path: Path, key: str, text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise ConfigFileError(path, key, f"{text!r} is not an IPv4 address") from None
+
+
+def _parse_timers(path: Path, raw: Any) -> tuple[str, Timers]:
+    if isinstance(raw, str):
+        raw = {"profile": raw}
+    _expect(path, "timers", raw, dict, 'a profile name or a [timers] table')
+    profile = raw.get("profile", "default")
+    if profile not in PROFILES:
+        raise ConfigFileError(path, "timers.profile",
+                              f"{profile!r} is not one of {', '.join(sorted(PROFILES))}")
+    overrides: dict[str, float] = {}
+    for name, value in raw.items():
+        if name == "profile":
+            continue
+        if name not in TIMER_FIELDS:
+            raise ConfigFileError(path, f"timers.{name}", "unknown key")
+        number = _expect(path, f"timers.{name}", value, (int, float), "seconds (a number)")
+        overrides[name] = float(number)
+    timers = replace(PROFILES[profile], **overrides)
+    try:
+        timers.validate()
+    except ConfigError as exc:
+        message = str(exc)
+        key, _, problem = message.partition(" ")
+        if key.startswith("timers."):
+            raise ConfigFileError(path, key, problem) from None
+        raise ConfigFileError(path, "timers", message) from None
+    return profile, timers
+
+
+def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> DaemonConfig:
+    """Validate a decoded TOML document into a DaemonConfig (strict: unknown keys fail)."""
+    p = Path(path)
+    known = {f.name for f in fields(DaemonConfig)} - {"timer_profile"}
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in known:
+            raise ConfigFileError(p, key, "unknown key")
+        if key == "timers":
+            values["timer_profile"], values["timers"] = _parse_timers(p, raw)
+        elif key in ("vips", "peers", "balance"):
+            values[key] = _string_list(p, key, raw)
+        elif key in ("weight", "buckets", "seed", "port", "prefix4", "prefix6"):
+            values[key] = _expect(p, key, raw, int, "an integer")
+        elif key in ("draining", "multicast"):
+            values[key] = _expect(p, key, raw, bool, "true or false")
+        else:
+            values[key] = _expect(p, key, raw, str, "a string")
+    cfg = DaemonConfig(**values)
+    _check_values(p, cfg)
+    return cfg
+
+
+def _check_values(p: Path, cfg: DaemonConfig) -> None:
+    ranges = {"weight": (1, MAX_WEIGHT), "buckets": (1, 65536), "seed": (0, 2**32 - 1),
+              "port": (1, 65535), "prefix4": (0, 32), "prefix6": (0, 128)}  # fmt: skip
+    for key, (low, high) in ranges.items():
+        value = getattr(cfg, key)
+        if not low <= value <= high:
+            raise ConfigFileError(p, key, f"{value} is out of range {low}..{high}")
+    if not cfg.cluster or len(cfg.cluster.encode()) > 64:
+        raise ConfigFileError(p, "cluster", "must be 1..64 bytes")
+    if cfg.quorum not in ("majority", "none"):
+        raise ConfigFileError(p, "quorum", f'{cfg.quorum!r} is not "majority" or "none"')
+    if not cfg.vips:
+        raise ConfigFileError(p, "vips", "at least one VIP is required")
+    for vip in cfg.vips:
+        try:
+            ipaddress.ip_interface(vip)
+        except ValueError:
+            raise ConfigFileError(p, "vips", f"{vip!r} is not an IP address") from None
+    if cfg.address is not None:
+        _ipv4(p, "address", cfg.address)
+    group = _ipv4(p, "group", cfg.group)
+    if not ipaddress.IPv4Address(group).is_multicast:
+        raise ConfigFileError(p, "group", f"{group} is not a multicast address")
+    for peer in cfg.peers:
+        _ipv4(p, "peers", peer)
+    if not cfg.multicast and not cfg.peers:
+        raise ConfigFileError(p, "multicast", "false needs a non-empty peers list")
+    if cfg.node_id is not None and not NODE_ID_PATTERN.fullmatch(cfg.node_id):
+        raise ConfigFileError(p, "node_id",
+                              f"{cfg.node_id!r} must match [A-Za-z0-9][A-Za-z0-9._:-]{{0,63}}")
+    if not cfg.interface or len(cfg.interface) > 15 or "/" in cfg.interface:
+        raise ConfigFileError(p, "interface", f"{cfg.interface!r} is not an interface name")
+    if cfg.cluster_mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}",
+                                                        cfg.cluster_mac):
+        raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac!r} is not a MAC address")
+    from lbd.netcfg.ruleset import Balance  # noqa: PLC0415 - only to validate the tokens
+
+    try:
+        Balance.parse(list(cfg.balance))
+    except ValueError as exc:
+        raise ConfigFileError(p, "balance", str(exc)) from None
+    for key in ("control_socket", "state_dir", "key_file"):
+        if not os.path.isabs(getattr(cfg, key)):
+            raise ConfigFileError(p, key, "must be an absolute path")
+
+
+def load_config(path: str | Path) -> DaemonConfig:
+    """Read and validate ``path``; every failure is a one-line ConfigFileError."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigFileError(p, None, "no such file") from None
+    except OSError as exc:
+        raise ConfigFileError(p, None, f"cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(p, None, f"not valid TOML: {exc}") from None
+    return parse_config(data, p)
+
+
+# ------------------------------------------------------------------ key file
+
+
+def load_keyring(path: str | Path) -> Keyring:
+    """The cluster keyring from ``path`` (see module doc); refuses loose permissions."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigFileError(p, None, "key file does not exist (create one: lbd keygen "
+                              f"{p})") from None
+    except OSError as exc:
+        raise ConfigFileError(p, None, f"cannot read key file: {exc.strerror}") from None
+    if st.st_mode & 0o077:
+        raise ConfigFileError(
+            p, None, f"key file is accessible by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}")
+    if len(raw) == KEY_LEN and not _looks_hex(raw):
+        return Keyring(raw)
+    try:
+        lines = [ln.strip() for ln in raw.decode("ascii").splitlines()]
+    except UnicodeDecodeError:
+        raise ConfigFileError(p, None, "key file is neither 32 raw bytes nor hex text") from None
+    keys = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not 1 <= len(keys) <= 2:
+        raise ConfigFileError(p, None, "key file must hold 1 or 2 keys (current, previous)")
+    decoded = []
+    for number, text in enumerate(keys, 1):
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+            raise ConfigFileError(p, f"key {number}", "must be exactly 64 hex characters")
+        decoded.append(bytes.fromhex(text))
+    try:
+        return Keyring(decoded[0], decoded[1] if len(decoded) > 1 else None)
+    except ConfigError as exc:
+        raise ConfigFileError(p, None, str(exc)) from None
+
+
+def _looks_hex(raw: bytes) -> bool:
+    return re.fullmatch(rb"[0-9a-fA-F]{32}", raw) is not None
+
+
+def write_key(path: str | Path, *, rotate: bool = False, force: bool = False) -> None:
+    """Write a fresh random key (hex) with mode 0600.
+
+    ``rotate`` keeps the file's current key as the previous one (second line);
+    without it an existing file is refused unless ``force``.
+    """
+    p = Path(path)
+    lines = [os.urandom(KEY_LEN).hex()]
+    if rotate:
+        lines.append(load_keyring(p).current.hex())
+    elif p.exists() and not force:
+        raise ConfigFileError(p, None, "exists; use --rotate to keep it as previous key, "
+                              "or --force to replace it")
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.replace(tmp, p)
+    except OSError as exc:
+        raise ConfigFileError(p, None, f"cannot write key file: {exc.strerror}") from None
+
+
+# ------------------------------------------------------------------ host defaults
+
+
+def sanitize_node_id(text: str) -> str | None:
+    """Make ``text`` fit the node-ID pattern, or None if nothing usable is left."""
+    cleaned = re.sub(r"[^A-Za-z0-9._:-]", "-", text.strip())
+    cleaned = re.sub(r"^[^A-Za-z0-9]+", "", cleaned)[:64]
+    return cleaned if cleaned and NODE_ID_PATTERN.fullmatch(cleaned) else None
+
+
+def default_node_id(machine_id: str | Path = "/etc/machine-id") -> str:
+    """/etc/machine-id (stable, unique per install), else the hostname."""
+    try:
+        text = Path(machine_id).read_text().strip()
+    except OSError:
+        text = ""
+    for candidate in (text, socket.gethostname()):
+        node_id = sanitize_node_id(candidate)
+        if node_id:
+            return node_id
+    raise ConfigError("no usable node ID: set node_id in the config")
+
+
+def resolve_address(cfg: DaemonConfig, path: str | Path) -> tuple[int, str]:
+    """(interface index, own IPv4 address); errors name the config key."""
+    from pyroute2 import IPRoute  # noqa: PLC0415 - netlink only when really resolving
+
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=cfg.interface)
+        if not links:
+            raise ConfigFileError(path, "interface", f"{cfg.interface!r} does not exist")
+        index = int(links[0])
+        present = []
+        for msg in ipr.get_addr(family=socket.AF_INET, index=index):
+            # The default is the primary address (VIPs are secondaries, flag 0x01);
+            # an explicitly configured address may be any of them.
+            if cfg.address is not None or not msg["flags"] & 0x01:
+                present.append(str(msg.get_attr("IFA_ADDRESS")))
+    if cfg.address is not None:
+        if cfg.address not in present:
+            raise ConfigFileError(path, "address",
+                                  f"{cfg.address} is not configured on {cfg.interface}")
+        return index, cfg.address
+    if not present:
+        raise ConfigFileError(path, "address",
+                              f"{cfg.interface} has no IPv4 address; set address")
+    return index, present[0]

@@ -1,0 +1,192 @@
+"""The control socket: one JSON request and one JSON response per connection.
+
+Request: ``{"cmd": "members"|"status"|"drain"|"undrain"|"owner"|"table", ...}`` on
+one line (``owner`` takes ``"address"``). Response: ``{"ok": true, "result": ...}``
+or ``{"ok": false, "error": "one line"}``, then the daemon closes the connection.
+
+The socket is created with mode 0660, owned by root and by group ``lbd`` when
+that group exists (otherwise root only): lbd-cli can drain a node, so access is
+an operator's privilege. Handlers run on the event loop and never block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import ipaddress
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lbd.protocol.jhash import bucket_of
+
+if TYPE_CHECKING:
+    from lbd.daemon.service import Service
+
+log = logging.getLogger("lbd.daemon.control")
+
+MAX_REQUEST = 4096
+REQUEST_TIMEOUT = 2.0
+CONTROL_GROUP = "lbd"
+
+
+class CommandError(Exception):
+    """A request the daemon refuses; the message goes back to lbd-cli."""
+
+
+def members(service: Service, now: float) -> list[dict[str, Any]]:
+    rows = []
+    for info in service.core.members(now):
+        row = asdict(info)
+        row["share"] = round(row["share"], 2)
+        if info.is_self:
+            row["address"] = service.address
+        rows.append(row)
+    return rows
+
+
+def status(service: Service, now: float) -> dict[str, Any]:
+    core = service.core
+    lease = core.lease_until
+    return {
+        "node_id": core.node_id,
+        "incarnation": core.incarnation,
+        "address": service.address,
+        "view": core.digest(),
+        "view_members": [m.node_id for m in core.view],
+        "converged": core.agreed,
+        "quorum": core.quorum_ok,
+        "quorum_mode": core.config.quorum.value,
+        "lease_remaining_ms": None if lease is None else max(0, round((lease - now) * 1000)),
+        "slices": len(core.held),
+        "buckets": core.config.buckets,
+        "draining": core.draining,
+        "weight": core.weight,
+        "ready": service.ready,
+        "uptime_s": round(now - service.started_at, 1),
+        "counters": asdict(core.counters),
+    }
+
+
+def owner(service: Service, address: object) -> dict[str, Any]:
+    if not isinstance(address, str):
+        raise CommandError("owner needs an address")
+    try:
+        addr = ipaddress.ip_address(address)
+    except ValueError:
+        raise CommandError(f"{address!r} is not an IP address") from None
+    cfg = service.config
+    bucket = bucket_of(addr, cfg.buckets, cfg.seed, cfg.prefix4, cfg.prefix6)
+    core = service.core
+    index = int(core.owners()[bucket])
+    owner_id = core.view[index].node_id
+    return {
+        "address": str(addr),
+        "bucket": bucket,
+        "owner": owner_id,
+        "view": core.digest(),
+        # The view's owner may not have claimed it yet (barrier) or be draining.
+        "held_here": bucket in core.held,
+    }
+
+
+def table(service: Service) -> dict[str, Any]:
+    """Bucket ranges per node of the current view: {node: [[first, last], ...]}."""
+    core = service.core
+    owners = core.owners()
+    ranges: dict[str, list[list[int]]] = {m.node_id: [] for m in core.view}
+    for bucket, index in enumerate(owners.tolist()):
+        runs = ranges[core.view[index].node_id]
+        if runs and runs[-1][1] == bucket - 1:
+            runs[-1][1] = bucket
+        else:
+            runs.append([bucket, bucket])
+    counts = {node: sum(b - a + 1 for a, b in runs) for node, runs in ranges.items()}
+    return {"view": core.digest(), "buckets": core.config.buckets,
+            "converged": core.agreed, "counts": counts, "ranges": ranges}
+
+
+def dispatch(service: Service, request: dict[str, Any]) -> Any:
+    now = time.monotonic()
+    cmd = request.get("cmd")
+    if cmd == "members":
+        return members(service, now)
+    if cmd == "status":
+        return status(service, now)
+    if cmd in ("drain", "undrain"):
+        service.set_draining(cmd == "drain", "lbd-cli")
+        return {"draining": service.core.draining}
+    if cmd == "owner":
+        return owner(service, request.get("address"))
+    if cmd == "table":
+        return table(service)
+    raise CommandError(f"unknown command {cmd!r}")
+
+
+class ControlServer:
+    """asyncio Unix-socket server calling ``handler(request) -> result``."""
+
+    def __init__(self, path: str | Path, handler: Callable[[dict[str, Any]], Any]) -> None:
+        self.path = Path(path)
+        self.handler = handler
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Only one daemon runs (the caller holds the instance lock): a socket file
+        # left here belongs to a dead predecessor.
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old_umask = os.umask(0o117)  # never world-accessible, not even for a moment
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self.path), limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+        try:
+            gid = grp.getgrnam(CONTROL_GROUP).gr_gid
+        except KeyError:
+            gid = None
+        if gid is not None:
+            os.chown(self.path, -1, gid)
+            os.chmod(self.path, 0o660)
+        else:
+            os.chmod(self.path, 0o600)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise CommandError("request must be a JSON object")
+                response = {"ok": True, "result": self.handler(request)}
+            except (ValueError, asyncio.LimitOverrunError) as exc:
+                response = {"ok": False, "error": f"bad request: {exc}"}
+            except CommandError as exc:
+                response = {"ok": False, "error": str(exc)}
+            except TimeoutError:
+                return
+            writer.write(json.dumps(response).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # lbd-cli went away: nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

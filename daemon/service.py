@@ -1,0 +1,418 @@
+"""The asyncio shell around the pure core: sockets, one timer, kernel, signals.
+
+Theory of operation
+-------------------
+Start-up, in this order (each step fails closed):
+
+1. take the instance lock (``flock`` on ``state_dir/lbd.lock``): a second daemon on
+   the host refuses to start instead of fighting over the tables;
+2. ``NftDataplane.install()``: the guard drops NEW connections to the VIPs and the
+   owner table holds nothing, so the node is closed *before* it holds a VIP;
+3. ``LinkSetup.apply()``: VIPs and sysctls (recorded in ``state_dir/link.json``);
+4. the heartbeat socket and the control socket;
+5. the core (``lbd.protocol.membership.Node``). Only now does the node speak.
+
+Steady state: every input (datagram, timer, signal, control command) is one core
+call followed by ``_process()``, which executes the core's actions *in order*
+(ApplyKernel before Transmit: break before make), logs its events and re-arms the
+single timer at ``core.get_timer()``. If the kernel refuses an apply, the daemon
+stops transmitting and exits 1: its owner table vanishes with its netlink socket
+and the guard keeps the node closed (S2); peers see it die.
+
+SIGTERM/SIGINT: ``core.leave()`` (drain through the handoff, then announce the
+leave); once ``has_left`` (or after ``leave_timeout`` + 1 s) the owner table is
+deleted, the VIPs and sysctls restored, then the guard removed; exit 0.
+SIGHUP: reload the config and key file (see ``reload``) without dropping slices.
+
+The daemon never spawns children: the libnftables socket is not close-on-exec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import socket
+import struct
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from lbd.daemon import control
+from lbd.daemon.config import DaemonConfig, load_config, load_keyring
+from lbd.daemon.notify import ERR, INFO, NOTICE, WARNING, LogSink, Notifier
+from lbd.netcfg.link import LinkSetup
+from lbd.netcfg.nft import NftDataplane
+from lbd.protocol import events as ev
+from lbd.protocol.errors import LbdError
+from lbd.protocol.membership import Node
+from lbd.protocol.wire import Codec, Keyring
+
+IP_PKTINFO = 8  # linux/in.h; Python 3.11's socket module does not export it
+IP_MULTICAST_ALL = 49
+RECV_BATCH = 64
+DROP_LOG_EVERY = 10.0
+LEAVE_GRACE = 1.0
+# Settings a reload cannot change on a running node (they shape the cluster or the
+# kernel state): changing them needs a restart, and a reload says so.
+RESTART_KEYS = ("cluster", "interface", "address", "vips", "node_id", "buckets", "seed",
+                "quorum", "timers", "timer_profile", "group", "port", "multicast",
+                "cluster_mac", "balance", "prefix4", "prefix6", "control_socket",
+                "state_dir")  # fmt: skip
+
+
+class StartupError(LbdError):
+    """The daemon cannot start (lock held, kernel refused the rules, ...)."""
+
+
+def acquire_lock(state_dir: Path) -> int:
+    """flock the instance lock file; returns its fd (kept open for the process' life)."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    path = state_dir / "lbd.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(f"another lbd is already running here (pid {holder} holds "
+                           f"{path})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def next_incarnation(state_dir: Path) -> int:
+    """A number larger than any earlier run's: max(stored + 1, milliseconds since epoch)."""
+    path = state_dir / "incarnation"
+    try:
+        stored = int(path.read_text().strip())
+    except (OSError, ValueError):
+        stored = 0
+    value = max(stored + 1, time.time_ns() // 1_000_000)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{value}\n")
+    os.replace(tmp, path)
+    return value
+
+
+def heartbeat_socket(cfg: DaemonConfig, ifindex: int, address: str) -> socket.socket:
+    """UDP socket on the group port, joined on the interface, sending from ``address``."""
+    sock = socket.socket(socket.AF_INET,
+                         socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", cfg.port))  # noqa: S104 - group and unicast peers both arrive
+        own = socket.inet_aton(address)
+        if cfg.multicast:
+            mreqn = struct.pack("4s4si", socket.inet_aton(cfg.group), own, ifindex)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, own)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        # Otherwise Linux delivers every group joined by anyone on this port.
+        sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"heartbeat socket on port {cfg.port}: {exc.strerror}") from None
+    return sock
+
+
+class Service:
+    """One running daemon. ``await run()`` returns the process exit code."""
+
+    def __init__(self, cfg: DaemonConfig, config_path: Path, keyring: Keyring, *,
+                 node_id: str, ifindex: int, address: str, sink: LogSink,
+                 notifier: Notifier) -> None:
+        self.config = cfg
+        self.config_path = config_path
+        self.keyring = keyring
+        self.node_id = node_id
+        self.ifindex = ifindex
+        self.address = address
+        self.sink = sink
+        self.notifier = notifier
+        self.ready = False
+        self.started_at = time.monotonic()
+        self.core: Node
+        self._lock_fd: int | None = None
+        self._nft: NftDataplane | None = None
+        self._link: LinkSetup | None = None
+        self._sock: socket.socket | None = None
+        self._control: control.ControlServer | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._done: asyncio.Future[int] | None = None
+        self._leaving = False
+        self._drops_logged = (0, 0.0)
+        self._send_errors = 0
+
+    # ------------------------------------------------------------ life cycle
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        cfg = self.config
+        state_dir = Path(cfg.state_dir)
+        self._lock_fd = acquire_lock(state_dir)
+        try:
+            await self._start(state_dir)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.begin_leave)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            self._watchdog()
+            return await self._done
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self._stop()
+            os.close(self._lock_fd)
+
+    async def _start(self, state_dir: Path) -> None:
+        cfg = self.config
+        self._nft = NftDataplane(list(cfg.vips), cfg.buckets, cfg.seed, prefix4=cfg.prefix4,
+                                 prefix6=cfg.prefix6, balance=list(cfg.balance))
+        try:
+            self._nft.install()
+        except LbdError as exc:
+            self._nft = None
+            raise StartupError(f"cannot install the nftables rules: {exc}") from None
+        self._link = LinkSetup(cfg.interface, list(cfg.vips), cluster_mac=cfg.cluster_mac,
+                               state_file=state_dir / "link.json")
+        try:
+            # pyroute2's synchronous IPRoute runs its own event loop: not on ours.
+            await asyncio.to_thread(self._link.apply)
+        except LbdError as exc:
+            raise StartupError(f"cannot set up {cfg.interface}: {exc}") from None
+        self._sock = heartbeat_socket(cfg, self.ifindex, self.address)
+        self._control = control.ControlServer(
+            cfg.control_socket, lambda request: control.dispatch(self, request))
+        try:
+            await self._control.start()
+        except OSError as exc:
+            raise StartupError(f"control socket {cfg.control_socket}: {exc.strerror}") from None
+        incarnation = next_incarnation(state_dir)
+        self.sink.context["NODE"] = self.node_id
+        self.sink.emit(INFO, f"rules installed on {cfg.interface} for "
+                       f"{', '.join(cfg.vips)}; joining cluster {cfg.cluster!r} as "
+                       f"{self.node_id} from {self.address} (incarnation {incarnation})",
+                       "Started")
+        now = time.monotonic()
+        self.core = Node(cfg.core_config(), Codec(cfg.cluster, self.keyring), self.node_id,
+                         incarnation, now, weight=cfg.weight, draining=cfg.draining)
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_readable)
+        self._process()
+
+    async def _stop(self) -> None:
+        """Undo in the safe order; every step is attempted even if one fails."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+        if self._control is not None:
+            await self._control.close()
+        # Owner table first (nothing claimed), then the VIPs, then, only once the
+        # VIPs are gone, the guard: a VIP without any table would accept everyone.
+        nft = self._nft
+        try:
+            if nft is not None:
+                nft.remove(guard=False)
+            if self._link is not None:
+                await asyncio.to_thread(self._link.restore)
+            if nft is not None:
+                nft.remove(guard=True)
+        except LbdError as exc:
+            self.sink.emit(ERR, f"stop: cleanup incomplete (guard kept, node closed): {exc}")
+        self.notifier.close()
+
+    def _finish(self, code: int) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(code)
+
+    def begin_leave(self) -> None:
+        """SIGTERM: hand the slices over, then stop (a second signal stops at once)."""
+        if self._leaving:
+            self.sink.emit(WARNING, "second stop signal: stopping without waiting")
+            self._finish(0)
+            return
+        self._leaving = True
+        self.notifier.stopping("leaving: handing slices over")
+        self.sink.emit(NOTICE, "stop requested: leaving the cluster gracefully")
+        now = time.monotonic()
+        self.core.leave(now)
+        timeout = self.config.timers.leave_timeout + LEAVE_GRACE
+        asyncio.get_running_loop().call_later(timeout, self._leave_timed_out)
+        self._process()
+
+    def _leave_timed_out(self) -> None:
+        if not self.core.has_left:
+            self.sink.emit(WARNING, "leave not confirmed in time; stopping anyway")
+        self._finish(0)
+
+    # ------------------------------------------------------------ inputs
+
+    def _on_readable(self) -> None:
+        if self._sock is None:
+            return
+        for _ in range(RECV_BATCH):
+            try:
+                data, source = self._sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # e.g. ICMP errors queued on the socket: nothing to read
+            self.core.receive_datagram(data, source[0], time.monotonic())
+        self._process()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.core.handle_timer(time.monotonic())
+        self._process()
+
+    def set_draining(self, draining: bool, why: str) -> None:
+        if draining != self.core.draining:
+            self.core.set_draining(draining, time.monotonic())
+            state = "draining" if draining else "taking new connections again"
+            self.sink.emit(NOTICE, f"{state} ({why})", "DrainChanged")
+            self._process()
+
+    def reload(self) -> None:
+        """SIGHUP: key rotation, weight, drain flag and peers; other changes need a restart.
+
+        A key file without a previous key keeps the running current key as the
+        previous one, so nodes can be rotated one by one without a gap.
+        """
+        self.notifier.reloading()
+        old = self.config
+        try:
+            new = load_config(self.config_path)
+            ring = load_keyring(new.key_file)
+        except LbdError as exc:
+            self.sink.emit(ERR, f"reload failed, running config kept: {exc}", "ReloadFailed")
+            self.notifier.send("READY=1")
+            return
+        ignored = [key for key in RESTART_KEYS if getattr(new, key) != getattr(old, key)]
+        if ring.current != self.keyring.current or ring.previous != self.keyring.previous:
+            previous = ring.previous if ring.previous is not None else self.keyring.current
+            ring = Keyring(ring.current, None if previous == ring.current else previous)
+            self.keyring = ring
+            self.core.set_codec(Codec(old.cluster, ring))
+        now = time.monotonic()
+        if new.weight != old.weight:
+            self.core.set_weight(new.weight, now)
+        if new.draining != old.draining:
+            self.set_draining(new.draining, "config reload")
+        self.config = replace(new, **{key: getattr(old, key) for key in RESTART_KEYS})
+        note = f"; needs a restart, ignored: {', '.join(ignored)}" if ignored else ""
+        self.sink.emit(WARNING if ignored else INFO, f"configuration reloaded{note}", "Reloaded")
+        self._process()
+        self.notifier.send("READY=1")
+
+    # ------------------------------------------------------------ outputs
+
+    def _process(self) -> None:
+        """Execute the core's actions in order, log its events, re-arm the timer."""
+        core = self.core
+        for action in core.actions():
+            if isinstance(action, ev.ApplyKernel):
+                if not self._apply(action):
+                    return
+            else:
+                self._transmit(action.data)
+        fields = {"SLICES": str(len(core.held)), "VIEW": core.digest()}
+        for event in core.events():
+            self.sink.event(event, fields)
+        self._log_drops()
+        if not self.ready and core.agreed and not self._leaving:
+            self.ready = True
+            self.notifier.ready(self._status_text())
+        else:
+            self.notifier.status(self._status_text())
+        if self._leaving and core.has_left:
+            self._finish(0)
+            return
+        self._arm_timer()
+
+    def _apply(self, action: ev.ApplyKernel) -> bool:
+        if self._nft is None:
+            return False  # already failed and stopping
+        lease_ms: int | None = None
+        if action.lease_until is not None:
+            lease_ms = max(0, round((action.lease_until - time.monotonic()) * 1000))
+        try:
+            # A lease already over is no lease: owned buckets without one accept nothing.
+            self._nft.apply(action.owned, lease_ms or None)
+        except (LbdError, ValueError) as exc:
+            self.sink.emit(ERR, f"kernel refused the ruleset, stopping: {exc}",
+                           "KernelApplyFailed")
+            # The owner table goes with our netlink socket; the guard keeps us closed.
+            self._nft.close()
+            self._nft = None
+            self._finish(1)
+            return False
+        return True
+
+    def _transmit(self, data: bytes) -> None:
+        if self._sock is None:
+            return
+        targets = [self.config.group] if self.config.multicast else []
+        targets += [peer for peer in self.config.peers if peer != self.address]
+        pktinfo = struct.pack("i4s4s", 0, socket.inet_aton(self.address), bytes(4))
+        for target in targets:
+            try:
+                self._sock.sendmsg([data], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)],
+                                   0, (target, self.config.port))
+            except OSError as exc:
+                # Heartbeats are lossy by design; a full buffer or a down link must
+                # not stop the loop. Log the first and then every 1000th failure.
+                if self._send_errors % 1000 == 0:
+                    self.sink.emit(WARNING, f"heartbeat to {target} not sent: "
+                                   f"{errno.errorcode.get(exc.errno or 0, exc)} "
+                                   f"({self._send_errors + 1} so far)")
+                self._send_errors += 1
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.get_timer()
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            # The default loop's clock is time.monotonic(), the core's clock.
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+
+    def _log_drops(self) -> None:
+        c = self.core.counters
+        dropped = c.malformed + c.forged + c.replayed
+        logged, at = self._drops_logged
+        now = time.monotonic()
+        if dropped > logged and now - at >= DROP_LOG_EVERY:
+            self._drops_logged = (dropped, now)
+            self.sink.emit(WARNING, f"dropped {dropped - logged} bad datagrams (total: "
+                           f"{c.malformed} malformed, {c.forged} forged, {c.replayed} "
+                           "replayed)", "DatagramsDropped",
+                           {"MALFORMED": str(c.malformed), "FORGED": str(c.forged),
+                            "REPLAYED": str(c.replayed)})
+
+    def _status_text(self) -> str:
+        core = self.core
+        if self._leaving:
+            return f"leaving: {len(core.held)} slices left"
+        if not core.quorum_ok:
+            return f"no quorum: view {core.digest()}, serving nothing soon"
+        state = "draining" if core.draining else "serving" if core.agreed else "joining"
+        return (f"{state} {len(core.held)}/{core.config.buckets} slices, view "
+                f"{core.digest()} ({len(core.view)} members)")
+
+    def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        # Pinged from the event loop itself: a stuck loop stops the pings.
+        self.notifier.watchdog()
+        asyncio.get_running_loop().call_later(interval, self._watchdog)

@@ -1,0 +1,175 @@
+"""Daemon configuration: strict TOML parsing, key files, keygen, CLI exit codes, the unit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from lbd.daemon import cli
+from lbd.daemon.config import (
+    ConfigFileError,
+    DaemonConfig,
+    default_node_id,
+    load_config,
+    load_keyring,
+    parse_config,
+    sanitize_node_id,
+    write_key,
+)
+from lbd.protocol.config import FAST_TIMERS, QuorumMode
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "systemd" / "lbd.toml.example"
+UNIT = REPO / "systemd" / "lbd.service"
+MINIMAL = {"vips": ["192.0.2.100"]}
+
+
+def error_of(data: dict[str, object]) -> ConfigFileError:
+    with pytest.raises(ConfigFileError) as info:
+        parse_config(data, "/etc/lbd/lbd.toml")
+    return info.value
+
+
+def test_example_file_parses_to_the_defaults() -> None:
+    cfg = load_config(EXAMPLE)
+    assert cfg == DaemonConfig(vips=("192.0.2.100",))
+    assert cfg.core_config().quorum is QuorumMode.MAJORITY
+
+
+def test_example_documents_every_setting() -> None:
+    text = EXAMPLE.read_text()
+    for name in DaemonConfig.__dataclass_fields__:
+        if name not in ("timers", "timer_profile"):
+            assert f"{name} = " in text, name
+
+
+def test_timers_profile_and_override() -> None:
+    cfg = parse_config({**MINIMAL, "timers": {"profile": "fast", "leave_timeout": 2}})
+    assert cfg.timer_profile == "fast"
+    assert cfg.timers.interval == FAST_TIMERS.interval
+    assert cfg.timers.leave_timeout == 2.0
+    assert parse_config({**MINIMAL, "timers": "fast"}).timers == FAST_TIMERS
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "words"),
+    [
+        ({**MINIMAL, "colour": "red"}, "colour", "unknown key"),
+        ({**MINIMAL, "weight": "heavy"}, "weight", "expected an integer"),
+        ({**MINIMAL, "weight": True}, "weight", "boolean"),
+        ({**MINIMAL, "weight": 0}, "weight", "out of range"),
+        ({**MINIMAL, "buckets": 70000}, "buckets", "out of range"),
+        ({**MINIMAL, "quorum": "most"}, "quorum", "majority"),
+        ({**MINIMAL, "group": "192.0.2.1"}, "group", "not a multicast"),
+        ({**MINIMAL, "peers": ["nope"]}, "peers", "not an IPv4"),
+        ({**MINIMAL, "node_id": "-bad id"}, "node_id", "must match"),
+        ({**MINIMAL, "vips": ["300.1.1.1"]}, "vips", "not an IP"),
+        ({}, "vips", "required"),
+        ({**MINIMAL, "timers": {"profile": "turbo"}}, "timers.profile", "not one of"),
+        ({**MINIMAL, "timers": {"speed": 1}}, "timers.speed", "unknown key"),
+        ({**MINIMAL, "timers": {"lease": 5.0}}, "timers.lease", "too long"),
+        ({**MINIMAL, "balance": ["sctp"]}, "balance", ""),
+        ({**MINIMAL, "state_dir": "relative"}, "state_dir", "absolute"),
+        ({**MINIMAL, "multicast": False}, "multicast", "peers"),
+    ],
+)
+def test_mistakes_name_file_key_and_problem(data: dict[str, object], key: str, words: str) -> None:
+    err = error_of(data)
+    assert err.key == key
+    assert words in err.problem
+    assert str(err).startswith(f"/etc/lbd/lbd.toml: {key}: ")
+    assert "\n" not in str(err)
+
+
+def test_toml_syntax_error_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("vips = [\n")
+    with pytest.raises(ConfigFileError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigFileError, match="no such file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_keygen_writes_0600_hex_and_refuses_overwrite(tmp_path: Path) -> None:
+    key = tmp_path / "cluster.key"
+    write_key(key)
+    assert (key.stat().st_mode & 0o777) == 0o600
+    ring = load_keyring(key)
+    assert ring.previous is None
+    with pytest.raises(ConfigFileError, match="exists"):
+        write_key(key)
+    write_key(key, rotate=True)
+    rotated = load_keyring(key)
+    assert rotated.previous == ring.current
+    assert rotated.current != ring.current
+
+
+def test_raw_key_and_loose_permissions(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.key"
+    raw.write_bytes(bytes(range(32)))
+    raw.chmod(0o600)
+    assert load_keyring(raw).current == bytes(range(32))
+    raw.chmod(0o644)
+    with pytest.raises(ConfigFileError, match=r"accessible by group or others \(mode 0644\)"):
+        load_keyring(raw)
+    short = tmp_path / "short.key"
+    short.write_text("abcd\n")
+    short.chmod(0o600)
+    with pytest.raises(ConfigFileError, match="64 hex"):
+        load_keyring(short)
+
+
+def test_node_id_defaults(tmp_path: Path) -> None:
+    assert sanitize_node_id("web 1.example/x") == "web-1.example-x"
+    assert sanitize_node_id("--") is None
+    mid = tmp_path / "machine-id"
+    mid.write_text("3d1219c7c4c5404aaa1f6d2a48adfda4\n")
+    assert default_node_id(mid) == "3d1219c7c4c5404aaa1f6d2a48adfda4"
+    assert default_node_id(tmp_path / "absent")  # falls back to the hostname
+
+
+def test_cli_config_mistake_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "lbd.toml"
+    conf.write_text('vips = ["192.0.2.100"]\nweight = -1\n')
+    assert cli.main(["check-config", "--config", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lbd: {conf}: weight: -1 is out of range 1..1000\n"
+
+
+def test_cli_keygen_and_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "k"
+    assert cli.main(["keygen", str(key)]) == 0
+    key.chmod(0o640)
+    conf = tmp_path / "lbd.toml"
+    conf.write_text(f'vips = ["192.0.2.100"]\nkey_file = "{key}"\n')
+    capsys.readouterr()
+    assert cli.main(["check-config", "--config", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chmod 600" in err and "Traceback" not in err
+
+
+def test_example_is_valid_toml_with_hex_seed() -> None:
+    assert tomllib.loads(EXAMPLE.read_text())["seed"] == 0x4C4244
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    lbd = REPO / ".venv" / "bin" / "lbd"
+    exe = str(lbd) if os.access(lbd, os.X_OK) else "/bin/true"
+    text = UNIT.read_text().replace("/usr/local/bin/lbd", exe)
+    unit = tmp_path / "lbd.service"
+    unit.write_text(text)
+    out = subprocess.run(["systemd-analyze", "verify", str(unit)],
+                         capture_output=True, text=True, check=False, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "", out.stderr
+    for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes",
+                   "ProtectSystem=strict", "RuntimeDirectory=lbd", "ExecReload="):
+        assert needle in text

@@ -1,0 +1,162 @@
+"""Benchmark of the ownership table: build time, balance and disruption.
+
+    python bench/ownership.py          # human-readable tables
+    python bench/ownership.py --json   # one JSON object
+
+For N members (equal weights) and B buckets: the median build time with the cache
+cleared, the balance (largest share over the fair share), and the buckets moved when
+one member leaves or one joins, next to the optimum (the leaver's buckets, the
+newcomer's buckets; L2 requires equality; at N = 256 = MAX_NODES the join is measured
+on the cluster minus one member). Then build times with G distinct weights,
+and the balance spread over random node IDs (rendezvous balance is binomial noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from lbd.protocol import ownership
+from lbd.protocol.messages import MAX_NODES
+from lbd.protocol.ownership import OwnershipTable
+
+NODE_COUNTS = (3, 16, 64, 256)
+BUCKET_COUNTS = (4096, 65536)
+GOALS_MS = {(256, 65536): 100.0, (64, 4096): 10.0}
+
+
+def build_ms(members: Sequence[tuple[str, int]], buckets: int, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        ownership.clear_cache()
+        start = time.perf_counter()
+        ownership.compute_owners(members, buckets)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def balance(table: OwnershipTable) -> float:
+    """max over members of (owned share / weight-fair share)."""
+    total = sum(weight for _, weight in table.members)
+    counts = table.counts()
+    return max(
+        counts[node] / (table.buckets * weight / total)
+        for node, weight in table.members
+        if weight > 0
+    )
+
+
+def equal_weights(runs: int) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for buckets in BUCKET_COUNTS:
+        for n in NODE_COUNTS:
+            members = [(f"node-{i:03d}", 100) for i in range(n)]
+            table = OwnershipTable.build(members, buckets)
+            leaver = members[n // 2][0]
+            smaller = OwnershipTable.build([m for m in members if m[0] != leaver], buckets)
+            # At MAX_NODES nobody can join: measure the join on the cluster minus one.
+            base = members if n < MAX_NODES else members[1:]
+            before_join = OwnershipTable.build(base, buckets)
+            bigger = OwnershipTable.build([*base, ("node-new", 100)], buckets)
+            milliseconds = build_ms(members, buckets, runs)
+            goal = GOALS_MS.get((n, buckets))
+            rows.append(
+                {
+                    "nodes": n,
+                    "buckets": buckets,
+                    "build_ms": round(milliseconds, 3),
+                    "goal_ms": goal,
+                    "goal_met": None if goal is None else milliseconds <= goal,
+                    "balance": round(balance(table), 4),
+                    "removal_moved": len(smaller.moved_from(table)),
+                    "removal_optimum": len(table.buckets_of(leaver)),
+                    "addition_moved": len(bigger.moved_from(before_join)),
+                    "addition_optimum": len(bigger.buckets_of("node-new")),
+                }
+            )
+    return rows
+
+
+def mixed_weights(runs: int) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    n, buckets = 256, 65536
+    for groups in (1, 2, 16, 256):
+        members = [(f"node-{i:03d}", 1 + i % groups) for i in range(n)]
+        rows.append(
+            {
+                "nodes": n,
+                "buckets": buckets,
+                "distinct_weights": groups,
+                "build_ms": round(build_ms(members, buckets, runs), 3),
+                "balance": round(balance(OwnershipTable.build(members, buckets)), 4),
+            }
+        )
+    return rows
+
+
+def random_ids(clusters: int) -> list[dict[str, object]]:
+    rng = random.Random(2024)
+    rows: list[dict[str, object]] = []
+    for buckets in BUCKET_COUNTS:
+        for n in (16, 64):
+            ratios = []
+            for _ in range(clusters):
+                members = [(f"h{rng.getrandbits(48):012x}", 100) for _ in range(n)]
+                ratios.append(balance(OwnershipTable.build(members, buckets)))
+            rows.append(
+                {
+                    "nodes": n,
+                    "buckets": buckets,
+                    "clusters": clusters,
+                    "balance_mean": round(statistics.fmean(ratios), 4),
+                    "balance_p95": round(float(np.percentile(ratios, 95)), 4),
+                    "balance_max": round(max(ratios), 4),
+                    "share_above_1_10": round(sum(r > 1.10 for r in ratios) / clusters, 3),
+                }
+            )
+    return rows
+
+
+def print_table(title: str, rows: list[dict[str, object]]) -> None:
+    print(f"\n{title}")
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(str(row[c]).rjust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--runs", type=int, default=7, help="timed builds per case")
+    parser.add_argument("--clusters", type=int, default=100, help="random ID sets per case")
+    args = parser.parse_args()
+    report = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cpus": os.cpu_count(),
+        "runs": args.runs,
+        "equal_weights": equal_weights(args.runs),
+        "mixed_weights": mixed_weights(args.runs),
+        "random_ids": random_ids(args.clusters),
+    }
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"python {report['python']}, numpy {report['numpy']}, {report['cpus']} CPUs")
+    print_table("Equal weights (build: median ms, cache cleared)", report["equal_weights"])
+    print_table("Distinct weights (N=256, B=65536)", report["mixed_weights"])
+    print_table("Balance over random node IDs (equal weights)", report["random_ids"])
+
+
+if __name__ == "__main__":
+    main()

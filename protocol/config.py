@@ -1,0 +1,123 @@
+"""Timer profiles and core settings, with the safety inequality they must keep.
+
+Every tunable of the core lives here, documented, with its default. The daemon's
+TOML config maps onto these values (see daemon/config.py).
+
+Failover bound (L1). A crashed node's last heartbeat reaches its peers at most one
+network delay after it was sent; each peer declares it dead ``dead_after`` later,
+adopts the new view and announces it at once; the barrier then needs one more
+round of heartbeats (prompted, not periodic). So every slice of the dead node is
+served again within
+
+    dead_after + barrier_rounds * (prompt_gap + max_delay) + apply_time
+
+which the simulator checks (bench/failover_sim.py measures it): about 0.71 s for
+the default profile and 0.15 s for the fast one.
+
+Safety inequality (S1 across a death). A node keeps its kernel lease only on
+acknowledgements from a quorum, each anchored at the local send time of the
+heartbeat acknowledged; a peer stops acknowledging ``dead_after`` after it last
+heard the node. Hence a node's lease ends before any quorum of peers can agree
+on a view without it, provided ``lease * (1 + skew) + apply_margin < dead_after *
+(1 - skew)``. ``validate()`` enforces that with ``skew`` = 1 % and an
+``apply_margin`` for the time between computing and installing a lease.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from lbd.protocol.errors import ConfigError
+
+CLOCK_SKEW = 0.01
+
+
+class QuorumMode(Enum):
+    MAJORITY = "majority"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Timers:
+    """Durations in seconds."""
+
+    interval: float = 0.100
+    """Heartbeat period."""
+    dead_after: float = 0.700
+    """Silence after which a peer is declared dead (7 intervals: flap-free at 20 % loss)."""
+    lease: float = 0.560
+    """Longest a quorum's acknowledgement keeps this node's kernel lease alive."""
+    join_holddown: float = 0.300
+    """A new peer counts as a member only after being heard this long (no flapping)."""
+    startup_wait: float = 1.400
+    """A fresh node listens this long before it may form or join a view."""
+    leave_timeout: float = 3.0
+    """Graceful leave waits at most this long for peers to absorb the slices."""
+    apply_margin: float = 0.050
+    """Allowance for the delay between computing a lease and the kernel holding it."""
+
+    @property
+    def prompt_gap(self) -> float:
+        """Minimum gap between two prompted (out-of-cycle) heartbeats."""
+        return self.interval / 5
+
+    def validate(self) -> Timers:
+        if not 0.001 <= self.interval <= 10:
+            raise ConfigError("timers.interval must be between 0.001 and 10 seconds")
+        if self.dead_after < 3 * self.interval:
+            raise ConfigError("timers.dead_after must be at least 3 intervals")
+        if self.lease <= self.interval:
+            raise ConfigError("timers.lease must be longer than one interval")
+        if self.lease * (1 + CLOCK_SKEW) + self.apply_margin >= self.dead_after * (1 - CLOCK_SKEW):
+            raise ConfigError(
+                "timers.lease is too long for timers.dead_after: need "
+                "lease*1.01 + apply_margin < dead_after*0.99, or a dead node's lease "
+                "could outlive its detection (S1)"
+            )
+        if self.join_holddown < 0 or self.join_holddown + 2 * self.interval >= self.dead_after:
+            raise ConfigError(
+                "timers.join_holddown + 2 intervals must be shorter than timers.dead_after"
+            )
+        if self.startup_wait < 2 * self.interval:
+            raise ConfigError("timers.startup_wait must be at least 2 intervals")
+        if self.leave_timeout <= 0:
+            raise ConfigError("timers.leave_timeout must be positive")
+        return self
+
+
+DEFAULT_TIMERS = Timers()
+FAST_TIMERS = Timers(
+    interval=0.020,
+    dead_after=0.140,
+    lease=0.100,
+    join_holddown=0.060,
+    startup_wait=0.300,
+    leave_timeout=1.0,
+    apply_margin=0.015,
+)
+PROFILES = {"default": DEFAULT_TIMERS, "fast": FAST_TIMERS}
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    """What every node of one cluster must agree on, plus this node's timers."""
+
+    cluster: str = "lbd"
+    buckets: int = 4096
+    seed: int = 0x4C4244
+    quorum: QuorumMode = QuorumMode.MAJORITY
+    timers: Timers = field(default_factory=Timers)
+
+    def validate(self) -> CoreConfig:
+        if not 1 <= self.buckets <= 65536:
+            raise ConfigError("buckets must be between 1 and 65536")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError("seed must be a 32-bit unsigned integer")
+        if not self.cluster or len(self.cluster.encode()) > 64:
+            raise ConfigError("cluster name must be 1..64 bytes")
+        self.timers.validate()
+        return self
+
+    def with_timers(self, timers: Timers) -> CoreConfig:
+        return replace(self, timers=timers)

@@ -1,0 +1,600 @@
+"""The membership and handoff core of one node (sans-I/O).
+
+Theory of operation
+-------------------
+Every node multicasts a heartbeat each ``interval``: its own descriptor (weight,
+draining), its *view* (the sorted members it currently hears, each with
+incarnation, weight and draining) and, per view member, the highest sequence it
+received from that member (an *ack*). Ownership of the B buckets is a pure
+function of a view (``ownership.compute_owners``), so nodes that advertise the
+same view agree on every bucket's owner.
+
+Three rules keep one owner per bucket at every instant (S1):
+
+1. Break before make. When a node's view changes it first shrinks its held set
+   to what it owns under the new view (the kernel is updated before the next
+   heartbeat leaves: actions are ordered), then advertises the view.
+2. Barrier. A node claims the buckets it gains under view V only when every
+   other member of V advertises exactly V in a heartbeat that acknowledges a
+   heartbeat we sent after adopting V (so the advertisement is fresh, not one
+   overtaken by a later change), and V holds a quorum of the last agreed view.
+3. Lease. The kernel accepts NEW connections only while a lease element lives.
+   Its deadline is the send time of the newest of our heartbeats acknowledged by
+   a quorum of the last agreed view (each ack counts only while the acker lists
+   us), plus ``lease``. A peer stops acking us ``dead_after`` after it last heard
+   us and ``lease`` is shorter than that (``Timers.validate``), so before a
+   quorum can agree on a view without us our lease has expired in the kernel.
+   When the lease lapses (lost quorum, or this process was stalled), the node
+   drops every bucket and must pass a new barrier before claiming again.
+
+``quorum = none`` replaces rule 3's acknowledgements with "always": available
+under partition, but two sides of a partition then both serve (documented).
+
+Every entry point takes ``now`` (the caller's monotonic seconds). The caller
+drains ``actions()`` in order (ApplyKernel before Transmit matters), reads
+``events()`` for logs, and calls ``handle_timer`` at ``get_timer()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from lbd.protocol import events as ev
+from lbd.protocol.config import CoreConfig, QuorumMode
+from lbd.protocol.errors import AuthError, DecodeError, ReplayError
+from lbd.protocol.messages import Heartbeat, Leave, Member
+from lbd.protocol.ownership import Owners, compute_owners
+from lbd.protocol.peers import Peer, PeerState
+from lbd.protocol.wire import Codec, ReplayGuard
+
+FORGET_AFTER = 60.0
+"""Seconds a dead or departed peer stays listed before it is forgotten."""
+LEAVE_COPIES = 3
+"""A leave is sent this many times: one lost datagram must not cost a quorum member."""
+
+
+@dataclass(slots=True)
+class Counters:
+    accepted: int = 0
+    malformed: int = 0
+    forged: int = 0
+    replayed: int = 0
+    own_echo: int = 0
+    sent: int = 0
+    view_changes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """One row of ``lbd-cli members``."""
+
+    node_id: str
+    address: str
+    state: str
+    slices: int
+    share: float
+    weight: int
+    last_heard_ms: int | None
+    incarnation: int
+    is_self: bool
+
+
+def view_digest(view: tuple[Member, ...]) -> str:
+    text = ";".join(f"{m.node_id},{m.incarnation},{m.weight},{int(m.draining)}" for m in view)
+    return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+
+
+def has_quorum(present: set[str] | frozenset[str], base: frozenset[str]) -> bool:
+    """Majority of ``base``; an exact half wins only if it holds the smallest ID."""
+    if not base:
+        return True
+    count = len(present & base)
+    if 2 * count > len(base):
+        return True
+    return 2 * count == len(base) and min(base) in present
+
+
+class Node:
+    def __init__(
+        self,
+        config: CoreConfig,
+        codec: Codec,
+        node_id: str,
+        incarnation: int,
+        now: float,
+        *,
+        weight: int = 100,
+        draining: bool = False,
+    ) -> None:
+        self.config = config.validate()
+        self.timers = config.timers
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.weight = weight
+        self.draining = draining
+        self.counters = Counters()
+        self._codec = codec
+        self._replay = ReplayGuard()
+        self._peers: dict[str, Peer] = {}
+        self._seq = 0
+        self._sent_at: dict[int, float] = {}
+        self._started = now
+        self._last_step = now
+        self._view: tuple[Member, ...] = (self._self_member(),)
+        self._barrier_seq = 1
+        self._agreed = False
+        self._base: frozenset[str] = frozenset()
+        self._held: frozenset[int] = frozenset()
+        self._applied: tuple[frozenset[int], float | None] = (frozenset(), None)
+        self._quorum_ok = True
+        self._next_heartbeat = now
+        self._last_sent = -1e18
+        self._prompt_at: float | None = None
+        self._leaving_since: float | None = None
+        self._left = False
+        self._duplicate_seen: set[int] = set()
+        self._owners_cache: tuple[tuple[Member, ...], Owners] | None = None
+        self._actions: list[ev.Action] = []
+        self._events: list[ev.Event] = []
+        self._step(now)
+
+    # ----------------------------------------------------------------- inputs
+
+    def receive_datagram(self, data: bytes, address: str, now: float) -> None:
+        if self._left:
+            return
+        try:
+            message = self._codec.open(data)
+        except AuthError:
+            self.counters.forged += 1
+            return
+        except DecodeError:
+            self.counters.malformed += 1
+            return
+        if message.sender == self.node_id:
+            self.counters.own_echo += 1
+            if message.incarnation != self.incarnation and (
+                message.incarnation not in self._duplicate_seen
+            ) and len(self._duplicate_seen) < 16:
+                self._duplicate_seen.add(message.incarnation)
+                self._events.append(ev.DuplicateNodeId(self.node_id, message.incarnation))
+            return
+        try:
+            self._replay.check(message.sender, message.incarnation, message.seq)
+        except ReplayError:
+            self.counters.replayed += 1
+            return
+        self.counters.accepted += 1
+        if isinstance(message, Leave):
+            self._on_leave(message)
+        else:
+            self._on_heartbeat(message, address, now)
+        self._step(now)
+
+    def handle_timer(self, now: float) -> None:
+        if not self._left:
+            self._step(now)
+
+    def set_draining(self, draining: bool, now: float) -> None:
+        if self._leaving_since is None:
+            self.draining = draining
+            self._step(now)
+
+    def set_weight(self, weight: int, now: float) -> None:
+        self.weight = weight
+        self._step(now)
+
+    def set_codec(self, codec: Codec) -> None:
+        """Key rotation: the sender/replay state is kept, only the keys change."""
+        self._codec = codec
+
+    def leave(self, now: float) -> None:
+        """Graceful leave: drain through the handoff, then announce and forget."""
+        if self._leaving_since is None and not self._left:
+            self._leaving_since = now
+            self.draining = True
+            self._step(now)
+
+    # ---------------------------------------------------------------- outputs
+
+    def actions(self) -> list[ev.Action]:
+        out, self._actions = self._actions, []
+        return out
+
+    def events(self) -> list[ev.Event]:
+        out, self._events = self._events, []
+        return out
+
+    def get_timer(self) -> float | None:
+        if self._left:
+            return None
+        t = self.timers
+        deadlines = [self._next_heartbeat, self._started + t.startup_wait]
+        if self._prompt_at is not None:
+            deadlines.append(self._prompt_at)
+        lease_until = self._applied[1]
+        if lease_until is not None:
+            deadlines.append(lease_until)
+        if self._leaving_since is not None:
+            deadlines.append(self._leaving_since + t.leave_timeout)
+        for peer in self._peers.values():
+            if peer.left or peer.declared_dead:
+                continue
+            deadlines.append(peer.last_heard + t.dead_after)
+            if peer.deaf_since is None:
+                deadlines.append(max(peer.first_heard, peer.last_listed_me) + t.dead_after)
+            else:
+                deadlines.append(peer.deaf_since + t.dead_after)
+            if not peer.in_view:
+                deadlines.append(peer.first_heard + t.join_holddown)
+        # Deadlines already reached have been acted on; only future ones wake us.
+        future = [d for d in deadlines if d > self._last_step]
+        return min(future) if future else self._last_step + t.interval
+
+    @property
+    def held(self) -> frozenset[int]:
+        return self._held
+
+    @property
+    def view(self) -> tuple[Member, ...]:
+        return self._view
+
+    @property
+    def agreed(self) -> bool:
+        return self._agreed
+
+    @property
+    def lease_until(self) -> float | None:
+        return self._applied[1]
+
+    @property
+    def has_left(self) -> bool:
+        return self._left
+
+    @property
+    def quorum_ok(self) -> bool:
+        return self._quorum_ok
+
+    @property
+    def base(self) -> frozenset[str]:
+        return self._base
+
+    def digest(self) -> str:
+        return view_digest(self._view)
+
+    def owners(self) -> Owners:
+        """Owner (index into ``view``) of every bucket under the current view."""
+        cached = self._owners_cache
+        if cached is not None and cached[0] == self._view:
+            return cached[1]
+        pairs = [(m.node_id, 0 if m.draining else m.weight) for m in self._view]
+        owners = compute_owners(pairs, self.config.buckets, self.config.seed)
+        self._owners_cache = (self._view, owners)
+        return owners
+
+    def members(self, now: float) -> list[MemberInfo]:
+        buckets = self.config.buckets
+        rows = []
+        me = MemberInfo(
+            self.node_id, "self", self._self_state(), len(self._held),
+            100.0 * len(self._held) / buckets, self.weight, 0, self.incarnation, True,
+        )
+        rows.append(me)
+        suspect_after = 2 * self.timers.interval
+        for peer in self._peers.values():
+            heartbeat = peer.last_heartbeat
+            in_view = peer.in_view and not (peer.left or peer.declared_dead)
+            slices = heartbeat.held if heartbeat is not None and in_view else 0
+            rows.append(MemberInfo(
+                peer.node_id, peer.address, peer.state(now, suspect_after).value, slices,
+                100.0 * slices / buckets, peer.weight,
+                round(1000 * peer.silent_for(now)), peer.incarnation, False,
+            ))
+        rows.sort(key=lambda r: r.node_id)
+        return rows
+
+    # ------------------------------------------------------------------ steps
+
+    def _self_member(self) -> Member:
+        return Member(self.node_id, self.incarnation, self.weight, self.draining)
+
+    def _self_state(self) -> str:
+        if self._leaving_since is not None:
+            return PeerState.LEFT.value if self._left else "leaving"
+        if self.draining:
+            return PeerState.DRAINING.value
+        return PeerState.ACTIVE.value if self._agreed else PeerState.JOINING.value
+
+    def _on_leave(self, message: Leave) -> None:
+        peer = self._peers.get(message.sender)
+        if peer is not None and peer.incarnation == message.incarnation and not peer.left:
+            peer.left = True
+            # It drained, released everything and dropped its lease before saying
+            # so. If we both agreed the same view (it draining), that view is our
+            # quorum base and it can shrink by the leaver: any two quorums of the
+            # old and the shrunk base still intersect. A node on an older view
+            # keeps its base (shrinking a stale base is how split brains start).
+            last = peer.last_heartbeat
+            if (self._agreed and last is not None and last.agreed and last.draining
+                    and peer.view_match):
+                self._base = self._base - {peer.node_id}
+            self._events.append(ev.MemberLeft(peer.node_id))
+
+    def _on_heartbeat(self, hb: Heartbeat, address: str, now: float) -> None:
+        peer = self._peers.get(hb.sender)
+        if peer is None or hb.incarnation > peer.incarnation:
+            was_member = peer is not None and peer.in_view and not peer.left
+            peer = Peer(hb.sender, hb.incarnation, hb.weight, hb.draining, address,
+                        first_heard=now, last_heard=now, last_seq=hb.seq)
+            # A restart of a current member replaces it at once: its buckets stay
+            # mapped to its ID and its old process (and kernel table) is gone.
+            peer.in_view = was_member
+            if was_member:
+                self._events.append(ev.MemberRestarted(hb.sender, hb.incarnation))
+            self._peers[hb.sender] = peer
+        elif hb.incarnation < peer.incarnation or peer.left:
+            return
+        if peer.declared_dead:
+            peer.declared_dead = False
+            peer.in_view = False
+            peer.first_heard = now
+        peer.suspected = False
+        peer.last_heard = now
+        peer.last_seq = hb.seq
+        peer.weight = hb.weight
+        peer.draining = hb.draining
+        peer.address = address
+        if peer.observe(hb, self.node_id, self.incarnation, self._view):
+            peer.last_listed_me = now
+            if peer.deaf_since is not None:
+                peer.deaf_since = None
+                if not peer.in_view:
+                    peer.first_heard = now  # back from deafness: a fresh hold-down
+        if peer.view_match and not (hb.agreed and self._agreed):
+            self._schedule_prompt(now)
+
+    def _schedule_prompt(self, now: float) -> None:
+        at = max(now, self._last_sent + self.timers.prompt_gap)
+        if self._prompt_at is None or at < self._prompt_at:
+            self._prompt_at = at
+
+    def _step(self, now: float) -> None:
+        self._last_step = now
+        self._update_liveness(now)
+        self._update_view(now)
+        self._check_lapse(now)
+        self._try_claim(now)
+        candidate = self._lease_candidate(now)
+        self._track_quorum(candidate)
+        if self._try_finish_leave(now):
+            return
+        send_due = now >= self._next_heartbeat or (
+            self._prompt_at is not None and now >= self._prompt_at
+        )
+        lease = self._applied[1]
+        if candidate is not None and (send_due or lease is None or candidate < lease):
+            lease = candidate
+        if (self._held, lease) != self._applied:
+            self._apply(self._held, lease)
+        if send_due:
+            self._send_heartbeat(now)
+
+    def _update_liveness(self, now: float) -> None:
+        t = self.timers
+        for node_id in list(self._peers):
+            peer = self._peers[node_id]
+            silent = peer.silent_for(now)
+            if (peer.left or peer.declared_dead) and silent > FORGET_AFTER:
+                del self._peers[node_id]
+                continue
+            if peer.left or peer.declared_dead:
+                continue
+            if silent >= t.dead_after:
+                peer.declared_dead = True
+                peer.deaf_since = None
+                self._events.append(ev.MemberDead(node_id, silent))
+                continue
+            unlisted = now - max(peer.first_heard, peer.last_listed_me)
+            if peer.deaf_since is None and unlisted >= t.dead_after:
+                # Heard, but it does not hear us: stop supporting its lease now and
+                # drop it from the view once that support has surely run out.
+                peer.deaf_since = now
+                self._events.append(ev.MemberSuspected(node_id, unlisted))
+            elif silent > 2 * t.interval and peer.in_view and not peer.suspected:
+                peer.suspected = True
+                self._events.append(ev.MemberSuspected(node_id, silent))
+
+    def _update_view(self, now: float) -> None:
+        holddown = self.timers.join_holddown
+        dead_after = self.timers.dead_after
+        members = [self._self_member()]
+        for peer in self._peers.values():
+            if peer.left or peer.declared_dead:
+                eligible = False
+            elif peer.in_view:
+                eligible = peer.deaf_since is None or now < peer.deaf_since + dead_after
+            else:
+                eligible = peer.deaf_since is None and now - peer.first_heard >= holddown
+            if peer.in_view and not eligible and not (peer.left or peer.declared_dead):
+                self._events.append(ev.MemberDead(peer.node_id, now - peer.last_listed_me))
+            if eligible and not peer.in_view:
+                self._events.append(ev.MemberJoined(peer.node_id, peer.incarnation))
+            peer.in_view = eligible
+            if eligible:
+                members.append(peer.member)
+        view = tuple(sorted(members, key=lambda m: m.node_id))
+        if view == self._view:
+            return
+        self._view = view
+        for peer in self._peers.values():
+            peer.view_match = peer.last_heartbeat is not None and peer.last_heartbeat.view == view
+        self._agreed = False
+        self._barrier_seq = self._seq + 1
+        self.counters.view_changes += 1
+        self._events.append(ev.ViewChanged(tuple(m.node_id for m in view), self.digest()))
+        kept = self._held & self._own_buckets()
+        released = len(self._held) - len(kept)
+        self._held = kept
+        if released:
+            self._events.append(ev.BucketsReleased(released, len(kept)))
+        self._next_heartbeat = now
+
+    def _check_lapse(self, now: float) -> None:
+        lease_until = self._applied[1]
+        if lease_until is None or now < lease_until:
+            return
+        dropped = len(self._held)
+        self._held = frozenset()
+        self._agreed = False
+        self._barrier_seq = self._seq + 1
+        self._next_heartbeat = now  # the new barrier needs a fresh heartbeat to ack
+        self._apply(self._held, None)
+        if dropped:
+            self._events.append(ev.LeaseLapsed(dropped))
+
+    def _lease_candidate(self, now: float) -> float | None:
+        lease = self.timers.lease
+        if self.config.quorum is QuorumMode.NONE or not self._base:
+            return now + lease
+        anchors: list[tuple[float, str]] = [(now, self.node_id)]
+        for peer in self._peers.values():
+            if peer.left or peer.node_id not in self._base:
+                continue
+            sent = self._sent_at.get(peer.ack_of_me)
+            if sent is not None:
+                anchors.append((sent, peer.node_id))
+        anchors.sort(reverse=True)
+        chosen: set[str] = set()
+        for sent, node_id in anchors:
+            chosen.add(node_id)
+            if has_quorum(chosen, self._base):
+                deadline = sent + lease
+                return deadline if deadline > now else None
+        return None
+
+    def _track_quorum(self, candidate: float | None) -> None:
+        ok = candidate is not None
+        if ok == self._quorum_ok:
+            return
+        self._quorum_ok = ok
+        heard = sum(1 for p in self._peers.values()
+                    if p.node_id in self._base and not p.declared_dead and not p.left) + 1
+        event = ev.QuorumRegained if ok else ev.QuorumLost
+        self._events.append(event(heard, len(self._base)))
+
+    def _barrier_complete(self) -> bool:
+        for member in self._view:
+            if member.node_id == self.node_id:
+                continue
+            peer = self._peers.get(member.node_id)
+            if peer is None or peer.incarnation != member.incarnation:
+                return False
+            if not peer.view_match:
+                return False
+            if peer.ack_of_me < self._barrier_seq:
+                return False
+        return True
+
+    def _try_claim(self, now: float) -> None:
+        if self._agreed or now < self._started + self.timers.startup_wait:
+            return
+        if not self._base and any(
+            not p.in_view and not p.left and not p.declared_dead and p.deaf_since is None
+            for p in self._peers.values()
+        ):
+            return  # a newcomer never forms a view while a peer it hears is pending
+        if not self._barrier_complete():
+            return
+        ids = frozenset(m.node_id for m in self._view)
+        if self.config.quorum is QuorumMode.MAJORITY and not (
+            has_quorum(ids, self._base) or self._member_agreed_view()
+        ):
+            return
+        previous_base, self._base = self._base, ids
+        candidate = self._lease_candidate(now)
+        if candidate is None or candidate <= now:
+            self._base = previous_base
+            return
+        target = self._own_buckets()
+        gained = len(target - self._held)
+        self._held = target
+        self._agreed = True
+        self._events.append(ev.ViewAgreed(tuple(sorted(ids)), self.digest(), len(target)))
+        if gained:
+            self._events.append(ev.BucketsGained(gained, len(target)))
+
+    def _member_agreed_view(self) -> bool:
+        """Some other member completed the barrier on our exact view.
+
+        Its barrier included our own fresh advertisement of the view and its
+        quorum check passed, so the view is an agreed one even if our quorum base
+        is stale (it can be, after asymmetric partitions).
+        """
+        return any(
+            (p := self._peers.get(m.node_id)) is not None
+            and p.last_heartbeat is not None
+            and p.last_heartbeat.agreed
+            and p.view_match
+            for m in self._view if m.node_id != self.node_id
+        )
+
+    def _try_finish_leave(self, now: float) -> bool:
+        if self._leaving_since is None:
+            return False
+        absorbed = self._agreed and all(
+            (p := self._peers.get(m.node_id)) is not None
+            and p.last_heartbeat is not None
+            and p.last_heartbeat.agreed
+            and p.view_match
+            for m in self._view if m.node_id != self.node_id
+        )
+        if not absorbed and now < self._leaving_since + self.timers.leave_timeout:
+            return False
+        self._held = frozenset()
+        self._apply(self._held, None)
+        for _ in range(LEAVE_COPIES):
+            self._seq += 1
+            self._actions.append(ev.Transmit(self._codec.seal(
+                Leave(self.node_id, self.incarnation, self._seq))))
+            self.counters.sent += 1
+        self._left = True
+        self._events.append(ev.LeftCluster(self.node_id))
+        return True
+
+    def _own_buckets(self) -> frozenset[int]:
+        if self.draining:
+            return frozenset()
+        my_index = next(i for i, m in enumerate(self._view) if m.node_id == self.node_id)
+        return frozenset(np.flatnonzero(self.owners() == my_index).tolist())
+
+    def _apply(self, held: frozenset[int], lease_until: float | None) -> None:
+        self._applied = (held, lease_until)
+        if self._actions and isinstance(self._actions[-1], ev.ApplyKernel):
+            self._actions.pop()  # a newer kernel state supersedes an unsent one
+        self._actions.append(ev.ApplyKernel(held, lease_until))
+
+    def _send_heartbeat(self, now: float) -> None:
+        self._seq += 1
+        self._sent_at[self._seq] = now
+        horizon = now - self.timers.lease - self.timers.dead_after
+        for seq in [s for s, t in self._sent_at.items() if t < horizon]:
+            del self._sent_at[seq]
+        acks = []
+        for member in self._view:
+            peer = self._peers.get(member.node_id)
+            supported = (peer is not None and peer.incarnation == member.incarnation
+                         and peer.deaf_since is None)
+            acks.append(peer.last_seq if supported and peer is not None else 0)
+        heartbeat = Heartbeat(
+            sender=self.node_id, incarnation=self.incarnation, seq=self._seq,
+            weight=self.weight, draining=self.draining, view=self._view,
+            acks=tuple(acks), agreed=self._agreed, held=len(self._held),
+        )
+        self._actions.append(ev.Transmit(self._codec.seal(heartbeat)))
+        self.counters.sent += 1
+        self._last_sent = now
+        self._next_heartbeat = now + self.timers.interval
+        self._prompt_at = None

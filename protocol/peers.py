@@ -1,0 +1,89 @@
+"""What one node knows about each peer: liveness, advertised view, support.
+
+A peer record is updated from that peer's authenticated heartbeats only. Whether
+the peer currently *supports* us (lists us, with our incarnation, in its view and
+acknowledges one of our heartbeats) is what our kernel lease rests on; whether it
+advertises exactly our view, acknowledging a heartbeat we sent after adopting it,
+is what our barrier rests on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from lbd.protocol.messages import Heartbeat, Member
+
+
+class PeerState(Enum):
+    JOINING = "joining"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+
+@dataclass(slots=True)
+class Peer:
+    node_id: str
+    incarnation: int
+    weight: int
+    draining: bool
+    address: str
+    first_heard: float
+    """Start of the current run of continuous hearing (hold-down counts from here)."""
+    last_heard: float
+    last_seq: int
+    last_heartbeat: Heartbeat | None = None
+    ack_of_me: int = 0
+    """Our highest seq its latest heartbeat acknowledges while listing us, else 0."""
+    view_match: bool = False
+    """Its latest heartbeat advertises exactly our current view."""
+    last_listed_me: float = float("-inf")
+    """When a heartbeat of this peer last listed us (with our incarnation)."""
+    deaf_since: float | None = None
+    """Set when the peer, though heard, has not listed us for ``dead_after``."""
+    left: bool = False
+    declared_dead: bool = False
+    suspected: bool = False
+    in_view: bool = False
+
+    @property
+    def member(self) -> Member:
+        return Member(self.node_id, self.incarnation, self.weight, self.draining)
+
+    def silent_for(self, now: float) -> float:
+        return now - self.last_heard
+
+    def observe(self, heartbeat: Heartbeat, me: str, my_incarnation: int,
+                my_view: tuple[Member, ...]) -> bool:
+        """Record a heartbeat; return whether it lists us (with our incarnation).
+
+        What we need from it (its ack of us, whether it matches our view) is
+        computed once here, not on every step: steps are O(N), not O(N^2).
+        """
+        self.last_heartbeat = heartbeat
+        self.ack_of_me = 0
+        listed = False
+        for index, member in enumerate(heartbeat.view):
+            if member.node_id == me:
+                listed = member.incarnation == my_incarnation
+                if listed:
+                    self.ack_of_me = heartbeat.acks[index]
+                break
+        self.view_match = heartbeat.view == my_view
+        return listed
+
+    def state(self, now: float, suspect_after: float) -> PeerState:
+        if self.left:
+            return PeerState.LEFT
+        if self.declared_dead or (self.deaf_since is not None and not self.in_view):
+            return PeerState.DEAD
+        if not self.in_view:
+            return PeerState.JOINING
+        if self.silent_for(now) > suspect_after or self.deaf_since is not None:
+            return PeerState.SUSPECT
+        if self.draining:
+            return PeerState.DRAINING
+        return PeerState.ACTIVE

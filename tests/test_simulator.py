@@ -1,0 +1,292 @@
+"""The protocol core proved in the deterministic cluster simulator.
+
+Named scenarios check S1 (every kernel change), L1 (failover within the bound)
+and L2 (only the buckets that must move do) for each fault kind; the random
+schedules then mix faults freely. A failure prints its seed: rerun it with
+``run_random_schedule(seed, FAST_TIMERS)`` from tests/clustersim.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+from clustersim import Cluster, SimNode, Violation, run_random_schedule
+
+from lbd.protocol import events as ev
+from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, QuorumMode, Timers
+
+FAST = FAST_TIMERS
+SCHEDULES = int(os.environ.get("LBD_SIM_SCHEDULES", "2000"))
+
+
+def start(n: int, seed: int = 1, timers: Timers = FAST, buckets: int = 256,
+          config: CoreConfig | None = None) -> Cluster:
+    cluster = Cluster(seed, timers, buckets=buckets, config=config)
+    for i in range(n):
+        cluster.add_node(f"n{i}")
+    settle(cluster)
+    return cluster
+
+
+def settle(cluster: Cluster, limit: float = 5.0) -> None:
+    """Run until converged (bounded), plus one barrier round trip."""
+    deadline = cluster.now + limit
+    while cluster.now < deadline:
+        cluster.run_until(cluster.now + cluster.timers.interval)
+        if cluster.converged():
+            cluster.run_until(cluster.now + 3 * cluster.timers.interval)
+            cluster.check_served_as_expected()
+            return
+    raise AssertionError(f"no convergence within {limit}s")
+
+
+def owners_now(cluster: Cluster) -> dict[int, str]:
+    served = cluster.served()
+    assert all(len(nodes) <= 1 for nodes in served.values())
+    return {b: nodes[0] for b, nodes in served.items() if nodes}
+
+
+def view_changes(node: SimNode) -> int:
+    return sum(isinstance(e, ev.ViewChanged) for _, e in node.events)
+
+
+def time_to_serve_all(cluster: Cluster, limit: float) -> float | None:
+    """Virtual seconds until every bucket is accepted by exactly one node."""
+    start_time = cluster.now
+    step = cluster.timers.interval / 20
+    while cluster.now < start_time + limit:
+        cluster.run_until(cluster.now + step)
+        served = cluster.served()
+        if all(len(nodes) == 1 for nodes in served.values()):
+            return cluster.now - start_time
+    return None
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def test_three_nodes_converge_and_split_all_buckets() -> None:
+    cluster = start(3)
+    owners = owners_now(cluster)
+    assert len(owners) == 256
+    assert set(owners.values()) == {"n0", "n1", "n2"}
+
+
+@pytest.mark.parametrize("timers", [DEFAULT_TIMERS, FAST_TIMERS], ids=["default", "fast"])
+def test_crash_moves_only_dead_nodes_buckets_within_bound(timers: Timers) -> None:
+    for seed in range(5):
+        cluster = start(4, seed=seed, timers=timers)
+        before = owners_now(cluster)
+        # crash at a random phase of the heartbeat cycle
+        cluster.run_until(cluster.now + random.Random(seed).uniform(0, timers.interval))
+        cluster.crash("n2")
+        took = time_to_serve_all(cluster, limit=3 * timers.dead_after)
+        assert took is not None
+        assert took <= timers.dead_after + 2 * timers.interval, took
+        settle(cluster)
+        after = owners_now(cluster)
+        moved = {b for b in before if before[b] != after[b]}
+        assert moved == {b for b, owner in before.items() if owner == "n2"}
+
+
+def test_hang_expires_lease_and_resumed_node_never_reclaims_blindly() -> None:
+    cluster = start(3, seed=3)
+    hung = cluster.nodes["n1"]
+    held_before = hung.kernel_set
+    assert held_before
+    cluster.hang("n1")
+    cluster.run_until(cluster.now + 3 * FAST.dead_after)
+    assert hung.kernel_set == held_before  # the daemon is stopped: nothing changed...
+    assert hung.accepting(cluster.now) == frozenset()  # ...but its lease expired
+    assert len(owners_now(cluster)) == 256  # and the others serve its slices
+    cluster.resume("n1")
+    # S1 is checked on every kernel change; after resuming it first drops everything.
+    lapsed = [e for _, e in hung.events if isinstance(e, ev.LeaseLapsed)]
+    assert lapsed and lapsed[-1].dropped == len(held_before)
+    settle(cluster)
+    assert hung.accepting(cluster.now) == held_before
+
+
+@pytest.mark.parametrize("minority", [["n0"], ["n4"], ["n0", "n1"]])
+def test_symmetric_partition_only_majority_serves(minority: list[str]) -> None:
+    cluster = start(5, seed=4)
+    names = list(cluster.nodes)
+    cluster.blocked |= {(a, b) for a in names for b in names
+                        if (a in minority) != (b in minority)}
+    cluster.run_until(cluster.now + 4 * FAST.dead_after)
+    for name in minority:
+        assert cluster.nodes[name].accepting(cluster.now) == frozenset()
+    assert len(owners_now(cluster)) == 256  # majority absorbed the minority's slices
+    cluster.blocked.clear()
+    settle(cluster)
+
+
+def test_one_way_partition_isolated_sender_fails_closed() -> None:
+    cluster = start(3, seed=5)
+    # n0's heartbeats no longer reach anyone, but n0 still hears everybody
+    cluster.blocked |= {("n0", "n1"), ("n0", "n2")}
+    cluster.run_until(cluster.now + 4 * FAST.dead_after)
+    assert cluster.nodes["n0"].accepting(cluster.now) == frozenset()
+    assert len(owners_now(cluster)) == 256
+    cluster.blocked.clear()
+    settle(cluster)
+
+
+def test_one_way_partition_deaf_node_fails_closed() -> None:
+    cluster = start(3, seed=6)
+    cluster.blocked |= {("n1", "n0"), ("n2", "n0")}  # n0 hears nobody
+    cluster.run_until(cluster.now + 4 * FAST.dead_after)
+    assert cluster.nodes["n0"].accepting(cluster.now) == frozenset()
+    assert len(owners_now(cluster)) == 256
+    cluster.blocked.clear()
+    settle(cluster)
+
+
+def test_twenty_percent_heartbeat_loss_does_not_flap() -> None:
+    cluster = start(3, seed=7, timers=DEFAULT_TIMERS)
+    before = {n.name: view_changes(n) for n in cluster.nodes.values()}
+    cluster.loss = 0.20
+    cluster.run_until(cluster.now + 60.0)  # 600 heartbeat rounds
+    after = {n.name: view_changes(n) for n in cluster.nodes.values()}
+    assert after == before
+    assert len(owners_now(cluster)) == 256
+
+
+def test_join_moves_buckets_only_to_newcomer() -> None:
+    cluster = start(3, seed=8)
+    before = owners_now(cluster)
+    cluster.add_node("n9")
+    settle(cluster)
+    after = owners_now(cluster)
+    moved = {b for b in before if before[b] != after[b]}
+    assert moved and all(after[b] == "n9" for b in moved)
+
+
+def test_graceful_leave_hands_over_without_gap_growth() -> None:
+    cluster = start(3, seed=9)
+    before = owners_now(cluster)
+    cluster.act("n1", lambda core, now: core.leave(now))
+    cluster.run_until(cluster.now + FAST.leave_timeout)
+    leaver = cluster.nodes["n1"]
+    assert leaver.core is not None and leaver.core.has_left
+    assert leaver.accepting(cluster.now) == frozenset()
+    leaver.state = "left"
+    settle(cluster)
+    after = owners_now(cluster)
+    assert {b for b in before if before[b] != after[b]} == {
+        b for b, o in before.items() if o == "n1"}
+    # the leave was acknowledged by absorption, not by timeout
+    assert any(isinstance(e, ev.LeftCluster) for _, e in leaver.events)
+    assert not any(isinstance(e, ev.MemberDead) for n in cluster.nodes.values()
+                   for _, e in n.events)
+
+
+def test_two_node_cluster_survives_graceful_leave_of_either() -> None:
+    for leaver in ("n0", "n1"):
+        cluster = start(2, seed=10)
+        cluster.act(leaver, lambda core, now: core.leave(now))
+        cluster.run_until(cluster.now + FAST.leave_timeout)
+        cluster.nodes[leaver].state = "left"
+        settle(cluster)
+        assert len(owners_now(cluster)) == 256
+
+
+def test_drain_and_undrain() -> None:
+    cluster = start(3, seed=11)
+    before = owners_now(cluster)
+    cluster.act("n2", lambda core, now: core.set_draining(True, now))
+    settle(cluster)
+    drained = owners_now(cluster)
+    assert "n2" not in drained.values() and len(drained) == 256
+    cluster.act("n2", lambda core, now: core.set_draining(False, now))
+    settle(cluster)
+    assert owners_now(cluster) == before
+
+
+def test_weight_change_moves_only_that_nodes_buckets() -> None:
+    cluster = start(4, seed=12)
+    before = owners_now(cluster)
+    cluster.act("n1", lambda core, now: core.set_weight(300, now))
+    settle(cluster)
+    after = owners_now(cluster)
+    moved = {b for b in before if before[b] != after[b]}
+    assert moved and all(after[b] == "n1" for b in moved)
+
+
+def test_restart_keeps_ownership() -> None:
+    cluster = start(3, seed=13)
+    before = owners_now(cluster)
+    cluster.crash("n0")
+    cluster.add_node("n0")  # new incarnation, same ID, straight away
+    settle(cluster)
+    assert owners_now(cluster) == before
+
+
+def test_rolling_restart_and_restart_all() -> None:
+    cluster = start(4, seed=14)
+    before = owners_now(cluster)
+    for name in list(cluster.nodes):
+        cluster.crash(name)
+        cluster.run_until(cluster.now + FAST.interval)
+        cluster.add_node(name)
+        settle(cluster)
+    assert owners_now(cluster) == before
+    for name in list(cluster.nodes):
+        cluster.crash(name)
+    for name in list(cluster.nodes):
+        cluster.add_node(name)
+    settle(cluster)
+    assert owners_now(cluster) == before
+
+
+def test_quorum_none_keeps_serving_alone_and_documents_the_trade() -> None:
+    config = CoreConfig(buckets=256, quorum=QuorumMode.NONE)
+    cluster = start(3, seed=15, config=config)
+    cluster.blocked |= {(a, b) for a in cluster.nodes for b in cluster.nodes
+                        if a != b and "n0" in (a, b)}
+    with pytest.raises(Violation):
+        # both sides of the partition serve n0's... and then each other's slices
+        cluster.run_until(cluster.now + 4 * FAST.dead_after)
+
+
+def test_clock_skew_is_modelled() -> None:
+    cluster = start(3, seed=16)
+    rates = {round(n.rate, 6) for n in cluster.nodes.values()}
+    assert len(rates) == 3 and all(0.99 <= r <= 1.01 for r in rates)
+
+
+def test_sixty_four_nodes_converge_and_survive_a_crash() -> None:
+    cluster = start(64, seed=17, buckets=1024)
+    cluster.crash("n33")
+    took = time_to_serve_all(cluster, limit=3 * FAST.dead_after)
+    assert took is not None and took <= FAST.dead_after + 2 * FAST.interval
+
+
+# ------------------------------------------------------------ random faults
+
+
+def _run_batch(seeds: range) -> list[str]:
+    failures = []
+    for seed in seeds:
+        try:
+            run_random_schedule(seed, FAST_TIMERS)
+        except Violation as violation:
+            failures.append(str(violation))
+    return failures
+
+
+def test_random_fault_schedules() -> None:
+    """Thousands of seeded schedules (LBD_SIM_SCHEDULES), on both cores."""
+    half = SCHEDULES // 2
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        batches = pool.map(_run_batch, [range(0, half), range(half, SCHEDULES)])
+        failures = [f for batch in batches for f in batch]
+    assert not failures, "\n".join(failures[:10])
+
+
+@pytest.mark.parametrize("nodes", [9, 16])
+def test_random_schedules_larger_clusters(nodes: int) -> None:
+    run_random_schedule(10_000 + nodes, FAST_TIMERS, nodes=nodes, faults=3)

@@ -173,6 +173,9 @@ class ControlServer:
                 response = {"ok": False, "error": str(exc)}
             except TimeoutError:
                 return
+            except Exception as exc:  # a bug in a handler must not kill the daemon
+                log.exception("control request %r failed", line[:200])
+                response = {"ok": False, "error": f"internal error: {exc!r}"}
             writer.write(json.dumps(response).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, OSError):

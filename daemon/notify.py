@@ -169,7 +169,10 @@ class Notifier:
         self._sock: socket.socket | None = None
         self._last_status: str | None = None
         if self.path:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a full receive queue drops a message instead of
+            # stalling the event loop that keeps the heartbeats going.
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
     def watchdog_interval(self) -> float | None:
         """Seconds between WATCHDOG=1 pings (half the timeout), or None."""
@@ -233,7 +236,10 @@ class LogSink:
         self.journal_path = journal_wanted(env)
         self._sock: socket.socket | None = None
         if self.journal_path:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking, as for sd_notify: a stuck journal must not stall the loop
+            # (an entry that cannot be queued goes to stderr instead).
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         self.context: dict[str, str] = {}
         """Fields added to every entry (NODE=...)."""
 

@@ -299,3 +299,56 @@ def test_bad_config_key_and_interface_fail_with_one_line(bed: Any, tmp_path: Pat
     assert out.returncode == 1
     assert out.stderr == (f"lbd-cli: cannot reach lbd at {cluster.sock(0)} "
                           "(is the daemon running?)\n")
+
+
+def test_sighup_rotates_the_key_and_changes_weight_without_dropping(
+    bed: Any, tmp_path: Path
+) -> None:
+    the_bed: Bed = bed(nodes=2, add_vip=False)
+    cluster = Cluster(the_bed, tmp_path)
+    try:
+        for index in (0, 1):
+            cluster.start(index)
+        cluster.wait_slices([0, 1], lambda s: all(v > 0 for v in s.values()), "two converge")
+        view = cluster.query(0, "status")["view"]
+        old = cluster.key.read_text().split()[0]
+        new = os.urandom(32).hex()
+
+        def rotate_to(lines: list[str]) -> None:
+            cluster.key.write_text("\n".join(lines) + "\n")
+            for proc in cluster.procs.values():
+                proc.send_signal(signal.SIGHUP)
+            time.sleep(1.0)  # several heartbeats under the new keyring
+
+        # The rotation procedure: accept the new key everywhere, seal with it, drop the old.
+        rotate_to([old, new])
+        rotate_to([new, old])
+        rotate_to([new])
+        for index in (0, 1):
+            status = cluster.query(index, "status")
+            assert status["view"] == view and status["converged"], status
+            assert status["counters"]["forged"] == 0, status
+        for proc in cluster.procs.values():
+            assert "configuration reloaded" in the_bed.output(proc)
+
+        # Weight 300 vs 100 via reload: node0 ends up with about three quarters.
+        cluster.config(0, weight="300")
+        cluster.procs[0].send_signal(signal.SIGHUP)
+        shares = cluster.wait_slices([0, 1], lambda s: s["node0"] > BUCKETS * 0.6,
+                                     "the weight change to take effect")
+        assert shares["node0"] + shares["node1"] == BUCKETS
+        # A reload with a mistake keeps the running config and says so.
+        cluster.config(0, weight="0")
+        cluster.procs[0].send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed" in the_bed.output(cluster.procs[0]), 5,
+                 what="the failed reload to be logged")
+        assert cluster.procs[0].poll() is None
+    finally:
+        for proc in cluster.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in cluster.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -52,6 +52,8 @@ from lbd.protocol.wire import Codec, ReplayGuard
 
 FORGET_AFTER = 60.0
 """Seconds a dead or departed peer stays listed before it is forgotten."""
+TIMER_SLACK = 1e-6
+"""Seconds added to every deadline handed to the caller's timer."""
 LEAVE_COPIES = 3
 """A leave is sent this many times: one lost datagram must not cost a quorum member."""
 
@@ -232,7 +234,9 @@ class Node:
                 deadlines.append(peer.first_heard + t.join_holddown)
         # Deadlines already reached have been acted on; only future ones wake us.
         future = [d for d in deadlines if d > self._last_step]
-        return min(future) if future else self._last_step + t.interval
+        # Woken a hair early (clock rounding), a deadline would not count as reached
+        # and would only be seen at the next heartbeat: aim just past it.
+        return min(future) + TIMER_SLACK if future else self._last_step + t.interval
 
     @property
     def held(self) -> frozenset[int]:

@@ -24,13 +24,20 @@ all-or-nothing) that
 3. refreshes the lease (add, delete, add with timeout) or removes it.
 
 Text commands rather than JSON: libnftables 1.0.6's JSON parser reads element
-timeouts as whole seconds, and leases are sub-second. Text costs ~10-20 %
-more for very large element lists only (measured in bench/dataplane.py).
+timeouts as whole seconds (a fraction is silently dropped), and leases are
+sub-second. Measured here, text costs the same for small changes (0.09 ms for
+one element) and ~15 % more for huge ones (32768 elements: 118 ms vs 101 ms).
+
+Measured apply() latency (bench/dataplane.py, median, busy 2-core machine):
+moving 1 bucket 0.4-0.6 ms, 100 buckets 0.6-0.8 ms, at B=4096 and 65536 alike
+(the guard re-assert is ~0.2 ms of that); claiming all 4096 buckets 13 ms, all
+65536 ~250 ms; releasing everything is a flush: 2 ms / 30 ms.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import time
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
@@ -177,12 +184,16 @@ class NftDataplane:
         """
         if not self._installed:
             raise NftError("apply() before install()")
-        target = frozenset(owned)
-        bad = [b for b in target if not (isinstance(b, int) and 0 <= b < self.spec.buckets)]
+        # operator.index: numpy integers are fine, floats and strings are not.
+        target = frozenset(operator.index(b) for b in owned)
+        bad = [b for b in target if not 0 <= b < self.spec.buckets]
         if bad:
             raise ValueError(f"buckets out of range 0..{self.spec.buckets - 1}: {sorted(bad)[:5]}")
-        if lease_ms is not None and not 1 <= lease_ms <= 86_400_000:
-            raise ValueError(f"lease_ms must be in 1..86400000, not {lease_ms}")
+        if lease_ms is not None:
+            # A fractional lease is rounded down: a shorter lease is the safe side.
+            lease_ms = int(lease_ms)
+            if not 1 <= lease_ms <= 86_400_000:
+                raise ValueError(f"lease_ms must be in 1..86400000, not {lease_ms}")
         add = target - self._owned
         remove = self._owned - target
         guard = self._applies % self.guard_every == 0

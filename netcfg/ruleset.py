@@ -27,10 +27,19 @@ A true SYN is also always claimed, even when conntrack calls it established
 ``inet lbd_guard`` accepts VIP packets carrying the mark set by ``claim`` and
 otherwise only replies, neighbour discovery, established TCP (never a SYN) and
 related packets. When the daemon dies its netlink socket closes, the kernel
-destroys ``inet lbd`` (11-17 ms) and the guard, unmarked, drops every NEW flow:
+destroys ``inet lbd`` (5-40 ms measured) and the guard, unmarked, drops every NEW flow:
 fail closed (S2) while established connections live on. Non-SYN TCP with no
 state (a mid-stream packet of a flow owned elsewhere, seen as NEW under
 ``nf_conntrack_tcp_loose=1``) is dropped silently by both: never a RST (S3).
+
+Why prerouting: on a hub every node sees every packet and drops (N-1)/N of
+the NEW ones; dropping before the routing lookup is the cheapest place, and a
+dropped SYN's conntrack entry is never confirmed (no table growth). Why the
+owner chain runs first (-180 < -170): the guard can only see a mark that is
+already set. The mark cannot come from outside: the kernel clears skb->mark
+when a packet crosses a namespace or arrives from the wire. Traffic from ``lo``
+(the node talking to its own VIP) is exempt by default: it can never reach
+another node.
 
 Buckets are kept in a plain integer set (``typeof numgen inc mod B``): a set
 typed after ``jhash`` loads but crashes nft 1.0.6's listing.

@@ -195,6 +195,12 @@ def test_failed_apply_keeps_shadow_state_and_raises_lbd_error(fake: FakeNft) -> 
 def test_argument_checks(fake: FakeNft) -> None:
     dp = NftDataplane(VIPS, 16, 1)
     dp.install()
+    np = pytest.importorskip("numpy")
+    dp.apply(frozenset(np.arange(3, dtype=np.int64).tolist()) | {np.int64(5)}, 499.9)
+    assert dp.owned == {0, 1, 2, 5}
+    assert "timeout 499ms" in fake.calls[-1]  # rounded down: shorter is safe
+    with pytest.raises(TypeError):
+        dp.apply({1.5}, 500)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="out of range"):
         dp.apply({16}, 500)
     with pytest.raises(ValueError, match="lease_ms"):

@@ -258,6 +258,7 @@ def test_clock_skew_is_modelled() -> None:
     assert len(rates) == 3 and all(0.99 <= r <= 1.01 for r in rates)
 
 
+@pytest.mark.timeout(900)
 def test_sixty_four_nodes_converge_and_survive_a_crash() -> None:
     cluster = start(64, seed=17, buckets=1024)
     cluster.crash("n33")
@@ -278,6 +279,7 @@ def _run_batch(seeds: range) -> list[str]:
     return failures
 
 
+@pytest.mark.timeout(1800)
 def test_random_fault_schedules() -> None:
     """Thousands of seeded schedules (LBD_SIM_SCHEDULES), on both cores."""
     half = SCHEDULES // 2

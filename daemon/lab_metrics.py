@@ -95,3 +95,23 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
                        for c in record["conns"]],
         "shares": dict(shares(record)),
     }
+
+
+def failure_bursts(record: dict[str, Any], join: float = 0.1) -> list[float]:
+    """Durations (s) of runs of failed new connections, failures < ``join`` apart merged.
+
+    A slice handed over break-before-make is unserved for a moment: its SYNs are dropped
+    and a real client retransmits. The bursts show how long those moments last.
+    """
+    starts = sorted(r[START] for r in record["tcp"] if not r[NAME])
+    bursts: list[float] = []
+    first = last = None
+    for t in starts:
+        if first is None or last is None or t - last > join:
+            if first is not None and last is not None:
+                bursts.append(last - first)
+            first = t
+        last = t
+    if first is not None and last is not None:
+        bursts.append(last - first)
+    return bursts

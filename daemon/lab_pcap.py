@@ -54,6 +54,9 @@ class DuplicateReport:
     duplicate_udp_answers: int = 0
     resets_from_vip: int = 0
     examples: list[str] = field(default_factory=list)
+    resets: list[tuple[str, int, float]] = field(default_factory=list)
+    """RSTs from the VIP as (client address, port, time); short connections closing
+    right after their first line see a few (a bed artefact), long-lived ones must not."""
 
     @property
     def duplicates(self) -> int:
@@ -151,6 +154,7 @@ def count_duplicates(
                 seen.append((p.time, p.seq))
             if p.flags & TCP_RST:
                 report.resets_from_vip += 1
+                report.resets.append((p.dst, p.dport, p.time))
         elif p.proto == 17 and p.dst in vips and p.dport == udp_port:
             report.udp_queries += 1
             udp_pending[(p.src, p.sport)] = 0

@@ -222,21 +222,21 @@ class LbdCluster:
             raise ValueError(f"direction must be both, out or in, not {direction!r}")
         rules = []
         if direction in ("both", "in"):
-            rules.append(f"chain in {{ type filter hook input priority -300; "
-                         f"udp dport {HEARTBEAT_PORT} drop; }}")
+            rules.append(f"chain in {{\n type filter hook input priority -300\n"
+                         f" udp dport {HEARTBEAT_PORT} drop\n}}")
         if direction in ("both", "out"):
-            rules.append(f"chain out {{ type filter hook output priority -300; "
-                         f"udp dport {HEARTBEAT_PORT} drop; }}")
+            rules.append(f"chain out {{\n type filter hook output priority -300\n"
+                         f" udp dport {HEARTBEAT_PORT} drop\n}}")
         when = time.monotonic()
-        self._nft(index, f"table inet {FAULT_TABLE} {{ {' '.join(rules)} }}\n")
+        self._nft(index, f"table inet {FAULT_TABLE} {{\n" + "\n".join(rules) + "\n}\n")
         return when
 
     def loss(self, percent: int, indexes: list[int] | None = None) -> None:
         """Drop ``percent`` % of received heartbeats at random on the given nodes."""
         for index in indexes if indexes is not None else range(len(self.bed.nodes)):
-            self._nft(index, f"table inet {FAULT_TABLE} {{ chain in {{ type filter hook input "
-                             f"priority -300; udp dport {HEARTBEAT_PORT} numgen random mod 100 "
-                             f"< {percent} drop; }} }}\n")
+            self._nft(index, f"table inet {FAULT_TABLE} {{\nchain in {{\n type filter hook "
+                             f"input priority -300\n udp dport {HEARTBEAT_PORT} numgen random "
+                             f"mod 100 < {percent} drop\n}}\n}}\n")
 
     def heal(self, index: int) -> None:
         self.bed.run(self.bed.nodes[index].name, "nft", "delete", "table", "inet", FAULT_TABLE,

@@ -1,11 +1,11 @@
-# The two commands of the README:
+# Targets behind the README's two commands (bash run.sh lab|test, which installs make first):
 #   make lab   - run lbd's main job (a live cluster demo on this machine)
 #   make test  - install everything (apt packages, venv) and run lint, types, tests
 # Both are idempotent and need root on a Debian 12 machine.
 
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
-APT_PKGS  := python3-venv python3-pip python3-nftables python3-systemd nftables \
+APT_PKGS  := python3 python3-venv python3-pip python3-nftables nftables systemd \
              iproute2 tcpdump conntrack keepalived procps
 STAMP     := $(VENV)/.installed
 

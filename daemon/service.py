@@ -342,7 +342,8 @@ class Service:
             return False  # already failed and stopping
         lease_ms: int | None = None
         if action.lease_until is not None:
-            lease_ms = max(0, round((action.lease_until - time.monotonic()) * 1000))
+            # Rounded down: the kernel must never hold a lease past the core's deadline.
+            lease_ms = max(0, int((action.lease_until - time.monotonic()) * 1000))
         try:
             # A lease already over is no lease: owned buckets without one accept nothing.
             self._nft.apply(action.owned, lease_ms or None)

@@ -57,7 +57,8 @@ def outage(record: dict[str, Any], fault: float, node: str, *, horizon: float = 
             first_after[row[SOURCE]] = row[END]
     unserved = sorted(affected - set(first_after))
     served_again = max((t - fault for t in first_after.values()), default=None)
-    after = [r for r in record["tcp"] if r[SOURCE] in affected and r[START] >= fault + grace]
+    after = [r for r in record["tcp"]
+             if r[SOURCE] in affected and fault + grace <= r[START] <= fault + horizon]
     new_owners = Counter(r[NAME] for r in after if r[NAME])
     return {
         "affected_sources": len(affected),

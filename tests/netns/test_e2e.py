@@ -28,7 +28,7 @@ import pytest
 from lbd.daemon import lab_metrics as metrics
 from lbd.daemon.lab_pcap import DuplicateReport
 
-from .bed import Bed
+from .bed import Bed, list_netns
 from .cluster import Capture, ClientLoad, LbdCluster
 
 FAST_OUTAGE_LIMIT_MS = 400.0  # fast profile: ~150 ms bound + client sampling + CI noise
@@ -275,3 +275,22 @@ def test_restart_all_at_once(bed: Callable[..., Bed], tmp_path: Path) -> None:
         record, report = run.finish()
         assert_clean(record, report, down={run.name(i) for i in range(3)})
         assert set(metrics.shares(record, since=formed)) == {run.name(i) for i in range(3)}
+
+
+def test_lbd_lab_json_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    """``lbd lab --json --nodes 3`` (fast timers to keep the suite short) measures sanely."""
+    import json
+
+    from lbd.daemon import lab
+
+    assert lab.main(["--json", "--nodes", "3", "--profile", "fast"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["duplicate_synacks"] == 0 and figures["duplicate_udp_answers"] == 0
+    assert figures["duplicate_udp_answers_client"] == 0
+    assert figures["broken_connections"] == 0
+    assert figures["affected_sources"] >= 5 and not figures["unserved_sources"]
+    assert 0 < figures["outage_ms"] <= FAST_OUTAGE_LIMIT_MS
+    assert set(figures["absorbed_by"]) == {"lbdlab-n0", "lbdlab-n2"}
+    assert figures["converged_after"] and figures["tcp_ok"] > 1000
+    # Nothing of the lab is left behind.
+    assert not any(name.startswith("lbdlab-") for name in list_netns())

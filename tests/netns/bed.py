@@ -11,7 +11,14 @@ Topology (all names start with the bed's prefix; nothing touches the root namesp
     node n0..n<N-1>: eth0 with the SAME shared MAC, own 192.0.2.(11+i)/24 and
     2001:db8:1::(11+i)/64, optionally the VIPs (v4 /32, v6 /128 nodad, deprecated)
 
-Every frame for the shared MAC reaches every node, as on a real hub. Veths are created
+Every frame for the shared MAC reaches every node, as on a real hub.
+
+``Bed(..., switch=True)`` makes br0 an ordinary learning switch instead (learning on,
+default ageing 300 s, unknown unicast and multicast flooded, optionally IGMP/MLD
+snooping with ``mcast_snooping=True`` and a querier with ``mcast_querier=True``), and
+``unique_macs=True`` gives node i its own MAC ``node_mac(i)`` (02:00:00:00:01:<11+i>)
+instead of the shared one: the topology of lbd's multicast cluster-MAC mode. Both
+default off, so the hub bed is unchanged. Veths are created
 from inside the namespaces (``ip -n NS link add ... peer ... netns OTHER``) and sysctls
 are written by processes running inside the namespace, because /proc/sys/net follows
 the caller's namespace.
@@ -71,6 +78,7 @@ __all__ = [
     "delete_netns",
     "list_netns",
     "netns_unavailable_reason",
+    "node_mac",
     "sources4",
     "sources6",
     "wait_for",
@@ -92,6 +100,12 @@ CLIENT_NET4 = "198.51.100.0/24"
 CLIENT_NET6 = "2001:db8:2::/64"
 MAX_NODES = 32
 
+
+def node_mac(index: int) -> str:
+    """The unique MAC of node ``index`` in a ``unique_macs`` bed."""
+    return f"02:00:00:00:01:{11 + index:02x}"
+
+
 T = TypeVar("T")
 
 
@@ -104,6 +118,7 @@ class NodeNs:
     addr4: str
     addr6: str
     iface: str = "eth0"
+    mac: str = SHARED_MAC
 
 
 class Bed(TrafficMixin):
@@ -118,7 +133,12 @@ class Bed(TrafficMixin):
         vip6: str = VIP6,
         shared_mac: str = SHARED_MAC,
         add_vip: bool = True,
+        switch: bool = False,
+        mcast_snooping: bool = False,
+        mcast_querier: bool = False,
+        unique_macs: bool = False,
     ) -> None:
+        """``switch``/``mcast_snooping``/``mcast_querier``/``unique_macs``: see module doc."""
         if not prefix.startswith("lbdt-"):
             raise ValueError(f"bed prefixes start with 'lbdt-', got {prefix!r}")
         if not 1 <= nodes <= MAX_NODES:
@@ -128,11 +148,18 @@ class Bed(TrafficMixin):
         self.vip6 = vip6
         self.shared_mac = shared_mac
         self.add_vip = add_vip
+        if (mcast_snooping or mcast_querier) and not switch:
+            raise ValueError("mcast_snooping/mcast_querier need switch=True")
+        self.switch = switch
+        self.mcast_snooping = mcast_snooping
+        self.mcast_querier = mcast_querier
+        self.unique_macs = unique_macs
         self.hub = f"{prefix}hub"
         self.router = f"{prefix}r"
         self.client = f"{prefix}c"
         self.nodes = [
-            NodeNs(f"{prefix}n{i}", i, f"192.0.2.{11 + i}", f"2001:db8:1::{11 + i}")
+            NodeNs(f"{prefix}n{i}", i, f"192.0.2.{11 + i}", f"2001:db8:1::{11 + i}",
+                   mac=node_mac(i) if unique_macs else shared_mac)
             for i in range(nodes)
         ]
         self._procs: list[subprocess.Popen[Any]] = []
@@ -238,16 +265,22 @@ class Bed(TrafficMixin):
             {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1},
         )
         ports = [(f"p{n.index}", n.name) for n in self.nodes] + [("pr", self.router)]
-        lines = [
-            "link set lo up",
-            "link add br0 type bridge ageing_time 0 mcast_snooping 0 stp_state 0",
-        ]
+        if self.switch:
+            # A learning switch: default ageing (300 s), unknown unicast/multicast flooded.
+            bridge = (f"link add br0 type bridge stp_state 0 mcast_snooping "
+                      f"{int(self.mcast_snooping)} mcast_querier {int(self.mcast_querier)}")
+            learning = "on"
+        else:
+            bridge = "link add br0 type bridge ageing_time 0 mcast_snooping 0 stp_state 0"
+            learning = "off"
+        lines = ["link set lo up", bridge]
         for port, peer_ns in ports:
             lines.append(f"link add {port} type veth peer name eth0 netns {peer_ns}")
         for port, _ in ports:
             lines += [
                 f"link set {port} master br0",
-                f"link set dev {port} type bridge_slave learning off flood on mcast_flood on",
+                f"link set dev {port} type bridge_slave learning {learning} flood on "
+                "mcast_flood on",
                 f"link set {port} up",
             ]
         lines.append("link set br0 up")
@@ -325,7 +358,7 @@ class Bed(TrafficMixin):
         )
         lines = [
             "link set lo up",
-            f"link set eth0 address {self.shared_mac}",
+            f"link set eth0 address {node.mac}",
             f"addr add {node.addr4}/24 dev eth0",
             f"addr add {node.addr6}/64 dev eth0 nodad",
         ]

@@ -1,0 +1,425 @@
+"""Multicast cluster-MAC mode: lbd on an ordinary learning switch.
+
+Theory of operation
+-------------------
+A switch learns a MAC on the port it last came from. With one *shared unicast* MAC on
+every node (``mac_mode = "shared"``, fine on a hub) the switch sends all VIP traffic to
+one port and the other nodes starve (tests/netns/test_switched.py shows it). In
+``mac_mode = "multicast"`` every node keeps its own unique MAC, and the VIPs resolve
+to a *multicast* cluster MAC instead, as Windows NLB's multicast mode and the old
+CLUSTERIP target did. A MAC with the group bit (bit 0 of the first octet) set is never
+learned as a source (no frame is ever sent *from* it), so a switch floods frames *to*
+it to every port of the VLAN, like broadcast: every node receives every VIP packet.
+
+Default cluster MAC: ``03:00:5e:XX:YY:ZZ`` with XX:YY:ZZ the first three bytes of
+SHA-256("lbd cluster mac\\0" + cluster name): identical on every node with no extra
+setting, different per cluster. 0x03 = group bit + locally administered bit, so it
+collides with no vendor's MAC, and it lies outside the IP-multicast mappings
+(01:00:5e:00-7f for IPv4, 33:33 for IPv6) that IGMP/MLD-snooping hardware may filter
+by MAC: it is flooded as plain L2 multicast. (An explicit ``cluster_mac`` may be any
+group MAC, e.g. NLB's IGMP-mode style 01:00:5e:7f:xx:yy; then switches that snoop by
+MAC forward it only where 239.255.xx.yy was joined: that needs joins, which lbd does
+not send.)
+
+On each node, ``MacMode.apply()``:
+
+* joins the cluster MAC on the interface (``ip maddr add`` equivalent: the
+  SIOCADDMULTI ioctl; netlink has no call for it) so that a real NIC's filter
+  passes those frames;
+* installs the persistent tables ``arp lbd_mac`` and ``inet lbd_mac``:
+
+  - ``inet lbd_mac pre`` (prerouting, priority -190): frames to the cluster MAC arrive
+    as PACKET_MULTICAST, which TCP (and the RFC 1122 check behind the
+    ``drop_unicast_in_l2_multicast`` sysctl) refuse for a unicast IP destination:
+    ``meta pkttype set host`` makes them the node's own. Checked on 6.18: prerouting
+    runs before routing and before tcp_v4_rcv/tcp_v6_rcv look at pkttype.
+  - ARP (``arp lbd_mac out``): ARP packets from a VIP (replies) get ``arp saddr
+    ether set <cluster MAC>``. The Ethernet source stays the node's own MAC (a
+    switch must never learn the cluster MAC).
+  - IPv6 ND (``inet lbd_mac out``): the Target Link-Layer Address option of a
+    Neighbor Advertisement for a VIP is rewritten to the cluster MAC. nft 1.0.6
+    updates no checksum for a raw ``@th`` write, so the rule also writes the 16
+    low reserved bits of the NA header (RFC 4861: "MUST be ignored by the receiver")
+    with the one's-complement difference of the old and new MAC: the ICMPv6 checksum
+    stays valid without being recomputed. The rule matches only when the option
+    holds this node's own MAC and that reserved word is zero, so the difference is
+    exact. The same is done for a Neighbor Solicitation sent *from* a VIP (its Source
+    Link-Layer Address option): Linux solicits with the source address of the packet
+    that needs the neighbour, and a router learns the sender's mapping from an NS, so
+    without it the router would map the VIP to one node's own MAC (seen here). A
+    receiver that checked the reserved bits would refuse these: then use a static
+    neighbour entry (README).
+  - One responder: every node holds the VIPs, so every node would answer each ARP
+    request / Neighbor Solicitation. Identical answers would be harmless, but a
+    router should see one. The designated responder is the owner of bucket
+    ``ANCHOR_BUCKET`` (0) *while it holds a lease*: the daemon keeps the interface
+    name in the set ``answer`` of both tables with the lease as timeout
+    (``MacMode.answer``), and requests for a VIP are dropped on input by every node
+    not in it. Ownership is exclusive (break-before-make) and follows failover, so
+    after a crash the new owner of bucket 0 answers; a hung or dead daemon's element
+    simply expires in the kernel. In a hand-off gap nobody answers for a moment; the
+    router retries (a second answer would have been harmless anyway).
+
+Tables are persistent (no ``flags owner``): after a crash the node still rewrites and
+stays silent on ARP/ND for the VIP, like the guard keeps it closed. ``restore()``
+deletes both tables and leaves the MAC group, as recorded in the JSON state file
+(write-ahead, idempotent, like link.py); the daemon calls it after the VIPs are gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lbd.protocol.errors import LbdError
+
+log = logging.getLogger("lbd.netcfg.macmode")
+
+TABLE = "lbd_mac"
+PRE_PRIORITY = -190  # after conntrack (-200), before lbd's owner table (-180)
+ANCHOR_BUCKET = 0
+STATE_VERSION = 1
+SIOCADDMULTI = 0x8931
+SIOCDELMULTI = 0x8932
+IFREQ_SIZE = 40
+_MAC_SALT = b"lbd cluster mac\0"
+
+
+class MacModeError(LbdError):
+    """The multicast cluster MAC could not be set up or undone."""
+
+
+def derive_cluster_mac(cluster: str) -> str:
+    """03:00:5e + 3 bytes of SHA-256 of the cluster name (see module doc)."""
+    tail = hashlib.sha256(_MAC_SALT + cluster.encode()).digest()[:3]
+    return ":".join(f"{b:02x}" for b in (0x03, 0x00, 0x5E, *tail))
+
+
+def mac_bytes(mac: str) -> bytes:
+    parts = mac.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"{mac!r} is not a MAC address")
+    return bytes(int(p, 16) for p in parts)
+
+
+def is_group_mac(mac: str) -> bool:
+    """True for multicast/broadcast MACs (I/G bit set)."""
+    return bool(mac_bytes(mac)[0] & 1)
+
+
+def _ones_sum(data: bytes) -> int:
+    total = int(sum(struct.unpack(f"!{len(data) // 2}H", data)))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def nd_compensation(own_mac: str, cluster_mac: str) -> int:
+    """The 16-bit word that keeps the ICMPv6 checksum valid when the TLLA option
+    changes from ``own_mac`` to ``cluster_mac`` (one's-complement old - new)."""
+    old, new = _ones_sum(mac_bytes(own_mac)), _ones_sum(mac_bytes(cluster_mac))
+    diff = old + (0xFFFF - new)  # one's-complement subtraction
+    while diff > 0xFFFF:
+        diff = (diff & 0xFFFF) + (diff >> 16)
+    return 0 if diff == 0xFFFF else diff
+
+
+@dataclass(frozen=True, slots=True)
+class MacModeSpec:
+    """Everything the lbd_mac tables depend on (one node: own_mac differs)."""
+
+    interface: str
+    cluster_mac: str
+    own_mac: str
+    vips4: tuple[str, ...]
+    vips6: tuple[str, ...]
+    table: str = TABLE
+
+    @classmethod
+    def build(cls, interface: str, cluster_mac: str, own_mac: str,
+              vips: Sequence[str]) -> MacModeSpec:
+        v4: list[str] = []
+        v6: list[str] = []
+        for vip in vips:
+            addr = ipaddress.ip_interface(vip).ip
+            (v4 if addr.version == 4 else v6).append(str(addr))
+        if not is_group_mac(cluster_mac):
+            raise ValueError(f"cluster MAC {cluster_mac} has no group bit: switches would "
+                             "learn it on one port")
+        if is_group_mac(own_mac):
+            raise ValueError(f"{interface} has a group MAC {own_mac}")
+        return cls(interface, cluster_mac.lower(), own_mac.lower(),
+                   tuple(dict.fromkeys(v4)), tuple(dict.fromkeys(v6)))
+
+
+def _hex(data: bytes) -> str:
+    return "0x" + data.hex()
+
+
+def table_commands(spec: MacModeSpec) -> list[str]:
+    """(Re)assert both tables exactly: add (no-op if present), flush chains, re-add rules.
+
+    The ``answer`` sets are created if missing and never flushed here, so a running
+    responder keeps answering across a re-assert.
+    """
+    ifn = f'"{spec.interface}"'
+    mac = spec.cluster_mac
+    cmds: list[str] = []
+    inet = f"inet {spec.table}"
+    cmds += [
+        f"add table {inet}",
+        f"add set {inet} answer {{ typeof meta iifname; flags timeout; }}",
+        f"add chain {inet} pre {{ type filter hook prerouting priority {PRE_PRIORITY}; "
+        "policy accept; }",
+        f"add chain {inet} out {{ type filter hook output priority 0; policy accept; }}",
+        f"flush chain {inet} pre",
+        f"flush chain {inet} out",
+        f"add rule {inet} pre iifname {ifn} ether daddr {mac} meta pkttype set host",
+    ]
+    comp = nd_compensation(spec.own_mac, spec.cluster_mac)
+    for vip in spec.vips6:
+        target = _hex(ipaddress.IPv6Address(vip).packed)
+        # NS for a VIP: only the designated responder lets it in (offset 64: target).
+        cmds.append(f"add rule {inet} pre iifname {ifn} icmpv6 type nd-neighbor-solicit "
+                    f"@th,64,128 {target} iifname != @answer drop")
+        # NA for a VIP carrying our own MAC in its first option (TLLA: type 2, len 1).
+        # Both NA and NS have reserved bits at offset 48..63 and the first option at
+        # byte 24; own and cluster MAC are fixed, so `comp` is exact (module doc).
+        own, new = _hex(mac_bytes(spec.own_mac)), _hex(mac_bytes(mac))
+        rewrite = f"@th,48,16 0 @th,208,48 set {new} @th,48,16 set {comp}"
+        cmds.append(f"add rule {inet} out oifname {ifn} icmpv6 type nd-neighbor-advert "
+                    f"@th,64,128 {target} @th,192,16 0x0201 @th,208,48 {own} {rewrite}")
+        # NS sent FROM a VIP (Linux solicits with the source of the packet that needs
+        # the neighbour, e.g. a reply from the VIP): its SLLA option (type 1) would
+        # teach the router VIP -> our own MAC. IPv6 has no arp_announce: rewrite it.
+        cmds.append(f"add rule {inet} out oifname {ifn} icmpv6 type nd-neighbor-solicit "
+                    f"ip6 saddr {vip} @th,192,16 0x0101 @th,208,48 {own} {rewrite}")
+    if spec.vips4:
+        arp = f"arp {spec.table}"
+        vips = "{ " + ", ".join(spec.vips4) + " }"
+        cmds += [
+            f"add table {arp}",
+            f"add set {arp} answer {{ typeof meta iifname; flags timeout; }}",
+            f"add chain {arp} in {{ type filter hook input priority 0; policy accept; }}",
+            f"add chain {arp} out {{ type filter hook output priority 0; policy accept; }}",
+            f"flush chain {arp} in",
+            f"flush chain {arp} out",
+            f"add rule {arp} in iifname {ifn} arp operation request arp daddr ip {vips} "
+            "iifname != @answer drop",
+            # Replies, and requests should one ever leave from a VIP (arp_announce=2,
+            # set by link.py, prevents that): the VIP always maps to the cluster MAC.
+            f"add rule {arp} out oifname {ifn} arp saddr ip {vips} arp saddr ether set {mac}",
+        ]
+    return cmds
+
+
+def _families(spec: MacModeSpec) -> list[str]:
+    return ["inet", *(["arp"] if spec.vips4 else [])]
+
+
+def answer_commands(spec: MacModeSpec, lease_ms: int | None) -> list[str]:
+    """Make this node the ARP/ND responder for ``lease_ms`` (None: stop answering).
+
+    Add, delete, add-with-timeout: nft 1.0.6 does not refresh a timeout on re-add
+    and cannot delete an absent element (same pattern as the lease in ruleset.py).
+    """
+    elem = f'"{spec.interface}"'
+    cmds = []
+    for family in _families(spec):
+        t = f"{family} {spec.table}"
+        cmds += [f"add element {t} answer {{ {elem} }}", f"delete element {t} answer {{ {elem} }}"]
+        if lease_ms is not None:
+            cmds.append(f"add element {t} answer {{ {elem} timeout {int(lease_ms)}ms }}")
+    return cmds
+
+
+def remove_commands(table: str = TABLE) -> list[str]:
+    """Delete both tables; "add" first so an absent table is no error."""
+    cmds = []
+    for family in ("inet", "arp"):
+        cmds += [f"add table {family} {table}", f"delete table {family} {table}"]
+    return cmds
+
+
+# ------------------------------------------------------------------ kernel
+
+
+def _ifreq(interface: str, mac: str) -> bytes:
+    name = interface.encode()
+    if not 0 < len(name) < 16:
+        raise MacModeError(f"bad interface name {interface!r}")
+    # struct ifreq: ifr_name[16], then ifr_hwaddr (sa_family AF_UNSPEC, sa_data).
+    return struct.pack("16sH6s", name, 0, mac_bytes(mac)).ljust(IFREQ_SIZE, b"\0")
+
+
+def mc_membership(interface: str, mac: str) -> tuple[bool, bool]:
+    """(listed, global) for ``mac`` on ``interface`` per /proc/net/dev_mcast, which
+    follows the caller's network namespace. "global" means an ``ip maddr add``-style
+    (ioctl) membership, the kind lbd adds and removes."""
+    want = mac_bytes(mac).hex()
+    try:
+        lines = Path("/proc/net/dev_mcast").read_text().splitlines()
+    except OSError:
+        return False, False
+    for line in lines:
+        cols = line.split()
+        if len(cols) == 5 and cols[1] == interface and cols[4] == want:
+            return True, cols[3] != "0"
+    return False, False
+
+
+def mc_join(interface: str, mac: str, *, leave: bool = False) -> None:
+    """``ip maddr add|del MAC dev IF`` through the SIOCADDMULTI/SIOCDELMULTI ioctl."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            fcntl.ioctl(sock.fileno(), SIOCDELMULTI if leave else SIOCADDMULTI,
+                        _ifreq(interface, mac))
+        except OSError as exc:
+            what = "leave" if leave else "join"
+            raise MacModeError(f"{interface}: cannot {what} {mac}: {exc.strerror}") from None
+
+
+def interface_mac(interface: str) -> str:
+    from pyroute2 import IPRoute  # noqa: PLC0415 - netlink only on a real node
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=interface)
+        if not found:
+            raise MacModeError(f"interface {interface!r} does not exist")
+        return str(ipr.get_links(found[0])[0].get("IFLA_ADDRESS")).lower()
+
+
+class MacMode:
+    """Apply/undo multicast cluster-MAC mode on one interface; see module doc."""
+
+    def __init__(self, interface: str, vips: Sequence[str], cluster_mac: str, *,
+                 state_file: str | Path | None = None, table: str = TABLE) -> None:
+        self.interface = interface
+        self.vips = list(vips)
+        self.cluster_mac = cluster_mac.lower()
+        self.state_file = Path(state_file) if state_file is not None else None
+        self.table = table
+        self.spec: MacModeSpec | None = None
+        self._nft: Any = None
+        self._cache: dict[str, Any] | None = None
+        self.answering = False
+
+    def _run(self, commands: Sequence[str]) -> None:
+        if self._nft is None:
+            try:
+                import nftables  # noqa: PLC0415 - Debian's binding, only on real nodes
+            except ImportError as exc:
+                raise MacModeError("the nftables Python binding is missing") from exc
+            self._nft = nftables.Nftables()
+        rc, _out, err = self._nft.cmd("\n".join(commands))
+        if rc != 0:
+            raise MacModeError((err or f"nft returned {rc}").strip())
+
+    # ---------------------------------------------------------------- state
+
+    def _load(self) -> dict[str, Any]:
+        if self._cache is not None:
+            return self._cache
+        state: dict[str, Any] = {"version": STATE_VERSION, "maddr": None, "tables": None}
+        if self.state_file is not None and self.state_file.exists():
+            try:
+                loaded = json.loads(self.state_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise MacModeError(f"unreadable {self.state_file}: {exc}") from None
+            if not isinstance(loaded, dict) or loaded.get("version") != STATE_VERSION:
+                raise MacModeError(f"{self.state_file} is not a v1 macmode record")
+            state.update({k: loaded.get(k) for k in ("maddr", "tables")})
+        self._cache = state
+        return state
+
+    def _save(self, state: dict[str, Any]) -> None:
+        self._cache = state
+        if self.state_file is None:
+            return
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_name(f".{self.state_file.name}.tmp")
+            with tmp.open("w") as fh:
+                json.dump(state, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(self.state_file)
+        except OSError as exc:
+            raise MacModeError(f"cannot write {self.state_file}: {exc}") from None
+
+    # ---------------------------------------------------------------- public
+
+    def apply(self) -> None:
+        """Record, join the MAC, install the tables (not answering yet). Idempotent."""
+        own = interface_mac(self.interface)
+        try:
+            self.spec = MacModeSpec.build(self.interface, self.cluster_mac, own, self.vips)
+        except ValueError as exc:
+            raise MacModeError(str(exc)) from None
+        state = self._load()
+        old = state["maddr"]
+        if old is not None and (old["interface"], old["mac"]) != (self.interface,
+                                                                  self.cluster_mac):
+            self._leave(state)  # a previous run's group on another interface/MAC
+        if state["maddr"] is None:
+            _listed, is_global = mc_membership(self.interface, self.cluster_mac)
+            state["maddr"] = {"interface": self.interface, "mac": self.cluster_mac,
+                              "added": not is_global}
+        state["tables"] = self.table
+        self._save(state)  # write-ahead: a crash from here on is restorable
+        if not mc_membership(self.interface, self.cluster_mac)[1]:
+            mc_join(self.interface, self.cluster_mac)
+        self._run(table_commands(self.spec))
+        self.answering = False
+
+    def answer(self, lease_ms: int | None) -> None:
+        """Answer ARP/NS for the VIPs for ``lease_ms`` from now (None: stop)."""
+        if self.spec is None:
+            raise MacModeError("answer() before apply()")
+        if lease_ms is None and not self.answering:
+            return  # nothing to withdraw: spare the transaction on every heartbeat
+        self._run(answer_commands(self.spec, lease_ms))
+        self.answering = lease_ms is not None
+
+    def restore(self) -> None:
+        """Delete the tables and leave the MAC group as recorded; no-op if nothing is."""
+        state = self._load()
+        failures = []
+        if state["tables"]:
+            try:
+                self._run(remove_commands(state["tables"]))
+                state["tables"] = None
+            except MacModeError as exc:
+                failures.append(str(exc))
+        try:
+            self._leave(state)
+        except MacModeError as exc:
+            failures.append(str(exc))
+        self.answering = False
+        if failures:
+            self._save(state)
+            raise MacModeError("restore incomplete: " + "; ".join(failures))
+        self._cache = None
+        if self.state_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.state_file.unlink()
+
+    def _leave(self, state: dict[str, Any]) -> None:
+        entry = state["maddr"]
+        if entry is None:
+            return
+        if entry["added"] and mc_membership(entry["interface"], entry["mac"])[1]:
+            mc_join(entry["interface"], entry["mac"], leave=True)
+        state["maddr"] = None
+        self._save(state)

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from netns.bed import Bed  # noqa: E402
-from netns.cluster import Capture, ClientLoad, LbdCluster  # noqa: E402
+from netns.cluster import Capture, ClientLoad, LbdCluster, holds_slices  # noqa: E402
 
 from lbd.daemon import lab_metrics as metrics  # noqa: E402
 from lbd.protocol.config import PROFILES  # noqa: E402
@@ -83,7 +83,7 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path) -> dict[st
                 time.sleep(0.3)
                 back = time.monotonic()
                 cluster.start(victim)
-                cluster.wait_converged(everyone, check=lambda s, v=victim: s[f"node{v}"] > 0)
+                cluster.wait_converged(everyone, check=holds_slices(victim))
                 faults.append((fault, victim, back))
             time.sleep(0.5)
             record = load.stop()

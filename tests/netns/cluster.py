@@ -162,12 +162,13 @@ class LbdCluster:
             return slices if slices is not None and check(slices) else None
 
         try:
-            result: dict[str, int] = wait_for(ok, timeout, 0.1, what or f"{chosen} to converge")
+            found = wait_for(ok, timeout, 0.1, what or f"{chosen} to converge")
         except TimeoutError:
             states = {i: self.cli(i, "members").stdout for i in chosen}
             logs = {i: self.log(i)[-2000:] for i in chosen}
             raise AssertionError(f"{what or 'convergence'}: {states}\n{logs}") from None
-        return result
+        assert found is not None
+        return found
 
     def view_changes(self, index: int) -> int | None:
         status = self.query(index, "status")
@@ -241,6 +242,11 @@ class LbdCluster:
     def heal(self, index: int) -> None:
         self.bed.run(self.bed.nodes[index].name, "nft", "delete", "table", "inet", FAULT_TABLE,
                      check=False)
+
+
+def holds_slices(index: int) -> Callable[[dict[str, int]], bool]:
+    """A ``wait_converged`` check: node ``index`` holds at least one slice."""
+    return lambda slices: slices.get(f"node{index}", 0) > 0
 
 
 class ClientLoad:

@@ -29,7 +29,7 @@ from lbd.daemon import lab_metrics as metrics
 from lbd.daemon.lab_pcap import DuplicateReport
 
 from .bed import Bed, list_netns
-from .cluster import Capture, ClientLoad, LbdCluster
+from .cluster import Capture, ClientLoad, LbdCluster, holds_slices
 
 FAST_OUTAGE_LIMIT_MS = 400.0  # fast profile: ~150 ms bound + client sampling + CI noise
 DEFAULT_OUTAGE_LIMIT_MS = 1000.0
@@ -251,7 +251,7 @@ def test_rolling_restart(bed: Callable[..., Bed], tmp_path: Path) -> None:
         for index in range(3):
             restarted_at[run.name(index)] = time.monotonic()
             run.cluster.restart(index)
-            run.cluster.wait_converged([0, 1, 2], check=lambda s, i=index: s[f"node{i}"] > 0,
+            run.cluster.wait_converged([0, 1, 2], check=holds_slices(index),
                                        what=f"node{index} to come back")
             time.sleep(0.5)
         record, report = run.finish()

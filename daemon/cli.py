@@ -102,10 +102,18 @@ def parser() -> argparse.ArgumentParser:
                      help="keep the file's current key as the previous one")
     how.add_argument("--force", action="store_true", help="replace an existing file")
     keygen.set_defaults(func=_keygen)
+    # Listed for --help only: main() hands `lbd lab ...` to the lab's own parser.
+    sub.add_parser("lab", help="a live cluster in network namespaces on this machine "
+                               "(lbd lab --help)")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lab"]:
+        from lbd.daemon import lab  # noqa: PLC0415 (only the lab needs the test bed)
+
+        return lab.main(argv[1:])
     args = parser().parse_args(argv)
     try:
         code: int = args.func(args)

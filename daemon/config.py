@@ -81,8 +81,13 @@ class DaemonConfig:
     """Optional unicast peer addresses, for networks that block multicast."""
     multicast: bool = True
     """Send heartbeats to ``group`` (set false to use ``peers`` only)."""
+    mac_mode: str = "shared"
+    """"shared": every node wears one unicast MAC (hub, or a switch set to flood it).
+    "multicast": nodes keep their own MACs; the VIPs resolve (ARP/ND) to a multicast
+    cluster MAC that any learning switch floods to every port (lbd.netcfg.macmode)."""
     cluster_mac: str | None = None
-    """Optional shared MAC set on the interface (else the site provides one)."""
+    """shared: optional unicast MAC set on the interface (else the site provides one).
+    multicast: the cluster MAC (group bit set); default derived from ``cluster``."""
     balance: tuple[str, ...] = ("all",)
     """Traffic shared out: "all" or tokens like "tcp/80", "udp/53", "icmp"."""
     prefix4: int = 32
@@ -93,6 +98,15 @@ class DaemonConfig:
     """Unix socket of lbd-cli (mode 0660, group lbd if that group exists)."""
     state_dir: str = "/var/lib/lbd"
     """Lock file, incarnation counter and the link record for restore."""
+
+    def effective_cluster_mac(self) -> str | None:
+        """The MAC the VIPs resolve to: in multicast mode ``cluster_mac`` or the one
+        derived from the cluster name; in shared mode ``cluster_mac`` (may be None)."""
+        if self.mac_mode == "multicast":
+            from lbd.netcfg.macmode import derive_cluster_mac  # noqa: PLC0415
+
+            return (self.cluster_mac or derive_cluster_mac(self.cluster)).lower()
+        return self.cluster_mac
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(self.cluster, self.buckets, self.seed, QuorumMode(self.quorum),
@@ -210,6 +224,21 @@ def _check_values(p: Path, cfg: DaemonConfig) -> None:
     if cfg.cluster_mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}",
                                                         cfg.cluster_mac):
         raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac!r} is not a MAC address")
+    if cfg.mac_mode not in ("shared", "multicast"):
+        raise ConfigFileError(p, "mac_mode", f'{cfg.mac_mode!r} is not "shared" or "multicast"')
+    if cfg.cluster_mac is not None:
+        # I/G bit: bit 0 of the first octet. A switch floods a group MAC and never
+        # learns it; an interface cannot wear one (the kernel refuses it).
+        is_group = bool(int(cfg.cluster_mac[:2], 16) & 1)
+        if cfg.mac_mode == "multicast" and not is_group:
+            raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac} is a unicast MAC; "
+                                  'mac_mode = "multicast" needs a group MAC (first octet '
+                                  "odd, e.g. 03:00:5e:...)")
+        if cfg.mac_mode == "multicast" and cfg.cluster_mac.lower() == "ff:ff:ff:ff:ff:ff":
+            raise ConfigFileError(p, "cluster_mac", "the broadcast MAC cannot be a cluster MAC")
+        if cfg.mac_mode == "shared" and is_group:
+            raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac} is a multicast MAC; "
+                                  'an interface cannot wear it (use mac_mode = "multicast")')
     from lbd.netcfg.ruleset import Balance  # noqa: PLC0415 - only to validate the tokens
 
     try:

@@ -8,20 +8,27 @@ Start-up, in this order (each step fails closed):
    the host refuses to start instead of fighting over the tables;
 2. ``NftDataplane.install()``: the guard drops NEW connections to the VIPs and the
    owner table holds nothing, so the node is closed *before* it holds a VIP;
-3. ``LinkSetup.apply()``: VIPs and sysctls (recorded in ``state_dir/link.json``);
+3. with ``mac_mode = "multicast"``: ``MacMode.apply()`` (join the cluster MAC, the
+   persistent ``lbd_mac`` tables: ARP/ND rewrite, silent on ARP/NS until chosen as
+   responder; recorded in ``state_dir/macmode.json``), so the VIP never resolves
+   to a node's own MAC; then ``LinkSetup.apply()``: VIPs and sysctls (recorded in
+   ``state_dir/link.json``);
 4. the heartbeat socket and the control socket;
 5. the core (``lbd.protocol.membership.Node``). Only now does the node speak.
 
 Steady state: every input (datagram, timer, signal, control command) is one core
 call followed by ``_process()``, which executes the core's actions *in order*
 (ApplyKernel before Transmit: break before make), logs its events and re-arms the
-single timer at ``core.get_timer()``. If the kernel refuses an apply, the daemon
-stops transmitting and exits 1: its owner table vanishes with its netlink socket
+single timer at ``core.get_timer()``. In multicast mode each ApplyKernel also makes
+the node the ARP/ND responder for as long as its lease, if it owns bucket 0
+(``macmode.ANCHOR_BUCKET``), and withdraws that otherwise. If the kernel refuses an
+apply, the daemon stops transmitting and exits 1: its owner table vanishes with its netlink socket
 and the guard keeps the node closed (S2); peers see it die.
 
 SIGTERM/SIGINT: ``core.leave()`` (drain through the handoff, then announce the
 leave); once ``has_left`` (or after ``leave_timeout`` + 1 s) the owner table is
-deleted, the VIPs and sysctls restored, then the guard removed; exit 0.
+deleted, the VIPs and sysctls restored, the lbd_mac tables and cluster MAC removed,
+then the guard removed; exit 0.
 SIGHUP: reload the config and key file (see ``reload``) without dropping slices.
 
 The daemon never spawns children: the libnftables socket is not close-on-exec.
@@ -45,6 +52,7 @@ from lbd.daemon import control
 from lbd.daemon.config import DaemonConfig, load_config, load_keyring
 from lbd.daemon.notify import ERR, INFO, NOTICE, WARNING, LogSink, Notifier
 from lbd.netcfg.link import LinkSetup
+from lbd.netcfg.macmode import ANCHOR_BUCKET, MacMode
 from lbd.netcfg.nft import NftDataplane
 from lbd.protocol import events as ev
 from lbd.protocol.errors import LbdError
@@ -60,7 +68,7 @@ LEAVE_GRACE = 1.0
 # kernel state): changing them needs a restart, and a reload says so.
 RESTART_KEYS = ("cluster", "interface", "address", "vips", "node_id", "buckets", "seed",
                 "quorum", "timers", "timer_profile", "group", "port", "multicast",
-                "cluster_mac", "balance", "prefix4", "prefix6", "control_socket",
+                "mac_mode", "cluster_mac", "balance", "prefix4", "prefix6", "control_socket",
                 "state_dir")  # fmt: skip
 
 
@@ -141,6 +149,8 @@ class Service:
         self._lock_fd: int | None = None
         self._nft: NftDataplane | None = None
         self._link: LinkSetup | None = None
+        self._macmode: MacMode | None = None
+        self._answer_errors = 0
         self._sock: socket.socket | None = None
         self._control: control.ControlServer | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -179,7 +189,19 @@ class Service:
         except LbdError as exc:
             self._nft = None
             raise StartupError(f"cannot install the nftables rules: {exc}") from None
-        self._link = LinkSetup(cfg.interface, list(cfg.vips), cluster_mac=cfg.cluster_mac,
+        multicast = cfg.mac_mode == "multicast"
+        cluster_mac = cfg.effective_cluster_mac()
+        if multicast and cluster_mac is not None:
+            self._macmode = MacMode(cfg.interface, list(cfg.vips), cluster_mac,
+                                    state_file=state_dir / "macmode.json")
+            try:
+                await asyncio.to_thread(self._macmode.apply)
+            except LbdError as exc:
+                raise StartupError(f"cannot set up cluster MAC {cluster_mac} on "
+                                   f"{cfg.interface}: {exc}") from None
+        # In multicast mode the node keeps its own MAC (no shared-MAC IPv6 sysctls).
+        self._link = LinkSetup(cfg.interface, list(cfg.vips),
+                               cluster_mac=None if multicast else cluster_mac,
                                state_file=state_dir / "link.json")
         try:
             # pyroute2's synchronous IPRoute runs its own event loop: not on ours.
@@ -195,8 +217,10 @@ class Service:
             raise StartupError(f"control socket {cfg.control_socket}: {exc.strerror}") from None
         incarnation = next_incarnation(state_dir)
         self.sink.context["NODE"] = self.node_id
+        mode = (f"multicast cluster MAC {cluster_mac}" if multicast
+                else f"shared MAC {cluster_mac or '(as configured)'}")
         self.sink.emit(INFO, f"rules installed on {cfg.interface} for "
-                       f"{', '.join(cfg.vips)}; joining cluster {cfg.cluster!r} as "
+                       f"{', '.join(cfg.vips)} ({mode}); joining cluster {cfg.cluster!r} as "
                        f"{self.node_id} from {self.address} (incarnation {incarnation})",
                        "Started")
         now = time.monotonic()
@@ -223,6 +247,8 @@ class Service:
                 nft.remove(guard=False)
             if self._link is not None:
                 await asyncio.to_thread(self._link.restore)
+            if self._macmode is not None:  # only once the VIPs are gone
+                await asyncio.to_thread(self._macmode.restore)
             if nft is not None:
                 nft.remove(guard=True)
         except LbdError as exc:
@@ -355,7 +381,23 @@ class Service:
             self._nft = None
             self._finish(1)
             return False
+        if self._macmode is not None:
+            self._answer(lease_ms if ANCHOR_BUCKET in action.owned and lease_ms else None)
         return True
+
+    def _answer(self, lease_ms: int | None) -> None:
+        """Be the ARP/ND responder for ``lease_ms`` or stop. Not a safety matter (a
+        gap only delays address resolution; two answers would be identical), so a
+        failure is logged, not fatal."""
+        if self._macmode is None:
+            return
+        try:
+            self._macmode.answer(lease_ms)
+        except LbdError as exc:
+            if self._answer_errors % 1000 == 0:
+                self.sink.emit(ERR, f"cannot update the ARP/ND responder: {exc} "
+                               f"({self._answer_errors + 1} so far)")
+            self._answer_errors += 1
 
     def _transmit(self, data: bytes) -> None:
         if self._sock is None:

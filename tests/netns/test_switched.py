@@ -242,3 +242,54 @@ def test_shared_mode_starves_on_a_learning_switch(bed: Any, tmp_path: Path) -> N
               f"SYNs received per node {received} (hub: {sent} each)")
     finally:
         stop_cluster(cluster)
+
+
+MACMODE = r"""
+import sys
+from lbd.netcfg.macmode import MacMode
+mode = MacMode("eth0", ["192.0.2.100", "2001:db8:1::100"], sys.argv[2], state_file=sys.argv[3])
+getattr(mode, sys.argv[1])()
+"""
+
+
+def test_macmode_apply_is_idempotent_and_restores_what_it_recorded(
+    bed: Any, tmp_path: Path
+) -> None:
+    the_bed: Bed = bed(nodes=1, add_vip=False, switch=True, unique_macs=True)
+    ns = the_bed.nodes[0].name
+    state = str(tmp_path / "macmode.json")
+
+    def call(method: str, mac: str = CMAC) -> None:
+        the_bed.run_python(ns, MACMODE, method, mac, state)
+
+    def maddr() -> str:
+        return the_bed.run(ns, "ip", "maddr", "show", "dev", "eth0").stdout
+
+    def tables() -> str:
+        return the_bed.run(ns, "nft", "list", "tables").stdout
+
+    # Each call is a new process, like a restarted daemon reading the record.
+    call("apply")
+    call("apply")
+    assert maddr().count(CMAC) == 1 and "lbd_mac" in tables()
+    assert the_bed.run(ns, "nft", "list", "chain", "inet", "lbd_mac", "pre").stdout.count(
+        "pkttype set host") == 1
+    call("restore")
+    assert CMAC not in maddr() and "lbd_mac" not in tables()
+    assert not Path(state).exists()
+    call("restore")  # nothing recorded: a no-op
+
+    # A group joined by someone else before lbd stays joined after restore.
+    the_bed.run(ns, "ip", "maddr", "add", CMAC, "dev", "eth0")
+    call("apply")
+    call("restore")
+    assert CMAC in maddr() and "lbd_mac" not in tables()
+    the_bed.run(ns, "ip", "maddr", "del", CMAC, "dev", "eth0")
+
+    # A changed cluster MAC: the old group is left on the next apply.
+    other = "03:00:5e:00:00:42"
+    call("apply")
+    call("apply", other)
+    assert CMAC not in maddr() and other in maddr()
+    call("restore", other)
+    assert other not in maddr() and "lbd_mac" not in tables()

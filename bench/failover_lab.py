@@ -1,17 +1,22 @@
 """Failover benchmark in real namespaces: client-visible outage after a daemon crash.
 
     .venv/bin/python bench/failover_lab.py [--trials 20] [--profiles default,fast]
-                                           [--nodes 3] [--json]
+                                           [--nodes 3] [--fault kill|hostdeath]
+                                           [--json] [--out FILE]
 
 For each timer profile: one 3-node bed with real daemons, echo services and the lab's
 client load (64 sources, a new TCP connection every 4 ms). Each trial waits a random
-phase of the heartbeat cycle, SIGKILLs one daemon (rotating), waits until the survivors
-agree, restarts it and waits until it is back. The client-visible outage of a trial is
+phase of the heartbeat cycle, fails one node (rotating): ``kill`` SIGKILLs its daemon
+(the host stays up: the kernel lease closes it), ``hostdeath`` takes its link down
+(nothing of it is reachable any more); waits until the survivors agree, restores the
+node and waits until it is back. The client-visible outage of a trial is
 the longest gap between successful new connections from the sources the killed node
 served (lbd.daemon.lab_metrics.outage). Also counts duplicate answers over the whole run
-(packet capture) and measures one daemon's CPU % and RSS while serving.
+(packet capture) and measures one daemon's CPU % and RSS while serving. ``timeline``
+(per-node new connections per 100 ms around the first fault) feeds bench/plots.py.
+``--out`` also writes the JSON to a file (bench/out/ by convention).
 
-Not measured yet: keepalived in the same bed (see the report in the README).
+keepalived in the same bed, same load and metric: bench/keepalived_lab.py.
 """
 
 from __future__ import annotations
@@ -61,7 +66,26 @@ def daemon_cost(pid: int, seconds: float) -> dict[str, float]:
             "rss_mb": round(rss_kb / 1024, 1)}
 
 
-def run_profile(profile: str, trials: int, nodes: int, workdir: Path) -> dict[str, Any]:
+def timeline(record: dict[str, Any], fault: float, *, before: float = 2.0, after: float = 3.0,
+             step: float = 0.1) -> dict[str, Any]:
+    """Successful new connections per node (and failures) per ``step`` around ``fault``."""
+    bins = round((before + after) / step)
+    nodes: dict[str, list[int]] = {}
+    failed = [0] * bins
+    for row in record["tcp"]:
+        slot = int((row[metrics.END] - fault + before) // step)
+        if not 0 <= slot < bins:
+            continue
+        if row[metrics.NAME]:
+            nodes.setdefault(row[metrics.NAME], [0] * bins)[slot] += 1
+        else:
+            failed[slot] += 1
+    return {"step_s": step, "t0_s": -before, "nodes": dict(sorted(nodes.items())),
+            "failed": failed}
+
+
+def run_profile(profile: str, trials: int, nodes: int, workdir: Path,
+                fault_kind: str = "kill") -> dict[str, Any]:
     interval = PROFILES[profile].interval
     everyone = list(range(nodes))
     with Bed(f"lbdt-bench{profile[:4]}-", nodes=nodes, add_vip=False) as bed:
@@ -78,11 +102,17 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path) -> dict[st
             for trial in range(trials):
                 victim = 1 + trial % (nodes - 1)  # node 0 keeps running: its cost is measured
                 time.sleep(0.5 + random.uniform(0, interval))  # random heartbeat phase
-                fault = cluster.crash(victim)
+                if fault_kind == "hostdeath":
+                    fault = cluster.link_down(victim)
+                else:
+                    fault = cluster.crash(victim)
                 cluster.wait_converged([i for i in everyone if i != victim])
                 time.sleep(0.3)
                 back = time.monotonic()
-                cluster.start(victim)
+                if fault_kind == "hostdeath":
+                    cluster.link_up(victim)
+                else:
+                    cluster.start(victim)
                 cluster.wait_converged(everyone, check=holds_slices(victim))
                 faults.append((fault, victim, back))
             time.sleep(0.5)
@@ -96,7 +126,9 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path) -> dict[st
         if figures["outage_ms"] is not None:
             outages.append(figures["outage_ms"])
     return {
+        "system": "lbd",
         "profile": profile,
+        "fault": fault_kind,
         "interval_ms": round(interval * 1000),
         "dead_after_ms": round(PROFILES[profile].dead_after * 1000),
         "trials": len(faults),
@@ -107,7 +139,9 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path) -> dict[st
         "duplicate_synacks": report.duplicate_synacks,
         "duplicate_udp_answers": report.duplicate_udp_answers,
         "broken_connections": len(metrics.broken(record)),
+        "long_lived_connections": len(record["conns"]),
         "daemon_cost_n3": cost,
+        "timeline": timeline(record, faults[0][0]) if faults else None,
     }
 
 
@@ -117,20 +151,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--profiles", default="default,fast")
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--fault", choices=("kill", "hostdeath"), default="kill")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="lbd-bench-") as tmp:
         for profile in args.profiles.split(","):
-            results.append(run_profile(profile, args.trials, args.nodes, Path(tmp)))
-    out = {"benchmark": "failover_lab", "nodes": args.nodes, "results": results}
+            results.append(run_profile(profile, args.trials, args.nodes, Path(tmp), args.fault))
+    out = {"benchmark": "failover_lab", "nodes": args.nodes, "fault": args.fault,
+           "results": results}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         for r in results:
             o = r["outage_ms"]
-            print(f"{r['profile']:>8}: outage p50 {o['p50']} ms, p99 {o['p99']} ms over "
-                  f"{r['measured']} trials; duplicates {r['duplicate_synacks']}+"
+            print(f"{r['profile']:>8} ({r['fault']}): outage p50 {o['p50']} ms, "
+                  f"p99 {o['p99']} ms over {r['measured']} trials; "
+                  f"duplicates {r['duplicate_synacks']}+"
                   f"{r['duplicate_udp_answers']}; daemon {r['daemon_cost_n3']}")
     return 0
 

@@ -1,0 +1,330 @@
+"""keepalived (VRRP) side by side with lbd: client-visible outage after a master failure.
+
+    .venv/bin/python bench/keepalived_lab.py [--trials 20] [--advert 1,0.1]
+                                             [--fault hostdeath|kill] [--json] [--out FILE]
+
+The same kind of bed as bench/failover_lab.py (tests/netns/bed.py: 3 nodes on a hub,
+a router, a client namespace), but each node has its own MAC (standard VRRP: the VIP
+moves by gratuitous ARP) and runs Debian's keepalived (/usr/sbin/keepalived) instead of
+lbd: one VRRP instance on eth0 holding the VIP, priorities 150/100/50 (node 0 is the
+master and preempts back), ``advert_int 1`` (VRRPv2, the default) or ``advert_int 0.1``
+(needs VRRPv3). No lbd, no nft rules. Every node runs the same echo service on the VIP.
+
+Each trial starts the lab's client load (lbd.daemon.lab_load: 64 sources, a new TCP
+connection every 4 ms, one long-lived connection, which VRRP puts on the master), waits
+1 s plus a random phase of the advertisement cycle, fails the master, waits until the
+client is served by a backup, stops the load and restores the master (it preempts).
+
+Faults: ``hostdeath`` (default; the keepalived anchors' case) takes the master's link
+down, then SIGSTOPs its whole keepalived process tree and SIGKILLs it. ``kill`` only
+stops-then-kills the keepalived tree (a crash of the daemon, not of the host): the VIP
+stays configured on the old master, whose service still answers until a backup's
+gratuitous ARP moves the router over, so that figure is no outage bound (it is the
+split-brain case); it is reported for completeness.
+
+The outage of a trial is lbd.daemon.lab_metrics.outage (longest gap between successful
+new connections of the sources the failed node served: here all of them), as for lbd.
+keepalived is started with ``-n -l -D -G -P`` and its own ``-p``/``-r`` pid files per
+namespace; its processes are found by parent PID and signalled by PID only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from failover_lab import percentile, timeline  # noqa: E402
+from netns.bed import Bed, BedError, wait_for  # noqa: E402
+from netns.cluster import ClientLoad  # noqa: E402
+
+from lbd.daemon import lab_metrics as metrics  # noqa: E402
+
+KEEPALIVED = "/usr/sbin/keepalived"
+PRIORITIES = (150, 100, 50)
+VRID = 51
+TAKEOVER_TIMEOUT = 20.0
+MASTER_TIMEOUT = 30.0
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def gone(pid: int, start: str) -> bool:
+    """Dead (absent, zombie) or replaced by another process with the same PID."""
+    fields = proc_stat(pid)
+    return fields is None or fields[0] in {"Z", "X"} or fields[19] != start
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """{pid: start time} of ``root`` and its live descendants (scan of /proc by parent)."""
+    parents: dict[int, int] = {}
+    starts: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := proc_stat(int(entry))) and fields[0] not in "ZX":
+            parents[int(entry)] = int(fields[1])
+            starts[int(entry)] = fields[19]
+    tree = {root} if root in starts else set()
+    for _ in range(8):  # keepalived is two levels deep; bounded anyway
+        more = {p for p, parent in parents.items() if parent in tree} - tree
+        if not more:
+            break
+        tree |= more
+    return {pid: starts[pid] for pid in tree}
+
+
+class KeepalivedCluster:
+    """keepalived in every node of ``bed``: configs, start, crash, who holds the VIP."""
+
+    def __init__(self, bed: Bed, workdir: Path, advert_int: float) -> None:
+        self.bed = bed
+        self.workdir = workdir
+        self.advert_int = advert_int
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[int, subprocess.Popen[Any]] = {}
+
+    def config(self, index: int) -> Path:
+        node = self.bed.nodes[index]
+        version = 3 if self.advert_int < 1 else 2
+        text = f"""global_defs {{
+    router_id {node.name}
+    vrrp_version {version}
+    script_user root
+    enable_script_security
+}}
+vrrp_instance VI_LBD {{
+    state BACKUP
+    interface {node.iface}
+    virtual_router_id {VRID}
+    priority {PRIORITIES[index % len(PRIORITIES)]}
+    advert_int {self.advert_int}
+    virtual_ipaddress {{
+        {self.bed.vip4}/32 dev {node.iface}
+    }}
+}}
+"""
+        path = self.workdir / f"{node.name}.conf"
+        path.write_text(text)
+        return path
+
+    def start(self, index: int) -> subprocess.Popen[Any]:
+        if index in self.procs and self.procs[index].poll() is None:
+            raise BedError(f"keepalived {index} is already running")
+        node = self.bed.nodes[index]
+        conf = self.config(index)
+        pidfiles = [self.workdir / f"{node.name}.pid", self.workdir / f"{node.name}.vrrp.pid"]
+        for stale in pidfiles:  # a killed keepalived leaves them; it would refuse to start
+            stale.unlink(missing_ok=True)
+        argv = [KEEPALIVED, "-n", "-l", "-D", "-G", "-P", "-f", str(conf),
+                "-p", str(pidfiles[0]), "-r", str(pidfiles[1])]
+        proc: subprocess.Popen[Any] = self.bed.popen(node.name, *argv)
+        self.procs[index] = proc
+        return proc
+
+    def start_all(self) -> None:
+        for index in range(len(self.bed.nodes)):
+            self.start(index)
+
+    def log(self, index: int) -> str:
+        return self.bed.output(self.procs[index]) if index in self.procs else ""
+
+    def crash(self, index: int) -> None:
+        """SIGSTOP the whole keepalived tree (no child may leave gracefully), then SIGKILL."""
+        proc = self.procs[index]
+        tree = process_tree(proc.pid)
+        for pid, start in tree.items():
+            if not gone(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+        tree |= process_tree(proc.pid)  # anything forked meanwhile (now stopped too)
+        for pid, start in tree.items():
+            if not gone(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+        wait_for(lambda: all(gone(p, s) for p, s in tree.items()), 5.0, 0.02,
+                 "keepalived processes to die")
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        """SIGTERM every keepalived (a graceful stop removes its VIP); bounded."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.crash(next(i for i, p in self.procs.items() if p is proc))
+
+    def holders(self) -> list[int]:
+        """Indexes of the nodes that have the VIP configured on their interface."""
+        found = []
+        for node in self.bed.nodes:
+            out = self.bed.run(node.name, "ip", "-o", "-4", "addr", "show", "dev", node.iface,
+                               check=False)
+            if f" {self.bed.vip4}/" in out.stdout:
+                found.append(node.index)
+        return found
+
+    def drop_vip(self, index: int) -> None:
+        """Remove a VIP a killed keepalived left behind (it cannot clean up)."""
+        node = self.bed.nodes[index]
+        self.bed.run(node.name, "ip", "addr", "del", f"{self.bed.vip4}/32", "dev", node.iface,
+                     check=False)
+
+    def served_by(self, index: int, sources: int = 8) -> bool:
+        """Every probe source gets its TCP answer from node ``index``."""
+        answers = self.bed.probe(sources, timeout=0.3)
+        return set(answers.values()) == {self.bed.nodes[index].name}
+
+    def wait_master(self, index: int, timeout: float = MASTER_TIMEOUT) -> None:
+        """Until node ``index`` alone holds the VIP and the client reaches it."""
+        try:
+            wait_for(lambda: self.holders() == [index] and self.served_by(index),
+                     timeout, 0.1, f"node {index} to be the VRRP master")
+        except TimeoutError:
+            logs = {i: self.log(i)[-1500:] for i in self.procs}
+            raise AssertionError(f"no master {index}: holders {self.holders()}\n{logs}") from None
+
+
+def served_elsewhere(load: ClientLoad, victim: str, since: float) -> bool:
+    """The load's progress shows a success from another node after ``since``."""
+    return any(p["t"] > since and any(n != victim for n in p["ok"]) for p in load.progress())
+
+
+def run_trial(ka: KeepalivedCluster, workdir: Path, fault_kind: str) -> dict[str, Any]:
+    """One master failure under fresh client load; the master is back at the end."""
+    bed = ka.bed
+    victim = bed.nodes[0].name
+    load = ClientLoad(bed, workdir, long_lived=1)
+    try:
+        time.sleep(1.0 + random.uniform(0, ka.advert_int))  # random advertisement phase
+        fault = time.monotonic()
+        if fault_kind == "hostdeath":
+            bed.link_down(0)
+        ka.crash(0)
+        try:
+            wait_for(lambda: served_elsewhere(load, victim, fault), TAKEOVER_TIMEOUT, 0.05)
+            took_over = True
+        except TimeoutError:
+            took_over = False
+        time.sleep(0.5)
+        end = time.monotonic()
+    finally:
+        record = load.stop()
+    figures = metrics.outage(record, fault, victim, horizon=end - fault)
+    after = [r for r in metrics.successes(record) if r[metrics.START] >= fault]
+    new_master = after[-1][metrics.NAME] if after else None
+    holders = ka.holders()
+    # Restore: the link, no stale VIP, keepalived restarted; it preempts (priority 150).
+    if fault_kind == "hostdeath":
+        bed.link_up(0)
+    ka.drop_vip(0)
+    ka.start(0)
+    ka.wait_master(0)
+    return {
+        "fault_t": fault,
+        "took_over": took_over,
+        "outage_ms": figures["outage_ms"] if took_over else None,
+        "served_again_ms": figures["served_again_ms"],
+        "new_master": new_master,
+        "vip_holders_after": [bed.nodes[i].name for i in holders],
+        "long_lived": len(record["conns"]),
+        "long_lived_on_master": sum(c["node"] == victim for c in record["conns"]),
+        "broken": len(metrics.broken(record)),
+        "timeline": timeline(record, fault),
+    }
+
+
+def run_config(advert_int: float, trials: int, workdir: Path, fault_kind: str,
+               prefix: str = "lbdt-kad-") -> dict[str, Any]:
+    """``trials`` master failures with ``advert_int``; summary figures."""
+    rows: list[dict[str, Any]] = []
+    with Bed(prefix, nodes=3, add_vip=False, unique_macs=True) as bed:
+        ka = KeepalivedCluster(bed, workdir / f"adv{advert_int}", advert_int)
+        try:
+            bed.start_echo(addrs=[bed.vip4])
+            ka.start_all()
+            ka.wait_master(0)
+            for _ in range(trials):
+                rows.append(run_trial(ka, workdir, fault_kind))
+        finally:
+            ka.stop_all()
+    outages = [r["outage_ms"] for r in rows if r["outage_ms"] is not None]
+    summary = ({"p50": percentile(outages, 50), "p99": percentile(outages, 99),
+                "max": max(outages), "mean": round(statistics.fmean(outages), 1)}
+               if outages else None)
+    return {
+        "system": "keepalived",
+        "profile": f"advert_int {advert_int:g}",
+        "advert_int_s": advert_int,
+        "vrrp_version": 3 if advert_int < 1 else 2,
+        "interval_ms": round(advert_int * 1000),
+        "fault": fault_kind,
+        "trials": len(rows),
+        "measured": len(outages),
+        "outage_ms": summary,
+        "outages_ms": outages,
+        "long_lived_connections": sum(r["long_lived"] for r in rows),
+        "long_lived_on_master": sum(r["long_lived_on_master"] for r in rows),
+        "broken_connections": sum(r["broken"] for r in rows),
+        "new_masters": sorted({r["new_master"] for r in rows if r["new_master"]}),
+        "split_brain_trials": sum(len(r["vip_holders_after"]) > 1 for r in rows),
+        "timeline": rows[0]["timeline"] if rows else None,
+        "trial_rows": [{k: v for k, v in r.items() if k != "timeline"} for r in rows],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--advert", default="1,0.1", help="advert_int values (s)")
+    parser.add_argument("--fault", choices=("hostdeath", "kill"), default="hostdeath")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if not Path(KEEPALIVED).exists():
+        parser.error(f"{KEEPALIVED} is not installed (apt-get install keepalived)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="lbd-kabench-") as tmp:
+        for advert in args.advert.split(","):
+            results.append(run_config(float(advert), args.trials, Path(tmp), args.fault))
+    out = {"benchmark": "keepalived_lab", "nodes": 3, "fault": args.fault, "results": results}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for r in results:
+            o = r["outage_ms"] or {}
+            print(f"keepalived {r['profile']} ({r['fault']}): outage p50 {o.get('p50')} ms, "
+                  f"p99 {o.get('p99')} ms over {r['measured']}/{r['trials']} trials; broken "
+                  f"{r['broken_connections']}/{r['long_lived_connections']} long-lived; "
+                  f"split brain {r['split_brain_trials']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Daemon cost: CPU % of one core and RSS of real lbd daemons, and where the RSS goes.
+
+    .venv/bin/python bench/cost.py [--window 25] [--cases default:3,default:32,fast:3]
+                                   [--no-imports] [--json] [--out FILE]
+
+For each case (profile:nodes) one hub bed with that many nodes and a real daemon in
+each (tests/netns/cluster.py, 4096 buckets, no client load), converged, then left alone
+for ``--window`` seconds: CPU % from utime+stime in /proc/PID/stat over the window and
+VmRSS from /proc/PID/status at its end, for node 0 and summarised over all daemons.
+
+The import part runs ``python -X importtime -c "import lbd.daemon.service"`` (largest
+cumulative imports) and the VmRSS of a bare interpreter and of one importing each heavy
+dependency alone, to show which imports make the daemon's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from netns.bed import Bed  # noqa: E402
+from netns.cluster import LbdCluster  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BUCKETS = 4096
+IMPORTS = {
+    "bare python": "",
+    "+ asyncio": "import asyncio",
+    "+ msgpack": "import msgpack",
+    "+ numpy": "import numpy",
+    "+ cryptography (ChaCha20Poly1305)":
+        "from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305",
+    "+ pyroute2 (IPRoute)": "from pyroute2 import IPRoute",
+    "+ nftables (Debian binding)": "import nftables",
+    "+ nftables, Nftables() context": "import nftables; nftables.Nftables()",
+    "lbd.daemon.service (all)": "import lbd.daemon.service",
+}
+# The same imports one after another, in the daemon's order of weight: increments add up.
+CHAIN = [
+    ("bare python", ""),
+    ("+ asyncio (pulls in ssl)", "import asyncio"),
+    ("+ msgpack, cryptography", "import msgpack\n"
+     "from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305"),
+    ("+ numpy", "import numpy"),
+    ("+ pyroute2 (IPRoute: also ndb, ipdb, sqlite3)", "from pyroute2 import IPRoute"),
+    ("+ nftables, Nftables() context", "import nftables; nftables.Nftables()"),
+    ("+ lbd.daemon.service", "import lbd.daemon.service"),
+]
+RSS_PROBE = ("import sys\n{code}\nprint(next(int(l.split()[1]) for l in "
+             "open('/proc/self/status') if l.startswith('VmRSS:')))")
+
+
+def ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def measure_case(profile: str, nodes: int, window: float, workdir: Path) -> dict[str, Any]:
+    """Start ``nodes`` daemons, converge, measure every daemon over ``window`` seconds."""
+    with Bed(f"lbdt-cost{nodes}{profile[:1]}-", nodes=nodes, add_vip=False) as bed:
+        cluster = LbdCluster(bed, workdir / f"{profile}{nodes}", profile=profile,
+                             buckets=BUCKETS)
+        try:
+            started = time.monotonic()
+            cluster.start_all()
+            cluster.wait_converged(list(range(nodes)), timeout=60.0 + 4.0 * nodes)
+            converge_s = time.monotonic() - started
+            time.sleep(2.0)  # lbd-cli queries and start-up work out of the window
+            pids = [cluster.procs[i].pid for i in range(nodes)]
+            before = {pid: ticks(pid) for pid in pids}
+            t0 = time.monotonic()
+            time.sleep(window)
+            elapsed = time.monotonic() - t0
+            cpu = [round(100 * (ticks(pid) - before[pid]) / CLK_TCK / elapsed, 2)
+                   for pid in pids]
+            rss = [rss_mb(pid) for pid in pids]
+            alive = len(cluster.running())
+        finally:
+            cluster.stop_all()
+    return {
+        "profile": profile,
+        "nodes": nodes,
+        "buckets": BUCKETS,
+        "window_s": round(elapsed, 1),
+        "converge_s": round(converge_s, 1),
+        "daemons_alive": alive,
+        "node0": {"cpu_percent": cpu[0], "rss_mb": rss[0]},
+        "cpu_percent": {"mean": round(statistics.fmean(cpu), 2), "max": max(cpu)},
+        "rss_mb": {"median": statistics.median(rss), "max": max(rss)},
+    }
+
+
+def import_rss() -> dict[str, float | None]:
+    """VmRSS (MB) of a fresh interpreter after each import alone."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    out: dict[str, float | None] = {}
+    for label, code in IMPORTS.items():
+        run = subprocess.run([sys.executable, "-c", RSS_PROBE.format(code=code)], env=env,
+                             capture_output=True, text=True, timeout=60, check=False)
+        out[label] = round(int(run.stdout) / 1024, 1) if run.returncode == 0 else None
+    return out
+
+
+def chain_rss() -> list[dict[str, Any]]:
+    """VmRSS (MB) after each step of CHAIN, with the increment over the step before."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    rows: list[dict[str, Any]] = []
+    code = ""
+    for label, step in CHAIN:
+        code += step + "\n"
+        run = subprocess.run([sys.executable, "-c", RSS_PROBE.format(code=code)], env=env,
+                             capture_output=True, text=True, timeout=60, check=False)
+        mb = round(int(run.stdout) / 1024, 1) if run.returncode == 0 else None
+        last = rows[-1]["rss_mb"] if rows else None
+        rows.append({"step": label, "rss_mb": mb,
+                     "added_mb": None if mb is None or last is None else round(mb - last, 1)})
+    return rows
+
+
+def import_times(top: int = 15) -> list[dict[str, Any]]:
+    """The ``top`` largest cumulative import times of lbd.daemon.service (ms)."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-c", "import lbd.daemon.service"],
+                         capture_output=True, text=True, timeout=60, check=False,
+                         env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    rows: list[dict[str, Any]] = []
+    for line in run.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        self_us, cumulative_us, name = line.split(":", 1)[1].split("|")
+        depth = (len(name) - len(name.lstrip()) - 1) // 2
+        rows.append({"module": name.strip(), "depth": depth,
+                     "self_ms": int(self_us) / 1000, "cumulative_ms": int(cumulative_us) / 1000})
+    rows.sort(key=lambda r: -r["cumulative_ms"])
+    return rows[:top]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--window", type=float, default=25.0)
+    parser.add_argument("--cases", default="default:3,default:32,fast:3")
+    parser.add_argument("--no-imports", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    cases = []
+    with tempfile.TemporaryDirectory(prefix="lbd-cost-") as tmp:
+        for case in args.cases.split(","):
+            profile, nodes = case.split(":")
+            cases.append(measure_case(profile, int(nodes), args.window, Path(tmp)))
+    out: dict[str, Any] = {"benchmark": "cost", "cpus": os.cpu_count(), "cases": cases}
+    if not args.no_imports:
+        out["import_rss_mb"] = import_rss()
+        out["import_chain_rss_mb"] = chain_rss()
+        out["import_time_top"] = import_times()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for c in cases:
+            print(f"{c['profile']:>8} N={c['nodes']:<3} node0 {c['node0']}; CPU % mean "
+                  f"{c['cpu_percent']['mean']} max {c['cpu_percent']['max']}; RSS MB median "
+                  f"{c['rss_mb']['median']} max {c['rss_mb']['max']}")
+        for row in out.get("import_chain_rss_mb", []):
+            print(f"  {row['step']:<48} {row['rss_mb']} MB (+{row['added_mb']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Smoke test of the failover comparison harness (bench/keepalived_lab.py), real and quick.
+
+The keepalived side of the benchmark must keep working in CI, or the README's
+comparison silently rots: a 3-node bed with Debian's keepalived (VRRPv3,
+``advert_int 0.1``) comes up with node 0 as master, one benchmark trial (host death of
+the master under client load) moves the VIP to node 1 with a measured outage, the
+harness restores node 0 as master, and a crash of the keepalived tree alone
+(SIGSTOP, then SIGKILL) moves the VIP too. Under CI=true a missing keepalived is a
+failure, not a skip (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from .bed import Bed, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def keepalived_lab() -> ModuleType:
+    path = REPO / "bench" / "keepalived_lab.py"
+    spec = importlib.util.spec_from_file_location("keepalived_lab", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("keepalived_lab", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(90)
+def test_keepalived_bed_fails_over(bed: Callable[..., Bed], tmp_path: Path) -> None:
+    if shutil.which("keepalived") is None and not Path("/usr/sbin/keepalived").exists():
+        pytest.skip("keepalived is not installed (apt-get install keepalived)")
+    lab = keepalived_lab()
+    the_bed = bed(nodes=3, add_vip=False, unique_macs=True)
+    ka = lab.KeepalivedCluster(the_bed, tmp_path / "ka", 0.1)
+    try:
+        the_bed.start_echo(addrs=[the_bed.vip4])
+        ka.start_all()
+        ka.wait_master(0, timeout=20.0)
+
+        trial = lab.run_trial(ka, tmp_path, "hostdeath")
+        assert trial["took_over"], trial
+        assert trial["new_master"] == the_bed.nodes[1].name, trial
+        assert trial["outage_ms"] is not None and 0 < trial["outage_ms"] < 3000, trial
+        assert trial["long_lived_on_master"] == trial["long_lived"] >= 1, trial
+        assert trial["broken"] == trial["long_lived"], trial  # VRRP: all on the master break
+        assert ka.holders() == [0]  # run_trial restored the master
+
+        ka.crash(0)  # the daemon alone: SIGSTOP the tree, then SIGKILL
+        wait_for(lambda: 1 in ka.holders(), 10.0, 0.05, "node 1 to take the VIP")
+        wait_for(lambda: ka.served_by(1), 10.0, 0.1, "the client to reach node 1")
+    finally:
+        ka.stop_all()

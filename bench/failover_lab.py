@@ -66,13 +66,18 @@ def daemon_cost(pid: int, seconds: float) -> dict[str, float]:
             "rss_mb": round(rss_kb / 1024, 1)}
 
 
-def timeline(record: dict[str, Any], fault: float, *, before: float = 2.0, after: float = 3.0,
-             step: float = 0.1) -> dict[str, Any]:
-    """Successful new connections per node (and failures) per ``step`` around ``fault``."""
+def timeline(record: dict[str, Any], fault: float, *, before: float = 2.0, after: float = 5.0,
+             step: float = 0.1, until: float | None = None) -> dict[str, Any]:
+    """Successful new connections per node (and failures) per ``step`` around ``fault``.
+
+    Attempts completing at or after ``until`` (e.g. the next trial's fault) are left out.
+    """
     bins = round((before + after) / step)
     nodes: dict[str, list[int]] = {}
     failed = [0] * bins
     for row in record["tcp"]:
+        if until is not None and row[metrics.END] >= until:
+            continue
         slot = int((row[metrics.END] - fault + before) // step)
         if not 0 <= slot < bins:
             continue
@@ -141,7 +146,8 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path,
         "broken_connections": len(metrics.broken(record)),
         "long_lived_connections": len(record["conns"]),
         "daemon_cost_n3": cost,
-        "timeline": timeline(record, faults[0][0]) if faults else None,
+        "timeline": timeline(record, faults[0][0],
+                             until=faults[1][0] if len(faults) > 1 else None) if faults else None,
     }
 
 

@@ -12,7 +12,7 @@ master and preempts back), ``advert_int 1`` (VRRPv2, the default) or ``advert_in
 
 Each trial starts the lab's client load (lbd.daemon.lab_load: 64 sources, a new TCP
 connection every 4 ms, one long-lived connection, which VRRP puts on the master), waits
-1 s plus a random phase of the advertisement cycle, fails the master, waits until the
+2 s plus a random phase of the advertisement cycle, fails the master, waits until the
 client is served by a backup, stops the load and restores the master (it preempts).
 
 Faults: ``hostdeath`` (default; the keepalived anchors' case) takes the master's link
@@ -59,6 +59,8 @@ PRIORITIES = (150, 100, 50)
 VRID = 51
 TAKEOVER_TIMEOUT = 20.0
 MASTER_TIMEOUT = 30.0
+LEAD = 2.0  # load before the fault (the outage metric looks 1 s back; plots 2 s)
+TAIL = 1.5  # load after the takeover
 
 
 def proc_stat(pid: int) -> list[str] | None:
@@ -218,7 +220,7 @@ def run_trial(ka: KeepalivedCluster, workdir: Path, fault_kind: str) -> dict[str
     victim = bed.nodes[0].name
     load = ClientLoad(bed, workdir, long_lived=1)
     try:
-        time.sleep(1.0 + random.uniform(0, ka.advert_int))  # random advertisement phase
+        time.sleep(LEAD + random.uniform(0, ka.advert_int))  # random advertisement phase
         fault = time.monotonic()
         if fault_kind == "hostdeath":
             bed.link_down(0)
@@ -228,7 +230,7 @@ def run_trial(ka: KeepalivedCluster, workdir: Path, fault_kind: str) -> dict[str
             took_over = True
         except TimeoutError:
             took_over = False
-        time.sleep(0.5)
+        time.sleep(TAIL)
         end = time.monotonic()
     finally:
         record = load.stop()

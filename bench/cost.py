@@ -1,12 +1,15 @@
 """Daemon cost: CPU % of one core and RSS of real lbd daemons, and where the RSS goes.
 
-    .venv/bin/python bench/cost.py [--window 25] [--cases default:3,default:32,fast:3]
+    .venv/bin/python bench/cost.py [--window 25] [--cases default:3,default:32,...]
                                    [--no-imports] [--json] [--out FILE]
 
 For each case (profile:nodes) one hub bed with that many nodes and a real daemon in
 each (tests/netns/cluster.py, 4096 buckets, no client load), converged, then left alone
 for ``--window`` seconds: CPU % from utime+stime in /proc/PID/stat over the window and
 VmRSS from /proc/PID/status at its end, for node 0 and summarised over all daemons.
+All daemons share this machine's cores: ``cpu_sum_percent`` near 100 * cores means the
+machine is saturated and the per-daemon figure is a lower bound (8 and 16 nodes show
+the growth with N on a 2-core machine, where 32 Python daemons cannot all fit).
 
 The import part runs ``python -X importtime -c "import lbd.daemon.service"`` (largest
 cumulative imports) and the VmRSS of a bare interpreter and of one importing each heavy
@@ -73,16 +76,27 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def measure_case(profile: str, nodes: int, window: float, workdir: Path) -> dict[str, Any]:
-    """Start ``nodes`` daemons, converge, measure every daemon over ``window`` seconds."""
+def measure_case(profile: str, nodes: int, window: float, workdir: Path,
+                 converge_timeout: float = 90.0) -> dict[str, Any]:
+    """Start ``nodes`` daemons, converge, measure every daemon over ``window`` seconds.
+
+    If they do not converge within ``converge_timeout`` (a machine with too few cores
+    for N daemons), the figures are taken anyway and ``converge_s`` is None.
+    """
     with Bed(f"lbdt-cost{nodes}{profile[:1]}-", nodes=nodes, add_vip=False) as bed:
         cluster = LbdCluster(bed, workdir / f"{profile}{nodes}", profile=profile,
                              buckets=BUCKETS)
         try:
             started = time.monotonic()
             cluster.start_all()
-            cluster.wait_converged(list(range(nodes)), timeout=60.0 + 4.0 * nodes)
-            converge_s = time.monotonic() - started
+            converge_s: float | None = None
+            try:
+                cluster.wait_converged(list(range(nodes)), timeout=converge_timeout)
+                converge_s = round(time.monotonic() - started, 1)
+            except AssertionError:  # measured anyway: a starved cluster is a finding too
+                print(f"cost: {profile}:{nodes} did not converge in {converge_timeout:.0f} s",
+                      file=sys.stderr)
+            load = Path("/proc/loadavg").read_text().split()[0]
             time.sleep(2.0)  # lbd-cli queries and start-up work out of the window
             pids = [cluster.procs[i].pid for i in range(nodes)]
             before = {pid: ticks(pid) for pid in pids}
@@ -100,8 +114,11 @@ def measure_case(profile: str, nodes: int, window: float, workdir: Path) -> dict
         "nodes": nodes,
         "buckets": BUCKETS,
         "window_s": round(elapsed, 1),
-        "converge_s": round(converge_s, 1),
+        "converge_s": converge_s,
+        "loadavg_1min_before": float(load),
+        "loadavg_1min_after": float(Path("/proc/loadavg").read_text().split()[0]),
         "daemons_alive": alive,
+        "cpu_sum_percent": round(sum(cpu), 1),
         "node0": {"cpu_percent": cpu[0], "rss_mb": rss[0]},
         "cpu_percent": {"mean": round(statistics.fmean(cpu), 2), "max": max(cpu)},
         "rss_mb": {"median": statistics.median(rss), "max": max(rss)},
@@ -156,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--window", type=float, default=25.0)
-    parser.add_argument("--cases", default="default:3,default:32,fast:3")
+    parser.add_argument("--cases", default="default:3,default:8,default:16,default:32,fast:3")
     parser.add_argument("--no-imports", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the JSON here")

@@ -27,6 +27,12 @@ Three rules keep one owner per bucket at every instant (S1):
    When the lease lapses (lost quorum, or this process was stalled), the node
    drops every bucket and must pass a new barrier before claiming again.
 
+The quorum base is the last agreed view, numbered by an epoch; heartbeats carry
+both, and a node adopts any newer base it hears of, so a node that missed an
+agreement (hung, partitioned) never judges quorums by an outdated base. A node
+that never agreed anything may start a cluster of one only if it never heard a
+peer: two fresh nodes that lose each other must not both claim everything.
+
 ``quorum = none`` replaces rule 3's acknowledgements with "always": available
 under partition, but two sides of a partition then both serve (documented).
 
@@ -129,6 +135,8 @@ class Node:
         self._barrier_seq = 1
         self._agreed = False
         self._base: frozenset[str] = frozenset()
+        self._epoch = 0
+        self._heard_peer = False
         self._held: frozenset[int] = frozenset()
         self._applied: tuple[frozenset[int], float | None] = (frozenset(), None)
         self._quorum_ok = True
@@ -170,6 +178,7 @@ class Node:
             self.counters.replayed += 1
             return
         self.counters.accepted += 1
+        self._heard_peer = True
         if isinstance(message, Leave):
             self._on_leave(message)
         else:
@@ -266,6 +275,10 @@ class Node:
     def base(self) -> frozenset[str]:
         return self._base
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
     def digest(self) -> str:
         return view_digest(self._view)
 
@@ -325,6 +338,7 @@ class Node:
             if (self._agreed and last is not None and last.agreed and last.draining
                     and peer.view_match):
                 self._base = self._base - {peer.node_id}
+                self._epoch += 1
             self._events.append(ev.MemberLeft(peer.node_id))
 
     def _on_heartbeat(self, hb: Heartbeat, address: str, now: float) -> None:
@@ -351,6 +365,11 @@ class Node:
         peer.weight = hb.weight
         peer.draining = hb.draining
         peer.address = address
+        if (hb.epoch, hb.base) > (self._epoch, self._sorted_base()):
+            # A newer agreement we missed (hung, partitioned, or just slower):
+            # quorums are judged by the newest base anyone knows, never a stale one.
+            self._epoch = hb.epoch
+            self._base = frozenset(hb.base)
         if peer.observe(hb, self.node_id, self.incarnation, self._view):
             peer.last_listed_me = now
             if peer.deaf_since is not None:
@@ -505,23 +524,28 @@ class Node:
     def _try_claim(self, now: float) -> None:
         if self._agreed or now < self._started + self.timers.startup_wait:
             return
-        if not self._base and any(
+        if not self._base and ((self._heard_peer and len(self._view) == 1) or any(
             not p.in_view and not p.left and not p.declared_dead and p.deaf_since is None
             for p in self._peers.values()
-        ):
-            return  # a newcomer never forms a view while a peer it hears is pending
+        )):
+            # A newcomer never forms a view while a peer it hears is pending, and once
+            # it has heard anyone it never starts a cluster of its own: two fresh nodes
+            # that lose each other would otherwise both claim everything.
+            return
         if not self._barrier_complete():
             return
         ids = frozenset(m.node_id for m in self._view)
-        if self.config.quorum is QuorumMode.MAJORITY and not (
-            has_quorum(ids, self._base) or self._member_agreed_view()
-        ):
+        if self.config.quorum is QuorumMode.MAJORITY and not has_quorum(ids, self._base):
             return
         previous_base, self._base = self._base, ids
         candidate = self._lease_candidate(now)
         if candidate is None or candidate <= now:
             self._base = previous_base
             return
+        self._epoch = 1 + max([self._epoch] + [
+            p.last_heartbeat.epoch for m in self._view
+            if (p := self._peers.get(m.node_id)) is not None and p.last_heartbeat is not None
+        ])
         target = self._own_buckets()
         gained = len(target - self._held)
         self._held = target
@@ -529,21 +553,6 @@ class Node:
         self._events.append(ev.ViewAgreed(tuple(sorted(ids)), self.digest(), len(target)))
         if gained:
             self._events.append(ev.BucketsGained(gained, len(target)))
-
-    def _member_agreed_view(self) -> bool:
-        """Some other member completed the barrier on our exact view.
-
-        Its barrier included our own fresh advertisement of the view and its
-        quorum check passed, so the view is an agreed one even if our quorum base
-        is stale (it can be, after asymmetric partitions).
-        """
-        return any(
-            (p := self._peers.get(m.node_id)) is not None
-            and p.last_heartbeat is not None
-            and p.last_heartbeat.agreed
-            and p.view_match
-            for m in self._view if m.node_id != self.node_id
-        )
 
     def _try_finish_leave(self, now: float) -> bool:
         if self._leaving_since is None:
@@ -567,6 +576,9 @@ class Node:
         self._left = True
         self._events.append(ev.LeftCluster(self.node_id))
         return True
+
+    def _sorted_base(self) -> tuple[str, ...]:
+        return tuple(sorted(self._base))
 
     def _own_buckets(self) -> frozenset[int]:
         if self.draining:
@@ -596,6 +608,7 @@ class Node:
             sender=self.node_id, incarnation=self.incarnation, seq=self._seq,
             weight=self.weight, draining=self.draining, view=self._view,
             acks=tuple(acks), agreed=self._agreed, held=len(self._held),
+            epoch=self._epoch, base=self._sorted_base(),
         )
         self._actions.append(ev.Transmit(self._codec.seal(heartbeat)))
         self.counters.sent += 1

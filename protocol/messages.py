@@ -41,7 +41,10 @@ class Heartbeat:
     the highest sequence the sender has received from ``view[i]`` (0 for itself or
     nothing yet). An ack is also the sender's support for that member's lease.
     ``agreed`` says the sender has completed the barrier on ``view``; ``held`` is
-    how many buckets the sender currently has in its kernel set.
+    how many buckets the sender currently has in its kernel set. ``base`` is the
+    sender's quorum base (the node IDs of the last agreed view) and ``epoch`` its
+    generation: a node adopts any newer base it hears of, so a node that missed
+    an agreement (hung, partitioned) never judges quorums by an outdated base.
     """
 
     sender: str
@@ -53,6 +56,8 @@ class Heartbeat:
     acks: tuple[int, ...]
     agreed: bool
     held: int
+    epoch: int = 0
+    base: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,12 +64,12 @@ _VERSION_AT, _FINGERPRINT_AT, _NONCE_AT = 2, 3, 7  # offsets into the header
 HEADER_LEN = _NONCE_AT + NONCE_LEN  # 19
 # The smallest body (a one-byte msgpack value) is still a byte.
 MIN_DATAGRAM = HEADER_LEN + TAG_LEN + 1
-MAX_DATAGRAM = 32768
+MAX_DATAGRAM = 65000  # under UDP's 65507: a 256-member heartbeat with a full base fits
 MAX_COUNTER = 2**63 - 1  # incarnation and seq: fit a signed 64-bit int everywhere
 MAX_HELD = 65536  # buckets a node can hold at most (the largest bucket count)
 
 _KEY_ID_DOMAIN = b"lbd-key-id"
-_HEARTBEAT_FIELDS = 10
+_HEARTBEAT_FIELDS = 12
 _LEAVE_FIELDS = 4
 _MEMBER_FIELDS = 4
 
@@ -264,6 +264,8 @@ def _body_of(message: Message) -> tuple[object, ...]:
             tuple(message.acks),
             message.agreed,
             message.held,
+            message.epoch,
+            tuple(message.base),
         )
     if isinstance(message, Leave):
         return (MessageType.LEAVE.value, message.sender, message.incarnation, message.seq)
@@ -346,7 +348,20 @@ def _heartbeat(body: tuple[object, ...]) -> Heartbeat:
         cast("tuple[int, ...]", acks),  # every item was just checked to be an int
         _flag(body[8], "agreed"),
         _bounded(body[9], "held", MAX_HELD),
+        _counter(body[10], "epoch"),
+        _base(body[11]),
     )
+
+
+def _base(value: object) -> tuple[str, ...]:
+    entries = _sequence(value, "base", 0, MAX_NODES)
+    previous_id = ""
+    for entry in entries:
+        node_id = _node_id(entry, "base member")
+        if node_id <= previous_id:
+            raise DecodeError("base must be strictly sorted by node id")
+        previous_id = node_id
+    return cast("tuple[str, ...]", entries)  # every item was just checked to be a str
 
 
 def _view(value: object, sender: str) -> tuple[Member, ...]:

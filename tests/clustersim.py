@@ -331,9 +331,10 @@ def run_random_schedule(seed: int, timers: Timers, nodes: int | None = None,
             break
     else:
         live = [n for n in cluster.live() if n.core is not None and not n.core.has_left]
-        if len(live) == 1 and live[0].core is not None and not live[0].core.quorum_ok:
-            # A last survivor that missed the agreement its peer left on cannot know it
-            # may serve alone: unavailable by design (README, "Quorum"), never unsafe.
+        if live and all(n.core is not None and not n.core.quorum_ok for n in live):
+            # Too many nodes gone (crashed for good, or left while a peer was hung and
+            # missed the agreement): the survivors cannot know they may serve. That
+            # is unavailability by design (README, "Quorum"), never a safety issue.
             return ScheduleResult(seed, n, applied, cluster.kernel_changes, -1.0)
         states = {n.name: (n.state, n.core.agreed if n.core else None,
                            len(n.core.view) if n.core else 0) for n in cluster.nodes.values()}

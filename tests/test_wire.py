@@ -134,6 +134,8 @@ def heartbeats(draw: st.DrawFn, max_members: int = 12) -> Heartbeat:
         acks=tuple(draw(counters) for _ in ids),
         agreed=draw(st.booleans()),
         held=draw(st.integers(0, MAX_HELD)),
+        epoch=draw(counters),
+        base=tuple(sorted(draw(st.sets(node_ids, max_size=max_members)))),
     )
 
 
@@ -253,11 +255,25 @@ def test_largest_possible_heartbeat_fits_in_a_datagram() -> None:
         acks=(MAX_COUNTER,) * MAX_NODES,
         agreed=True,
         held=MAX_HELD,
+        epoch=MAX_COUNTER,
+        base=tuple(ids),
     )
     codec = make_codec()
     datagram = codec.seal(message)
     assert len(datagram) <= MAX_DATAGRAM
     assert codec.open(datagram) == message
+
+
+def test_unsorted_or_duplicate_base_is_refused() -> None:
+    codec = make_codec()
+    good = Heartbeat("a", 1, 1, 1, False, (Member("a", 1, 1, False),), (0,), True, 0,
+                     epoch=3, base=("a", "b"))
+    assert codec.open(codec.seal(good)) == good
+    for base in (("b", "a"), ("a", "a")):
+        body = list(wire._body_of(good))
+        body[11] = base
+        with pytest.raises(DecodeError, match="base"):
+            wire._message_from_body(tuple(body))
 
 
 def test_envelope_layout_matches_the_documentation() -> None:

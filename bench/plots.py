@@ -6,10 +6,12 @@
     .venv/bin/python bench/plots.py [--lbd FILE] [--keepalived FILE] [--docs docs]
 
 * ``docs/failover.png``: client-visible outage of every trial (dots) with box plots,
-  per system and timer setting, log scale, p50/p99 written above each;
+  per system and timer setting (longest heartbeat first, lbd and keepalived side by
+  side at equal interval; lbd under host death too if failover_lab_hostdeath.json
+  exists), log scale, p50/p99 written above each;
 * ``docs/share.png``: new connections per 100 ms per answering node (stacked) and
   failed attempts, from 2 s before to 3 s after the first failure of each run; one
-  panel per run (lbd default, lbd fast, keepalived 1 s, keepalived 0.1 s).
+  panel per run (lbd default, lbd fast, keepalived 1 s, 0.1 s, ...).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def fault_name(result: dict[str, Any]) -> str:
 
 def failover_png(results: list[dict[str, Any]], path: Path) -> None:
     rows = [r for r in results if r.get("outages_ms")]
-    fig, ax = plt.subplots(figsize=(9, 5.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(9, 1.7 * len(rows)), 5.4), dpi=110)
     data = [r["outages_ms"] for r in rows]
     ax.boxplot(data, widths=0.5, showfliers=False, medianprops={"color": "black"})
     rng = random.Random(1)
@@ -68,7 +70,7 @@ def failover_png(results: list[dict[str, Any]], path: Path) -> None:
                   [f"{label(r)}\n{fault_name(r)}, n={len(r['outages_ms'])}" for r in rows],
                   fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylim(50, 10000)
+    ax.set_ylim(30, 10000)
     ax.set_ylabel("client-visible outage (ms, log scale)")
     ax.set_title("Failover after a node failure: lbd vs keepalived (VRRP), 3 nodes, same bed, "
                  "same load", fontsize=10)
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lbd", type=Path, default=OUT / "failover_lab.json")
+    parser.add_argument("--lbd-hostdeath", type=Path, default=OUT / "failover_lab_hostdeath.json",
+                        help="optional: failover_lab.py --fault hostdeath (outages only)")
     parser.add_argument("--keepalived", type=Path, default=OUT / "keepalived_lab.json")
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
     args = parser.parse_args(argv)
@@ -121,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("plots: no results to plot", file=sys.stderr)
         return 1
+    extra = load(args.lbd_hostdeath) if args.lbd_hostdeath.exists() else []
+    # Longest heartbeat first; at equal interval lbd, then keepalived, side by side.
+    ordered = sorted(results + extra, key=lambda r: (-r["interval_ms"], r["system"] != "lbd",
+                                                     r.get("fault", "")))
     args.docs.mkdir(parents=True, exist_ok=True)
-    failover_png(results, args.docs / "failover.png")
-    share_png(results, args.docs / "share.png")
+    failover_png(ordered, args.docs / "failover.png")
+    share_png(sorted(results, key=lambda r: (r["system"] != "lbd", -r["interval_ms"])),
+              args.docs / "share.png")
     print(f"wrote {args.docs / 'failover.png'} and {args.docs / 'share.png'}")
     return 0
 

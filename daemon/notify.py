@@ -57,6 +57,7 @@ MESSAGE_IDS: dict[str, str] = {
     "LeaseLapsed": "9f5595016d054cf4b6104a790a404f02",
     "DuplicateNodeId": "92d71a160588456fbd5601d073389d39",
     "LeftCluster": "1a24d95377434f0296870a81a55fa016",
+    "BaseChanged": "6c1f0e2b9a7d4c58b3e4f2a1d0c9b8a7",
     # Daemon-level kinds (not core events).
     "Started": "54983ca1994249a688ec37ae6c57c75f",
     "Stopped": "f9cc1b427af240aab605be0b463e5c15",
@@ -113,6 +114,9 @@ def describe(event: ev.Event) -> tuple[str, dict[str, str]]:
                     "fix node_id", {"INCARNATION": str(incarnation)})
         case ev.LeftCluster(node_id):
             return f"node {node_id} left the cluster gracefully", {}
+        case ev.BaseChanged(base, epoch):
+            return (f"quorum base {epoch}: {', '.join(base) or '(none)'}",
+                    {"BASE": " ".join(base), "EPOCH": str(epoch)})
     return repr(event), {}
 
 

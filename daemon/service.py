@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -105,6 +106,27 @@ def next_incarnation(state_dir: Path) -> int:
     tmp.write_text(f"{value}\n")
     os.replace(tmp, path)
     return value
+
+
+def load_quorum_base(state_dir: Path) -> tuple[tuple[str, ...], int]:
+    """The quorum base the previous run persisted, or none (a first start)."""
+    try:
+        saved = json.loads((state_dir / "quorum-base.json").read_text())
+        base, epoch = saved["base"], saved["epoch"]
+        if isinstance(epoch, int) and isinstance(base, list) and all(
+                isinstance(member, str) for member in base):
+            return tuple(base), epoch
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return (), 0
+
+
+def save_quorum_base(state_dir: Path, base: tuple[str, ...], epoch: int) -> None:
+    """Written atomically: a restart must never see half a base."""
+    path = state_dir / "quorum-base.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"base": list(base), "epoch": epoch}) + "\n")
+    os.replace(tmp, path)
 
 
 def heartbeat_socket(cfg: DaemonConfig, ifindex: int, address: str) -> socket.socket:
@@ -224,8 +246,11 @@ class Service:
                        f"{self.node_id} from {self.address} (incarnation {incarnation})",
                        "Started")
         now = time.monotonic()
+        base, epoch = load_quorum_base(state_dir)
+        self._state_dir = state_dir
         self.core = Node(cfg.core_config(), Codec(cfg.cluster, self.keyring), self.node_id,
-                         incarnation, now, weight=cfg.weight, draining=cfg.draining)
+                         incarnation, now, weight=cfg.weight, draining=cfg.draining,
+                         base=base, epoch=epoch)
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_readable)
         self._process()
 
@@ -351,6 +376,11 @@ class Service:
                 self._transmit(action.data)
         fields = {"SLICES": str(len(core.held)), "VIEW": core.digest()}
         for event in core.events():
+            if isinstance(event, ev.BaseChanged):
+                try:
+                    save_quorum_base(self._state_dir, event.base, event.epoch)
+                except OSError as exc:
+                    self.sink.emit(WARNING, f"cannot persist the quorum base: {exc}")
             self.sink.event(event, fields)
         self._log_drops()
         if not self.ready and core.agreed and not self._leaving:

@@ -92,6 +92,14 @@ class DuplicateNodeId:
 
 
 @dataclass(frozen=True, slots=True)
+class BaseChanged:
+    """The quorum base changed: the shell persists it so a restart remembers it."""
+
+    base: tuple[str, ...]
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class LeftCluster:
     node_id: str
 
@@ -110,6 +118,7 @@ Event = (
     | QuorumRegained
     | LeaseLapsed
     | DuplicateNodeId
+    | BaseChanged
     | LeftCluster
 )
 

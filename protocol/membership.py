@@ -44,6 +44,7 @@ drains ``actions()`` in order (ApplyKernel before Transmit matters), reads
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,7 @@ from lbd.protocol.errors import AuthError, DecodeError, ReplayError
 from lbd.protocol.messages import Heartbeat, Leave, Member
 from lbd.protocol.ownership import Owners, compute_owners
 from lbd.protocol.peers import Peer, PeerState
+from lbd.protocol.quorum import has_joint_quorum, has_quorum, lease_deadline
 from lbd.protocol.wire import Codec, ReplayGuard
 
 FORGET_AFTER = 60.0
@@ -95,16 +97,6 @@ def view_digest(view: tuple[Member, ...]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
-def has_quorum(present: set[str] | frozenset[str], base: frozenset[str]) -> bool:
-    """Majority of ``base``; an exact half wins only if it holds the smallest ID."""
-    if not base:
-        return True
-    count = len(present & base)
-    if 2 * count > len(base):
-        return True
-    return 2 * count == len(base) and min(base) in present
-
-
 class Node:
     def __init__(
         self,
@@ -116,7 +108,12 @@ class Node:
         *,
         weight: int = 100,
         draining: bool = False,
+        base: Iterable[str] = (),
+        epoch: int = 0,
     ) -> None:
+        """``base``/``epoch``: the quorum base persisted by the previous run (from
+        ``BaseChanged``): a restarted node must not start a cluster of its own while
+        the cluster it belonged to may be alive but unheard (hung, partitioned)."""
         self.config = config.validate()
         self.timers = config.timers
         self.node_id = node_id
@@ -134,9 +131,11 @@ class Node:
         self._view: tuple[Member, ...] = (self._self_member(),)
         self._barrier_seq = 1
         self._agreed = False
-        self._base: frozenset[str] = frozenset()
-        self._epoch = 0
+        self._base: frozenset[str] = frozenset(base)
+        self._epoch = epoch
+        self._prev_base: frozenset[str] | None = None
         self._heard_peer = False
+        self._reported_base = (self._epoch, self._base)
         self._held: frozenset[int] = frozenset()
         self._applied: tuple[frozenset[int], float | None] = (frozenset(), None)
         self._quorum_ok = True
@@ -368,8 +367,7 @@ class Node:
         if (hb.epoch, hb.base) > (self._epoch, self._sorted_base()):
             # A newer agreement we missed (hung, partitioned, or just slower):
             # quorums are judged by the newest base anyone knows, never a stale one.
-            self._epoch = hb.epoch
-            self._base = frozenset(hb.base)
+            self._set_base(frozenset(hb.base), hb.epoch)
         if peer.observe(hb, self.node_id, self.incarnation, self._view):
             peer.last_listed_me = now
             if peer.deaf_since is not None:
@@ -386,6 +384,13 @@ class Node:
 
     def _step(self, now: float) -> None:
         self._last_step = now
+        self._step_inner(now)
+        if (self._epoch, self._base) != self._reported_base:
+            self._reported_base = (self._epoch, self._base)
+            self._events.append(ev.BaseChanged(self._sorted_base(), self._epoch))
+
+    def _step_inner(self, now: float) -> None:
+        self._confirm_base_change()
         self._update_liveness(now)
         self._update_view(now)
         self._check_lapse(now)
@@ -478,25 +483,44 @@ class Node:
         if dropped:
             self._events.append(ev.LeaseLapsed(dropped))
 
+    def _bases(self) -> list[frozenset[str]]:
+        """The bases every decision needs a quorum of (two while a change is unconfirmed)."""
+        bases = [self._base]
+        if self._prev_base is not None:
+            bases.append(self._prev_base)
+        return bases
+
     def _lease_candidate(self, now: float) -> float | None:
         lease = self.timers.lease
         if self.config.quorum is QuorumMode.NONE or not self._base:
             return now + lease
         anchors: list[tuple[float, str]] = [(now, self.node_id)]
         for peer in self._peers.values():
-            if peer.left or peer.node_id not in self._base:
-                continue
             sent = self._sent_at.get(peer.ack_of_me)
-            if sent is not None:
+            if sent is not None and not peer.left:
                 anchors.append((sent, peer.node_id))
-        anchors.sort(reverse=True)
-        chosen: set[str] = set()
-        for sent, node_id in anchors:
-            chosen.add(node_id)
-            if has_quorum(chosen, self._base):
-                deadline = sent + lease
-                return deadline if deadline > now else None
-        return None
+        deadlines = [lease_deadline(anchors, base, lease) for base in self._bases() if base]
+        if any(d is None for d in deadlines):
+            return None
+        deadline = min(d for d in deadlines if d is not None)
+        return deadline if deadline > now else None
+
+    def _confirm_base_change(self) -> None:
+        """Drop the previous base once a quorum of it has adopted our epoch."""
+        previous = self._prev_base
+        if previous is None:
+            return
+        adopted = {p.node_id for p in self._peers.values()
+                   if p.last_heartbeat is not None and p.last_heartbeat.epoch >= self._epoch}
+        adopted.add(self.node_id)
+        if has_quorum(adopted, previous):
+            self._prev_base = None
+
+    def _set_base(self, base: frozenset[str], epoch: int) -> None:
+        if self._base and base != self._base:
+            self._prev_base = self._base
+        self._base = base
+        self._epoch = epoch
 
     def _track_quorum(self, candidate: float | None) -> None:
         ok = candidate is not None
@@ -535,17 +559,18 @@ class Node:
         if not self._barrier_complete():
             return
         ids = frozenset(m.node_id for m in self._view)
-        if self.config.quorum is QuorumMode.MAJORITY and not has_quorum(ids, self._base):
+        if self.config.quorum is QuorumMode.MAJORITY and not has_joint_quorum(
+                ids, self._bases()):
             return
-        previous_base, self._base = self._base, ids
-        candidate = self._lease_candidate(now)
-        if candidate is None or candidate <= now:
-            self._base = previous_base
-            return
-        self._epoch = 1 + max([self._epoch] + [
+        saved = (self._base, self._epoch, self._prev_base)
+        self._set_base(ids, 1 + max([self._epoch] + [
             p.last_heartbeat.epoch for m in self._view
             if (p := self._peers.get(m.node_id)) is not None and p.last_heartbeat is not None
-        ])
+        ]))
+        candidate = self._lease_candidate(now)
+        if candidate is None or candidate <= now:
+            self._base, self._epoch, self._prev_base = saved
+            return
         target = self._own_buckets()
         gained = len(target - self._held)
         self._held = target

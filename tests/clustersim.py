@@ -47,6 +47,7 @@ class SimNode:
     inbox: list[tuple[bytes, str]] = field(default_factory=list)
     timer_version: int = 0
     incarnation: int = 0
+    persisted_base: tuple[tuple[str, ...], int] = ((), 0)
     events: list[tuple[float, ev.Event]] = field(default_factory=list)
 
     def local(self, t: float) -> float:
@@ -120,8 +121,9 @@ class Cluster:
         node.inbox.clear()
         nonce_rng = random.Random(self.rng.getrandbits(64))
         codec = Codec(self.config.cluster, Keyring(KEY), nonce_source=nonce_rng.randbytes)
+        base, epoch = node.persisted_base  # what the daemon keeps in its state dir
         node.core = Node(self.config, codec, name, node.incarnation, node.local(self.now),
-                         weight=weight)
+                         weight=weight, base=base, epoch=epoch)
         self._drain(node)
         return node
 
@@ -180,6 +182,8 @@ class Cluster:
                 self._multicast(node, action.data)
         for event in core.events():
             node.events.append((self.now, event))
+            if isinstance(event, ev.BaseChanged):
+                node.persisted_base = (event.base, event.epoch)
         self._schedule_timer(node)
 
     def _schedule_timer(self, node: SimNode) -> None:

@@ -7,8 +7,9 @@ import pytest
 from lbd.protocol import events as ev
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, Timers
 from lbd.protocol.errors import ConfigError
-from lbd.protocol.membership import Node, has_quorum
+from lbd.protocol.membership import Node
 from lbd.protocol.messages import Heartbeat, Member
+from lbd.protocol.quorum import has_quorum
 from lbd.protocol.wire import Codec, Keyring
 
 KEY = bytes(32)

@@ -292,3 +292,24 @@ def test_random_fault_schedules() -> None:
 @pytest.mark.parametrize("nodes", [9, 16])
 def test_random_schedules_larger_clusters(nodes: int) -> None:
     run_random_schedule(10_000 + nodes, FAST_TIMERS, nodes=nodes, faults=3)
+
+
+def test_restarted_node_remembers_its_quorum_base() -> None:
+    """Found by the random schedules (seed 3108): with its peer hung, a restarted node
+    that forgot its quorum base started a cluster of one while the peer still held
+    a lease-backed claim on everything. The base survives restarts (state dir)."""
+    cluster = start(3, seed=18)
+    cluster.act("n2", lambda core, now: core.leave(now))
+    cluster.run_until(cluster.now + FAST.leave_timeout)
+    cluster.nodes["n2"].state = "left"
+    settle(cluster)
+    cluster.crash("n1")
+    cluster.run_until(cluster.now + 3 * FAST.dead_after)
+    assert len(owners_now(cluster)) == 256  # n0 alone: the smaller ID keeps quorum
+    cluster.hang("n0")
+    cluster.add_node("n1")
+    cluster.run_until(cluster.now + FAST.startup_wait + 3 * FAST.dead_after)
+    assert cluster.nodes["n1"].accepting(cluster.now) == frozenset()
+    cluster.resume("n0")
+    settle(cluster)
+    assert set(owners_now(cluster).values()) == {"n0", "n1"}

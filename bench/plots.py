@@ -49,7 +49,7 @@ def label(result: dict[str, Any]) -> str:
 
 
 def fault_name(result: dict[str, Any]) -> str:
-    return {"kill": "daemon SIGKILL", "hostdeath": "host death (link down)"}.get(
+    return {"kill": "daemon SIGKILL", "hostdeath": "host death"}.get(
         result.get("fault", "kill"), str(result.get("fault")))
 
 

@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -55,6 +54,7 @@ from lbd.daemon.notify import ERR, INFO, NOTICE, WARNING, LogSink, Notifier
 from lbd.netcfg.link import LinkSetup
 from lbd.netcfg.macmode import ANCHOR_BUCKET, MacMode
 from lbd.netcfg.nft import NftDataplane
+from lbd.netcfg.statefile import RecordError, load_record, save_record
 from lbd.protocol import events as ev
 from lbd.protocol.errors import LbdError
 from lbd.protocol.membership import Node
@@ -111,22 +111,21 @@ def next_incarnation(state_dir: Path) -> int:
 def load_quorum_base(state_dir: Path) -> tuple[tuple[str, ...], int]:
     """The quorum base the previous run persisted, or none (a first start)."""
     try:
-        saved = json.loads((state_dir / "quorum-base.json").read_text())
-        base, epoch = saved["base"], saved["epoch"]
+        saved = load_record(state_dir / "quorum-base.json", 1)
+    except RecordError:
+        return (), 0  # unreadable: treated as a first start
+    if saved is not None:
+        base, epoch = saved.get("base"), saved.get("epoch")
         if isinstance(epoch, int) and isinstance(base, list) and all(
                 isinstance(member, str) for member in base):
             return tuple(base), epoch
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     return (), 0
 
 
 def save_quorum_base(state_dir: Path, base: tuple[str, ...], epoch: int) -> None:
-    """Written atomically: a restart must never see half a base."""
-    path = state_dir / "quorum-base.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"base": list(base), "epoch": epoch}) + "\n")
-    os.replace(tmp, path)
+    """Atomic: a restart must never see half a base."""
+    save_record(state_dir / "quorum-base.json",
+                {"version": 1, "base": list(base), "epoch": epoch})
 
 
 def heartbeat_socket(cfg: DaemonConfig, ifindex: int, address: str) -> socket.socket:

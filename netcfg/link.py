@@ -46,7 +46,6 @@ import errno
 import ipaddress
 import json
 import logging
-import os
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
+from lbd.netcfg.statefile import RecordError, load_record, save_record
 from lbd.protocol.errors import LbdError
 
 log = logging.getLogger("lbd.netcfg.link")
@@ -223,14 +223,14 @@ class LinkSetup:
         if self._state is not None:
             return self._state
         state = self._empty()
-        if self.state_file is not None and self.state_file.exists():
+        if self.state_file is not None:
             try:
-                loaded = json.loads(self.state_file.read_text())
-            except (OSError, ValueError) as exc:
-                raise LinkError(f"{self.interface}: unreadable {self.state_file}: {exc}") from None
-            if not isinstance(loaded, dict) or loaded.get("version") != STATE_VERSION:
-                raise LinkError(f"{self.interface}: {self.state_file} is not a v1 link record")
-            state.update({k: loaded[k] for k in ("sysctls", "addresses", "mac") if k in loaded})
+                loaded = load_record(self.state_file, STATE_VERSION)
+            except RecordError as exc:
+                raise LinkError(f"{self.interface}: {exc}") from None
+            if loaded is not None:
+                state.update({k: loaded[k] for k in ("sysctls", "addresses", "mac")
+                              if k in loaded})
         self._state = state
         return state
 
@@ -239,14 +239,8 @@ class LinkSetup:
         if self.state_file is None:
             return
         try:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_file.with_name(f".{self.state_file.name}.tmp")
-            with tmp.open("w") as fh:
-                # Key order is the restore order (reversed): never sort it.
-                json.dump(state, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(self.state_file)
+            # Key order is the restore order (reversed): save_record keeps it.
+            save_record(self.state_file, state)
         except OSError as exc:
             raise LinkError(f"{self.interface}: cannot write {self.state_file}: {exc}") from None
 

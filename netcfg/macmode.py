@@ -72,9 +72,7 @@ import contextlib
 import fcntl
 import hashlib
 import ipaddress
-import json
 import logging
-import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -82,6 +80,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lbd.netcfg.statefile import RecordError, load_record, save_record
 from lbd.protocol.errors import LbdError
 
 log = logging.getLogger("lbd.netcfg.macmode")
@@ -332,14 +331,13 @@ class MacMode:
         if self._cache is not None:
             return self._cache
         state: dict[str, Any] = {"version": STATE_VERSION, "maddr": None, "tables": None}
-        if self.state_file is not None and self.state_file.exists():
+        if self.state_file is not None:
             try:
-                loaded = json.loads(self.state_file.read_text())
-            except (OSError, ValueError) as exc:
-                raise MacModeError(f"unreadable {self.state_file}: {exc}") from None
-            if not isinstance(loaded, dict) or loaded.get("version") != STATE_VERSION:
-                raise MacModeError(f"{self.state_file} is not a v1 macmode record")
-            state.update({k: loaded.get(k) for k in ("maddr", "tables")})
+                loaded = load_record(self.state_file, STATE_VERSION)
+            except RecordError as exc:
+                raise MacModeError(str(exc)) from None
+            if loaded is not None:
+                state.update({k: loaded.get(k) for k in ("maddr", "tables")})
         self._cache = state
         return state
 
@@ -348,13 +346,7 @@ class MacMode:
         if self.state_file is None:
             return
         try:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_file.with_name(f".{self.state_file.name}.tmp")
-            with tmp.open("w") as fh:
-                json.dump(state, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(self.state_file)
+            save_record(self.state_file, state)
         except OSError as exc:
             raise MacModeError(f"cannot write {self.state_file}: {exc}") from None
 

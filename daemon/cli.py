@@ -24,10 +24,10 @@ from lbd.daemon.config import (
     default_node_id,
     load_config,
     load_keyring,
-    resolve_address,
     write_key,
 )
 from lbd.daemon.notify import ERR, LogSink, Notifier, SinkHandler
+from lbd.netcfg.linkproc import resolve_address
 from lbd.protocol.errors import ConfigError, LbdError
 from lbd.protocol.wire import Keyring
 
@@ -42,7 +42,8 @@ def _prepare(path: Path) -> tuple[DaemonConfig, Keyring, str, int, str]:
         node_id = cfg.node_id or default_node_id()
     except ConfigError as exc:
         raise ConfigFileError(path, "node_id", str(exc)) from None
-    ifindex, address = resolve_address(cfg, path)
+    # In a child process: the daemon itself never imports pyroute2 (see linkproc).
+    ifindex, address = resolve_address(cfg.interface, cfg.address, path)
     return cfg, keyring, node_id, ifindex, address
 
 

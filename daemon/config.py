@@ -354,27 +354,32 @@ def default_node_id(machine_id: str | Path = "/etc/machine-id") -> str:
     raise ConfigError("no usable node ID: set node_id in the config")
 
 
-def resolve_address(cfg: DaemonConfig, path: str | Path) -> tuple[int, str]:
-    """(interface index, own IPv4 address); errors name the config key."""
+def resolve_address(interface: str, address: str | None,
+                    path: str | Path) -> tuple[int, str]:
+    """(interface index, own IPv4 address); errors name the config key.
+
+    Runs pyroute2 in this process: the daemon calls it through
+    ``lbd.netcfg.linkproc.resolve_address`` (a child process) instead.
+    """
     from pyroute2 import IPRoute  # noqa: PLC0415 - netlink only when really resolving
 
     with IPRoute() as ipr:
-        links = ipr.link_lookup(ifname=cfg.interface)
+        links = ipr.link_lookup(ifname=interface)
         if not links:
-            raise ConfigFileError(path, "interface", f"{cfg.interface!r} does not exist")
+            raise ConfigFileError(path, "interface", f"{interface!r} does not exist")
         index = int(links[0])
         present = []
         for msg in ipr.get_addr(family=socket.AF_INET, index=index):
             # The default is the primary address (VIPs are secondaries, flag 0x01);
             # an explicitly configured address may be any of them.
-            if cfg.address is not None or not msg["flags"] & 0x01:
+            if address is not None or not msg["flags"] & 0x01:
                 present.append(str(msg.get_attr("IFA_ADDRESS")))
-    if cfg.address is not None:
-        if cfg.address not in present:
+    if address is not None:
+        if address not in present:
             raise ConfigFileError(path, "address",
-                                  f"{cfg.address} is not configured on {cfg.interface}")
-        return index, cfg.address
+                                  f"{address} is not configured on {interface}")
+        return index, address
     if not present:
         raise ConfigFileError(path, "address",
-                              f"{cfg.interface} has no IPv4 address; set address")
+                              f"{interface} has no IPv4 address; set address")
     return index, present[0]

@@ -71,6 +71,7 @@ def status(service: Service, now: float) -> dict[str, Any]:
         "ready": service.ready,
         "uptime_s": round(now - service.started_at, 1),
         "counters": asdict(core.counters),
+        "kernel": service.kernel_stats(),
     }
 
 

@@ -11,8 +11,8 @@ Start-up, in this order (each step fails closed):
 3. with ``mac_mode = "multicast"``: ``MacMode.apply()`` (join the cluster MAC, the
    persistent ``lbd_mac`` tables: ARP/ND rewrite, silent on ARP/NS until chosen as
    responder; recorded in ``state_dir/macmode.json``), so the VIP never resolves
-   to a node's own MAC; then ``LinkSetup.apply()``: VIPs and sysctls (recorded in
-   ``state_dir/link.json``);
+   to a node's own MAC; then ``LinkSetup.apply()``, run in a child process
+   (``netcfg/linkproc.py``): VIPs and sysctls (recorded in ``state_dir/link.json``);
 4. the heartbeat socket and the control socket;
 5. the core (``lbd.protocol.membership.Node``). Only now does the node speak.
 
@@ -31,7 +31,9 @@ deleted, the VIPs and sysctls restored, the lbd_mac tables and cluster MAC remov
 then the guard removed; exit 0.
 SIGHUP: reload the config and key file (see ``reload``) without dropping slices.
 
-The daemon never spawns children: the libnftables socket is not close-on-exec.
+The only children are the link helper's, started with ``close_fds``: the
+libnftables socket is not close-on-exec, and a child holding it would keep the
+owner table (and so the node's claims) alive.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ import struct
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from lbd.daemon import control
 from lbd.daemon.config import DaemonConfig, load_config, load_keyring
 from lbd.daemon.notify import ERR, INFO, NOTICE, WARNING, LogSink, Notifier
-from lbd.netcfg.link import LinkSetup
+from lbd.netcfg.linkproc import LinkProcess
 from lbd.netcfg.macmode import ANCHOR_BUCKET, MacMode
 from lbd.netcfg.nft import NftDataplane
 from lbd.netcfg.statefile import RecordError, load_record, save_record
@@ -65,6 +68,9 @@ IP_MULTICAST_ALL = 49
 RECV_BATCH = 64
 DROP_LOG_EVERY = 10.0
 LEAVE_GRACE = 1.0
+# After an admin's "nft flush ruleset" the guard is back within this long. Every
+# apply used to rewrite it, which was half the cost of each lease renewal.
+GUARD_PERIOD = 1.0
 # Settings a reload cannot change on a running node (they shape the cluster or the
 # kernel state): changing them needs a restart, and a reload says so.
 RESTART_KEYS = ("cluster", "interface", "address", "vips", "node_id", "buckets", "seed",
@@ -169,7 +175,7 @@ class Service:
         self.core: Node
         self._lock_fd: int | None = None
         self._nft: NftDataplane | None = None
-        self._link: LinkSetup | None = None
+        self._link: LinkProcess | None = None
         self._macmode: MacMode | None = None
         self._answer_errors = 0
         self._sock: socket.socket | None = None
@@ -179,6 +185,9 @@ class Service:
         self._leaving = False
         self._drops_logged = (0, 0.0)
         self._send_errors = 0
+        self._applies = 0
+        self._apply_seconds = 0.0
+        self._status_key: tuple[Any, ...] = ()
 
     # ------------------------------------------------------------ life cycle
 
@@ -204,7 +213,8 @@ class Service:
     async def _start(self, state_dir: Path) -> None:
         cfg = self.config
         self._nft = NftDataplane(list(cfg.vips), cfg.buckets, cfg.seed, prefix4=cfg.prefix4,
-                                 prefix6=cfg.prefix6, balance=list(cfg.balance))
+                                 prefix6=cfg.prefix6, balance=list(cfg.balance),
+                                 guard_period=GUARD_PERIOD)
         try:
             self._nft.install()
         except LbdError as exc:
@@ -221,11 +231,11 @@ class Service:
                 raise StartupError(f"cannot set up cluster MAC {cluster_mac} on "
                                    f"{cfg.interface}: {exc}") from None
         # In multicast mode the node keeps its own MAC (no shared-MAC IPv6 sysctls).
-        self._link = LinkSetup(cfg.interface, list(cfg.vips),
-                               cluster_mac=None if multicast else cluster_mac,
-                               state_file=state_dir / "link.json")
+        self._link = LinkProcess(cfg.interface, list(cfg.vips),
+                                 cluster_mac=None if multicast else cluster_mac,
+                                 state_file=state_dir / "link.json")
         try:
-            # pyroute2's synchronous IPRoute runs its own event loop: not on ours.
+            # A child process (pyroute2 stays out of the daemon); waited for off the loop.
             await asyncio.to_thread(self._link.apply)
         except LbdError as exc:
             raise StartupError(f"cannot set up {cfg.interface}: {exc}") from None
@@ -373,8 +383,9 @@ class Service:
                     return
             else:
                 self._transmit(action.data)
-        fields = {"SLICES": str(len(core.held)), "VIEW": core.digest()}
-        for event in core.events():
+        events = core.events()
+        fields = {"SLICES": str(len(core.held)), "VIEW": core.digest()} if events else {}
+        for event in events:
             if isinstance(event, ev.BaseChanged):
                 try:
                     save_quorum_base(self._state_dir, event.base, event.epoch)
@@ -386,7 +397,12 @@ class Service:
             self.ready = True
             self.notifier.ready(self._status_text())
         else:
-            self.notifier.status(self._status_text())
+            # Formatted only when one of its inputs changed (most steps change none).
+            key = (self._leaving, core.quorum_ok, core.draining, core.agreed,
+                   len(core.held), core.view)
+            if key != self._status_key:
+                self._status_key = key
+                self.notifier.status(self._status_text())
         if self._leaving and core.has_left:
             self._finish(0)
             return
@@ -410,6 +426,9 @@ class Service:
             self._nft = None
             self._finish(1)
             return False
+        self._applies += 1
+        if self._nft.last_apply_stats is not None:
+            self._apply_seconds += self._nft.last_apply_stats.seconds
         if self._macmode is not None:
             self._answer(lease_ms if ANCHOR_BUCKET in action.owned and lease_ms else None)
         return True
@@ -470,6 +489,16 @@ class Service:
                            "replayed)", "DatagramsDropped",
                            {"MALFORMED": str(c.malformed), "FORGED": str(c.forged),
                             "REPLAYED": str(c.replayed)})
+
+    def kernel_stats(self) -> dict[str, Any]:
+        """Kernel transactions so far (owner set and lease changes) and their cost."""
+        last = self._nft.last_apply_stats if self._nft is not None else None
+        return {
+            "applies": self._applies,
+            "mean_apply_ms": round(1000 * self._apply_seconds / self._applies, 3)
+            if self._applies else None,
+            "last_apply_ms": None if last is None else round(1000 * last.seconds, 3),
+        }
 
     def _status_text(self) -> str:
         core = self.core

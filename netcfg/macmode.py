@@ -91,6 +91,7 @@ ANCHOR_BUCKET = 0
 STATE_VERSION = 1
 SIOCADDMULTI = 0x8931
 SIOCDELMULTI = 0x8932
+SIOCGIFHWADDR = 0x8927
 IFREQ_SIZE = 40
 _MAC_SALT = b"lbd cluster mac\0"
 
@@ -290,13 +291,17 @@ def mc_join(interface: str, mac: str, *, leave: bool = False) -> None:
 
 
 def interface_mac(interface: str) -> str:
-    from pyroute2 import IPRoute  # noqa: PLC0415 - netlink only on a real node
-
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=interface)
-        if not found:
-            raise MacModeError(f"interface {interface!r} does not exist")
-        return str(ipr.get_links(found[0])[0].get("IFLA_ADDRESS")).lower()
+    """The interface's MAC via SIOCGIFHWADDR (the caller's namespace; no netlink library)."""
+    name = interface.encode()
+    if not 0 < len(name) < 16:
+        raise MacModeError(f"bad interface name {interface!r}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR,
+                                struct.pack("16s", name).ljust(IFREQ_SIZE, b"\0"))
+        except OSError as exc:
+            raise MacModeError(f"interface {interface!r}: {exc.strerror}") from None
+    return ":".join(f"{b:02x}" for b in ifreq[18:24])
 
 
 class MacMode:

@@ -16,7 +16,9 @@ all-or-nothing) that
    ``ruleset.guard_commands``): after an admin's ``nft flush ruleset`` the guard
    is back within one apply, so a later SIGKILL still fails closed. The guard's
    rule handles therefore change on every apply (compare listings without
-   handles); ``guard_every`` can thin this out;
+   handles). With ``guard_period`` it is re-asserted only when that long has
+   passed since the last time (the daemon: once a second), which halves the
+   cost of a lease renewal;
 2. deletes/adds only the buckets that changed since the last successful apply
    (the kernel set is only ever changed by this object: other processes get
    EPERM on an owner table, so the shadow copy cannot drift), or flushes the set
@@ -39,7 +41,7 @@ from __future__ import annotations
 import json
 import operator
 import time
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,10 +100,11 @@ class NftDataplane:
         owner_priority: int = OWNER_PRIORITY,
         guard_priority: int = GUARD_PRIORITY,
         exempt_loopback: bool = True,
-        guard_every: int = 1,
+        guard_period: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if guard_every < 1:
-            raise ValueError("guard_every must be at least 1")
+        if not 0 <= guard_period <= 3600:
+            raise ValueError("guard_period must be between 0 and 3600 seconds")
         self.spec = RulesetSpec.build(
             vips,
             buckets=buckets,
@@ -117,10 +120,11 @@ class NftDataplane:
             guard_priority=guard_priority,
             exempt_loopback=exempt_loopback,
         )
-        self.guard_every = guard_every
+        self.guard_period = guard_period
+        self._clock = clock
+        self._guard_due = float("-inf")
         self._nft: Any = None
         self._owned: frozenset[int] = frozenset()
-        self._applies = 0
         self._installed = False
         self.last_apply_stats: ApplyStats | None = None
 
@@ -175,7 +179,7 @@ class NftDataplane:
         self._run(cmds)
         self._installed = True
         self._owned = frozenset()
-        self._applies = 0
+        self._guard_due = self._clock() + self.guard_period
 
     def apply(self, owned: Set[int], lease_ms: int | None) -> None:
         """Make the kernel hold exactly ``owned`` and a lease of ``lease_ms`` (None: none).
@@ -184,11 +188,16 @@ class NftDataplane:
         """
         if not self._installed:
             raise NftError("apply() before install()")
-        # operator.index: numpy integers are fine, floats and strings are not.
-        target = frozenset(operator.index(b) for b in owned)
-        bad = [b for b in target if not 0 <= b < self.spec.buckets]
-        if bad:
-            raise ValueError(f"buckets out of range 0..{self.spec.buckets - 1}: {sorted(bad)[:5]}")
+        if owned == self._owned:
+            # Most applies only renew the lease: skip the per-bucket checks (O(buckets)).
+            target = self._owned
+        else:
+            # operator.index: numpy integers are fine, floats and strings are not.
+            target = frozenset(operator.index(b) for b in owned)
+            bad = [b for b in target if not 0 <= b < self.spec.buckets]
+            if bad:
+                raise ValueError(
+                    f"buckets out of range 0..{self.spec.buckets - 1}: {sorted(bad)[:5]}")
         if lease_ms is not None:
             # A fractional lease is rounded down: a shorter lease is the safe side.
             lease_ms = int(lease_ms)
@@ -196,7 +205,8 @@ class NftDataplane:
                 raise ValueError(f"lease_ms must be in 1..86400000, not {lease_ms}")
         add = target - self._owned
         remove = self._owned - target
-        guard = self._applies % self.guard_every == 0
+        now = self._clock()
+        guard = now >= self._guard_due
         cmds = guard_commands(self.spec) if guard else []
         elem_cmds, sent = element_commands(self.spec, add, remove, target)
         cmds += elem_cmds
@@ -205,7 +215,8 @@ class NftDataplane:
         self._run(cmds)
         elapsed = time.perf_counter() - start
         self._owned = target
-        self._applies += 1
+        if guard:
+            self._guard_due = now + self.guard_period
         self.last_apply_stats = ApplyStats(
             added=len(add),
             removed=len(remove),

@@ -58,6 +58,16 @@ class Timers:
     """Allowance for the delay between computing a lease and the kernel holding it."""
 
     @property
+    def lease_refresh(self) -> float:
+        """Renew the kernel lease once less than this remains of it.
+
+        Renewing on every heartbeat costs a kernel transaction per interval; half a
+        lease keeps a wide margin at a fraction of that. At least two intervals, so
+        that a step (one per interval at least) always comes before the lease ends.
+        """
+        return max(self.lease / 2, 2 * self.interval)
+
+    @property
     def prompt_gap(self) -> float:
         """Minimum gap between two prompted (out-of-cycle) heartbeats."""
         return self.interval / 5

@@ -25,7 +25,10 @@ Three rules keep one owner per bucket at every instant (S1):
    us and ``lease`` is shorter than that (``Timers.validate``), so before a
    quorum can agree on a view without us our lease has expired in the kernel.
    When the lease lapses (lost quorum, or this process was stalled), the node
-   drops every bucket and must pass a new barrier before claiming again.
+   drops every bucket and must pass a new barrier before claiming again. The
+   kernel copy is renewed only once less than ``Timers.lease_refresh`` of it is
+   left (or at once when it must shrink): about every third heartbeat rather
+   than every one. Renewing later only shortens the kernel lease, never extends it.
 
 The quorum base is the last agreed view, numbered by an epoch; heartbeats carry
 both, and a node adopts any newer base it hears of, so a node that missed an
@@ -129,6 +132,7 @@ class Node:
         self._started = now
         self._last_step = now
         self._view: tuple[Member, ...] = (self._self_member(),)
+        self._digest: tuple[tuple[Member, ...] | None, str] = (None, "")
         self._barrier_seq = 1
         self._agreed = False
         self._base: frozenset[str] = frozenset(base)
@@ -279,7 +283,9 @@ class Node:
         return self._epoch
 
     def digest(self) -> str:
-        return view_digest(self._view)
+        if self._digest[0] is not self._view:  # the view tuple is replaced on every change
+            self._digest = (self._view, view_digest(self._view))
+        return self._digest[1]
 
     def owners(self) -> Owners:
         """Owner (index into ``view``) of every bucket under the current view."""
@@ -403,7 +409,10 @@ class Node:
             self._prompt_at is not None and now >= self._prompt_at
         )
         lease = self._applied[1]
-        if candidate is not None and (send_due or lease is None or candidate < lease):
+        if candidate is not None and (
+            lease is None or candidate < lease
+            or (candidate > lease and lease - now < self.timers.lease_refresh)
+        ):
             lease = candidate
         if (self._held, lease) != self._applied:
             self._apply(self._held, lease)

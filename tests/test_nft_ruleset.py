@@ -177,9 +177,12 @@ def test_apply_is_one_incremental_transaction(fake: FakeNft) -> None:
 
 
 def test_failed_apply_keeps_shadow_state_and_raises_lbd_error(fake: FakeNft) -> None:
-    dp = NftDataplane(VIPS, 4096, 0x1BD, guard_every=3)
+    now = [0.0]
+    dp = NftDataplane(VIPS, 4096, 0x1BD, guard_period=1.0, clock=lambda: now[0])
     dp.install()
+    now[0] = 0.5
     dp.apply({1}, 500)
+    now[0] = 1.2
     fake.fail = "{ 7 }"
     with pytest.raises(LbdError, match="Operation not permitted"):
         dp.apply({1, 7}, 500)
@@ -187,9 +190,12 @@ def test_failed_apply_keeps_shadow_state_and_raises_lbd_error(fake: FakeNft) -> 
     fake.fail = None
     dp.apply({1, 7}, 500)
     assert "add element inet lbd owned { 7 }" in fake.calls[-1]
-    # guard_every=3: applies 0 and 3 re-assert the guard, 1 and 2 do not.
-    guards = ["lbd_guard" in c for c in fake.calls[1:]]
-    assert guards == [True, False, False]
+    now[0] = 1.5
+    dp.apply({1, 7}, 400)
+    # guard_period=1: install (t=0) writes the guard, t=0.5 does not, the failed
+    # t=1.2 tried to and so does its successful retry; then not until t=2.2.
+    guards = ["lbd_guard" in c for c in fake.calls]
+    assert guards == [True, False, True, True, False]
 
 
 def test_argument_checks(fake: FakeNft) -> None:
@@ -206,7 +212,7 @@ def test_argument_checks(fake: FakeNft) -> None:
     with pytest.raises(ValueError, match="lease_ms"):
         dp.apply({1}, 0)
     with pytest.raises(ValueError):
-        NftDataplane(VIPS, 16, 1, guard_every=0)
+        NftDataplane(VIPS, 16, 1, guard_period=-1)
     with pytest.raises(ValueError):
         NftDataplane(VIPS, 16, 1, balance=["gre"])
 

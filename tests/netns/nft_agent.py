@@ -47,7 +47,7 @@ def serve(args: argparse.Namespace) -> None:
         prefix4=args.prefix4,
         prefix6=args.prefix6,
         balance=args.balance or "all",
-        guard_every=args.guard_every,
+        guard_period=args.guard_period,
     )
 
     def answer(obj: dict[str, Any]) -> None:
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--prefix4", type=int, default=32)
     parser.add_argument("--prefix6", type=int, default=128)
     parser.add_argument("--balance", action="append")
-    parser.add_argument("--guard-every", type=int, default=1)
+    parser.add_argument("--guard-period", type=float, default=0.0)
     parser.add_argument("--no-install", action="store_true")
     serve(parser.parse_args())
 

@@ -243,3 +243,62 @@ def test_cluster_mac_live_and_with_link_bounce(bed: MakeBed, tmp_path: Path) -> 
             drive(b, node, ["restore"], state_file=state, live_mac_change=live)["restore"] == "ok"
         )
         assert snapshot(b, node) == before
+
+
+CHILD_DRIVER = """
+import json, sys
+from lbd.netcfg.linkproc import LinkProcess, LinkProcessError, call, resolve_address
+cfg = json.loads(sys.argv[1])
+out = {}
+try:
+    out["resolve"] = list(resolve_address(cfg["interface"], None, "/etc/lbd/lbd.toml"))
+except Exception as exc:
+    out["resolve"] = f"{type(exc).__name__}: {exc}"
+proc = LinkProcess(cfg["interface"], cfg["vips"], cluster_mac=None, state_file=cfg["state"])
+for action in cfg["actions"]:
+    try:
+        getattr(proc, action)()
+        out[action] = "ok"
+    except LinkProcessError as exc:
+        out[action] = f"LinkProcessError: {exc}"
+try:
+    call({"op": "reboot"})
+except LinkProcessError as exc:
+    out["unknown"] = str(exc)
+out["pyroute2_imported"] = "pyroute2" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def drive_child(bed: Bed, node: NodeNs, actions: list[str], state: Path,
+                interface: str = "eth0") -> dict[str, Any]:
+    cfg = {"interface": interface, "vips": [bed.vip4, bed.vip6], "actions": actions,
+           "state": str(state)}
+    out = bed.run_python(node.name, CHILD_DRIVER, json.dumps(cfg), timeout=60)
+    report: dict[str, Any] = json.loads(out.stdout)
+    return report
+
+
+def test_link_process_does_the_netlink_work_in_a_child(bed: MakeBed, tmp_path: Path) -> None:
+    """The daemon's path (netcfg/linkproc.py): same effects, pyroute2 only in the child."""
+    b = bed(nodes=1, add_vip=False)
+    node = b.nodes[0]
+    state = tmp_path / "link.json"
+    before = snapshot(b, node)
+    report = drive_child(b, node, ["apply"], state)
+    assert report["apply"] == "ok", report
+    assert report["resolve"][1] == node.addr4, report
+    assert report["unknown"] == "unknown link helper request 'reboot'"
+    assert report["pyroute2_imported"] is False
+    after = snapshot(b, node)
+    assert (b.vip4, 32, False, False) in after["addrs"]
+    assert (b.vip6, 128, True, True) in after["addrs"]
+    assert drive_child(b, node, ["restore"], state)["restore"] == "ok"
+    assert snapshot(b, node) == before
+    assert not state.exists()
+
+    missing = drive_child(b, node, ["apply", "restore"], state, interface="nope0")
+    assert missing["apply"] == "LinkProcessError: interface 'nope0' does not exist"
+    assert missing["restore"] == "ok"  # nothing recorded: a no-op
+    assert missing["resolve"] == ("ConfigFileError: /etc/lbd/lbd.toml: interface: "
+                                  "'nope0' does not exist")

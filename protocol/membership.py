@@ -131,8 +131,10 @@ class Node:
         self._sent_at: dict[int, float] = {}
         self._started = now
         self._last_step = now
+        self._self_cached: Member | None = None
         self._view: tuple[Member, ...] = (self._self_member(),)
         self._digest: tuple[tuple[Member, ...] | None, str] = (None, "")
+        self._sorted_base_of: tuple[frozenset[str] | None, tuple[str, ...]] = (None, ())
         self._barrier_seq = 1
         self._agreed = False
         self._base: frozenset[str] = frozenset(base)
@@ -166,6 +168,12 @@ class Node:
             return
         except DecodeError:
             self.counters.malformed += 1
+            return
+        self.receive_message(message, address, now)
+
+    def receive_message(self, message: Heartbeat | Leave, address: str, now: float) -> None:
+        """An authenticated, decoded datagram (what ``receive_datagram`` opens)."""
+        if self._left:
             return
         if message.sender == self.node_id:
             self.counters.own_echo += 1
@@ -321,7 +329,11 @@ class Node:
     # ------------------------------------------------------------------ steps
 
     def _self_member(self) -> Member:
-        return Member(self.node_id, self.incarnation, self.weight, self.draining)
+        m = self._self_cached
+        if m is None or (m.weight, m.draining) != (self.weight, self.draining):
+            m = self._self_cached = Member(self.node_id, self.incarnation, self.weight,
+                                           self.draining)
+        return m
 
     def _self_state(self) -> str:
         if self._leaving_since is not None:
@@ -612,7 +624,10 @@ class Node:
         return True
 
     def _sorted_base(self) -> tuple[str, ...]:
-        return tuple(sorted(self._base))
+        # Compared with every heartbeat's base: sorted once per base, not per datagram.
+        if self._sorted_base_of[0] is not self._base:
+            self._sorted_base_of = (self._base, tuple(sorted(self._base)))
+        return self._sorted_base_of[1]
 
     def _own_buckets(self) -> frozenset[int]:
         if self.draining:

@@ -9,7 +9,7 @@ is what our barrier rests on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from lbd.protocol.messages import Heartbeat, Member
@@ -49,9 +49,18 @@ class Peer:
     suspected: bool = False
     in_view: bool = False
 
+    cached_member: Member | None = field(default=None, repr=False, compare=False)
+
     @property
     def member(self) -> Member:
-        return Member(self.node_id, self.incarnation, self.weight, self.draining)
+        # One object while nothing changes: views then compare by identity (fast),
+        # and a step builds no new objects for an unchanged view.
+        m = self.cached_member
+        if m is None or (m.incarnation, m.weight, m.draining) != (
+                self.incarnation, self.weight, self.draining):
+            m = self.cached_member = Member(self.node_id, self.incarnation, self.weight,
+                                            self.draining)
+        return m
 
     def silent_for(self, now: float) -> float:
         return now - self.last_heard

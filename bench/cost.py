@@ -37,6 +37,8 @@ from netns.cluster import LbdCluster  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BUCKETS = 4096
+EMU_FIRST_HOST = 150  # emulated peers send from 192.0.2.150 and up
+EMU_PER_PROCESS = 8  # more cores per process would not keep time at N = 32
 IMPORTS = {
     "bare python": "",
     "+ asyncio": "import asyncio",
@@ -125,6 +127,97 @@ def measure_case(profile: str, nodes: int, window: float, workdir: Path,
     }
 
 
+def measure_emulated(profile: str, nodes: int, window: float, workdir: Path,
+                     *, scripted: bool = False,
+                     converge_timeout: float = 90.0) -> dict[str, Any]:
+    """ONE real daemon (node0) in a cluster of ``nodes``; the other members are emulated
+    by bench/peer_emulator.py: real cores, up to EMU_PER_PROCESS per process, each
+    process in a namespace of its own; or, ``scripted``, all in one process."""
+    peers = nodes - 1
+    per_process = peers if scripted else EMU_PER_PROCESS
+    groups = [list(range(i, min(i + per_process, peers)))
+              for i in range(0, peers, per_process)]
+    with Bed(f"lbdt-cost{nodes}{profile[:1]}e-", nodes=1 + len(groups), add_vip=False) as bed:
+        cluster = LbdCluster(bed, workdir / f"{profile}{nodes}e", profile=profile,
+                             buckets=BUCKETS)
+        emulators = []
+        for g, group in enumerate(groups):
+            ns = bed.nodes[1 + g].name
+            for i in group:
+                bed.run(ns, "ip", "addr", "add", f"192.0.2.{EMU_FIRST_HOST + i}/24",
+                        "dev", "eth0")
+            emulators.append(bed.python(
+                ns, str(REPO / "bench" / "peer_emulator.py"), "--config",
+                str(cluster.config(1 + g)), "--count", str(len(group)), "--first-address",
+                f"192.0.2.{EMU_FIRST_HOST + group[0]}", "--prefix", f"emu{g}x",
+                *(["--scripted"] if scripted else [])))
+        summaries: list[Any] = []
+        try:
+            started = time.monotonic()
+            cluster.start(0)
+            converge_s: float | None = None
+            deadline = started + converge_timeout
+            while time.monotonic() < deadline:
+                status = cluster.query(0, "status")
+                if status and status["converged"] and len(status["view_members"]) == nodes:
+                    converge_s = round(time.monotonic() - started, 1)
+                    break
+                time.sleep(0.2)
+            else:
+                print(f"cost: {profile}:{nodes} (emulated) did not converge", file=sys.stderr)
+            time.sleep(2.0)
+            pid = cluster.procs[0].pid
+            before = ticks(pid)
+            emu_before = [ticks(e.pid) for e in emulators]
+            changes_before = cluster.view_changes(0)
+            counters_before = (cluster.query(0, "status") or {}).get("counters", {})
+            t0 = time.monotonic()
+            time.sleep(window)
+            elapsed = time.monotonic() - t0
+            cpu = round(100 * (ticks(pid) - before) / CLK_TCK / elapsed, 2)
+            emu_cpu = [round(100 * (ticks(e.pid) - b) / CLK_TCK / elapsed, 1)
+                       for e, b in zip(emulators, emu_before, strict=True)]
+            rss = rss_mb(pid)
+            status = cluster.query(0, "status") or {}
+            changes = cluster.view_changes(0)
+        finally:
+            cluster.stop_all()
+            for emulator in emulators:
+                emulator.terminate()
+            for emulator in emulators:
+                try:
+                    emulator.wait(timeout=15)
+                    lines = bed.output(emulator).strip().splitlines()
+                    summaries.append(json.loads(lines[-1]) if lines else None)
+                except subprocess.TimeoutExpired:
+                    emulator.kill()
+                    emulator.wait(timeout=5)
+                    summaries.append(None)
+                except ValueError:
+                    summaries.append({"error": bed.output(emulator)[-500:]})
+    return {
+        "profile": profile,
+        "nodes": nodes,
+        "emulated_peers": peers,
+        "emulation": "scripted" if scripted else "cores",
+        "emulator_processes": len(groups),
+        "buckets": BUCKETS,
+        "window_s": round(elapsed, 1),
+        "converge_s": converge_s,
+        "view_members": len(status.get("view_members", [])),
+        "view_changes_in_window": None if changes is None or changes_before is None
+        else changes - changes_before,
+        "kernel": status.get("kernel"),
+        "per_second": {k: round((v - counters_before.get(k, 0)) / elapsed, 1)
+                       for k, v in status.get("counters", {}).items()},
+        "node0": {"cpu_percent": cpu, "rss_mb": rss},
+        "cpu_percent": {"mean": cpu, "max": cpu},
+        "rss_mb": {"median": rss, "max": rss},
+        "emulator_cpu_percent": emu_cpu,
+        "emulators": summaries,
+    }
+
+
 def import_rss() -> dict[str, float | None]:
     """VmRSS (MB) of a fresh interpreter after each import alone."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
@@ -182,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lbd-cost-") as tmp:
         for case in args.cases.split(","):
             profile, nodes = case.split(":")
-            cases.append(measure_case(profile, int(nodes), args.window, Path(tmp)))
+            if nodes[-1] in "es":
+                cases.append(measure_emulated(profile, int(nodes[:-1]), args.window,
+                                              Path(tmp), scripted=nodes[-1] == "s"))
+            else:
+                cases.append(measure_case(profile, int(nodes), args.window, Path(tmp)))
     out: dict[str, Any] = {"benchmark": "cost", "cpus": os.cpu_count(), "cases": cases}
     if not args.no_imports:
         out["import_rss_mb"] = import_rss()

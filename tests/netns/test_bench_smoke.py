@@ -60,3 +60,32 @@ def test_keepalived_bed_fails_over(bed: Callable[..., Bed], tmp_path: Path) -> N
         wait_for(lambda: ka.served_by(1), 10.0, 0.1, "the client to reach node 1")
     finally:
         ka.stop_all()
+
+
+def cost_bench() -> ModuleType:
+    path = REPO / "bench" / "cost.py"
+    spec = importlib.util.spec_from_file_location("cost_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("cost_bench", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scripted", [False, True], ids=["cores", "scripted"])
+def test_cost_bench_with_emulated_peers(scripted: bool, tmp_path: Path) -> None:
+    """bench/cost.py's large-cluster method: one real daemon, the other members
+    emulated (bench/peer_emulator.py). The daemon must converge on a view of all of
+    them, hear every peer, and stay put (no view change) through the window."""
+    nodes = 5
+    case = cost_bench().measure_emulated("default", nodes, 2.0, tmp_path, scripted=scripted)
+    assert case["converge_s"] is not None, case
+    assert case["view_members"] == nodes, case
+    assert case["view_changes_in_window"] == 0, case
+    assert case["per_second"]["accepted"] > 0.7 * 10 * (nodes - 1), case  # ~10/s per peer
+    assert 0 < case["node0"]["cpu_percent"] < 50 and 10 < case["node0"]["rss_mb"] < 200, case
+    summary = case["emulators"][0]
+    assert summary is not None and summary["sent"] > 0 and summary["undecodable"] == 0, case
+    if scripted:
+        assert summary["epoch"] >= 2, case  # adopted the base the daemon agreed on

@@ -46,7 +46,8 @@ IMPORTS = {
     "+ numpy": "import numpy",
     "+ cryptography (ChaCha20Poly1305)":
         "from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305",
-    "+ pyroute2 (IPRoute)": "from pyroute2 import IPRoute",
+    # Only the link helper child imports it (netcfg/linkproc.py), never the daemon.
+    "+ pyroute2 (IPRoute), link helper only": "from pyroute2 import IPRoute",
     "+ nftables (Debian binding)": "import nftables",
     "+ nftables, Nftables() context": "import nftables; nftables.Nftables()",
     "lbd.daemon.service (all)": "import lbd.daemon.service",
@@ -58,7 +59,6 @@ CHAIN = [
     ("+ msgpack, cryptography", "import msgpack\n"
      "from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305"),
     ("+ numpy", "import numpy"),
-    ("+ pyroute2 (IPRoute: also ndb, ipdb, sqlite3)", "from pyroute2 import IPRoute"),
     ("+ nftables, Nftables() context", "import nftables; nftables.Nftables()"),
     ("+ lbd.daemon.service", "import lbd.daemon.service"),
 ]

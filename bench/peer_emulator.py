@@ -167,8 +167,10 @@ class ScriptedPeers:
     each member's latest sequence, ``agreed`` once every real node advertises that
     view, and the newest quorum base anyone advertised (they start as an agreed
     cluster of their own at epoch 1). Each sends one real, sealed heartbeat per
-    interval, phases spread evenly. They do not prompt, so joining takes an
-    interval longer than with real peers; the steady state is what is measured.
+    interval, all in one burst as the heartbeat wave has them (their smallest ID
+    paces the cluster when it sorts before the real node's). They do not prompt,
+    so joining takes an interval longer than with real peers; the steady state is
+    what is measured.
     """
 
     def __init__(self, config: Path, count: int, first_address: str, prefix: str) -> None:
@@ -220,10 +222,15 @@ class ScriptedPeers:
                 members.append(Member(node_id, hb.incarnation, hb.weight, hb.draining))
         return tuple(sorted(members, key=lambda m: m.node_id))
 
+    def send_wave(self) -> None:
+        """Every peer's heartbeat, pacer first, as the protocol's heartbeat wave sends
+        them (the smallest ID paces; the others answer it at once)."""
+        asyncio.get_running_loop().call_later(self.timers.interval, self.send_wave)
+        for _ in self.own:
+            self.send_next()
+
     def send_next(self) -> None:
-        """One emulated peer's heartbeat; the next one's is due interval/count later."""
-        loop = asyncio.get_running_loop()
-        loop.call_later(self.timers.interval / len(self.own), self.send_next)
+        """The next emulated peer's heartbeat."""
         now = time.monotonic()
         sender = self.own[self.next_sender]
         self.next_sender = (self.next_sender + 1) % len(self.own)
@@ -254,7 +261,7 @@ class ScriptedPeers:
         loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
         loop.add_reader(self.sock.fileno(), self.on_readable)
         started = time.process_time()
-        self.send_next()
+        self.send_wave()
         await stop
         return {**self.stats, "peers": len(self.own), "real_nodes": len(self.real),
                 "epoch": self.epoch, "cpu_s": round(time.process_time() - started, 2)}

@@ -114,24 +114,34 @@ def next_incarnation(state_dir: Path) -> int:
     return value
 
 
-def load_quorum_base(state_dir: Path) -> tuple[tuple[str, ...], int]:
-    """The quorum base the previous run persisted, or none (a first start)."""
+def _node_ids(value: object) -> tuple[str, ...] | None:
+    if isinstance(value, list) and all(isinstance(member, str) for member in value):
+        return tuple(value)
+    return None
+
+
+def load_quorum_base(state_dir: Path) -> tuple[tuple[str, ...], int, tuple[str, ...] | None]:
+    """(base, epoch, previous base while the change is unconfirmed) the previous run
+    persisted, or none (a first start)."""
     try:
         saved = load_record(state_dir / "quorum-base.json", 1)
     except RecordError:
-        return (), 0  # unreadable: treated as a first start
+        return (), 0, None  # unreadable: treated as a first start
     if saved is not None:
-        base, epoch = saved.get("base"), saved.get("epoch")
-        if isinstance(epoch, int) and isinstance(base, list) and all(
-                isinstance(member, str) for member in base):
-            return tuple(base), epoch
-    return (), 0
+        base, epoch = _node_ids(saved.get("base")), saved.get("epoch")
+        previous = saved.get("previous")
+        if base is not None and isinstance(epoch, int) and (
+                previous is None or _node_ids(previous) is not None):
+            return base, epoch, None if previous is None else _node_ids(previous)
+    return (), 0, None
 
 
-def save_quorum_base(state_dir: Path, base: tuple[str, ...], epoch: int) -> None:
+def save_quorum_base(state_dir: Path, base: tuple[str, ...], epoch: int,
+                     previous: tuple[str, ...] | None) -> None:
     """Atomic: a restart must never see half a base."""
     save_record(state_dir / "quorum-base.json",
-                {"version": 1, "base": list(base), "epoch": epoch})
+                {"version": 1, "base": list(base), "epoch": epoch,
+                 "previous": None if previous is None else list(previous)})
 
 
 def heartbeat_socket(cfg: DaemonConfig, ifindex: int, address: str) -> socket.socket:
@@ -255,11 +265,11 @@ class Service:
                        f"{self.node_id} from {self.address} (incarnation {incarnation})",
                        "Started")
         now = time.monotonic()
-        base, epoch = load_quorum_base(state_dir)
+        base, epoch, previous = load_quorum_base(state_dir)
         self._state_dir = state_dir
         self.core = Node(cfg.core_config(), Codec(cfg.cluster, self.keyring), self.node_id,
                          incarnation, now, weight=cfg.weight, draining=cfg.draining,
-                         base=base, epoch=epoch)
+                         base=base, epoch=epoch, previous_base=previous)
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_readable)
         self._process()
 
@@ -388,7 +398,8 @@ class Service:
         for event in events:
             if isinstance(event, ev.BaseChanged):
                 try:
-                    save_quorum_base(self._state_dir, event.base, event.epoch)
+                    save_quorum_base(self._state_dir, event.base, event.epoch,
+                                     event.previous)
                 except OSError as exc:
                     self.sink.emit(WARNING, f"cannot persist the quorum base: {exc}")
             self.sink.event(event, fields)

@@ -93,10 +93,16 @@ class DuplicateNodeId:
 
 @dataclass(frozen=True, slots=True)
 class BaseChanged:
-    """The quorum base changed: the shell persists it so a restart remembers it."""
+    """The quorum base changed: the shell persists it so a restart remembers it.
+
+    ``previous`` is the base before it while the change is unconfirmed (a quorum of
+    the previous base has not adopted it yet), else None: a restart must keep
+    needing both, or a stale quorum of the previous base could act beside it.
+    """
 
     base: tuple[str, ...]
     epoch: int
+    previous: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,10 @@ LEAVE_COPIES = 3
 """A leave is sent this many times: one lost datagram must not cost a quorum member."""
 
 
+WAVE_SLACK = 0.1
+"""A follower's own timer runs this fraction of an interval behind the pacer's wave."""
+
+
 @dataclass(slots=True)
 class Counters:
     accepted: int = 0
@@ -113,10 +117,12 @@ class Node:
         draining: bool = False,
         base: Iterable[str] = (),
         epoch: int = 0,
+        previous_base: Iterable[str] | None = None,
     ) -> None:
-        """``base``/``epoch``: the quorum base persisted by the previous run (from
-        ``BaseChanged``): a restarted node must not start a cluster of its own while
-        the cluster it belonged to may be alive but unheard (hung, partitioned)."""
+        """``base``/``epoch``/``previous_base``: the quorum base persisted by the previous
+        run (from ``BaseChanged``): a restarted node must not start a cluster of its own
+        while the cluster it belonged to may be alive but unheard (hung, partitioned),
+        nor forget that a base change was still unconfirmed."""
         self.config = config.validate()
         self.timers = config.timers
         self.node_id = node_id
@@ -139,9 +145,11 @@ class Node:
         self._agreed = False
         self._base: frozenset[str] = frozenset(base)
         self._epoch = epoch
-        self._prev_base: frozenset[str] | None = None
+        self._prev_base: frozenset[str] | None = (
+            frozenset(previous_base) if previous_base else None)
+        self._adopted_base = False
         self._heard_peer = False
-        self._reported_base = (self._epoch, self._base)
+        self._reported_base = (self._epoch, self._base, self._prev_base)
         self._held: frozenset[int] = frozenset()
         self._applied: tuple[frozenset[int], float | None] = (frozenset(), None)
         self._quorum_ok = True
@@ -386,6 +394,7 @@ class Node:
             # A newer agreement we missed (hung, partitioned, or just slower):
             # quorums are judged by the newest base anyone knows, never a stale one.
             self._set_base(frozenset(hb.base), hb.epoch)
+            self._adopted_base = True
         if peer.observe(hb, self.node_id, self.incarnation, self._view):
             peer.last_listed_me = now
             if peer.deaf_since is not None:
@@ -394,6 +403,19 @@ class Node:
                     peer.first_heard = now  # back from deafness: a fresh hold-down
         if peer.view_match and not (hb.agreed and self._agreed):
             self._schedule_prompt(now)
+        if self._view[0].node_id == hb.sender and peer.in_view:
+            # The heartbeat wave: the pacer (the view's smallest ID) sends on its timer,
+            # everyone else at once when they hear it, so a node's peers arrive in one
+            # burst per interval (a few wake-ups) instead of N-1 separate ones. Having
+            # just sent, a node instead waits for the pacer's next heartbeat (one gap
+            # of at most 1.5 intervals while it falls into step). Rates stay one per
+            # interval; the own timer, a little later, is only the fallback.
+            interval = self.timers.interval
+            if now - self._last_sent >= interval / 2:
+                self._next_heartbeat = min(self._next_heartbeat, now)
+            else:
+                self._next_heartbeat = max(self._next_heartbeat,
+                                           now + interval * (1 + WAVE_SLACK))
 
     def _schedule_prompt(self, now: float) -> None:
         at = max(now, self._last_sent + self.timers.prompt_gap)
@@ -403,15 +425,17 @@ class Node:
     def _step(self, now: float) -> None:
         self._last_step = now
         self._step_inner(now)
-        if (self._epoch, self._base) != self._reported_base:
-            self._reported_base = (self._epoch, self._base)
-            self._events.append(ev.BaseChanged(self._sorted_base(), self._epoch))
+        if (self._epoch, self._base, self._prev_base) != self._reported_base:
+            self._reported_base = (self._epoch, self._base, self._prev_base)
+            previous = None if self._prev_base is None else tuple(sorted(self._prev_base))
+            self._events.append(ev.BaseChanged(self._sorted_base(), self._epoch, previous))
 
     def _step_inner(self, now: float) -> None:
         self._confirm_base_change()
         self._update_liveness(now)
         self._update_view(now)
         self._check_lapse(now)
+        self._check_adopted_base(now)
         self._try_claim(now)
         candidate = self._lease_candidate(now)
         self._track_quorum(candidate)
@@ -495,6 +519,19 @@ class Node:
         lease_until = self._applied[1]
         if lease_until is None or now < lease_until:
             return
+        self._lapse(now)
+
+    def _check_adopted_base(self, now: float) -> None:
+        """A lease granted under a base we just learnt was superseded must not outlive
+        the adoption: if the new bases support none, drop it now, before any heartbeat
+        advertises the new base (a peer confirming the change on seeing it may claim)."""
+        if not self._adopted_base:
+            return
+        self._adopted_base = False
+        if self._applied[1] is not None and self._lease_candidate(now) is None:
+            self._lapse(now)
+
+    def _lapse(self, now: float) -> None:
         dropped = len(self._held)
         self._held = frozenset()
         self._agreed = False
@@ -531,8 +568,11 @@ class Node:
         previous = self._prev_base
         if previous is None:
             return
-        adopted = {p.node_id for p in self._peers.values()
-                   if p.last_heartbeat is not None and p.last_heartbeat.epoch >= self._epoch}
+        # (epoch, base) as adoption orders them: an equal epoch with another base (a
+        # stale node's own claim) is not an adoption of ours.
+        ours = (self._epoch, self._sorted_base())
+        adopted = {p.node_id for p in self._peers.values() if p.last_heartbeat is not None
+                   and (p.last_heartbeat.epoch, p.last_heartbeat.base) >= ours}
         adopted.add(self.node_id)
         if has_quorum(adopted, previous):
             self._prev_base = None
@@ -662,5 +702,7 @@ class Node:
         self._actions.append(ev.Transmit(self._codec.seal(heartbeat)))
         self.counters.sent += 1
         self._last_sent = now
-        self._next_heartbeat = now + self.timers.interval
+        pacer = self._peers.get(self._view[0].node_id)
+        following = pacer is not None and now - pacer.last_heard < self.timers.interval
+        self._next_heartbeat = now + self.timers.interval * (1 + WAVE_SLACK * following)
         self._prompt_at = None

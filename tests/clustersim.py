@@ -47,7 +47,7 @@ class SimNode:
     inbox: list[tuple[bytes, str]] = field(default_factory=list)
     timer_version: int = 0
     incarnation: int = 0
-    persisted_base: tuple[tuple[str, ...], int] = ((), 0)
+    persisted_base: tuple[tuple[str, ...], int, tuple[str, ...] | None] = ((), 0, None)
     events: list[tuple[float, ev.Event]] = field(default_factory=list)
 
     def local(self, t: float) -> float:
@@ -121,9 +121,9 @@ class Cluster:
         node.inbox.clear()
         nonce_rng = random.Random(self.rng.getrandbits(64))
         codec = Codec(self.config.cluster, Keyring(KEY), nonce_source=nonce_rng.randbytes)
-        base, epoch = node.persisted_base  # what the daemon keeps in its state dir
+        base, epoch, previous = node.persisted_base  # what the daemon keeps in its state dir
         node.core = Node(self.config, codec, name, node.incarnation, node.local(self.now),
-                         weight=weight, base=base, epoch=epoch)
+                         weight=weight, base=base, epoch=epoch, previous_base=previous)
         self._drain(node)
         return node
 
@@ -183,7 +183,7 @@ class Cluster:
         for event in core.events():
             node.events.append((self.now, event))
             if isinstance(event, ev.BaseChanged):
-                node.persisted_base = (event.base, event.epoch)
+                node.persisted_base = (event.base, event.epoch, event.previous)
         self._schedule_timer(node)
 
     def _schedule_timer(self, node: SimNode) -> None:

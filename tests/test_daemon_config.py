@@ -173,3 +173,20 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes",
                    "ProtectSystem=strict", "RuntimeDirectory=lbd", "ExecReload="):
         assert needle in text
+
+
+def test_quorum_base_record_round_trips_and_tolerates_old_or_bad_files(tmp_path: Path) -> None:
+    from lbd.daemon.service import load_quorum_base, save_quorum_base  # noqa: PLC0415
+
+    assert load_quorum_base(tmp_path) == ((), 0, None)  # first start
+    save_quorum_base(tmp_path, ("a", "b", "c"), 6, ("a", "c"))
+    assert load_quorum_base(tmp_path) == (("a", "b", "c"), 6, ("a", "c"))
+    save_quorum_base(tmp_path, ("a", "b"), 7, None)
+    assert load_quorum_base(tmp_path) == (("a", "b"), 7, None)
+    record = tmp_path / "quorum-base.json"
+    record.write_text('{"version": 1, "base": ["a", "b"], "epoch": 3}')  # written before
+    assert load_quorum_base(tmp_path) == (("a", "b"), 3, None)          # "previous" existed
+    record.write_text('{"version": 1, "base": ["a"], "epoch": 3, "previous": [1]}')
+    assert load_quorum_base(tmp_path) == ((), 0, None)
+    record.write_text("{not json")
+    assert load_quorum_base(tmp_path) == ((), 0, None)

@@ -75,6 +75,31 @@ def test_three_nodes_converge_and_split_all_buckets() -> None:
     assert set(owners.values()) == {"n0", "n1", "n2"}
 
 
+def test_heartbeats_travel_as_one_wave_per_interval() -> None:
+    """Followers answer the pacer's (smallest ID's) heartbeat at once, so each node's
+    peers arrive in one burst per interval; nobody sends faster than one per interval."""
+    cluster = start(5, timers=DEFAULT_TIMERS)
+    sends: list[tuple[float, str]] = []
+    multicast = cluster._multicast
+
+    def logged(sender: SimNode, data: bytes) -> None:
+        sends.append((cluster.now, sender.name))
+        multicast(sender, data)
+
+    cluster._multicast = logged  # type: ignore[method-assign]
+    window = 3.0
+    cluster.run_until(cluster.now + window)
+    per_node = {name: sum(1 for _, n in sends if n == name) for name in cluster.nodes}
+    expected = window / DEFAULT_TIMERS.interval
+    assert all(0.9 * expected <= c <= 1.05 * expected for c in per_node.values()), per_node
+    pacer_times = [t for t, n in sends if n == "n0"]
+    max_delay = cluster.delay[1]
+    followers = [(t, n) for t, n in sends if n != "n0"]
+    in_wave = sum(1 for t, _ in followers
+                  if any(0 <= t - p <= max_delay + 1e-9 for p in pacer_times))
+    assert in_wave >= 0.95 * len(followers), (in_wave, len(followers))
+
+
 @pytest.mark.parametrize("timers", [DEFAULT_TIMERS, FAST_TIMERS], ids=["default", "fast"])
 def test_crash_moves_only_dead_nodes_buckets_within_bound(timers: Timers) -> None:
     for seed in range(5):

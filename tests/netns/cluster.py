@@ -20,6 +20,7 @@ answers with lbd.daemon.lab_pcap.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -82,11 +83,16 @@ class LbdCluster:
         path.write_text(text + f'\n[timers]\nprofile = "{self.profile}"\n')
         return path
 
-    def start(self, index: int, **extra: str) -> subprocess.Popen[Any]:
+    def start(self, index: int, *, env: dict[str, str] | None = None,
+              **extra: str) -> subprocess.Popen[Any]:
+        """Daemon ``index`` with config keys ``extra``; ``env`` is added to its environment."""
         if index in self.procs and self.procs[index].poll() is None:
             raise BedError(f"daemon {index} is already running")
+        kw: dict[str, Any] = {}
+        if env is not None:
+            kw["env"] = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         proc = self.bed.python(self.bed.nodes[index].name, "-m", "lbd.daemon.cli", "run",
-                               "--config", str(self.config(index, **extra)))
+                               "--config", str(self.config(index, **extra)), **kw)
         self.procs[index] = proc
         return proc
 

@@ -10,7 +10,6 @@ processes are stopped by PID (the bed also kills what it started).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,17 +18,19 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lbd.daemon.config import write_key
 from lbd.daemon.notify import MESSAGE_IDS, decode_journal
 from lbd.netcfg.ruleset import GUARD_TABLE, OWNER_TABLE
 
 from .bed import TCP_PORT, Bed, wait_for
+from .cluster import LbdCluster
 
 BUCKETS = 512
 CONVERGE_TIMEOUT = 20.0
+CLUSTER_NAME = "netns-test"
 CLIENT = r"""
 import socket, sys
 src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -43,91 +44,18 @@ for line in sys.stdin:
 """
 
 
-class Cluster:
-    """Configs, daemons and lbd-cli calls for one bed."""
+class Cluster(LbdCluster):
+    """The shared harness (tests/netns/cluster.py) with default timers and B = 512."""
 
     def __init__(self, bed: Bed, tmp: Path) -> None:
-        self.bed = bed
-        self.tmp = tmp
-        self.key = tmp / "cluster.key"
-        write_key(self.key)
-        self.procs: dict[int, subprocess.Popen[Any]] = {}
+        super().__init__(bed, tmp, profile="default", buckets=BUCKETS)
 
     def config(self, index: int, **extra: str) -> Path:
-        node = self.bed.nodes[index]
-        lines = {
-            "cluster": '"netns-test"',
-            "interface": '"eth0"',
-            "vips": f'["{self.bed.vip4}"]',
-            "key_file": f'"{self.key}"',
-            "node_id": f'"node{index}"',
-            "buckets": str(BUCKETS),
-            "control_socket": f'"{self.sock(index)}"',
-            "state_dir": f'"{self.tmp / node.name}"',
-            **extra,
-        }
-        path = self.tmp / f"{node.name}.toml"
-        path.write_text("".join(f"{k} = {v}\n" for k, v in lines.items()))
-        return path
+        return super().config(index, **{"cluster": f'"{CLUSTER_NAME}"', **extra})
 
-    def sock(self, index: int) -> Path:
-        return self.tmp / f"n{index}.sock"
-
-    def start(self, index: int, env: dict[str, str] | None = None,
-              config: Path | None = None) -> subprocess.Popen[Any]:
-        node = self.bed.nodes[index]
-        kw: dict[str, Any] = {}
-        if env is not None:
-            kw["env"] = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-        proc = self.bed.python(node.name, "-m", "lbd.daemon.cli", "run", "--config",
-                               str(config or self.config(index)), **kw)
-        self.procs[index] = proc
-        return proc
-
-    def cli(self, index: int, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "lbd.daemon.ctl", "--socket",
-                               str(self.sock(index)), *args],
-                              capture_output=True, text=True, check=False, timeout=10)
-
-    def query(self, index: int, *args: str) -> Any:
-        out = self.cli(index, "--json", *args)
-        return json.loads(out.stdout) if out.returncode in (0, 4) else None
-
-    def converged(self, indexes: list[int]) -> dict[str, int] | None:
-        """{node_id: slices} if every listed daemon agrees on one view covering B."""
-        views = set()
-        slices: dict[str, int] | None = None
-        for index in indexes:
-            status = self.query(index, "status")
-            rows = self.query(index, "members")
-            if not status or not rows or not status["converged"]:
-                return None
-            views.add(status["view"])
-            live = {r["node_id"]: r["slices"] for r in rows
-                    if r["state"] in ("active", "draining")}
-            if slices is None:
-                slices = live
-            elif live != slices:
-                return None
-        if len(views) != 1 or slices is None or sum(slices.values()) != BUCKETS:
-            return None
-        if len(slices) != len(indexes):
-            return None
-        return slices
-
-    def wait_slices(self, indexes: list[int], check: Any, what: str) -> dict[str, int]:
-        def ok() -> dict[str, int] | None:
-            slices = self.converged(indexes)
-            return slices if slices is not None and check(slices) else None
-
-        try:
-            result: dict[str, int] = wait_for(ok, CONVERGE_TIMEOUT, 0.2, what)
-        except TimeoutError:
-            states = {i: (self.cli(i, "members").stdout + self.cli(i, "status").stderr)
-                      for i in indexes}
-            logs = {i: self.bed.output(self.procs[i])[-3000:] for i in indexes}
-            raise AssertionError(f"{what}: {states}\n{logs}") from None
-        return result
+    def wait_slices(self, indexes: list[int], check: Callable[[dict[str, int]], bool],
+                    what: str) -> dict[str, int]:
+        return self.wait_converged(indexes, check, CONVERGE_TIMEOUT, what)
 
 
 class Listener:
@@ -178,7 +106,8 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
         assert all(BUCKETS / 3 * 0.7 < v < BUCKETS / 3 * 1.3 for v in shares.values())
 
         # A second daemon on node 0 refuses to start (instance lock), clearly.
-        second = cluster.start(0, config=cluster.config(0))
+        second = the_bed.python(the_bed.nodes[0].name, "-m", "lbd.daemon.cli", "run",
+                                 "--config", str(cluster.config(0)))
         assert second.wait(timeout=20) == 1
         assert "already running" in the_bed.output(second)
 

@@ -36,9 +36,8 @@ import pytest
 from lbd.netcfg.macmode import derive_cluster_mac
 
 from .bed import Bed, sources4, sources6, wait_for
-from .test_daemon import BUCKETS, Cluster
+from .test_daemon import BUCKETS, CLUSTER_NAME, Cluster
 
-CLUSTER_NAME = "netns-test"  # test_daemon.Cluster's cluster name
 CMAC = derive_cluster_mac(CLUSTER_NAME)
 COUNT_TABLE = "lbdtcount"
 
@@ -47,7 +46,7 @@ def start_cluster(the_bed: Bed, tmp: Path, mode: str) -> Cluster:
     cluster = Cluster(the_bed, tmp)
     vips = f'["{the_bed.vip4}", "{the_bed.vip6}"]'
     for index in range(len(the_bed.nodes)):
-        cluster.start(index, config=cluster.config(index, vips=vips, mac_mode=f'"{mode}"'))
+        cluster.start(index, vips=vips, mac_mode=f'"{mode}"')
     return cluster
 
 

@@ -21,6 +21,7 @@ from lbd.daemon.config import (
     sanitize_node_id,
     write_key,
 )
+from lbd.daemon.service import load_quorum_base, save_quorum_base
 from lbd.protocol.config import FAST_TIMERS, QuorumMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,8 +177,6 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_quorum_base_record_round_trips_and_tolerates_old_or_bad_files(tmp_path: Path) -> None:
-    from lbd.daemon.service import load_quorum_base, save_quorum_base  # noqa: PLC0415
-
     assert load_quorum_base(tmp_path) == ((), 0, None)  # first start
     save_quorum_base(tmp_path, ("a", "b", "c"), 6, ("a", "c"))
     assert load_quorum_base(tmp_path) == (("a", "b", "c"), 6, ("a", "c"))

@@ -26,12 +26,13 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lbd.daemon.config import load_config, load_keyring  # noqa: E402
+from lbd.daemon.config import DaemonConfig, load_config, load_keyring  # noqa: E402
 from lbd.daemon.service import IP_PKTINFO, heartbeat_socket  # noqa: E402
 from lbd.protocol import events as ev  # noqa: E402
 from lbd.protocol.errors import LbdError  # noqa: E402
@@ -40,6 +41,40 @@ from lbd.protocol.messages import Heartbeat, Member  # noqa: E402
 from lbd.protocol.wire import Codec  # noqa: E402
 
 RECV_BATCH = 256
+
+
+def datagrams(sock: socket.socket) -> Iterator[tuple[bytes, str]]:
+    """(data, source address) of what is queued on ``sock``, at most RECV_BATCH."""
+    for _ in range(RECV_BATCH):
+        try:
+            data, source = sock.recvfrom(65535)
+        except (BlockingIOError, InterruptedError):
+            return
+        yield data, source[0]
+
+
+def send_from(sock: socket.socket, cfg: DaemonConfig, address: str, data: bytes) -> bool:
+    """One heartbeat to the group from ``address`` (IP_PKTINFO), as the daemon sends."""
+    pktinfo = struct.pack("i4s4s", 0, socket.inet_aton(address), bytes(4))
+    try:
+        sock.sendmsg([data], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0,
+                     (cfg.group, cfg.port))
+    except OSError:
+        return False  # lossy by design, as in the daemon
+    return True
+
+
+async def until_sigterm(sock: socket.socket, on_readable: Callable[[], None],
+                        start: Callable[[], None]) -> float:
+    """Read ``sock`` with ``on_readable``, call ``start``, run until SIGTERM; CPU seconds."""
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+    loop.add_reader(sock.fileno(), on_readable)
+    started = time.process_time()
+    start()
+    await stop
+    return round(time.process_time() - started, 2)
 
 
 class Emulator:
@@ -68,13 +103,9 @@ class Emulator:
         self.stats = {"received": 0, "sent": 0, "local_deliveries": 0, "undecodable": 0}
 
     def on_readable(self) -> None:
-        for _ in range(RECV_BATCH):
-            try:
-                data, source = self.sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                break
+        for data, source in datagrams(self.sock):
             self.stats["received"] += 1
-            self.deliver(data, source[0], None)
+            self.deliver(data, source, None)
         self.drain()
 
     def deliver(self, data: bytes, address: str, sender: int | None) -> None:
@@ -134,27 +165,17 @@ class Emulator:
                 deadline, self.on_timer, index)
 
     def send(self, sender: int, data: bytes) -> None:
-        pktinfo = struct.pack("i4s4s", 0, socket.inet_aton(self.addresses[sender]), bytes(4))
-        try:
-            self.sock.sendmsg([data], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0,
-                              (self.cfg.group, self.cfg.port))
-            self.stats["sent"] += 1
-        except OSError:
-            pass  # lossy by design, as in the daemon
+        self.stats["sent"] += send_from(self.sock, self.cfg, self.addresses[sender], data)
 
-    async def run(self) -> dict[str, object]:
-        loop = asyncio.get_running_loop()
-        stop = loop.create_future()
-        loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
-        loop.add_reader(self.sock.fileno(), self.on_readable)
-        started = time.process_time()
+    def start(self) -> None:
         for index in range(len(self.cores)):
             self.on_timer(index)
-        await stop
+
+    async def run(self) -> dict[str, object]:
+        cpu_s = await until_sigterm(self.sock, self.on_readable, self.start)
         return {**self.stats, "cores": len(self.cores),
                 "views": sorted({len(c.view) for c in self.cores}),
-                "agreed": sum(c.agreed for c in self.cores),
-                "cpu_s": round(time.process_time() - started, 2)}
+                "agreed": sum(c.agreed for c in self.cores), "cpu_s": cpu_s}
 
 
 class ScriptedPeers:
@@ -191,11 +212,7 @@ class ScriptedPeers:
         self.stats = {"received": 0, "sent": 0, "undecodable": 0}
 
     def on_readable(self) -> None:
-        for _ in range(RECV_BATCH):
-            try:
-                data, _source = self.sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                break
+        for data, _source in datagrams(self.sock):
             self.stats["received"] += 1
             try:
                 message = self.codec.open(data)
@@ -245,26 +262,13 @@ class ScriptedPeers:
             seq=self.seqs[sender.node_id], weight=sender.weight, draining=sender.draining,
             view=view, acks=acks, agreed=all(hb.view == view for hb in real_in_view),
             held=self.cfg.buckets // len(view), epoch=self.epoch, base=self.base)
-        pktinfo = struct.pack("i4s4s", 0, socket.inet_aton(self.addresses[sender.node_id]),
-                              bytes(4))
-        try:
-            self.sock.sendmsg([self.codec.seal(heartbeat)],
-                              [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0,
-                              (self.cfg.group, self.cfg.port))
-            self.stats["sent"] += 1
-        except OSError:
-            pass
+        self.stats["sent"] += send_from(self.sock, self.cfg, self.addresses[sender.node_id],
+                                        self.codec.seal(heartbeat))
 
     async def run(self) -> dict[str, object]:
-        loop = asyncio.get_running_loop()
-        stop = loop.create_future()
-        loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
-        loop.add_reader(self.sock.fileno(), self.on_readable)
-        started = time.process_time()
-        self.send_wave()
-        await stop
+        cpu_s = await until_sigterm(self.sock, self.on_readable, self.send_wave)
         return {**self.stats, "peers": len(self.own), "real_nodes": len(self.real),
-                "epoch": self.epoch, "cpu_s": round(time.process_time() - started, 2)}
+                "epoch": self.epoch, "cpu_s": cpu_s}
 
 
 def main() -> int:

@@ -25,12 +25,12 @@ from .bed import Bed, wait_for
 REPO = Path(__file__).resolve().parents[2]
 
 
-def keepalived_lab() -> ModuleType:
-    path = REPO / "bench" / "keepalived_lab.py"
-    spec = importlib.util.spec_from_file_location("keepalived_lab", path)
+def bench_module(name: str) -> ModuleType:
+    """bench/NAME.py (not a package) loaded as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("keepalived_lab", module)
+    sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
 
@@ -39,7 +39,7 @@ def keepalived_lab() -> ModuleType:
 def test_keepalived_bed_fails_over(bed: Callable[..., Bed], tmp_path: Path) -> None:
     if shutil.which("keepalived") is None and not Path("/usr/sbin/keepalived").exists():
         pytest.skip("keepalived is not installed (apt-get install keepalived)")
-    lab = keepalived_lab()
+    lab = bench_module("keepalived_lab")
     the_bed = bed(nodes=3, add_vip=False, unique_macs=True)
     ka = lab.KeepalivedCluster(the_bed, tmp_path / "ka", 0.1)
     try:
@@ -62,16 +62,6 @@ def test_keepalived_bed_fails_over(bed: Callable[..., Bed], tmp_path: Path) -> N
         ka.stop_all()
 
 
-def cost_bench() -> ModuleType:
-    path = REPO / "bench" / "cost.py"
-    spec = importlib.util.spec_from_file_location("cost_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("cost_bench", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("scripted", [False, True], ids=["cores", "scripted"])
 def test_cost_bench_with_emulated_peers(scripted: bool, tmp_path: Path) -> None:
@@ -79,7 +69,7 @@ def test_cost_bench_with_emulated_peers(scripted: bool, tmp_path: Path) -> None:
     emulated (bench/peer_emulator.py). The daemon must converge on a view of all of
     them, hear every peer, and stay put (no view change) through the window."""
     nodes = 5
-    case = cost_bench().measure_emulated("default", nodes, 2.0, tmp_path, scripted=scripted)
+    case = bench_module("cost").measure_emulated("default", nodes, 2.0, tmp_path, scripted=scripted)
     assert case["converge_s"] is not None, case
     assert case["view_members"] == nodes, case
     assert case["view_changes_in_window"] == 0, case

@@ -23,7 +23,6 @@ import ipaddress
 import json
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from lbd.daemon import heartbeat  # noqa: E402
 from lbd.daemon.config import DaemonConfig, load_config, load_keyring  # noqa: E402
-from lbd.daemon.service import IP_PKTINFO, heartbeat_socket  # noqa: E402
 from lbd.protocol import events as ev  # noqa: E402
 from lbd.protocol.errors import LbdError  # noqa: E402
 from lbd.protocol.membership import Node  # noqa: E402
@@ -54,11 +53,9 @@ def datagrams(sock: socket.socket) -> Iterator[tuple[bytes, str]]:
 
 
 def send_from(sock: socket.socket, cfg: DaemonConfig, address: str, data: bytes) -> bool:
-    """One heartbeat to the group from ``address`` (IP_PKTINFO), as the daemon sends."""
-    pktinfo = struct.pack("i4s4s", 0, socket.inet_aton(address), bytes(4))
+    """One heartbeat to the group from ``address``, as the daemon sends; whether sent."""
     try:
-        sock.sendmsg([data], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0,
-                     (cfg.group, cfg.port))
+        heartbeat.send_from(sock, address, (cfg.group, cfg.port), data)
     except OSError:
         return False  # lossy by design, as in the daemon
     return True
@@ -96,7 +93,7 @@ class Emulator:
         self.cores = [Node(self.cfg.core_config(), Codec(self.cfg.cluster, keyring),
                            f"{prefix}{i:02d}", incarnation, now) for i in range(count)]
         self.ifindex = socket.if_nametoindex(self.cfg.interface)
-        self.sock = heartbeat_socket(self.cfg, self.ifindex, self.addresses[0])
+        self.sock = heartbeat.heartbeat_socket(self.cfg, self.ifindex, self.addresses[0])
         self.pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self.timers: list[asyncio.TimerHandle | None] = [None] * count
         self.drain_scheduled = False
@@ -206,7 +203,7 @@ class ScriptedPeers:
         self.real: dict[str, tuple[Heartbeat, float, float]] = {}  # id: (last, first, last heard)
         self.epoch = 1
         self.base = tuple(sorted(m.node_id for m in self.own))
-        self.sock = heartbeat_socket(self.cfg, socket.if_nametoindex(self.cfg.interface),
+        self.sock = heartbeat.heartbeat_socket(self.cfg, socket.if_nametoindex(self.cfg.interface),
                                      self.addresses[self.own[0].node_id])
         self.next_sender = 0
         self.stats = {"received": 0, "sent": 0, "undecodable": 0}
@@ -257,13 +254,13 @@ class ScriptedPeers:
                      self.seqs[m.node_id] if m.node_id in self.seqs else
                      self.real[m.node_id][0].seq for m in view)
         self.seqs[sender.node_id] += 1
-        heartbeat = Heartbeat(
+        message = Heartbeat(
             sender=sender.node_id, incarnation=sender.incarnation,
             seq=self.seqs[sender.node_id], weight=sender.weight, draining=sender.draining,
             view=view, acks=acks, agreed=all(hb.view == view for hb in real_in_view),
             held=self.cfg.buckets // len(view), epoch=self.epoch, base=self.base)
         self.stats["sent"] += send_from(self.sock, self.cfg, self.addresses[sender.node_id],
-                                        self.codec.seal(heartbeat))
+                                        self.codec.seal(message))
 
     async def run(self) -> dict[str, object]:
         cpu_s = await until_sigterm(self.sock, self.on_readable, self.send_wave)

@@ -45,7 +45,6 @@ import fcntl
 import os
 import signal
 import socket
-import struct
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -53,6 +52,7 @@ from typing import Any
 
 from lbd.daemon import control
 from lbd.daemon.config import DaemonConfig, load_config, load_keyring
+from lbd.daemon.heartbeat import StampedReader, heartbeat_socket, send_from
 from lbd.daemon.notify import ERR, INFO, NOTICE, WARNING, LogSink, Notifier
 from lbd.netcfg.linkproc import LinkProcess
 from lbd.netcfg.macmode import ANCHOR_BUCKET, MacMode
@@ -63,8 +63,6 @@ from lbd.protocol.errors import LbdError
 from lbd.protocol.membership import Node
 from lbd.protocol.wire import Codec, Keyring
 
-IP_PKTINFO = 8  # linux/in.h; Python 3.11's socket module does not export it
-IP_MULTICAST_ALL = 49
 RECV_BATCH = 64
 DROP_LOG_EVERY = 10.0
 LEAVE_GRACE = 1.0
@@ -144,28 +142,6 @@ def save_quorum_base(state_dir: Path, base: tuple[str, ...], epoch: int,
                  "previous": None if previous is None else list(previous)})
 
 
-def heartbeat_socket(cfg: DaemonConfig, ifindex: int, address: str) -> socket.socket:
-    """UDP socket on the group port, joined on the interface, sending from ``address``."""
-    sock = socket.socket(socket.AF_INET,
-                         socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", cfg.port))  # noqa: S104 - group and unicast peers both arrive
-        own = socket.inet_aton(address)
-        if cfg.multicast:
-            mreqn = struct.pack("4s4si", socket.inet_aton(cfg.group), own, ifindex)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, own)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-        # Otherwise Linux delivers every group joined by anyone on this port.
-        sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"heartbeat socket on port {cfg.port}: {exc.strerror}") from None
-    return sock
-
-
 class Service:
     """One running daemon. ``await run()`` returns the process exit code."""
 
@@ -189,6 +165,9 @@ class Service:
         self._macmode: MacMode | None = None
         self._answer_errors = 0
         self._sock: socket.socket | None = None
+        self._reader: StampedReader
+        self._watching = False
+        self._backlog = False
         self._control: control.ControlServer | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._done: asyncio.Future[int] | None = None
@@ -249,7 +228,11 @@ class Service:
             await asyncio.to_thread(self._link.apply)
         except LbdError as exc:
             raise StartupError(f"cannot set up {cfg.interface}: {exc}") from None
-        self._sock = heartbeat_socket(cfg, self.ifindex, self.address)
+        try:
+            self._sock = heartbeat_socket(cfg, self.ifindex, self.address)
+        except LbdError as exc:
+            raise StartupError(str(exc)) from None
+        self._reader = StampedReader(self._sock)
         self._control = control.ControlServer(
             cfg.control_socket, lambda request: control.dispatch(self, request))
         try:
@@ -270,7 +253,6 @@ class Service:
         self.core = Node(cfg.core_config(), Codec(cfg.cluster, self.keyring), self.node_id,
                          incarnation, now, weight=cfg.weight, draining=cfg.draining,
                          base=base, epoch=epoch, previous_base=previous)
-        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._on_readable)
         self._process()
 
     async def _stop(self) -> None:
@@ -326,22 +308,21 @@ class Service:
     # ------------------------------------------------------------ inputs
 
     def _on_readable(self) -> None:
-        if self._sock is None:
-            return
-        for _ in range(RECV_BATCH):
-            try:
-                data, source = self._sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                break  # e.g. ICMP errors queued on the socket: nothing to read
-            self.core.receive_datagram(data, source[0], time.monotonic())
+        self._read(None)
         self._process()
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.core.handle_timer(time.monotonic())
+        # What waited in the socket first: a deadline must not pass over an arrival.
+        self._read(time.monotonic())
         self._process()
+
+    def _read(self, timer_due: float | None) -> None:
+        batch: list[tuple[bytes, str, float]] = []
+        if self._sock is not None:
+            batch, self._backlog = self._reader.read(RECV_BATCH)
+        if batch or timer_due is not None:
+            self.core.receive_datagrams(batch, timer_due)
 
     def set_draining(self, draining: bool, why: str) -> None:
         if draining != self.core.draining:
@@ -463,11 +444,9 @@ class Service:
             return
         targets = [self.config.group] if self.config.multicast else []
         targets += [peer for peer in self.config.peers if peer != self.address]
-        pktinfo = struct.pack("i4s4s", 0, socket.inet_aton(self.address), bytes(4))
         for target in targets:
             try:
-                self._sock.sendmsg([data], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)],
-                                   0, (target, self.config.port))
+                send_from(self._sock, self.address, (target, self.config.port), data)
             except OSError as exc:
                 # Heartbeats are lossy by design; a full buffer or a down link must
                 # not stop the loop. Log the first and then every 1000th failure.
@@ -478,7 +457,13 @@ class Service:
                 self._send_errors += 1
 
     def _arm_timer(self) -> None:
+        """The single timer at ``core.get_timer()``; the socket watched unless the
+        core is quiet (then read at the timer, once per interval)."""
         deadline = self.core.get_timer()
+        quiet = None if self._backlog else self.core.quiet_until()
+        if quiet is not None:
+            deadline = quiet if deadline is None else min(deadline, quiet)
+        self._watch(quiet is None)
         if self._timer is not None:
             if deadline is not None and self._timer.when() == deadline:
                 return
@@ -487,6 +472,16 @@ class Service:
         if deadline is not None:
             # The default loop's clock is time.monotonic(), the core's clock.
             self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+
+    def _watch(self, on: bool) -> None:
+        if on == self._watching or self._sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        if on:
+            loop.add_reader(self._sock.fileno(), self._on_readable)
+        else:
+            loop.remove_reader(self._sock.fileno())
+        self._watching = on
 
     def _log_drops(self) -> None:
         c = self.core.counters

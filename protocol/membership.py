@@ -39,9 +39,11 @@ peer: two fresh nodes that lose each other must not both claim everything.
 ``quorum = none`` replaces rule 3's acknowledgements with "always": available
 under partition, but two sides of a partition then both serve (documented).
 
-Every entry point takes ``now`` (the caller's monotonic seconds). The caller
-drains ``actions()`` in order (ApplyKernel before Transmit matters), reads
-``events()`` for logs, and calls ``handle_timer`` at ``get_timer()``.
+Every entry point takes ``now`` (the caller's monotonic seconds, never less than
+the last one given). The caller drains ``actions()`` in order (ApplyKernel before
+Transmit matters), reads ``events()`` for logs, and calls ``handle_timer`` at
+``get_timer()``. While the cluster is settled, ``quiet_until()`` lets it read its
+socket once per interval instead of on every arrival (arrival times as ``now``).
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ LEAVE_COPIES = 3
 
 WAVE_SLACK = 0.1
 """A follower's own timer runs this fraction of an interval behind the pacer's wave."""
+QUIET_SLACK = 0.05
+"""A settled follower reads its socket this fraction of an interval after the pacer's
+heartbeat is due (less than ``WAVE_SLACK``: it reads before its own timer)."""
 
 
 @dataclass(slots=True)
@@ -139,6 +144,7 @@ class Node:
         self._last_step = now
         self._self_cached: Member | None = None
         self._view: tuple[Member, ...] = (self._self_member(),)
+        self._view_seen_equal: tuple[Member, ...] | None = None
         self._digest: tuple[tuple[Member, ...] | None, str] = (None, "")
         self._sorted_base_of: tuple[frozenset[str] | None, tuple[str, ...]] = (None, ())
         self._barrier_seq = 1
@@ -167,22 +173,47 @@ class Node:
     # ----------------------------------------------------------------- inputs
 
     def receive_datagram(self, data: bytes, address: str, now: float) -> None:
-        if self._left:
-            return
-        try:
-            message = self._codec.open(data)
-        except AuthError:
-            self.counters.forged += 1
-            return
-        except DecodeError:
-            self.counters.malformed += 1
-            return
-        self.receive_message(message, address, now)
+        message = self._open(data)
+        if message is not None:
+            self.receive_message(message, address, now)
+
+    def receive_datagrams(self, batch: Iterable[tuple[bytes, str, float]],
+                          now: float | None = None) -> None:
+        """Datagrams that waited in the socket (see ``quiet_until``), each with its
+        arrival time, oldest first; then one step: at ``now`` if given (the caller's
+        timer is due as well), else at the latest arrival. An arrival before the
+        last step counts as at that step: time never runs backwards in here."""
+        stepped_at = None
+        for data, address, arrived in batch:
+            at = max(arrived, self._last_step)
+            message = self._open(data)
+            if message is not None and self._take(message, address, at):
+                stepped_at = at if stepped_at is None else max(stepped_at, at)
+        if now is not None:
+            self.handle_timer(now)
+        elif stepped_at is not None:
+            self._step(stepped_at)
 
     def receive_message(self, message: Heartbeat | Leave, address: str, now: float) -> None:
         """An authenticated, decoded datagram (what ``receive_datagram`` opens)."""
+        if self._take(message, address, now):
+            self._step(now)
+
+    def _open(self, data: bytes) -> Heartbeat | Leave | None:
         if self._left:
-            return
+            return None
+        try:
+            return self._codec.open(data)
+        except AuthError:
+            self.counters.forged += 1
+        except DecodeError:
+            self.counters.malformed += 1
+        return None
+
+    def _take(self, message: Heartbeat | Leave, address: str, now: float) -> bool:
+        """Record one message; whether it was accepted (and a step is due)."""
+        if self._left:
+            return False
         if message.sender == self.node_id:
             self.counters.own_echo += 1
             if message.incarnation != self.incarnation and (
@@ -190,19 +221,19 @@ class Node:
             ) and len(self._duplicate_seen) < 16:
                 self._duplicate_seen.add(message.incarnation)
                 self._events.append(ev.DuplicateNodeId(self.node_id, message.incarnation))
-            return
+            return False
         try:
             self._replay.check(message.sender, message.incarnation, message.seq)
         except ReplayError:
             self.counters.replayed += 1
-            return
+            return False
         self.counters.accepted += 1
         self._heard_peer = True
         if isinstance(message, Leave):
             self._on_leave(message)
         else:
             self._on_heartbeat(message, address, now)
-        self._step(now)
+        return True
 
     def handle_timer(self, now: float) -> None:
         if not self._left:
@@ -265,6 +296,44 @@ class Node:
         # Woken a hair early (clock rounding), a deadline would not count as reached
         # and would only be seen at the next heartbeat: aim just past it.
         return min(future) + TIMER_SLACK if future else self._last_step + t.interval
+
+    def quiet_until(self) -> float | None:
+        """Until when the caller may leave arriving datagrams unread, or None: read
+        each one as it comes.
+
+        Only while the cluster is settled (agreed, same view and base everywhere,
+        nothing pending) is there nothing to answer at once: the caller then wakes
+        once per interval, at this time or ``get_timer()``, and hands over what
+        waited with ``receive_datagrams`` and the arrival times. Late reading only
+        delays (a peer's silence is measured from the arrival; a lease from our own
+        send times), so it is never a safety matter. The pacer wakes to send; a
+        follower just after the pacer's next heartbeat should have arrived, which
+        keeps the wave: one wake-up per interval instead of one per burst.
+        """
+        if not self._settled():
+            return None
+        pacer = self._view[0].node_id
+        until = self._next_heartbeat
+        if pacer != self.node_id:
+            heard = self._peers[pacer].last_heard
+            until = min(until, heard + self.timers.interval * (1 + QUIET_SLACK))
+        return until if until > self._last_step else None
+
+    def _settled(self) -> bool:
+        if (self._left or self._leaving_since is not None or not self._agreed
+                or not self._quorum_ok or self._prev_base is not None
+                or self._prompt_at is not None):
+            return False
+        base = (self._epoch, self._sorted_base())
+        for peer in self._peers.values():
+            if peer.left or peer.declared_dead:
+                continue
+            hb = peer.last_heartbeat
+            if (hb is None or not hb.agreed or not peer.in_view or not peer.view_match
+                    or peer.deaf_since is not None or peer.suspected
+                    or (hb.epoch, hb.base) != base):
+                return False
+        return True
 
     @property
     def held(self) -> frozenset[int]:
@@ -395,7 +464,12 @@ class Node:
             # quorums are judged by the newest base anyone knows, never a stale one.
             self._set_base(frozenset(hb.base), hb.epoch)
             self._adopted_base = True
-        if peer.observe(hb, self.node_id, self.incarnation, self._view):
+        # Heartbeats of a settled cluster carry one decoded view object (wire.py memo):
+        # once it compared equal to ours, identity answers for the rest.
+        matches = hb.view is self._view_seen_equal
+        if not matches and hb.view == self._view:
+            matches, self._view_seen_equal = True, hb.view
+        if peer.observe(hb, self.node_id, self.incarnation, matches):
             peer.last_listed_me = now
             if peer.deaf_since is not None:
                 peer.deaf_since = None
@@ -502,6 +576,7 @@ class Node:
         if view == self._view:
             return
         self._view = view
+        self._view_seen_equal = None
         for peer in self._peers.values():
             peer.view_match = peer.last_heartbeat is not None and peer.last_heartbeat.view == view
         self._agreed = False

@@ -66,8 +66,9 @@ class Peer:
         return now - self.last_heard
 
     def observe(self, heartbeat: Heartbeat, me: str, my_incarnation: int,
-                my_view: tuple[Member, ...]) -> bool:
-        """Record a heartbeat; return whether it lists us (with our incarnation).
+                matches_my_view: bool) -> bool:
+        """Record a heartbeat (``matches_my_view``: it advertises exactly our view);
+        return whether it lists us (with our incarnation).
 
         What we need from it (its ack of us, whether it matches our view) is
         computed once here, not on every step: steps are O(N), not O(N^2).
@@ -81,7 +82,7 @@ class Peer:
                 if listed:
                     self.ack_of_me = heartbeat.acks[index]
                 break
-        self.view_match = heartbeat.view == my_view
+        self.view_match = matches_my_view
         return listed
 
     def state(self, now: float, suspect_after: float) -> PeerState:

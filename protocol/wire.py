@@ -35,7 +35,7 @@ import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import cast
+from typing import TypeVar, cast
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -53,6 +53,8 @@ from lbd.protocol.messages import (
     MessageType,
     validate_node_id,
 )
+
+_T = TypeVar("_T")
 
 MAGIC = b"LB"
 WIRE_VERSION = 1
@@ -354,6 +356,9 @@ def _heartbeat(body: tuple[object, ...]) -> Heartbeat:
 
 
 def _base(value: object) -> tuple[str, ...]:
+    known = _recall(_BASES, value)
+    if known is not None:
+        return known  # equal to a validated tuple of strings: it is one
     entries = _sequence(value, "base", 0, MAX_NODES)
     previous_id = ""
     for entry in entries:
@@ -361,12 +366,23 @@ def _base(value: object) -> tuple[str, ...]:
         if node_id <= previous_id:
             raise DecodeError("base must be strictly sorted by node id")
         previous_id = node_id
-    return cast("tuple[str, ...]", entries)  # every item was just checked to be a str
+    base = cast("tuple[str, ...]", entries)  # every item was just checked to be a str
+    _remember(_BASES, base, base)
+    return base
 
 
 def _view(value: object, sender: str) -> tuple[Member, ...]:
+    known = _recall(_VIEWS, value)
+    # Equal to a validated view, so only a number could differ in type (1 == 1.0 == True).
+    if known is not None and all(type(i) is int and type(w) is int and type(d) is bool
+                                 for _, i, w, d in cast("tuple[tuple[str, int, int, bool], ...]",
+                                                        value)):
+        members, ids = known
+        if sender not in ids:
+            raise DecodeError("view must contain the sender")
+        return members
     entries = _sequence(value, "view", 1, MAX_NODES)
-    members: list[Member] = []
+    members_list: list[Member] = []
     has_sender = False
     previous_id = ""  # sorts before every valid ID, which is non-empty
     # The checks are spelled out inline: this loop is the hot path of open().
@@ -384,12 +400,35 @@ def _view(value: object, sender: str) -> tuple[Member, ...]:
             raise DecodeError(f"member weight must be an int in 0..{MAX_WEIGHT}")
         if type(draining) is not bool:
             raise DecodeError("member draining must be a bool")
-        members.append(Member(node_id, incarnation, weight, draining))
+        members_list.append(Member(node_id, incarnation, weight, draining))
         has_sender = has_sender or node_id == sender
         previous_id = node_id
     if not has_sender:
         raise DecodeError("view must contain the sender")
-    return tuple(members)
+    members = tuple(members_list)
+    _remember(_VIEWS, entries, (members, frozenset(m.node_id for m in members)))
+    return members
+
+
+# In a settled cluster every heartbeat carries the same view and base: validating
+# them once, not N times per interval, is most of what opening a heartbeat costs
+# at N = 32. Keyed by the decoded (tuple) form; pure memoization, bounded.
+_MEMO_SIZE = 32
+_VIEWS: dict[object, tuple[tuple[Member, ...], frozenset[str]]] = {}
+_BASES: dict[object, tuple[str, ...]] = {}
+
+
+def _recall(memo: dict[object, _T], key: object) -> _T | None:
+    try:
+        return memo.get(key)
+    except TypeError:
+        return None  # unhashable (a map inside): left to the full validation
+
+
+def _remember(memo: dict[object, _T], key: object, value: _T) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        del memo[next(iter(memo))]  # the oldest entry
+    memo[key] = value
 
 
 # --- replay protection --------------------------------------------------------

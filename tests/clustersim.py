@@ -45,6 +45,13 @@ class SimNode:
     kernel_set: frozenset[int] = frozenset()
     lease_until_local: float | None = None
     inbox: list[tuple[bytes, str]] = field(default_factory=list)
+    queued: list[tuple[bytes, str, float]] = field(default_factory=list)
+    """Datagrams left unread in a quiet window, with their local arrival times."""
+    quiet_until_local: float | None = None
+    wakeups: int = 0
+    """Times the daemon would have woken: timer fires and datagrams read on arrival."""
+    fed_local: float = float("-inf")
+    """The latest ``now`` handed to the core (the daemon keeps its times monotonic)."""
     timer_version: int = 0
     incarnation: int = 0
     persisted_base: tuple[tuple[str, ...], int, tuple[str, ...] | None] = ((), 0, None)
@@ -119,6 +126,9 @@ class Cluster:
         node.kernel_set = frozenset()
         node.lease_until_local = None
         node.inbox.clear()
+        node.queued.clear()
+        node.quiet_until_local = None
+        node.fed_local = float("-inf")
         nonce_rng = random.Random(self.rng.getrandbits(64))
         codec = Codec(self.config.cluster, Keyring(KEY), nonce_source=nonce_rng.randbytes)
         base, epoch, previous = node.persisted_base  # what the daemon keeps in its state dir
@@ -134,6 +144,7 @@ class Cluster:
         node.lease_until_local = None
         node.timer_version += 1
         node.inbox.clear()
+        node.queued.clear()
 
     def hang(self, name: str) -> None:
         node = self.nodes[name]
@@ -147,8 +158,9 @@ class Cluster:
             return
         node.state = "up"
         assert node.core is not None
-        inbox, node.inbox = node.inbox, []
-        local = node.local(self.now)
+        inbox = [(data, source) for data, source, _ in node.queued] + node.inbox
+        node.inbox, node.queued = [], []
+        local = self._feed_time(node, node.local(self.now))
         if self.rng.random() < 0.5:  # a resumed loop may run its timer before or after reads
             node.core.handle_timer(local)
         for data, source in inbox:
@@ -159,7 +171,7 @@ class Cluster:
     def act(self, name: str, action: Callable[[Node, float], None]) -> None:
         node = self.nodes[name]
         if node.state == "up" and node.core is not None:
-            action(node.core, node.local(self.now))
+            action(node.core, self._feed_time(node, node.local(self.now)))
             self._drain(node)
 
     def live(self) -> list[SimNode]:
@@ -190,6 +202,12 @@ class Cluster:
         assert node.core is not None
         node.timer_version += 1
         deadline = node.core.get_timer()
+        # Like the daemon: while the core is quiet, arrivals wait in the socket and
+        # are read (with their arrival times) at the next wake-up.
+        quiet = node.core.quiet_until()
+        node.quiet_until_local = quiet
+        if quiet is not None:
+            deadline = quiet if deadline is None else min(deadline, quiet)
         if deadline is None:
             return
         version = node.timer_version
@@ -198,10 +216,25 @@ class Cluster:
         def fire() -> None:
             if node.timer_version == version and node.state == "up":
                 assert node.core is not None
-                node.core.handle_timer(node.local(self.now))
+                node.wakeups += 1
+                self._read_queued(node, timer_due=True)
                 self._drain(node)
 
         self.at(t, fire)
+
+    def _feed_time(self, node: SimNode, local: float) -> float:
+        node.fed_local = max(node.fed_local, local)
+        return node.fed_local
+
+    def _read_queued(self, node: SimNode, timer_due: bool = False) -> None:
+        """What waited in the socket, then the timer if due (as the daemon reads)."""
+        assert node.core is not None
+        queued, node.queued = node.queued, []
+        if queued or timer_due:
+            # Arrival times as they are: the core counts one before its last step as
+            # at that step.
+            node.core.receive_datagrams(
+                queued, self._feed_time(node, node.local(self.now)) if timer_due else None)
 
     def _multicast(self, sender: SimNode, data: bytes) -> None:
         for receiver in self.nodes.values():
@@ -218,7 +251,15 @@ class Cluster:
                 if len(receiver.inbox) < 256:  # a socket buffer is finite
                     receiver.inbox.append((data, source))
             elif receiver.state == "up" and receiver.core is not None:
-                receiver.core.receive_datagram(data, source, receiver.local(self.now))
+                local = receiver.local(self.now)
+                quiet = receiver.quiet_until_local
+                if quiet is not None and local < quiet:
+                    if len(receiver.queued) < 256:  # a socket buffer is finite
+                        receiver.queued.append((data, source, local))
+                    return
+                receiver.wakeups += 1
+                self._read_queued(receiver)
+                receiver.core.receive_datagram(data, source, self._feed_time(receiver, local))
                 self._drain(receiver)
 
         return deliver

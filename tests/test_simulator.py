@@ -17,6 +17,7 @@ from clustersim import Cluster, SimNode, Violation, run_random_schedule
 
 from lbd.protocol import events as ev
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, QuorumMode, Timers
+from lbd.protocol.membership import QUIET_SLACK
 
 FAST = FAST_TIMERS
 SCHEDULES = int(os.environ.get("LBD_SIM_SCHEDULES", "2000"))
@@ -76,8 +77,9 @@ def test_three_nodes_converge_and_split_all_buckets() -> None:
 
 
 def test_heartbeats_travel_as_one_wave_per_interval() -> None:
-    """Followers answer the pacer's (smallest ID's) heartbeat at once, so each node's
-    peers arrive in one burst per interval; nobody sends faster than one per interval."""
+    """Followers answer the pacer's (smallest ID's) heartbeat, so each node's peers
+    arrive in one burst per interval; nobody sends faster than one per interval; and
+    a settled node reads its socket once per interval, not on every arrival."""
     cluster = start(5, timers=DEFAULT_TIMERS)
     sends: list[tuple[float, str]] = []
     multicast = cluster._multicast
@@ -88,16 +90,65 @@ def test_heartbeats_travel_as_one_wave_per_interval() -> None:
 
     cluster._multicast = logged  # type: ignore[method-assign]
     window = 3.0
+    woken = {name: node.wakeups for name, node in cluster.nodes.items()}
     cluster.run_until(cluster.now + window)
-    per_node = {name: sum(1 for _, n in sends if n == name) for name in cluster.nodes}
     expected = window / DEFAULT_TIMERS.interval
+    per_node = {name: sum(1 for _, n in sends if n == name) for name in cluster.nodes}
     assert all(0.9 * expected <= c <= 1.05 * expected for c in per_node.values()), per_node
+    wakeups = {name: node.wakeups - woken[name] for name, node in cluster.nodes.items()}
+    assert all(c <= 1.05 * expected for c in wakeups.values()), wakeups
     pacer_times = [t for t, n in sends if n == "n0"]
-    max_delay = cluster.delay[1]
+    # A settled follower reads just after the pacer's heartbeat is due.
+    late = cluster.delay[1] + (QUIET_SLACK + cluster.skew) * DEFAULT_TIMERS.interval
     followers = [(t, n) for t, n in sends if n != "n0"]
     in_wave = sum(1 for t, _ in followers
-                  if any(0 <= t - p <= max_delay + 1e-9 for p in pacer_times))
+                  if any(0 <= t - p <= late for p in pacer_times))
     assert in_wave >= 0.95 * len(followers), (in_wave, len(followers))
+
+
+def test_settled_nodes_read_late_but_time_silence_from_arrival() -> None:
+    """A settled node leaves datagrams queued until its next wake-up, yet a dead
+    peer is declared dead_after its last heartbeat *arrived*, not after it was
+    read; once something changes, everyone reads each datagram as it comes."""
+    timers = DEFAULT_TIMERS
+    cluster = start(4, seed=7, timers=timers)
+    assert all(n.core is not None and n.core.quiet_until() is not None
+               for n in cluster.nodes.values())
+    sent: list[float] = []
+    multicast = cluster._multicast
+
+    def logged(sender: SimNode, data: bytes) -> None:
+        if sender.name == "n2":
+            sent.append(cluster.now)
+        multicast(sender, data)
+
+    cluster._multicast = logged  # type: ignore[method-assign]
+    quiet: list[tuple[float, str, float | None]] = []
+    schedule = cluster._schedule_timer
+
+    def sampled(node: SimNode) -> None:
+        schedule(node)
+        quiet.append((cluster.now, node.name, node.quiet_until_local))
+
+    cluster._schedule_timer = sampled  # type: ignore[method-assign]
+    cluster.run_until(cluster.now + 0.537)  # an arbitrary phase of the cycle
+    cluster.crash("n2")
+    crashed_at = cluster.now
+    cluster.run_until(crashed_at + timers.dead_after + 3 * timers.interval)
+    slack = cluster.delay[1] + cluster.skew * timers.dead_after + 1e-3
+    for name in ("n0", "n1", "n3"):
+        node = cluster.nodes[name]
+        deaths = [t for t, e in node.events
+                  if t > crashed_at and isinstance(e, ev.MemberDead) and e.node_id == "n2"]
+        assert deaths, name
+        # Read a whole interval late, the verdict would come up to an interval later.
+        assert deaths[0] - sent[-1] <= timers.dead_after + slack, (name, deaths[0] - sent[-1])
+        agreed = min(t for t, e in node.events if t >= deaths[0] and isinstance(e, ev.ViewAgreed))
+        changing = [q for t, n, q in quiet if n == name and deaths[0] <= t < agreed]
+        assert changing and all(q is None for q in changing), name
+    settle(cluster)
+    assert all(n.core is not None and n.core.quiet_until() is not None
+               for n in cluster.live())
 
 
 @pytest.mark.parametrize("timers", [DEFAULT_TIMERS, FAST_TIMERS], ids=["default", "fast"])

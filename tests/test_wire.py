@@ -276,6 +276,31 @@ def test_unsorted_or_duplicate_base_is_refused() -> None:
             wire._message_from_body(tuple(body))
 
 
+def test_a_view_seen_before_is_still_checked_exactly() -> None:
+    """The decoder remembers validated views and bases; what only compares equal to
+    one (1 == True == 1.0) or lacks the sender is still refused."""
+    codec = make_codec()
+    view = (Member("a", 1, 1, False), Member("b", 1, 1, True))
+    good = Heartbeat("a", 1, 1, 1, False, view, (0, 0), True, 0, epoch=3, base=("a", "b"))
+    assert codec.open(codec.seal(good)) == good
+    opened = codec.open(codec.seal(good))
+    assert isinstance(opened, Heartbeat)
+    assert opened.view is codec.open(codec.seal(good)).view  # one object per view
+    raw = wire._body_of(good)[6]
+    for column, value in ((1, True), (2, 1.0), (3, 1)):
+        body = list(wire._body_of(good))
+        member = list(raw[0] if column != 3 else raw[1])
+        member[column] = value
+        body[6] = (tuple(member), raw[1]) if column != 3 else (raw[0], tuple(member))
+        assert body[6] == raw  # equal to the remembered view, but not of its types
+        with pytest.raises(DecodeError, match="member"):
+            wire._message_from_body(tuple(body))
+    stranger = list(wire._body_of(good))
+    stranger[1] = "c"
+    with pytest.raises(DecodeError, match="sender"):
+        wire._message_from_body(tuple(stranger))
+
+
 def test_envelope_layout_matches_the_documentation() -> None:
     message = heartbeat()
     datagram = make_codec().seal(message)

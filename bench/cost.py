@@ -71,6 +71,14 @@ def ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def wakeups(pid: int) -> int:
+    """Voluntary context switches: each is one sleep of the daemon, i.e. one wake-up."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no voluntary_ctxt_switches for {pid}")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -102,9 +110,11 @@ def measure_case(profile: str, nodes: int, window: float, workdir: Path,
             time.sleep(2.0)  # lbd-cli queries and start-up work out of the window
             pids = [cluster.procs[i].pid for i in range(nodes)]
             before = {pid: ticks(pid) for pid in pids}
+            woken = wakeups(pids[0])
             t0 = time.monotonic()
             time.sleep(window)
             elapsed = time.monotonic() - t0
+            woken = wakeups(pids[0]) - woken
             cpu = [round(100 * (ticks(pid) - before[pid]) / CLK_TCK / elapsed, 2)
                    for pid in pids]
             rss = [rss_mb(pid) for pid in pids]
@@ -121,7 +131,8 @@ def measure_case(profile: str, nodes: int, window: float, workdir: Path,
         "loadavg_1min_after": float(Path("/proc/loadavg").read_text().split()[0]),
         "daemons_alive": alive,
         "cpu_sum_percent": round(sum(cpu), 1),
-        "node0": {"cpu_percent": cpu[0], "rss_mb": rss[0]},
+        "node0": {"cpu_percent": cpu[0], "rss_mb": rss[0],
+                  "wakeups_per_s": round(woken / elapsed, 1)},
         "cpu_percent": {"mean": round(statistics.fmean(cpu), 2), "max": max(cpu)},
         "rss_mb": {"median": statistics.median(rss), "max": max(rss)},
     }
@@ -168,6 +179,7 @@ def measure_emulated(profile: str, nodes: int, window: float, workdir: Path,
             time.sleep(2.0)
             pid = cluster.procs[0].pid
             before = ticks(pid)
+            woken = wakeups(pid)
             emu_before = [ticks(e.pid) for e in emulators]
             changes_before = cluster.view_changes(0)
             counters_before = (cluster.query(0, "status") or {}).get("counters", {})
@@ -175,6 +187,7 @@ def measure_emulated(profile: str, nodes: int, window: float, workdir: Path,
             time.sleep(window)
             elapsed = time.monotonic() - t0
             cpu = round(100 * (ticks(pid) - before) / CLK_TCK / elapsed, 2)
+            woken = wakeups(pid) - woken
             emu_cpu = [round(100 * (ticks(e.pid) - b) / CLK_TCK / elapsed, 1)
                        for e, b in zip(emulators, emu_before, strict=True)]
             rss = rss_mb(pid)
@@ -210,7 +223,8 @@ def measure_emulated(profile: str, nodes: int, window: float, workdir: Path,
         "kernel": status.get("kernel"),
         "per_second": {k: round((v - counters_before.get(k, 0)) / elapsed, 1)
                        for k, v in status.get("counters", {}).items()},
-        "node0": {"cpu_percent": cpu, "rss_mb": rss},
+        "node0": {"cpu_percent": cpu, "rss_mb": rss,
+                  "wakeups_per_s": round(woken / elapsed, 1)},
         "cpu_percent": {"mean": cpu, "max": cpu},
         "rss_mb": {"median": rss, "max": rss},
         "emulator_cpu_percent": emu_cpu,

@@ -27,8 +27,8 @@ Three rules keep one owner per bucket at every instant (S1):
    When the lease lapses (lost quorum, or this process was stalled), the node
    drops every bucket and must pass a new barrier before claiming again. The
    kernel copy is renewed only once less than ``Timers.lease_refresh`` of it is
-   left (or at once when it must shrink): every second or third heartbeat rather
-   than every one. Renewing later only shortens the kernel lease, never extends it.
+   left (or at once when it must shrink): every third heartbeat by default
+   rather than every one. Renewing later only shortens the kernel lease, never extends it.
 
 The quorum base is the last agreed view, numbered by an epoch; heartbeats carry
 both, and a node adopts any newer base it hears of, so a node that missed an

@@ -106,6 +106,36 @@ def test_heartbeats_travel_as_one_wave_per_interval() -> None:
     assert in_wave >= 0.95 * len(followers), (in_wave, len(followers))
 
 
+@pytest.mark.parametrize(("timers", "every"), [(DEFAULT_TIMERS, 3), (FAST_TIMERS, 2)],
+                         ids=["default", "fast"])
+def test_settled_nodes_renew_the_kernel_lease_every_few_heartbeats(
+        timers: Timers, every: int) -> None:
+    """A kernel transaction is the dearest thing a settled node does: the lease is
+    renewed every few heartbeats, never lapses, and keeps a quarter lease in hand."""
+    cluster = start(4, seed=5, timers=timers)
+    applies = dict.fromkeys(cluster.nodes, 0)
+    lowest = dict.fromkeys(cluster.nodes, float("inf"))
+    seen: dict[str, float | None] = {name: None for name in cluster.nodes}
+
+    def count(node: SimNode) -> None:
+        applies[node.name] += 1
+        before = seen[node.name]
+        if before is not None:
+            lowest[node.name] = min(lowest[node.name], before - node.local(cluster.now))
+        seen[node.name] = node.lease_until_local
+
+    cluster.on_kernel_change = count
+    window = 200 * timers.interval
+    cluster.run_until(cluster.now + window)
+    steps = window / timers.interval
+    for name, node in cluster.nodes.items():
+        # A few more: a follower that wakes before a late pacer heartbeat renews on
+        # an older anchor, and so once more a step later.
+        assert steps / every * 0.95 <= applies[name] <= steps / every * 1.1 + 1, (name, applies)
+        assert lowest[name] >= timers.lease / 4, (name, lowest[name])
+        assert not any(isinstance(e, ev.LeaseLapsed) for _, e in node.events), name
+
+
 def test_settled_nodes_read_late_but_time_silence_from_arrival() -> None:
     """A settled node leaves datagrams queued until its next wake-up, yet a dead
     peer is declared dead_after its last heartbeat *arrived*, not after it was

@@ -39,6 +39,10 @@ peer: two fresh nodes that lose each other must not both claim everything.
 ``quorum = none`` replaces rule 3's acknowledgements with "always": available
 under partition, but two sides of a partition then both serve (documented).
 
+The state and every query of it (timer, view, ownership, the lease a quorum
+supports) live in ``nodestate.NodeState``; when to send and when to read (the
+heartbeat wave, quiet reading) in ``pacing.py``; this module is the transitions.
+
 Every entry point takes ``now`` (the caller's monotonic seconds, never less than
 the last one given). The caller drains ``actions()`` in order (ApplyKernel before
 Transmit matters), reads ``events()`` for logs, and calls ``handle_timer`` at
@@ -48,127 +52,28 @@ socket once per interval instead of on every arrival (arrival times as ``now``).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
-
-import numpy as np
 
 from lbd.protocol import events as ev
-from lbd.protocol.config import CoreConfig, QuorumMode
+from lbd.protocol import pacing
+from lbd.protocol.config import QuorumMode
 from lbd.protocol.errors import AuthError, DecodeError, ReplayError
-from lbd.protocol.messages import Heartbeat, Leave, Member
-from lbd.protocol.ownership import Owners, compute_owners
-from lbd.protocol.peers import Peer, PeerState
-from lbd.protocol.quorum import has_joint_quorum, has_quorum, lease_deadline
-from lbd.protocol.wire import Codec, ReplayGuard
+from lbd.protocol.messages import Heartbeat, Leave
+from lbd.protocol.nodestate import NodeState
+from lbd.protocol.peers import Peer
+from lbd.protocol.quorum import has_joint_quorum, has_quorum
+from lbd.protocol.wire import Codec
 
 FORGET_AFTER = 60.0
 """Seconds a dead or departed peer stays listed before it is forgotten."""
-TIMER_SLACK = 1e-6
-"""Seconds added to every deadline handed to the caller's timer."""
 LEAVE_COPIES = 3
 """A leave is sent this many times: one lost datagram must not cost a quorum member."""
 
 
-WAVE_SLACK = 0.1
-"""A follower's own timer runs this fraction of an interval behind the pacer's wave."""
-QUIET_SLACK = 0.05
-"""A settled follower reads its socket this fraction of an interval after the pacer's
-heartbeat is due (less than ``WAVE_SLACK``: it reads before its own timer)."""
+class Node(NodeState):
+    """One node's membership and handoff: feed it inputs, drain its actions.
 
-
-@dataclass(slots=True)
-class Counters:
-    accepted: int = 0
-    malformed: int = 0
-    forged: int = 0
-    replayed: int = 0
-    own_echo: int = 0
-    sent: int = 0
-    view_changes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class MemberInfo:
-    """One row of ``lbd-cli members``."""
-
-    node_id: str
-    address: str
-    state: str
-    slices: int
-    share: float
-    weight: int
-    last_heard_ms: int | None
-    incarnation: int
-    is_self: bool
-
-
-def view_digest(view: tuple[Member, ...]) -> str:
-    text = ";".join(f"{m.node_id},{m.incarnation},{m.weight},{int(m.draining)}" for m in view)
-    return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
-
-
-class Node:
-    def __init__(
-        self,
-        config: CoreConfig,
-        codec: Codec,
-        node_id: str,
-        incarnation: int,
-        now: float,
-        *,
-        weight: int = 100,
-        draining: bool = False,
-        base: Iterable[str] = (),
-        epoch: int = 0,
-        previous_base: Iterable[str] | None = None,
-    ) -> None:
-        """``base``/``epoch``/``previous_base``: the quorum base persisted by the previous
-        run (from ``BaseChanged``): a restarted node must not start a cluster of its own
-        while the cluster it belonged to may be alive but unheard (hung, partitioned),
-        nor forget that a base change was still unconfirmed."""
-        self.config = config.validate()
-        self.timers = config.timers
-        self.node_id = node_id
-        self.incarnation = incarnation
-        self.weight = weight
-        self.draining = draining
-        self.counters = Counters()
-        self._codec = codec
-        self._replay = ReplayGuard()
-        self._peers: dict[str, Peer] = {}
-        self._seq = 0
-        self._sent_at: dict[int, float] = {}
-        self._started = now
-        self._last_step = now
-        self._self_cached: Member | None = None
-        self._view: tuple[Member, ...] = (self._self_member(),)
-        self._view_seen_equal: tuple[Member, ...] | None = None
-        self._digest: tuple[tuple[Member, ...] | None, str] = (None, "")
-        self._sorted_base_of: tuple[frozenset[str] | None, tuple[str, ...]] = (None, ())
-        self._barrier_seq = 1
-        self._agreed = False
-        self._base: frozenset[str] = frozenset(base)
-        self._epoch = epoch
-        self._prev_base: frozenset[str] | None = (
-            frozenset(previous_base) if previous_base else None)
-        self._adopted_base = False
-        self._heard_peer = False
-        self._reported_base = (self._epoch, self._base, self._prev_base)
-        self._held: frozenset[int] = frozenset()
-        self._applied: tuple[frozenset[int], float | None] = (frozenset(), None)
-        self._quorum_ok = True
-        self._next_heartbeat = now
-        self._last_sent = -1e18
-        self._prompt_at: float | None = None
-        self._leaving_since: float | None = None
-        self._left = False
-        self._duplicate_seen: set[int] = set()
-        self._owners_cache: tuple[tuple[Member, ...], Owners] | None = None
-        self._actions: list[ev.Action] = []
-        self._events: list[ev.Event] = []
-        self._step(now)
+    Constructed with ``NodeState``'s arguments; takes its first step at once."""
 
     # ----------------------------------------------------------------- inputs
 
@@ -269,155 +174,7 @@ class Node:
         out, self._events = self._events, []
         return out
 
-    def get_timer(self) -> float | None:
-        if self._left:
-            return None
-        t = self.timers
-        deadlines = [self._next_heartbeat, self._started + t.startup_wait]
-        if self._prompt_at is not None:
-            deadlines.append(self._prompt_at)
-        lease_until = self._applied[1]
-        if lease_until is not None:
-            deadlines.append(lease_until)
-        if self._leaving_since is not None:
-            deadlines.append(self._leaving_since + t.leave_timeout)
-        for peer in self._peers.values():
-            if peer.left or peer.declared_dead:
-                continue
-            deadlines.append(peer.last_heard + t.dead_after)
-            if peer.deaf_since is None:
-                deadlines.append(max(peer.first_heard, peer.last_listed_me) + t.dead_after)
-            else:
-                deadlines.append(peer.deaf_since + t.dead_after)
-            if not peer.in_view:
-                deadlines.append(peer.first_heard + t.join_holddown)
-        # Deadlines already reached have been acted on; only future ones wake us.
-        future = [d for d in deadlines if d > self._last_step]
-        # Woken a hair early (clock rounding), a deadline would not count as reached
-        # and would only be seen at the next heartbeat: aim just past it.
-        return min(future) + TIMER_SLACK if future else self._last_step + t.interval
-
-    def quiet_until(self) -> float | None:
-        """Until when the caller may leave arriving datagrams unread, or None: read
-        each one as it comes.
-
-        Only while the cluster is settled (agreed, same view and base everywhere,
-        nothing pending) is there nothing to answer at once: the caller then wakes
-        once per interval, at this time or ``get_timer()``, and hands over what
-        waited with ``receive_datagrams`` and the arrival times. Late reading only
-        delays (a peer's silence is measured from the arrival; a lease from our own
-        send times), so it is never a safety matter. The pacer wakes to send; a
-        follower just after the pacer's next heartbeat should have arrived, which
-        keeps the wave: one wake-up per interval instead of one per burst.
-        """
-        if not self._settled():
-            return None
-        pacer = self._view[0].node_id
-        until = self._next_heartbeat
-        if pacer != self.node_id:
-            heard = self._peers[pacer].last_heard
-            until = min(until, heard + self.timers.interval * (1 + QUIET_SLACK))
-        return until if until > self._last_step else None
-
-    def _settled(self) -> bool:
-        if (self._left or self._leaving_since is not None or not self._agreed
-                or not self._quorum_ok or self._prev_base is not None
-                or self._prompt_at is not None):
-            return False
-        base = (self._epoch, self._sorted_base())
-        for peer in self._peers.values():
-            if peer.left or peer.declared_dead:
-                continue
-            hb = peer.last_heartbeat
-            if (hb is None or not hb.agreed or not peer.in_view or not peer.view_match
-                    or peer.deaf_since is not None or peer.suspected
-                    or (hb.epoch, hb.base) != base):
-                return False
-        return True
-
-    @property
-    def held(self) -> frozenset[int]:
-        return self._held
-
-    @property
-    def view(self) -> tuple[Member, ...]:
-        return self._view
-
-    @property
-    def agreed(self) -> bool:
-        return self._agreed
-
-    @property
-    def lease_until(self) -> float | None:
-        return self._applied[1]
-
-    @property
-    def has_left(self) -> bool:
-        return self._left
-
-    @property
-    def quorum_ok(self) -> bool:
-        return self._quorum_ok
-
-    @property
-    def base(self) -> frozenset[str]:
-        return self._base
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def digest(self) -> str:
-        if self._digest[0] is not self._view:  # the view tuple is replaced on every change
-            self._digest = (self._view, view_digest(self._view))
-        return self._digest[1]
-
-    def owners(self) -> Owners:
-        """Owner (index into ``view``) of every bucket under the current view."""
-        cached = self._owners_cache
-        if cached is not None and cached[0] == self._view:
-            return cached[1]
-        pairs = [(m.node_id, 0 if m.draining else m.weight) for m in self._view]
-        owners = compute_owners(pairs, self.config.buckets, self.config.seed)
-        self._owners_cache = (self._view, owners)
-        return owners
-
-    def members(self, now: float) -> list[MemberInfo]:
-        buckets = self.config.buckets
-        rows = []
-        me = MemberInfo(
-            self.node_id, "self", self._self_state(), len(self._held),
-            100.0 * len(self._held) / buckets, self.weight, 0, self.incarnation, True,
-        )
-        rows.append(me)
-        suspect_after = 2 * self.timers.interval
-        for peer in self._peers.values():
-            heartbeat = peer.last_heartbeat
-            in_view = peer.in_view and not (peer.left or peer.declared_dead)
-            slices = heartbeat.held if heartbeat is not None and in_view else 0
-            rows.append(MemberInfo(
-                peer.node_id, peer.address, peer.state(now, suspect_after).value, slices,
-                100.0 * slices / buckets, peer.weight,
-                round(1000 * peer.silent_for(now)), peer.incarnation, False,
-            ))
-        rows.sort(key=lambda r: r.node_id)
-        return rows
-
     # ------------------------------------------------------------------ steps
-
-    def _self_member(self) -> Member:
-        m = self._self_cached
-        if m is None or (m.weight, m.draining) != (self.weight, self.draining):
-            m = self._self_cached = Member(self.node_id, self.incarnation, self.weight,
-                                           self.draining)
-        return m
-
-    def _self_state(self) -> str:
-        if self._leaving_since is not None:
-            return PeerState.LEFT.value if self._left else "leaving"
-        if self.draining:
-            return PeerState.DRAINING.value
-        return PeerState.ACTIVE.value if self._agreed else PeerState.JOINING.value
 
     def _on_leave(self, message: Leave) -> None:
         peer = self._peers.get(message.sender)
@@ -478,18 +235,8 @@ class Node:
         if peer.view_match and not (hb.agreed and self._agreed):
             self._schedule_prompt(now)
         if self._view[0].node_id == hb.sender and peer.in_view:
-            # The heartbeat wave: the pacer (the view's smallest ID) sends on its timer,
-            # everyone else at once when they hear it, so a node's peers arrive in one
-            # burst per interval (a few wake-ups) instead of N-1 separate ones. Having
-            # just sent, a node instead waits for the pacer's next heartbeat (one gap
-            # of at most 1.5 intervals while it falls into step). Rates stay one per
-            # interval; the own timer, a little later, is only the fallback.
-            interval = self.timers.interval
-            if now - self._last_sent >= interval / 2:
-                self._next_heartbeat = min(self._next_heartbeat, now)
-            else:
-                self._next_heartbeat = max(self._next_heartbeat,
-                                           now + interval * (1 + WAVE_SLACK))
+            self._next_heartbeat = pacing.on_pacer_heartbeat(
+                now, self._last_sent, self._next_heartbeat, self.timers.interval)
 
     def _schedule_prompt(self, now: float) -> None:
         at = max(now, self._last_sent + self.timers.prompt_gap)
@@ -616,28 +363,6 @@ class Node:
         if dropped:
             self._events.append(ev.LeaseLapsed(dropped))
 
-    def _bases(self) -> list[frozenset[str]]:
-        """The bases every decision needs a quorum of (two while a change is unconfirmed)."""
-        bases = [self._base]
-        if self._prev_base is not None:
-            bases.append(self._prev_base)
-        return bases
-
-    def _lease_candidate(self, now: float) -> float | None:
-        lease = self.timers.lease
-        if self.config.quorum is QuorumMode.NONE or not self._base:
-            return now + lease
-        anchors: list[tuple[float, str]] = [(now, self.node_id)]
-        for peer in self._peers.values():
-            sent = self._sent_at.get(peer.ack_of_me)
-            if sent is not None and not peer.left:
-                anchors.append((sent, peer.node_id))
-        deadlines = [lease_deadline(anchors, base, lease) for base in self._bases() if base]
-        if any(d is None for d in deadlines):
-            return None
-        deadline = min(d for d in deadlines if d is not None)
-        return deadline if deadline > now else None
-
     def _confirm_base_change(self) -> None:
         """Drop the previous base once a quorum of it has adopted our epoch."""
         previous = self._prev_base
@@ -667,19 +392,6 @@ class Node:
                     if p.node_id in self._base and not p.declared_dead and not p.left) + 1
         event = ev.QuorumRegained if ok else ev.QuorumLost
         self._events.append(event(heard, len(self._base)))
-
-    def _barrier_complete(self) -> bool:
-        for member in self._view:
-            if member.node_id == self.node_id:
-                continue
-            peer = self._peers.get(member.node_id)
-            if peer is None or peer.incarnation != member.incarnation:
-                return False
-            if not peer.view_match:
-                return False
-            if peer.ack_of_me < self._barrier_seq:
-                return False
-        return True
 
     def _try_claim(self, now: float) -> None:
         if self._agreed or now < self._started + self.timers.startup_wait:
@@ -738,18 +450,6 @@ class Node:
         self._events.append(ev.LeftCluster(self.node_id))
         return True
 
-    def _sorted_base(self) -> tuple[str, ...]:
-        # Compared with every heartbeat's base: sorted once per base, not per datagram.
-        if self._sorted_base_of[0] is not self._base:
-            self._sorted_base_of = (self._base, tuple(sorted(self._base)))
-        return self._sorted_base_of[1]
-
-    def _own_buckets(self) -> frozenset[int]:
-        if self.draining:
-            return frozenset()
-        my_index = next(i for i, m in enumerate(self._view) if m.node_id == self.node_id)
-        return frozenset(np.flatnonzero(self.owners() == my_index).tolist())
-
     def _apply(self, held: frozenset[int], lease_until: float | None) -> None:
         self._applied = (held, lease_until)
         if self._actions and isinstance(self._actions[-1], ev.ApplyKernel):
@@ -777,7 +477,6 @@ class Node:
         self._actions.append(ev.Transmit(self._codec.seal(heartbeat)))
         self.counters.sent += 1
         self._last_sent = now
-        pacer = self._peers.get(self._view[0].node_id)
-        following = pacer is not None and now - pacer.last_heard < self.timers.interval
-        self._next_heartbeat = now + self.timers.interval * (1 + WAVE_SLACK * following)
+        self._next_heartbeat = pacing.after_send(
+            now, self._peers.get(self._view[0].node_id), self.timers.interval)
         self._prompt_at = None

@@ -17,7 +17,7 @@ from clustersim import Cluster, SimNode, Violation, run_random_schedule
 
 from lbd.protocol import events as ev
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, QuorumMode, Timers
-from lbd.protocol.membership import QUIET_SLACK
+from lbd.protocol.pacing import QUIET_SLACK
 
 FAST = FAST_TIMERS
 SCHEDULES = int(os.environ.get("LBD_SIM_SCHEDULES", "2000"))

@@ -1,0 +1,271 @@
+"""The state one node keeps, and every question asked of it (sans-I/O).
+
+``NodeState`` holds what ``membership.Node`` (the transitions: inputs, steps,
+outputs) reads and writes, and answers the queries: the timer, quiet reading,
+the current view, holdings and lease, ownership, the ``lbd-cli members`` rows,
+and the derived facts the steps need (the bases a decision needs a quorum of,
+the lease a quorum currently supports, whether the barrier is complete). The
+theory of operation is in ``membership.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from lbd.protocol import events as ev
+from lbd.protocol import pacing
+from lbd.protocol.config import CoreConfig, QuorumMode
+from lbd.protocol.messages import Member
+from lbd.protocol.ownership import Owners, compute_owners
+from lbd.protocol.peers import Peer, PeerState
+from lbd.protocol.quorum import lease_deadline
+from lbd.protocol.report import MemberInfo, member_rows, view_digest
+from lbd.protocol.wire import Codec, ReplayGuard
+
+TIMER_SLACK = 1e-6
+"""Seconds added to every deadline handed to the caller's timer."""
+
+
+@dataclass(slots=True)
+class Counters:
+    accepted: int = 0
+    malformed: int = 0
+    forged: int = 0
+    replayed: int = 0
+    own_echo: int = 0
+    sent: int = 0
+    view_changes: int = 0
+
+
+class NodeState:
+    """Fields and queries of one node; ``membership.Node`` adds the transitions."""
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        codec: Codec,
+        node_id: str,
+        incarnation: int,
+        now: float,
+        *,
+        weight: int = 100,
+        draining: bool = False,
+        base: Iterable[str] = (),
+        epoch: int = 0,
+        previous_base: Iterable[str] | None = None,
+    ) -> None:
+        """``base``/``epoch``/``previous_base``: the quorum base persisted by the previous
+        run (from ``BaseChanged``): a restarted node must not start a cluster of its own
+        while the cluster it belonged to may be alive but unheard (hung, partitioned),
+        nor forget that a base change was still unconfirmed."""
+        self.config = config.validate()
+        self.timers = config.timers
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.weight = weight
+        self.draining = draining
+        self.counters = Counters()
+        self._codec = codec
+        self._replay = ReplayGuard()
+        self._peers: dict[str, Peer] = {}
+        self._seq = 0
+        self._sent_at: dict[int, float] = {}
+        self._started = now
+        self._last_step = now
+        self._self_cached: Member | None = None
+        self._view: tuple[Member, ...] = (self._self_member(),)
+        self._view_seen_equal: tuple[Member, ...] | None = None
+        self._digest: tuple[tuple[Member, ...] | None, str] = (None, "")
+        self._sorted_base_of: tuple[frozenset[str] | None, tuple[str, ...]] = (None, ())
+        self._barrier_seq = 1
+        self._agreed = False
+        self._base: frozenset[str] = frozenset(base)
+        self._epoch = epoch
+        self._prev_base: frozenset[str] | None = (
+            frozenset(previous_base) if previous_base else None)
+        self._adopted_base = False
+        self._heard_peer = False
+        self._reported_base = (self._epoch, self._base, self._prev_base)
+        self._held: frozenset[int] = frozenset()
+        self._applied: tuple[frozenset[int], float | None] = (frozenset(), None)
+        self._quorum_ok = True
+        self._next_heartbeat = now
+        self._last_sent = -1e18
+        self._prompt_at: float | None = None
+        self._leaving_since: float | None = None
+        self._left = False
+        self._duplicate_seen: set[int] = set()
+        self._owners_cache: tuple[tuple[Member, ...], Owners] | None = None
+        self._actions: list[ev.Action] = []
+        self._events: list[ev.Event] = []
+        self._step(now)
+
+    def _step(self, now: float) -> None:
+        """One step of the transitions: ``membership.Node`` has them."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- queries
+
+    def get_timer(self) -> float | None:
+        if self._left:
+            return None
+        t = self.timers
+        deadlines = [self._next_heartbeat, self._started + t.startup_wait]
+        if self._prompt_at is not None:
+            deadlines.append(self._prompt_at)
+        lease_until = self._applied[1]
+        if lease_until is not None:
+            deadlines.append(lease_until)
+        if self._leaving_since is not None:
+            deadlines.append(self._leaving_since + t.leave_timeout)
+        for peer in self._peers.values():
+            if peer.left or peer.declared_dead:
+                continue
+            deadlines.append(peer.last_heard + t.dead_after)
+            if peer.deaf_since is None:
+                deadlines.append(max(peer.first_heard, peer.last_listed_me) + t.dead_after)
+            else:
+                deadlines.append(peer.deaf_since + t.dead_after)
+            if not peer.in_view:
+                deadlines.append(peer.first_heard + t.join_holddown)
+        # Deadlines already reached have been acted on; only future ones wake us.
+        future = [d for d in deadlines if d > self._last_step]
+        # Woken a hair early (clock rounding), a deadline would not count as reached
+        # and would only be seen at the next heartbeat: aim just past it.
+        return min(future) + TIMER_SLACK if future else self._last_step + t.interval
+
+    def quiet_until(self) -> float | None:
+        """Until when the caller may leave arriving datagrams unread (then hand them
+        to ``receive_datagrams`` with their arrival times), or None: read each one
+        as it comes. Only while the cluster is settled (``pacing.py``)."""
+        if (self._left or self._leaving_since is not None or not self._agreed
+                or not self._quorum_ok or self._prev_base is not None
+                or self._prompt_at is not None
+                or not pacing.settled(self._peers.values(), self._epoch,
+                                      self._sorted_base())):
+            return None
+        pacer = self._view[0].node_id
+        return pacing.quiet_until(self._next_heartbeat,
+                                  None if pacer == self.node_id else self._peers[pacer],
+                                  self.timers.interval, self._last_step)
+
+    @property
+    def held(self) -> frozenset[int]:
+        return self._held
+
+    @property
+    def view(self) -> tuple[Member, ...]:
+        return self._view
+
+    @property
+    def agreed(self) -> bool:
+        return self._agreed
+
+    @property
+    def lease_until(self) -> float | None:
+        return self._applied[1]
+
+    @property
+    def has_left(self) -> bool:
+        return self._left
+
+    @property
+    def quorum_ok(self) -> bool:
+        return self._quorum_ok
+
+    @property
+    def base(self) -> frozenset[str]:
+        return self._base
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def digest(self) -> str:
+        if self._digest[0] is not self._view:  # the view tuple is replaced on every change
+            self._digest = (self._view, view_digest(self._view))
+        return self._digest[1]
+
+    def owners(self) -> Owners:
+        """Owner (index into ``view``) of every bucket under the current view."""
+        cached = self._owners_cache
+        if cached is not None and cached[0] == self._view:
+            return cached[1]
+        pairs = [(m.node_id, 0 if m.draining else m.weight) for m in self._view]
+        owners = compute_owners(pairs, self.config.buckets, self.config.seed)
+        self._owners_cache = (self._view, owners)
+        return owners
+
+    def members(self, now: float) -> list[MemberInfo]:
+        held = len(self._held)
+        me = MemberInfo(self.node_id, "self", self._self_state(), held,
+                        100.0 * held / self.config.buckets, self.weight, 0,
+                        self.incarnation, True)
+        return member_rows(me, self._peers.values(), self.config.buckets,
+                           self.timers.interval, now)
+
+    # ------------------------------------------------ derived facts for steps
+
+    def _self_member(self) -> Member:
+        m = self._self_cached
+        if m is None or (m.weight, m.draining) != (self.weight, self.draining):
+            m = self._self_cached = Member(self.node_id, self.incarnation, self.weight,
+                                           self.draining)
+        return m
+
+    def _self_state(self) -> str:
+        if self._leaving_since is not None:
+            return PeerState.LEFT.value if self._left else "leaving"
+        if self.draining:
+            return PeerState.DRAINING.value
+        return PeerState.ACTIVE.value if self._agreed else PeerState.JOINING.value
+
+    def _bases(self) -> list[frozenset[str]]:
+        """The bases every decision needs a quorum of (two while a change is unconfirmed)."""
+        bases = [self._base]
+        if self._prev_base is not None:
+            bases.append(self._prev_base)
+        return bases
+
+    def _lease_candidate(self, now: float) -> float | None:
+        lease = self.timers.lease
+        if self.config.quorum is QuorumMode.NONE or not self._base:
+            return now + lease
+        anchors: list[tuple[float, str]] = [(now, self.node_id)]
+        for peer in self._peers.values():
+            sent = self._sent_at.get(peer.ack_of_me)
+            if sent is not None and not peer.left:
+                anchors.append((sent, peer.node_id))
+        deadlines = [lease_deadline(anchors, base, lease) for base in self._bases() if base]
+        if any(d is None for d in deadlines):
+            return None
+        deadline = min(d for d in deadlines if d is not None)
+        return deadline if deadline > now else None
+
+    def _barrier_complete(self) -> bool:
+        for member in self._view:
+            if member.node_id == self.node_id:
+                continue
+            peer = self._peers.get(member.node_id)
+            if peer is None or peer.incarnation != member.incarnation:
+                return False
+            if not peer.view_match:
+                return False
+            if peer.ack_of_me < self._barrier_seq:
+                return False
+        return True
+
+    def _sorted_base(self) -> tuple[str, ...]:
+        # Compared with every heartbeat's base: sorted once per base, not per datagram.
+        if self._sorted_base_of[0] is not self._base:
+            self._sorted_base_of = (self._base, tuple(sorted(self._base)))
+        return self._sorted_base_of[1]
+
+    def _own_buckets(self) -> frozenset[int]:
+        if self.draining:
+            return frozenset()
+        my_index = next(i for i, m in enumerate(self._view) if m.node_id == self.node_id)
+        return frozenset(np.flatnonzero(self.owners() == my_index).tolist())

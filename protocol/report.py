@@ -1,0 +1,50 @@
+"""What a node tells its operator: the rows of ``lbd-cli members`` and the view digest."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lbd.protocol.messages import Member
+from lbd.protocol.peers import Peer
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """One row of ``lbd-cli members``."""
+
+    node_id: str
+    address: str
+    state: str
+    slices: int
+    share: float
+    weight: int
+    last_heard_ms: int | None
+    incarnation: int
+    is_self: bool
+
+
+def view_digest(view: tuple[Member, ...]) -> str:
+    """A short name for a view (logs, ``lbd-cli``); not used for any decision."""
+    text = ";".join(f"{m.node_id},{m.incarnation},{m.weight},{int(m.draining)}" for m in view)
+    return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+
+
+def member_rows(me: MemberInfo, peers: Iterable[Peer], buckets: int, interval: float,
+                now: float) -> list[MemberInfo]:
+    """Our own row and one per known peer, sorted by node ID. A peer's slices are what
+    its last heartbeat says it holds, counted only while it is in our view."""
+    rows = [me]
+    suspect_after = 2 * interval
+    for peer in peers:
+        heartbeat = peer.last_heartbeat
+        in_view = peer.in_view and not (peer.left or peer.declared_dead)
+        slices = heartbeat.held if heartbeat is not None and in_view else 0
+        rows.append(MemberInfo(
+            peer.node_id, peer.address, peer.state(now, suspect_after).value, slices,
+            100.0 * slices / buckets, peer.weight,
+            round(1000 * peer.silent_for(now)), peer.incarnation, False,
+        ))
+    rows.sort(key=lambda r: r.node_id)
+    return rows

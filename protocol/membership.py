@@ -364,15 +364,22 @@ class Node(NodeState):
             self._events.append(ev.LeaseLapsed(dropped))
 
     def _confirm_base_change(self) -> None:
-        """Drop the previous base once a quorum of it has adopted our epoch."""
+        """Drop the previous base once a quorum of it has adopted the change."""
         previous = self._prev_base
         if previous is None:
             return
         # (epoch, base) as adoption orders them: an equal epoch with another base (a
-        # stale node's own claim) is not an adoption of ours.
+        # stale node's own claim) is not an adoption of ours. So is a base we have
+        # advertised since the change, at an epoch after the previous base's: a
+        # peer that adopted it and then left or died no longer judges by the
+        # previous base alone, and waiting for it to adopt our latest epoch would
+        # keep the previous base (and its quorum) alive forever.
         ours = (self._epoch, self._sorted_base())
-        adopted = {p.node_id for p in self._peers.values() if p.last_heartbeat is not None
-                   and (p.last_heartbeat.epoch, p.last_heartbeat.base) >= ours}
+        since = self._prev_epoch if self._lineage_of is previous else None
+        adopted = {p.node_id for p in self._peers.values()
+                   if (hb := p.last_heartbeat) is not None
+                   and ((hb.epoch, hb.base) >= ours or (since is not None
+                        and hb.epoch > since and hb.base in self._lineage))}
         adopted.add(self.node_id)
         if has_quorum(adopted, previous):
             self._prev_base = None
@@ -380,6 +387,7 @@ class Node(NodeState):
     def _set_base(self, base: frozenset[str], epoch: int) -> None:
         if self._base and base != self._base:
             self._prev_base = self._base
+            self._prev_epoch = self._epoch
         self._base = base
         self._epoch = epoch
 
@@ -394,7 +402,12 @@ class Node(NodeState):
         self._events.append(event(heard, len(self._base)))
 
     def _try_claim(self, now: float) -> None:
-        if self._agreed or now < self._started + self.timers.startup_wait:
+        if self._agreed:
+            return
+        if now < self._started + self.timers.startup_wait and not self._admitted():
+            # Start-up listening is for forming a view; a node the others have
+            # already agreed a view with (released its slices for) joins at once:
+            # waiting here left those slices unserved for ~1 s on every rejoin.
             return
         if not self._base and ((self._heard_peer and len(self._view) == 1) or any(
             not p.in_view and not p.left and not p.declared_dead and p.deaf_since is None
@@ -410,14 +423,14 @@ class Node(NodeState):
         if self.config.quorum is QuorumMode.MAJORITY and not has_joint_quorum(
                 ids, self._bases()):
             return
-        saved = (self._base, self._epoch, self._prev_base)
+        saved = (self._base, self._epoch, self._prev_base, self._prev_epoch)
         self._set_base(ids, 1 + max([self._epoch] + [
             p.last_heartbeat.epoch for m in self._view
             if (p := self._peers.get(m.node_id)) is not None and p.last_heartbeat is not None
         ]))
         candidate = self._lease_candidate(now)
         if candidate is None or candidate <= now:
-            self._base, self._epoch, self._prev_base = saved
+            self._base, self._epoch, self._prev_base, self._prev_epoch = saved
             return
         target = self._own_buckets()
         gained = len(target - self._held)
@@ -457,6 +470,10 @@ class Node(NodeState):
         self._actions.append(ev.ApplyKernel(held, lease_until))
 
     def _send_heartbeat(self, now: float) -> None:
+        if self._prev_base is not None:  # what peers may adopt of an unconfirmed change
+            if self._lineage_of is not self._prev_base:
+                self._lineage_of, self._lineage = self._prev_base, set()
+            self._lineage.add(self._sorted_base())
         self._seq += 1
         self._sent_at[self._seq] = now
         horizon = now - self.timers.lease - self.timers.dead_after

@@ -87,6 +87,11 @@ class NodeState:
         self._prev_base: frozenset[str] | None = (
             frozenset(previous_base) if previous_base else None)
         self._adopted_base = False
+        # The bases advertised since the base changed from _lineage_of, whose epoch
+        # was _prev_epoch (unknown for a previous base restored from disk).
+        self._prev_epoch: int | None = None
+        self._lineage_of: frozenset[str] | None = None
+        self._lineage: set[tuple[str, ...]] = set()
         self._heard_peer = False
         self._reported_base = (self._epoch, self._base, self._prev_base)
         self._held: frozenset[int] = frozenset()
@@ -255,6 +260,19 @@ class NodeState:
             if not peer.view_match:
                 return False
             if peer.ack_of_me < self._barrier_seq:
+                return False
+        return True
+
+    def _admitted(self) -> bool:
+        """Every other member of our view already agreed exactly our view."""
+        if len(self._view) < 2:
+            return False
+        for member in self._view:
+            if member.node_id == self.node_id:
+                continue
+            peer = self._peers.get(member.node_id)
+            if (peer is None or peer.incarnation != member.incarnation or not peer.view_match
+                    or peer.last_heartbeat is None or not peer.last_heartbeat.agreed):
                 return False
         return True
 

@@ -114,6 +114,9 @@ def table(service: Service) -> dict[str, Any]:
 
 
 def dispatch(service: Service, request: dict[str, Any]) -> Any:
+    # A settled daemon reads its socket once per interval: catch up first, so that
+    # "last heard" and states are as of now, not of the last wake-up.
+    service.catch_up()
     now = time.monotonic()
     cmd = request.get("cmd")
     if cmd == "members":

@@ -311,6 +311,12 @@ class Service:
         self._read(None)
         self._process()
 
+    def catch_up(self) -> None:
+        """Read what waits in the socket now (before answering a query)."""
+        if self._sock is not None and not self._watching:
+            self._read(None)
+            self._process()
+
     def _on_timer(self) -> None:
         self._timer = None
         # What waited in the socket first: a deadline must not pass over an arrival.

@@ -115,6 +115,12 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
         table = cluster.cli(1, "members").stdout.splitlines()
         assert len(table) == 4 and all(len(line) <= 80 for line in table)
         assert [line[0] for line in table[1:]] == [" ", "*", " "]
+        # A settled daemon reads heartbeats once per interval (100 ms) but catches up
+        # before it answers: a peer is never shown older than its last heartbeat
+        # (sent every interval), which without catching up reached two intervals.
+        heard = [row["last_heard_ms"] for _ in range(12)
+                 for row in cluster.query(1, "members") or [] if not row["is_self"]]
+        assert len(heard) == 24 and max(heard) < 150, heard
 
         # Every client source is answered by exactly one node.
         the_bed.start_echo(addrs=[the_bed.vip4])

@@ -16,14 +16,18 @@ Start-up, in this order (each step fails closed):
 4. the heartbeat socket and the control socket;
 5. the core (``lbd.protocol.membership.Node``). Only now does the node speak.
 
-Steady state: every input (datagram, timer, signal, control command) is one core
+Steady state: every input (datagrams, timer, signal, control command) is one core
 call followed by ``_process()``, which executes the core's actions *in order*
 (ApplyKernel before Transmit: break before make), logs its events and re-arms the
-single timer at ``core.get_timer()``. In multicast mode each ApplyKernel also makes
-the node the ARP/ND responder for as long as its lease, if it owns bucket 0
-(``macmode.ANCHOR_BUCKET``), and withdraws that otherwise. If the kernel refuses an
-apply, the daemon stops transmitting and exits 1: its owner table vanishes with its netlink socket
-and the guard keeps the node closed (S2); peers see it die.
+single timer at ``core.get_timer()``. While the core is quiet (``quiet_until``:
+the cluster is settled) the socket is not watched: the timer wake-up reads
+everything queued, with kernel arrival times (``heartbeat.py``), in one call, so
+a settled daemon wakes once per interval. A control query catches up first.
+In multicast mode each ApplyKernel also makes the node the ARP/ND responder for
+as long as its lease, if it owns bucket 0 (``macmode.ANCHOR_BUCKET``), and
+withdraws that otherwise. If the kernel refuses an apply, the daemon stops
+transmitting and exits 1: its owner table vanishes with its netlink socket and
+the guard keeps the node closed (S2); peers see it die.
 
 SIGTERM/SIGINT: ``core.leave()`` (drain through the handoff, then announce the
 leave); once ``has_left`` (or after ``leave_timeout`` + 1 s) the owner table is

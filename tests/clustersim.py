@@ -44,7 +44,8 @@ class SimNode:
     state: str = "up"  # up | hung | crashed | left
     kernel_set: frozenset[int] = frozenset()
     lease_until_local: float | None = None
-    inbox: list[tuple[bytes, str]] = field(default_factory=list)
+    inbox: list[tuple[bytes, str, float]] = field(default_factory=list)
+    """Datagrams that arrived while hung, with their local arrival times."""
     queued: list[tuple[bytes, str, float]] = field(default_factory=list)
     """Datagrams left unread in a quiet window, with their local arrival times."""
     quiet_until_local: float | None = None
@@ -158,14 +159,14 @@ class Cluster:
             return
         node.state = "up"
         assert node.core is not None
-        inbox = [(data, source) for data, source, _ in node.queued] + node.inbox
+        inbox = node.queued + node.inbox
         node.inbox, node.queued = [], []
         local = self._feed_time(node, node.local(self.now))
-        if self.rng.random() < 0.5:  # a resumed loop may run its timer before or after reads
+        # A resumed loop may run its timer before or after it reads; what it reads
+        # carries the arrival times (the daemon's kernel timestamps).
+        if self.rng.random() < 0.5:
             node.core.handle_timer(local)
-        for data, source in inbox:
-            node.core.receive_datagram(data, source, local)
-        node.core.handle_timer(local)
+        node.core.receive_datagrams(inbox, local)
         self._drain(node)
 
     def act(self, name: str, action: Callable[[Node, float], None]) -> None:
@@ -249,7 +250,7 @@ class Cluster:
         def deliver() -> None:
             if receiver.state == "hung":
                 if len(receiver.inbox) < 256:  # a socket buffer is finite
-                    receiver.inbox.append((data, source))
+                    receiver.inbox.append((data, source, receiver.local(self.now)))
             elif receiver.state == "up" and receiver.core is not None:
                 local = receiver.local(self.now)
                 quiet = receiver.quiet_until_local

@@ -22,6 +22,10 @@ from lbd.protocol.errors import LbdError
 IP_PKTINFO = 8  # linux/in.h; Python 3.11's socket module does not export it
 IP_MULTICAST_ALL = 49
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+SO_RCVBUFFORCE = 33
+RECEIVE_BUFFER = 1 << 20
+"""Bytes of socket buffer: a settled daemon leaves an interval's heartbeats queued
+(at 64 nodes some 150 kB of kernel memory, near Linux's default limit)."""
 STAMP_TOLERANCE = 0.001
 """Seconds the clock offset may move between reads (NTP slews far less), and what
 is added to every converted timestamp so that it errs late."""
@@ -53,6 +57,10 @@ def heartbeat_socket(cfg: DaemonConfig, ifindex: int, address: str) -> socket.so
         # Otherwise Linux delivers every group joined by anyone on this port.
         sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        try:  # past net.core.rmem_max: needs CAP_NET_ADMIN, which the daemon has
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
     except OSError as exc:
         sock.close()
         raise HeartbeatSocketError(

@@ -11,6 +11,7 @@ processes are stopped by PID (the bed also kills what it started).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lbd.daemon.heartbeat import RECEIVE_BUFFER
 from lbd.daemon.notify import MESSAGE_IDS, decode_journal
 from lbd.netcfg.ruleset import GUARD_TABLE, OWNER_TABLE
 
@@ -104,6 +106,11 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
                                      "three daemons to converge")
         assert set(shares) == {"node0", "node1", "node2"}
         assert all(BUCKETS / 3 * 0.7 < v < BUCKETS / 3 * 1.3 for v in shares.values())
+
+        # The heartbeat socket keeps an interval's heartbeats of a large cluster
+        # (the kernel reports twice what was asked for).
+        skmem = the_bed.run(the_bed.nodes[0].name, "ss", "-uamn").stdout
+        assert re.findall(r"rb(\d+)", skmem) == [str(2 * RECEIVE_BUFFER)], skmem
 
         # A second daemon on node 0 refuses to start (instance lock), clearly.
         second = the_bed.python(the_bed.nodes[0].name, "-m", "lbd.daemon.cli", "run",

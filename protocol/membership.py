@@ -443,13 +443,7 @@ class Node(NodeState):
     def _try_finish_leave(self, now: float) -> bool:
         if self._leaving_since is None:
             return False
-        absorbed = self._agreed and all(
-            (p := self._peers.get(m.node_id)) is not None
-            and p.last_heartbeat is not None
-            and p.last_heartbeat.agreed
-            and p.view_match
-            for m in self._view if m.node_id != self.node_id
-        )
+        absorbed = self._agreed and self._others_agreed()
         if not absorbed and now < self._leaving_since + self.timers.leave_timeout:
             return False
         self._held = frozenset()

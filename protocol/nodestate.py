@@ -250,31 +250,32 @@ class NodeState:
         deadline = min(d for d in deadlines if d is not None)
         return deadline if deadline > now else None
 
-    def _barrier_complete(self) -> bool:
+    def _peers_on_our_view(self) -> list[Peer] | None:
+        """The peer of every other member of our view, if each advertises exactly our
+        view (with the incarnation our view lists); else None."""
+        peers = []
         for member in self._view:
             if member.node_id == self.node_id:
                 continue
             peer = self._peers.get(member.node_id)
-            if peer is None or peer.incarnation != member.incarnation:
-                return False
-            if not peer.view_match:
-                return False
-            if peer.ack_of_me < self._barrier_seq:
-                return False
-        return True
+            if peer is None or peer.incarnation != member.incarnation or not peer.view_match:
+                return None
+            peers.append(peer)
+        return peers
+
+    def _barrier_complete(self) -> bool:
+        peers = self._peers_on_our_view()
+        return peers is not None and all(p.ack_of_me >= self._barrier_seq for p in peers)
+
+    def _others_agreed(self) -> bool:
+        """Every other member of our view has agreed exactly our view."""
+        peers = self._peers_on_our_view()
+        return peers is not None and all(
+            p.last_heartbeat is not None and p.last_heartbeat.agreed for p in peers)
 
     def _admitted(self) -> bool:
-        """Every other member of our view already agreed exactly our view."""
-        if len(self._view) < 2:
-            return False
-        for member in self._view:
-            if member.node_id == self.node_id:
-                continue
-            peer = self._peers.get(member.node_id)
-            if (peer is None or peer.incarnation != member.incarnation or not peer.view_match
-                    or peer.last_heartbeat is None or not peer.last_heartbeat.agreed):
-                return False
-        return True
+        """The others already agreed a view with us (and released what we gain)."""
+        return len(self._view) > 1 and self._others_agreed()
 
     def _sorted_base(self) -> tuple[str, ...]:
         # Compared with every heartbeat's base: sorted once per base, not per datagram.

@@ -51,8 +51,6 @@ class SimNode:
     quiet_until_local: float | None = None
     wakeups: int = 0
     """Times the daemon would have woken: timer fires and datagrams read on arrival."""
-    fed_local: float = float("-inf")
-    """The latest ``now`` handed to the core (the daemon keeps its times monotonic)."""
     timer_version: int = 0
     incarnation: int = 0
     persisted_base: tuple[tuple[str, ...], int, tuple[str, ...] | None] = ((), 0, None)
@@ -129,7 +127,6 @@ class Cluster:
         node.inbox.clear()
         node.queued.clear()
         node.quiet_until_local = None
-        node.fed_local = float("-inf")
         nonce_rng = random.Random(self.rng.getrandbits(64))
         codec = Codec(self.config.cluster, Keyring(KEY), nonce_source=nonce_rng.randbytes)
         base, epoch, previous = node.persisted_base  # what the daemon keeps in its state dir
@@ -161,7 +158,7 @@ class Cluster:
         assert node.core is not None
         inbox = node.queued + node.inbox
         node.inbox, node.queued = [], []
-        local = self._feed_time(node, node.local(self.now))
+        local = node.local(self.now)
         # A resumed loop may run its timer before or after it reads; what it reads
         # carries the arrival times (the daemon's kernel timestamps).
         if self.rng.random() < 0.5:
@@ -172,7 +169,7 @@ class Cluster:
     def act(self, name: str, action: Callable[[Node, float], None]) -> None:
         node = self.nodes[name]
         if node.state == "up" and node.core is not None:
-            action(node.core, self._feed_time(node, node.local(self.now)))
+            action(node.core, node.local(self.now))
             self._drain(node)
 
     def live(self) -> list[SimNode]:
@@ -223,10 +220,6 @@ class Cluster:
 
         self.at(t, fire)
 
-    def _feed_time(self, node: SimNode, local: float) -> float:
-        node.fed_local = max(node.fed_local, local)
-        return node.fed_local
-
     def _read_queued(self, node: SimNode, timer_due: bool = False) -> None:
         """What waited in the socket, then the timer if due (as the daemon reads)."""
         assert node.core is not None
@@ -235,7 +228,7 @@ class Cluster:
             # Arrival times as they are: the core counts one before its last step as
             # at that step.
             node.core.receive_datagrams(
-                queued, self._feed_time(node, node.local(self.now)) if timer_due else None)
+                queued, node.local(self.now) if timer_due else None)
 
     def _multicast(self, sender: SimNode, data: bytes) -> None:
         for receiver in self.nodes.values():
@@ -260,7 +253,7 @@ class Cluster:
                     return
                 receiver.wakeups += 1
                 self._read_queued(receiver)
-                receiver.core.receive_datagram(data, source, self._feed_time(receiver, local))
+                receiver.core.receive_datagram(data, source, local)
                 self._drain(receiver)
 
         return deliver

@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,16 +40,6 @@ from lbd.protocol.messages import Heartbeat, Member  # noqa: E402
 from lbd.protocol.wire import Codec  # noqa: E402
 
 RECV_BATCH = 256
-
-
-def datagrams(sock: socket.socket) -> Iterator[tuple[bytes, str]]:
-    """(data, source address) of what is queued on ``sock``, at most RECV_BATCH."""
-    for _ in range(RECV_BATCH):
-        try:
-            data, source = sock.recvfrom(65535)
-        except (BlockingIOError, InterruptedError):
-            return
-        yield data, source[0]
 
 
 def send_from(sock: socket.socket, cfg: DaemonConfig, address: str, data: bytes) -> bool:
@@ -94,13 +84,14 @@ class Emulator:
                            f"{prefix}{i:02d}", incarnation, now) for i in range(count)]
         self.ifindex = socket.if_nametoindex(self.cfg.interface)
         self.sock = heartbeat.heartbeat_socket(self.cfg, self.ifindex, self.addresses[0])
+        self.reader = heartbeat.StampedReader(self.sock)
         self.pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self.timers: list[asyncio.TimerHandle | None] = [None] * count
         self.drain_scheduled = False
         self.stats = {"received": 0, "sent": 0, "local_deliveries": 0, "undecodable": 0}
 
     def on_readable(self) -> None:
-        for data, source in datagrams(self.sock):
+        for data, source, _arrived in self.reader.read(RECV_BATCH)[0]:
             self.stats["received"] += 1
             self.deliver(data, source, None)
         self.drain()
@@ -203,13 +194,15 @@ class ScriptedPeers:
         self.real: dict[str, tuple[Heartbeat, float, float]] = {}  # id: (last, first, last heard)
         self.epoch = 1
         self.base = tuple(sorted(m.node_id for m in self.own))
-        self.sock = heartbeat.heartbeat_socket(self.cfg, socket.if_nametoindex(self.cfg.interface),
-                                     self.addresses[self.own[0].node_id])
+        self.sock = heartbeat.heartbeat_socket(
+            self.cfg, socket.if_nametoindex(self.cfg.interface),
+            self.addresses[self.own[0].node_id])
+        self.reader = heartbeat.StampedReader(self.sock)
         self.next_sender = 0
         self.stats = {"received": 0, "sent": 0, "undecodable": 0}
 
     def on_readable(self) -> None:
-        for data, _source in datagrams(self.sock):
+        for data, _source, _arrived in self.reader.read(RECV_BATCH)[0]:
             self.stats["received"] += 1
             try:
                 message = self.codec.open(data)

@@ -317,9 +317,8 @@ class Service:
 
     def catch_up(self) -> None:
         """Read what waits in the socket now (before answering a query)."""
-        if self._sock is not None and not self._watching:
-            self._read(None)
-            self._process()
+        if self._sock is not None and not self._watching:  # else read on arrival
+            self._on_readable()
 
     def _on_timer(self) -> None:
         self._timer = None

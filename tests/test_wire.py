@@ -93,9 +93,31 @@ def seal_body(
     return header + ChaCha20Poly1305(key).encrypt(nonce, body, header + cluster.encode())
 
 
+PACKED_FIELDS = (6, 11)
+"""A heartbeat's view and base: each a msgpack array packed into a bin of its own."""
+
+
 def body_as_lists(message: Message) -> list[Any]:
-    unpacked: list[Any] = msgpack.unpackb(msgpack.packb(wire._body_of(message)))
-    return unpacked
+    """The body as nested lists, a heartbeat's view and base unpacked too."""
+    return unpack_body(msgpack.packb(wire._body_of(message)))
+
+
+def unpack_body(packed: bytes) -> list[Any]:
+    body: list[Any] = msgpack.unpackb(packed)
+    if len(body) == 12 and body[0] == 1:
+        for index in PACKED_FIELDS:
+            body[index] = msgpack.unpackb(body[index])
+    return body
+
+
+def pack_body(body: Any) -> bytes:
+    """The inverse of body_as_lists, for any edited body: a list found where a
+    heartbeat's view or base belongs is packed into a bin, anything else is left."""
+    if isinstance(body, list) and len(body) > PACKED_FIELDS[0]:
+        body = [msgpack.packb(item) if index in PACKED_FIELDS and isinstance(item, list)
+                else item for index, item in enumerate(body)]
+    packed: bytes = msgpack.packb(body)
+    return packed
 
 
 def open_or_decode_error(codec: Codec, data: bytes) -> Message | None:
@@ -222,8 +244,7 @@ def mutated_bodies(draw: st.DrawFn) -> bytes:
         else:
             other = draw(st.integers(0, len(parent) - 1))
             parent[index], parent[other] = parent[other], parent[index]
-    packed: bytes = msgpack.packb(body)
-    return packed
+    return pack_body(body)
 
 
 # --- round trips and layout -------------------------------------------------------
@@ -271,7 +292,7 @@ def test_unsorted_or_duplicate_base_is_refused() -> None:
     assert codec.open(codec.seal(good)) == good
     for base in (("b", "a"), ("a", "a")):
         body = list(wire._body_of(good))
-        body[11] = base
+        body[11] = msgpack.packb(base)
         with pytest.raises(DecodeError, match="base"):
             wire._message_from_body(tuple(body))
 
@@ -286,19 +307,29 @@ def test_a_view_seen_before_is_still_checked_exactly() -> None:
     opened = codec.open(codec.seal(good))
     assert isinstance(opened, Heartbeat)
     assert opened.view is codec.open(codec.seal(good)).view  # one object per view
-    raw = wire._body_of(good)[6]
+    remembered = wire._body_of(good)[6]
     for column, value in ((1, True), (2, 1.0), (3, 1)):
-        body = list(wire._body_of(good))
-        member = list(raw[0] if column != 3 else raw[1])
-        member[column] = value
-        body[6] = (tuple(member), raw[1]) if column != 3 else (raw[0], tuple(member))
-        assert body[6] == raw  # equal to the remembered view, but not of its types
+        body = body_as_lists(good)
+        body[6][0 if column != 3 else 1][column] = value
+        packed = pack_body(body)
+        view = msgpack.unpackb(packed)[6]
+        # Equal in value to the remembered view, but not of its types.
+        assert view != remembered and msgpack.unpackb(view) == msgpack.unpackb(remembered)
         with pytest.raises(DecodeError, match="member"):
-            wire._message_from_body(tuple(body))
+            wire._message_from_body(wire._unpack_body(packed))
     stranger = list(wire._body_of(good))
     stranger[1] = "c"
     with pytest.raises(DecodeError, match="sender"):
         wire._message_from_body(tuple(stranger))
+
+
+def test_remembered_views_and_bases_are_bounded() -> None:
+    codec = make_codec()
+    for i in range(3 * wire._MEMO_SIZE):
+        view = (Member("a", i, 1, False),)
+        message = Heartbeat("a", 1, 1, 1, False, view, (0,), True, 0, epoch=i, base=(f"b{i}",))
+        assert codec.open(codec.seal(message)) == message
+        assert len(wire._VIEWS) <= wire._MEMO_SIZE and len(wire._BASES) <= wire._MEMO_SIZE
 
 
 def test_envelope_layout_matches_the_documentation() -> None:
@@ -312,8 +343,13 @@ def test_envelope_layout_matches_the_documentation() -> None:
     body = ChaCha20Poly1305(KEY).decrypt(
         datagram[7:19], datagram[19:], datagram[:19] + CLUSTER.encode()
     )
-    assert msgpack.unpackb(body) == body_as_lists(message)
-    assert body_as_lists(message)[0] == 1
+    assert unpack_body(body) == body_as_lists(message)
+    fields = msgpack.unpackb(body)
+    assert fields[0] == 1 and len(fields) == 12
+    assert all(isinstance(fields[index], bytes) for index in PACKED_FIELDS)
+    assert fields[6] == msgpack.packb([[m.node_id, m.incarnation, m.weight, m.draining]
+                                       for m in message.view])
+    assert fields[11] == msgpack.packb(list(message.base))
     assert body_as_lists(Leave("a", 1, 2)) == [2, "a", 1, 2]
 
 
@@ -606,7 +642,7 @@ def test_sealed_random_body(body: bytes) -> None:
         st.sampled_from([1, 2, 3, 0, True, 1.0, "1"]),
         # Scalars only: nested junk is the structural mutation test's job.
         st.lists(msgpack_scalars, min_size=3, max_size=3)  # the length of a Leave
-        | st.lists(msgpack_scalars, min_size=9, max_size=9),  # the length of a Heartbeat
+        | st.lists(msgpack_scalars, min_size=11, max_size=11),  # the length of a Heartbeat
     )
 )
 def test_sealed_arbitrary_msgpack_body(value: Any) -> None:

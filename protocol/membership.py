@@ -226,7 +226,7 @@ class Node(NodeState):
         matches = hb.view is self._view_seen_equal
         if not matches and hb.view == self._view:
             matches, self._view_seen_equal = True, hb.view
-        if peer.observe(hb, self.node_id, self.incarnation, matches):
+        if peer.observe(hb, self._my_place(hb.view), matches):
             peer.last_listed_me = now
             if peer.deaf_since is not None:
                 peer.deaf_since = None

@@ -78,6 +78,7 @@ class NodeState:
         self._self_cached: Member | None = None
         self._view: tuple[Member, ...] = (self._self_member(),)
         self._view_seen_equal: tuple[Member, ...] | None = None
+        self._listing: tuple[tuple[Member, ...] | None, int | None] = (None, None)
         self._digest: tuple[tuple[Member, ...] | None, str] = (None, "")
         self._sorted_base_of: tuple[frozenset[str] | None, tuple[str, ...]] = (None, ())
         self._barrier_seq = 1
@@ -276,6 +277,16 @@ class NodeState:
     def _admitted(self) -> bool:
         """The others already agreed a view with us (and released what we gain)."""
         return len(self._view) > 1 and self._others_agreed()
+
+    def _my_place(self, view: tuple[Member, ...]) -> int | None:
+        """Our index in ``view`` if it lists us with our incarnation, else None.
+        Looked up once per view object: a settled cluster's heartbeats share one."""
+        if self._listing[0] is not view:
+            place = next((i for i, m in enumerate(view) if m.node_id == self.node_id), None)
+            if place is not None and view[place].incarnation != self.incarnation:
+                place = None
+            self._listing = (view, place)
+        return self._listing[1]
 
     def _sorted_base(self) -> tuple[str, ...]:
         # Compared with every heartbeat's base: sorted once per base, not per datagram.

@@ -65,25 +65,19 @@ class Peer:
     def silent_for(self, now: float) -> float:
         return now - self.last_heard
 
-    def observe(self, heartbeat: Heartbeat, me: str, my_incarnation: int,
+    def observe(self, heartbeat: Heartbeat, my_place: int | None,
                 matches_my_view: bool) -> bool:
-        """Record a heartbeat (``matches_my_view``: it advertises exactly our view);
-        return whether it lists us (with our incarnation).
+        """Record a heartbeat (``my_place``: our index in its view if it lists us
+        with our incarnation; ``matches_my_view``: it advertises exactly our view);
+        return whether it lists us.
 
         What we need from it (its ack of us, whether it matches our view) is
         computed once here, not on every step: steps are O(N), not O(N^2).
         """
         self.last_heartbeat = heartbeat
-        self.ack_of_me = 0
-        listed = False
-        for index, member in enumerate(heartbeat.view):
-            if member.node_id == me:
-                listed = member.incarnation == my_incarnation
-                if listed:
-                    self.ack_of_me = heartbeat.acks[index]
-                break
+        self.ack_of_me = 0 if my_place is None else heartbeat.acks[my_place]
         self.view_match = matches_my_view
-        return listed
+        return my_place is not None
 
     def state(self, now: float, suspect_after: float) -> PeerState:
         if self.left:

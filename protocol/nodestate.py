@@ -154,9 +154,12 @@ class NodeState:
                                       self._sorted_base())):
             return None
         pacer = self._view[0].node_id
-        return pacing.quiet_until(self._next_heartbeat,
-                                  None if pacer == self.node_id else self._peers[pacer],
-                                  self.timers.interval, self._last_step)
+        until = pacing.quiet_until(self._next_heartbeat,
+                                   None if pacer == self.node_id else self._peers[pacer],
+                                   self.timers.interval, self._last_step)
+        # A wake-up like get_timer's: woken a hair early, the heartbeat due then would
+        # not be sent, and the same deadline would wake us again at once.
+        return None if until is None else until + TIMER_SLACK
 
     @property
     def held(self) -> frozenset[int]:

@@ -448,3 +448,23 @@ def test_restarted_node_remembers_its_quorum_base() -> None:
     cluster.resume("n0")
     settle(cluster)
     assert set(owners_now(cluster).values()) == {"n0", "n1"}
+
+
+def test_a_quiet_wake_up_lands_past_the_heartbeat_it_is_for() -> None:
+    """Found by the random schedules (seeds 5489, fast, and 6176, default): a settled
+    pacer's quiet deadline was its send time exactly. Woken a hair early (clock
+    rounding), it sent nothing and asked for the same deadline again: forever on
+    a virtual clock, a spin until the clock moved on in the daemon."""
+    cluster = start(3, seed=22)
+    settle(cluster)
+    cluster.run_until(cluster.now + 2.5 * FAST.interval)
+    pacer = cluster.nodes["n0"].core
+    assert pacer is not None
+    until = pacer.quiet_until()
+    assert until is not None and until > pacer._next_heartbeat
+    pacer.handle_timer(pacer._next_heartbeat - 1e-12)
+    assert not any(isinstance(a, ev.Transmit) for a in pacer.actions())
+    again = pacer.quiet_until()
+    assert again is not None and again > pacer._last_step  # not due at once: no spin
+    for seed, timers in ((5489, FAST_TIMERS), (6176, DEFAULT_TIMERS)):
+        run_random_schedule(seed, timers)

@@ -71,19 +71,21 @@ def ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def _status_field(pid: int, name: str) -> int:
+    """The number of a ``name:`` line in /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {name} for {pid}")
+
+
 def wakeups(pid: int) -> int:
     """Voluntary context switches: each is one sleep of the daemon, i.e. one wake-up."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no voluntary_ctxt_switches for {pid}")
+    return _status_field(pid, "voluntary_ctxt_switches")
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmRSS for {pid}")
+    return round(_status_field(pid, "VmRSS") / 1024, 1)
 
 
 def measure_case(profile: str, nodes: int, window: float, workdir: Path,

@@ -251,9 +251,11 @@ class Cluster:
                     if len(receiver.queued) < 256:  # a socket buffer is finite
                         receiver.queued.append((data, source, local))
                     return
+                # Woken by this one: it is read with whatever still waited, in one
+                # batch, as the daemon's read on arrival does.
                 receiver.wakeups += 1
+                receiver.queued.append((data, source, local))
                 self._read_queued(receiver)
-                receiver.core.receive_datagram(data, source, local)
                 self._drain(receiver)
 
         return deliver

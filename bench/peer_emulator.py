@@ -37,6 +37,7 @@ from lbd.protocol import events as ev  # noqa: E402
 from lbd.protocol.errors import LbdError  # noqa: E402
 from lbd.protocol.membership import Node  # noqa: E402
 from lbd.protocol.messages import Heartbeat, Member  # noqa: E402
+from lbd.protocol.params import digest_params  # noqa: E402
 from lbd.protocol.wire import Codec  # noqa: E402
 
 RECV_BATCH = 256
@@ -186,6 +187,7 @@ class ScriptedPeers:
         self.cfg = load_config(config)
         self.codec = Codec(self.cfg.cluster, load_keyring(self.cfg.key_file))
         self.timers = self.cfg.core_config().timers
+        self.params = digest_params(self.cfg.core_config().agreed_values())
         first = ipaddress.IPv4Address(first_address)
         incarnation = time.time_ns() // 1000
         self.own = [Member(f"{prefix}{i:02d}", incarnation, 100, False) for i in range(count)]
@@ -251,7 +253,8 @@ class ScriptedPeers:
             sender=sender.node_id, incarnation=sender.incarnation,
             seq=self.seqs[sender.node_id], weight=sender.weight, draining=sender.draining,
             view=view, acks=acks, agreed=all(hb.view == view for hb in real_in_view),
-            held=self.cfg.buckets // len(view), epoch=self.epoch, base=self.base)
+            held=self.cfg.buckets // len(view), epoch=self.epoch, base=self.base,
+            params=self.params)
         self.stats["sent"] += send_from(self.sock, self.cfg, self.addresses[sender.node_id],
                                         self.codec.seal(message))
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 
 from lbd.protocol.messages import Heartbeat, Member
+from lbd.protocol.params import FIELDS
 from lbd.protocol.wire import Codec, Keyring
 
 GOAL_OPENED_PER_S_3 = 50_000
@@ -40,6 +41,7 @@ def sample_heartbeat(members: int) -> Heartbeat:
         acks=tuple(987_000 + i for i in range(members)),
         agreed=True,
         held=65536 // members,
+        params=bytes(4 * len(FIELDS)),
     )
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from lbd.protocol.errors import ConfigError
+from lbd.protocol.params import FIELDS, PROTOCOL
 
 CLOCK_SKEW = 0.01
 
@@ -82,26 +83,40 @@ class Timers:
         return self.interval / 5
 
     def validate(self) -> Timers:
+        # Each value first on its own: nan compares false with everything and inf
+        # passes every lower bound, so either would slip through the inequalities
+        # below (nan lease: no S1 check at all). An hour bounds what the kernel's
+        # lease timeout and the event loop's timers are ever asked to hold.
+        may_be_zero = ("join_holddown", "apply_margin")
+        for name in ("interval", "dead_after", "lease", "join_holddown", "startup_wait",
+                     "leave_timeout", "apply_margin"):
+            value = getattr(self, name)
+            key = f"timers.{name}"
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value)):
+                raise ConfigError(f"must be a finite number of seconds, not {value!r}", key=key)
+            if value < 0 or (value == 0 and name not in may_be_zero):
+                need = "0 or more" if name in may_be_zero else "more than 0"
+                raise ConfigError(f"must be {need} seconds, not {value:g}", key=key)
+            if value > 3600:
+                raise ConfigError(f"must be at most 3600 seconds, not {value:g}", key=key)
         if not 0.001 <= self.interval <= 10:
-            raise ConfigError("timers.interval must be between 0.001 and 10 seconds")
+            raise ConfigError("must be between 0.001 and 10 seconds", key="timers.interval")
         if self.dead_after < 3 * self.interval:
-            raise ConfigError("timers.dead_after must be at least 3 intervals")
+            raise ConfigError("must be at least 3 intervals", key="timers.dead_after")
         if self.lease <= self.interval:
-            raise ConfigError("timers.lease must be longer than one interval")
+            raise ConfigError("must be longer than one interval", key="timers.lease")
         if self.lease * (1 + CLOCK_SKEW) + self.apply_margin >= self.dead_after * (1 - CLOCK_SKEW):
             raise ConfigError(
-                "timers.lease is too long for timers.dead_after: need "
+                "is too long for timers.dead_after: need "
                 "lease*1.01 + apply_margin < dead_after*0.99, or a dead node's lease "
-                "could outlive its detection (S1)"
+                "could outlive its detection (S1)", key="timers.lease"
             )
-        if self.join_holddown < 0 or self.join_holddown + 2 * self.interval >= self.dead_after:
-            raise ConfigError(
-                "timers.join_holddown + 2 intervals must be shorter than timers.dead_after"
-            )
+        if self.join_holddown + 2 * self.interval >= self.dead_after:
+            raise ConfigError("+ 2 intervals must be shorter than timers.dead_after",
+                              key="timers.join_holddown")
         if self.startup_wait < 2 * self.interval:
-            raise ConfigError("timers.startup_wait must be at least 2 intervals")
-        if self.leave_timeout <= 0:
-            raise ConfigError("timers.leave_timeout must be positive")
+            raise ConfigError("must be at least 2 intervals", key="timers.startup_wait")
         return self
 
 
@@ -127,16 +142,47 @@ class CoreConfig:
     seed: int = 0x4C4244
     quorum: QuorumMode = QuorumMode.MAJORITY
     timers: Timers = field(default_factory=Timers)
+    shared: tuple[tuple[str, str], ...] = ()
+    """The daemon's agreed parameters beyond the core's own (``params.FIELDS``: VIPs,
+    prefixes, balance, MAC mode), as (field, canonical text); absent ones count as ""."""
+    bootstrap_expect: int = 1
+    """A node that never agreed a view (no quorum base: a first start) forms the
+    cluster's first view only with at least this many members. Not agreed: it
+    matters only on a first start. The daemon's default is 2 (never alone)."""
 
     def validate(self) -> CoreConfig:
-        if not 1 <= self.buckets <= 65536:
-            raise ConfigError("buckets must be between 1 and 65536")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError("seed must be a 32-bit unsigned integer")
-        if not self.cluster or len(self.cluster.encode()) > 64:
-            raise ConfigError("cluster name must be 1..64 bytes")
+        # bool is an int subclass: True must not pass as one bucket.
+        for key, value, low, high in (("buckets", self.buckets, 1, 65536),
+                                      ("seed", self.seed, 0, 2**32 - 1)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"must be an integer, not {value!r}", key=key)
+            if not low <= value <= high:
+                raise ConfigError(f"must be between {low} and {high}, not {value}", key=key)
+        if (not isinstance(self.cluster, str) or not self.cluster
+                or len(self.cluster.encode()) > 64):
+            raise ConfigError("name must be 1..64 bytes", key="cluster")
+        if not isinstance(self.quorum, QuorumMode):
+            raise ConfigError(f"must be a QuorumMode, not {self.quorum!r}", key="quorum")
+        if not isinstance(self.timers, Timers):
+            raise ConfigError(f"must be Timers, not {self.timers!r}", key="timers")
         self.timers.validate()
         return self
 
     def with_timers(self, timers: Timers) -> CoreConfig:
         return replace(self, timers=timers)
+
+    def agreed_values(self) -> dict[str, str]:
+        """Canonical text of every parameter the cluster must agree on (params.py)."""
+        t = self.timers
+        values = {name: "" for name in FIELDS}
+        values.update(self.shared)
+        values.update({
+            "protocol": PROTOCOL,
+            "buckets": str(self.buckets),
+            "seed": str(self.seed),
+            "quorum": self.quorum.value,
+            "timers": ",".join(repr(float(v)) for v in (
+                t.interval, t.dead_after, t.lease, t.join_holddown, t.startup_wait,
+                t.leave_timeout, t.apply_margin)),
+        })
+        return values

@@ -85,10 +85,44 @@ class LeaseLapsed:
 
 @dataclass(frozen=True, slots=True)
 class DuplicateNodeId:
-    """Another process speaks with this node's ID: a configuration error."""
+    """Two processes speak with one node ID: a configuration error.
+
+    ``also_at`` empty: the clash is with our own ID (``address`` is the other
+    process, ``ours`` our incarnation): this node serves nothing while it lasts.
+    Else a peer's older incarnation still speaks from ``address`` while its newer
+    one (``ours``) speaks from ``also_at``."""
 
     node_id: str
     incarnation: int
+    address: str = ""
+    also_at: str = ""
+    ours: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StrangerHeard:
+    """Datagrams from ``address`` that cannot be opened (``reason``), first heard."""
+
+    address: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterMismatch:
+    """A peer's agreed parameters differ from ours in ``fields``: it is not admitted.
+    Empty ``fields``: it now agrees again."""
+
+    node_id: str
+    address: str
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRefused:
+    """A peer was not admitted: the view already holds the most members allowed."""
+
+    node_id: str
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +158,9 @@ Event = (
     | QuorumRegained
     | LeaseLapsed
     | DuplicateNodeId
+    | StrangerHeard
+    | ParameterMismatch
+    | MemberRefused
     | BaseChanged
     | LeftCluster
 )

@@ -57,17 +57,20 @@ from collections.abc import Iterable
 from lbd.protocol import events as ev
 from lbd.protocol import pacing
 from lbd.protocol.config import QuorumMode
-from lbd.protocol.errors import AuthError, DecodeError, ReplayError
-from lbd.protocol.messages import Heartbeat, Leave
+from lbd.protocol.errors import AuthError, DecodeError, ReplayError, VersionError
+from lbd.protocol.messages import MAX_NODES, Heartbeat, Leave
 from lbd.protocol.nodestate import NodeState
 from lbd.protocol.peers import Peer
 from lbd.protocol.quorum import has_joint_quorum, has_quorum
-from lbd.protocol.wire import Codec
+from lbd.protocol.wire import FINGERPRINT_LEN, Codec
 
 FORGET_AFTER = 60.0
 """Seconds a dead or departed peer stays listed before it is forgotten."""
 LEAVE_COPIES = 3
 """A leave is sent this many times: one lost datagram must not cost a quorum member."""
+MAX_PEER_RECORDS = 2 * MAX_NODES
+"""Peer records kept at most (members, joiners and the recently dead together)."""
+AUTH_FAILURE = "authentication: wrong key file or cluster name?"
 
 
 class Node(NodeState):
@@ -78,9 +81,9 @@ class Node(NodeState):
     # ----------------------------------------------------------------- inputs
 
     def receive_datagram(self, data: bytes, address: str, now: float) -> None:
-        message = self._open(data)
-        if message is not None:
-            self.receive_message(message, address, now)
+        message = self._open(data, address, max(now, self._last_step))
+        if message is not None and self._take(message, address, now, self._last_key_id):
+            self._step(now)
 
     def receive_datagrams(self, batch: Iterable[tuple[bytes, str, float]],
                           now: float | None = None) -> None:
@@ -91,8 +94,8 @@ class Node(NodeState):
         stepped_at = None
         for data, address, arrived in batch:
             at = max(arrived, self._last_step)
-            message = self._open(data)
-            if message is not None and self._take(message, address, at):
+            message = self._open(data, address, at)
+            if message is not None and self._take(message, address, at, self._last_key_id):
                 stepped_at = at if stepped_at is None else max(stepped_at, at)
         if now is not None:
             self.handle_timer(now)
@@ -104,40 +107,62 @@ class Node(NodeState):
         if self._take(message, address, now):
             self._step(now)
 
-    def _open(self, data: bytes) -> Heartbeat | Leave | None:
+    def _open(self, data: bytes, address: str, now: float) -> Heartbeat | Leave | None:
         if self._left:
             return None
         try:
-            return self._codec.open(data)
+            message = self._codec.open(data)
         except AuthError:
             self.counters.forged += 1
+            self._gate.stranger(address, AUTH_FAILURE, now)
+            self._heard_peer = True  # a cluster we cannot read may be ours, misconfigured
+        except VersionError as exc:
+            self.counters.foreign_version += 1
+            self._gate.stranger(address, f"the version check ({exc}: another lbd release?)",
+                                now)
+            self._heard_peer = True
         except DecodeError:
             self.counters.malformed += 1
+        else:
+            self._last_key_id = data[3:3 + FINGERPRINT_LEN]
+            return message
         return None
 
-    def _take(self, message: Heartbeat | Leave, address: str, now: float) -> bool:
+    def _take(self, message: Heartbeat | Leave, address: str, now: float,
+              key_id: bytes = b"") -> bool:
         """Record one message; whether it was accepted (and a step is due)."""
         if self._left:
             return False
         if message.sender == self.node_id:
             self.counters.own_echo += 1
-            if message.incarnation != self.incarnation and (
-                message.incarnation not in self._duplicate_seen
-            ) and len(self._duplicate_seen) < 16:
-                self._duplicate_seen.add(message.incarnation)
-                self._events.append(ev.DuplicateNodeId(self.node_id, message.incarnation))
-            return False
+            # A clone's first datagram changes what we advertise: step at once.
+            was_clashing = self._clashing
+            self._gate.own_id_heard(message.incarnation, address, now)
+            return not was_clashing and self._gate.clashing(now)
         try:
             self._replay.check(message.sender, message.incarnation, message.seq)
         except ReplayError:
             self.counters.replayed += 1
+            known = self._peers.get(message.sender)
+            if (known is not None and message.incarnation < known.incarnation
+                    and address != known.address):
+                self._gate.stale_sender(message.sender, message.incarnation, address,
+                                        known.address, known.incarnation)
+            return False
+        if isinstance(message, Heartbeat) and not self._gate.admits(
+                message.sender, message.incarnation, message.params, address, now):
+            self.counters.mismatched += 1
+            self._heard_peer = True
+            return False
+        if message.sender not in self._peers and len(self._peers) >= MAX_PEER_RECORDS:
+            self.counters.refused += 1
             return False
         self.counters.accepted += 1
         self._heard_peer = True
         if isinstance(message, Leave):
             self._on_leave(message)
         else:
-            self._on_heartbeat(message, address, now)
+            self._on_heartbeat(message, address, now, key_id)
         return True
 
     def handle_timer(self, now: float) -> None:
@@ -192,7 +217,7 @@ class Node(NodeState):
                 self._epoch += 1
             self._events.append(ev.MemberLeft(peer.node_id))
 
-    def _on_heartbeat(self, hb: Heartbeat, address: str, now: float) -> None:
+    def _on_heartbeat(self, hb: Heartbeat, address: str, now: float, key_id: bytes) -> None:
         peer = self._peers.get(hb.sender)
         if peer is None or hb.incarnation > peer.incarnation:
             was_member = peer is not None and peer.in_view and not peer.left
@@ -216,6 +241,8 @@ class Node(NodeState):
         peer.weight = hb.weight
         peer.draining = hb.draining
         peer.address = address
+        if key_id:
+            peer.key_id = key_id
         if (hb.epoch, hb.base) > (self._epoch, self._sorted_base()):
             # A newer agreement we missed (hung, partitioned, or just slower):
             # quorums are judged by the newest base anyone knows, never a stale one.
@@ -226,7 +253,12 @@ class Node(NodeState):
         matches = hb.view is self._view_seen_equal
         if not matches and hb.view == self._view:
             matches, self._view_seen_equal = True, hb.view
-        if peer.observe(hb, self._my_place(hb.view), matches):
+        place = self._my_place(hb.view)
+        if place is None:
+            listed = self._listed_incarnation(hb.view)
+            if listed is not None and listed > self.incarnation:
+                self._gate.listed_newer(listed, address, now)
+        if peer.observe(hb, place, matches):
             peer.last_listed_me = now
             if peer.deaf_since is not None:
                 peer.deaf_since = None
@@ -245,6 +277,10 @@ class Node(NodeState):
 
     def _step(self, now: float) -> None:
         self._last_step = now
+        clashing = self._gate.clashing(now)
+        if clashing != self._clashing:
+            self._clashing = clashing  # advertised as draining: the handoff moves our slices
+            self._self_cached = None
         self._step_inner(now)
         if (self._epoch, self._base, self._prev_base) != self._reported_base:
             self._reported_base = (self._epoch, self._base, self._prev_base)
@@ -278,6 +314,7 @@ class Node(NodeState):
 
     def _update_liveness(self, now: float) -> None:
         t = self.timers
+        self._gate.forget_silent(now)
         for node_id in list(self._peers):
             peer = self._peers[node_id]
             silent = peer.silent_for(now)
@@ -314,6 +351,13 @@ class Node(NodeState):
                 eligible = peer.deaf_since is None and now - peer.first_heard >= holddown
             if peer.in_view and not eligible and not (peer.left or peer.declared_dead):
                 self._events.append(ev.MemberDead(peer.node_id, now - peer.last_listed_me))
+            if eligible and not peer.in_view and len(members) >= MAX_NODES:
+                # The view is full: ownership is defined for at most MAX_NODES members.
+                if not peer.refused:
+                    peer.refused = True
+                    self.counters.refused += 1
+                    self._events.append(ev.MemberRefused(peer.node_id, MAX_NODES))
+                eligible = False
             if eligible and not peer.in_view:
                 self._events.append(ev.MemberJoined(peer.node_id, peer.incarnation))
             peer.in_view = eligible
@@ -409,6 +453,11 @@ class Node(NodeState):
             # already agreed a view with (released its slices for) joins at once:
             # waiting here left those slices unserved for ~1 s on every rejoin.
             return
+        if not self._base and len(self._view) < self.config.bootstrap_expect:
+            # A first start forms the cluster's first view only with this many members
+            # (consul's bootstrap_expect): a node that hears nothing it can admit (a
+            # wrong key, another cluster's parameters) must never serve on its own.
+            return
         if not self._base and ((self._heard_peer and len(self._view) == 1) or any(
             not p.in_view and not p.left and not p.declared_dead and p.deaf_since is None
             for p in self._peers.values()
@@ -448,6 +497,13 @@ class Node(NodeState):
             return False
         self._held = frozenset()
         self._apply(self._held, None)
+        if absorbed and self.node_id in self._base and len(self._base) > 1:
+            # Peers shrink their base by us on our leave (``_on_leave``); so does the
+            # base we leave behind on disk. Restarted with settings the others do not
+            # share (a rolling change), we cannot learn their newer base: ours must
+            # not make us a quorum member of a cluster that already went on without us.
+            self._set_base(self._base - {self.node_id}, self._epoch + 1)
+            self._prev_base = None
         for _ in range(LEAVE_COPIES):
             self._seq += 1
             self._actions.append(ev.Transmit(self._codec.seal(
@@ -481,9 +537,9 @@ class Node(NodeState):
             acks.append(peer.last_seq if supported and peer is not None else 0)
         heartbeat = Heartbeat(
             sender=self.node_id, incarnation=self.incarnation, seq=self._seq,
-            weight=self.weight, draining=self.draining, view=self._view,
+            weight=self.weight, draining=self.advertised_draining, view=self._view,
             acks=tuple(acks), agreed=self._agreed, held=len(self._held),
-            epoch=self._epoch, base=self._sorted_base(),
+            epoch=self._epoch, base=self._sorted_base(), params=self.params,
         )
         self._actions.append(ev.Transmit(self._codec.seal(heartbeat)))
         self.counters.sent += 1

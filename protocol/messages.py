@@ -58,6 +58,9 @@ class Heartbeat:
     held: int
     epoch: int = 0
     base: tuple[str, ...] = ()
+    params: bytes = b"\x00\x00\x00\x00"
+    """Digests of the sender's agreed parameters (``params.py``): a peer whose
+    digests differ from ours is never admitted."""
 
 
 @dataclass(frozen=True, slots=True)

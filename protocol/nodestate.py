@@ -17,9 +17,11 @@ import numpy as np
 
 from lbd.protocol import events as ev
 from lbd.protocol import pacing
+from lbd.protocol.admission import Gate
 from lbd.protocol.config import CoreConfig, QuorumMode
 from lbd.protocol.messages import Member
 from lbd.protocol.ownership import Owners, compute_owners
+from lbd.protocol.params import digest_params
 from lbd.protocol.peers import Peer, PeerState
 from lbd.protocol.quorum import lease_deadline
 from lbd.protocol.report import MemberInfo, member_rows, view_digest
@@ -38,6 +40,9 @@ class Counters:
     own_echo: int = 0
     sent: int = 0
     view_changes: int = 0
+    mismatched: int = 0
+    foreign_version: int = 0
+    refused: int = 0
 
 
 class NodeState:
@@ -68,6 +73,7 @@ class NodeState:
         self.weight = weight
         self.draining = draining
         self.counters = Counters()
+        self._clashing = False
         self._codec = codec
         self._replay = ReplayGuard()
         self._peers: dict[str, Peer] = {}
@@ -78,7 +84,8 @@ class NodeState:
         self._self_cached: Member | None = None
         self._view: tuple[Member, ...] = (self._self_member(),)
         self._view_seen_equal: tuple[Member, ...] | None = None
-        self._listing: tuple[tuple[Member, ...] | None, int | None] = (None, None)
+        self._listing: tuple[tuple[Member, ...] | None, int | None, int | None] = (
+            None, None, None)
         self._digest: tuple[tuple[Member, ...] | None, str] = (None, "")
         self._sorted_base_of: tuple[frozenset[str] | None, tuple[str, ...]] = (None, ())
         self._barrier_seq = 1
@@ -103,10 +110,13 @@ class NodeState:
         self._prompt_at: float | None = None
         self._leaving_since: float | None = None
         self._left = False
-        self._duplicate_seen: set[int] = set()
         self._owners_cache: tuple[tuple[Member, ...], Owners] | None = None
         self._actions: list[ev.Action] = []
         self._events: list[ev.Event] = []
+        self.params = digest_params(self.config.agreed_values())
+        self._gate = Gate(node_id, incarnation, self.params, self.timers.dead_after,
+                          self._events)
+        self._last_key_id = b""
         self._step(now)
 
     def _step(self, now: float) -> None:
@@ -127,6 +137,9 @@ class NodeState:
             deadlines.append(lease_until)
         if self._leaving_since is not None:
             deadlines.append(self._leaving_since + t.leave_timeout)
+        clash_until = self._gate.clash_deadline()
+        if clash_until is not None:
+            deadlines.append(clash_until)
         for peer in self._peers.values():
             if peer.left or peer.declared_dead:
                 continue
@@ -160,6 +173,11 @@ class NodeState:
         # A wake-up like get_timer's: woken a hair early, the heartbeat due then would
         # not be sent, and the same deadline would wake us again at once.
         return None if until is None else until + TIMER_SLACK
+
+    @property
+    def advertised_draining(self) -> bool:
+        """Draining as peers see it: the operator's flag, or an identity clash."""
+        return self.draining or self._clashing
 
     @property
     def held(self) -> frozenset[int]:
@@ -212,22 +230,42 @@ class NodeState:
         held = len(self._held)
         me = MemberInfo(self.node_id, "self", self._self_state(), held,
                         100.0 * held / self.config.buckets, self.weight, 0,
-                        self.incarnation, True)
-        return member_rows(me, self._peers.values(), self.config.buckets,
-                           self.timers.interval, now)
+                        self.incarnation, True, self._codec.keyring.current_fingerprint.hex())
+        return member_rows(me, self._peers.values(), self._gate.mismatched.values(),
+                           buckets=self.config.buckets, interval=self.timers.interval, now=now)
+
+    def problems(self, now: float) -> list[str]:
+        """Why this node does not (fully) take part, one line each (``lbd-cli status``,
+        the systemd STATUS line): admission problems, and a bootstrap still waiting."""
+        lines = self._gate.problems(now)
+        if (not self._base and not self._agreed and len(self._view) <
+                self.config.bootstrap_expect and now >= self._started + self.timers.startup_wait):
+            lines.append(
+                f"first start: waiting for bootstrap_expect = {self.config.bootstrap_expect} "
+                f"members to form the cluster, {len(self._view)} in view (a first start "
+                "never forms a cluster with fewer)")
+        return lines
+
+    @property
+    def strangers(self) -> list[tuple[str, str, int]]:
+        """(address, reason, datagrams) of every source we cannot open, for logs."""
+        return [(s.address, s.reason, s.count) for s in self._gate.strangers.values()]
 
     # ------------------------------------------------ derived facts for steps
 
     def _self_member(self) -> Member:
         m = self._self_cached
-        if m is None or (m.weight, m.draining) != (self.weight, self.draining):
+        draining = self.advertised_draining
+        if m is None or (m.weight, m.draining) != (self.weight, draining):
             m = self._self_cached = Member(self.node_id, self.incarnation, self.weight,
-                                           self.draining)
+                                           draining)
         return m
 
     def _self_state(self) -> str:
         if self._leaving_since is not None:
             return PeerState.LEFT.value if self._left else "leaving"
+        if self._clashing:
+            return "duplicate-id"
         if self.draining:
             return PeerState.DRAINING.value
         return PeerState.ACTIVE.value if self._agreed else PeerState.JOINING.value
@@ -286,10 +324,16 @@ class NodeState:
         Looked up once per view object: a settled cluster's heartbeats share one."""
         if self._listing[0] is not view:
             place = next((i for i, m in enumerate(view) if m.node_id == self.node_id), None)
-            if place is not None and view[place].incarnation != self.incarnation:
+            listed = None if place is None else view[place].incarnation
+            if listed != self.incarnation:
                 place = None
-            self._listing = (view, place)
+            self._listing = (view, place, listed)
         return self._listing[1]
+
+    def _listed_incarnation(self, view: tuple[Member, ...]) -> int | None:
+        """The incarnation ``view`` lists our node ID with (None: not listed)."""
+        self._my_place(view)
+        return self._listing[2]
 
     def _sorted_base(self) -> tuple[str, ...]:
         # Compared with every heartbeat's base: sorted once per base, not per datagram.
@@ -298,7 +342,7 @@ class NodeState:
         return self._sorted_base_of[1]
 
     def _own_buckets(self) -> frozenset[int]:
-        if self.draining:
+        if self.advertised_draining:
             return frozenset()
         my_index = next(i for i, m in enumerate(self._view) if m.node_id == self.node_id)
         return frozenset(np.flatnonzero(self.owners() == my_index).tolist())

@@ -48,6 +48,10 @@ class Peer:
     declared_dead: bool = False
     suspected: bool = False
     in_view: bool = False
+    refused: bool = False
+    """Kept out of a full view (reported once)."""
+    key_id: bytes = b""
+    """Fingerprint of the key its latest datagram was sealed with."""
 
     cached_member: Member | None = field(default=None, repr=False, compare=False)
 

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from lbd.protocol.admission import Mismatch
 from lbd.protocol.messages import Member
 from lbd.protocol.peers import Peer
 
@@ -23,6 +24,10 @@ class MemberInfo:
     last_heard_ms: int | None
     incarnation: int
     is_self: bool
+    key: str = ""
+    """Fingerprint of the key its datagrams are sealed with (key rotation)."""
+    mismatch: tuple[str, ...] = ()
+    """The agreed parameters it differs in (state "mismatch": not admitted)."""
 
 
 def view_digest(view: tuple[Member, ...]) -> str:
@@ -31,10 +36,11 @@ def view_digest(view: tuple[Member, ...]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
-def member_rows(me: MemberInfo, peers: Iterable[Peer], buckets: int, interval: float,
-                now: float) -> list[MemberInfo]:
+def member_rows(me: MemberInfo, peers: Iterable[Peer], mismatched: Iterable[Mismatch], *,
+                buckets: int, interval: float, now: float) -> list[MemberInfo]:
     """Our own row and one per known peer, sorted by node ID. A peer's slices are what
-    its last heartbeat says it holds, counted only while it is in our view."""
+    its last heartbeat says it holds, counted only while it is in our view. Peers whose
+    parameters differ get a row in state "mismatch" (never admitted)."""
     rows = [me]
     suspect_after = 2 * interval
     for peer in peers:
@@ -44,7 +50,13 @@ def member_rows(me: MemberInfo, peers: Iterable[Peer], buckets: int, interval: f
         rows.append(MemberInfo(
             peer.node_id, peer.address, peer.state(now, suspect_after).value, slices,
             100.0 * slices / buckets, peer.weight,
-            round(1000 * peer.silent_for(now)), peer.incarnation, False,
+            round(1000 * peer.silent_for(now)), peer.incarnation, False, peer.key_id.hex(),
         ))
+    listed = {row.node_id for row in rows}
+    for m in mismatched:
+        if m.node_id not in listed:
+            rows.append(MemberInfo(m.node_id, m.address, "mismatch", 0, 0.0, 0,
+                                   round(1000 * (now - m.last_heard)), m.incarnation,
+                                   False, "", m.fields))
     rows.sort(key=lambda r: r.node_id)
     return rows

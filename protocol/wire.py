@@ -6,17 +6,19 @@ Every datagram is an envelope around an encrypted msgpack body::
 
     offset  size  field
     0       2     magic b"LB"
-    2       1     wire version (1)
+    2       1     wire version (2)
     3       4     key fingerprint: SHA-256(b"lbd-key-id" + key)[:4]
     7       12    nonce (random, from ``nonce_source``)
     19      n+16  ChaCha20-Poly1305 ciphertext of the body, then its tag
 
 The body is a msgpack array: ``[2, sender, incarnation, seq]`` for a Leave,
 ``[1, sender, incarnation, seq, weight, draining, view, acks, agreed, held,
-epoch, base]`` for a Heartbeat, where ``view`` (an array of ``[id, incarnation,
-weight, draining]``) and ``base`` (an array of IDs) are each packed on their own
-into a bin, so that a receiver can recognise the ones it has already validated
-by their bytes.
+epoch, base, params]`` for a Heartbeat, where ``view`` (an array of ``[id,
+incarnation, weight, draining]``) and ``base`` (an array of IDs) are each packed
+on their own into a bin, so that a receiver can recognise the ones it has
+already validated by their bytes, and ``params`` is a bin of per-field digests
+of the parameters every node must agree on (``params.py``). Version 2 added
+``params``; a version-1 datagram is refused as an unknown version.
 
 The associated data is the 19 header bytes followed by the UTF-8 cluster name,
 so the header cannot be altered and a datagram for another cluster fails
@@ -48,7 +50,13 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from lbd.protocol.errors import AuthError, ConfigError, DecodeError, ReplayError
+from lbd.protocol.errors import (
+    AuthError,
+    ConfigError,
+    DecodeError,
+    ReplayError,
+    VersionError,
+)
 from lbd.protocol.messages import (
     MAX_NODE_ID_LEN,
     MAX_NODES,
@@ -60,11 +68,12 @@ from lbd.protocol.messages import (
     MessageType,
     validate_node_id,
 )
+from lbd.protocol.params import valid_params_blob
 
 _T = TypeVar("_T")
 
 MAGIC = b"LB"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 KEY_LEN = 32
 FINGERPRINT_LEN = 4
 NONCE_LEN = 12
@@ -78,7 +87,7 @@ MAX_COUNTER = 2**63 - 1  # incarnation and seq: fit a signed 64-bit int everywhe
 MAX_HELD = 65536  # buckets a node can hold at most (the largest bucket count)
 
 _KEY_ID_DOMAIN = b"lbd-key-id"
-_HEARTBEAT_FIELDS = 12
+_HEARTBEAT_FIELDS = 13
 _LEAVE_FIELDS = 4
 _MEMBER_FIELDS = 4
 
@@ -110,11 +119,13 @@ def _check_key(key: object, what: str) -> bytes:
 
 
 class Keyring:
-    """The cluster key, plus the one it replaces while a rotation is under way.
+    """The cluster key, plus a second accepted key while a rotation is under way.
 
     Datagrams are always sealed with ``current``; ones sealed with either key are
-    opened. To rotate: give every node ``Keyring(new, old)``, then, once all run
-    with it, ``Keyring(new)``.
+    opened. A rotation without a gap has three steps, each taken on every node
+    before the next: ``Keyring(old, new)`` (accept the new key), ``Keyring(new,
+    old)`` (seal with it), ``Keyring(new)``. Sealing with a key that a peer does
+    not accept yet makes that peer declare us dead.
     """
 
     __slots__ = ("_aead_by_fingerprint", "_current", "_current_fingerprint", "_previous")
@@ -143,6 +154,17 @@ class Keyring:
     @property
     def current_fingerprint(self) -> bytes:
         return self._current_fingerprint
+
+    @property
+    def previous_fingerprint(self) -> bytes | None:
+        """The other accepted key's fingerprint (None: only one key)."""
+        others = [fp for fp in self._aead_by_fingerprint if fp != self._current_fingerprint]
+        return others[0] if others else None
+
+    @property
+    def fingerprints(self) -> list[bytes]:
+        """Every accepted key's fingerprint, the sealing one first."""
+        return sorted(self._aead_by_fingerprint, key=lambda fp: fp != self._current_fingerprint)
 
     def rotated(self, new_current: bytes) -> Keyring:
         """A keyring sealing with new_current and still opening the old current."""
@@ -233,7 +255,7 @@ class Codec:
         if data[:_VERSION_AT] != MAGIC:
             raise DecodeError("bad magic")
         if data[_VERSION_AT] != WIRE_VERSION:
-            raise DecodeError(f"unknown wire version {data[_VERSION_AT]}")
+            raise VersionError(f"wire version {data[_VERSION_AT]}, not {WIRE_VERSION}")
         aead = self._keyring.opening_aead(data[_FINGERPRINT_AT:_NONCE_AT])
         if aead is None:
             raise AuthError("unknown key fingerprint")
@@ -279,6 +301,7 @@ def _body_of(message: Message) -> tuple[object, ...]:
             message.held,
             message.epoch,
             _pack_base(message.base),
+            message.params,
         )
     if isinstance(message, Leave):
         return (MessageType.LEAVE.value, message.sender, message.incarnation, message.seq)
@@ -378,6 +401,7 @@ def _heartbeat(body: tuple[object, ...]) -> Heartbeat:
         _bounded(body[9], "held", MAX_HELD),
         _counter(body[10], "epoch"),
         _base(body[11]),
+        _params(body[12]),
     )
 
 
@@ -438,6 +462,12 @@ def _decode_view(packed: bytes) -> tuple[tuple[Member, ...], frozenset[str]]:
         members.append(Member(node_id, incarnation, weight, draining))
         previous_id = node_id
     return tuple(members), frozenset(m.node_id for m in members)
+
+
+def _params(value: object) -> bytes:
+    if type(value) is not bytes or not valid_params_blob(value):
+        raise DecodeError("params must be a bin of whole parameter digests")
+    return value
 
 
 def _base(value: object) -> tuple[str, ...]:

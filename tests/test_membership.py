@@ -9,6 +9,7 @@ from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, Timers
 from lbd.protocol.errors import ConfigError
 from lbd.protocol.membership import Node
 from lbd.protocol.messages import Heartbeat, Member
+from lbd.protocol.params import digest_params
 from lbd.protocol.quorum import has_quorum
 from lbd.protocol.wire import Codec, Keyring
 
@@ -20,9 +21,13 @@ def make_node(node_id: str = "a", incarnation: int = 1, key: bytes = KEY) -> Nod
     return Node(CoreConfig(buckets=64), Codec("lbd", Keyring(key)), node_id, incarnation, 0.0)
 
 
+PARAMS = digest_params(CoreConfig(buckets=64).agreed_values())
+
+
 def heartbeat(sender: str, seq: int, incarnation: int = 1) -> Heartbeat:
     me = Member(sender, incarnation, 100, False)
-    return Heartbeat(sender, incarnation, seq, 100, False, (me,), (0,), False, 0)
+    return Heartbeat(sender, incarnation, seq, 100, False, (me,), (0,), False, 0,
+                     params=PARAMS)
 
 
 def test_quorum_is_a_strict_majority_or_a_half_with_the_smallest_id() -> None:
@@ -56,7 +61,8 @@ def test_garbage_forgery_and_replay_are_counted_not_raised() -> None:
     forger = Codec("lbd", Keyring(OTHER_KEY))
     other_cluster = Codec("other", Keyring(KEY))
     node.receive_datagram(b"\x00" * 5, "x", 0.01)
-    node.receive_datagram(b"LB\x01" + bytes(100), "x", 0.01)  # unknown key id: forged
+    node.receive_datagram(b"LB\x02" + bytes(100), "x", 0.01)  # unknown key id: forged
+    node.receive_datagram(b"LB\x01" + bytes(100), "x", 0.01)  # another wire version
     node.receive_datagram(forger.seal(heartbeat("b", 1)), "x", 0.01)
     node.receive_datagram(other_cluster.seal(heartbeat("b", 1)), "x", 0.01)
     good = sender.seal(heartbeat("b", 5))
@@ -65,6 +71,7 @@ def test_garbage_forgery_and_replay_are_counted_not_raised() -> None:
     node.receive_datagram(sender.seal(heartbeat("b", 4)), "x", 0.04)
     c = node.counters
     assert (c.malformed, c.forged, c.replayed, c.accepted) == (1, 3, 2, 1)
+    assert c.foreign_version == 1
 
 
 def test_same_node_id_from_another_process_is_reported() -> None:
@@ -83,3 +90,85 @@ def test_lone_node_claims_everything_only_after_startup_wait() -> None:
     assert node.held == frozenset(range(64))
     assert node.lease_until is not None and node.lease_until > t
     assert node.get_timer() is not None
+
+
+def test_a_peer_with_other_parameters_is_never_admitted_and_named() -> None:
+    node = make_node("a")
+    other = Node(CoreConfig(buckets=128), Codec("lbd", Keyring(KEY)), "b", 1, 0.0)
+    for step in range(40):
+        t = 0.05 * step
+        for action in other.actions():
+            if isinstance(action, ev.Transmit):
+                node.receive_datagram(action.data, "192.0.2.12", t)
+        other.handle_timer(t)
+        node.handle_timer(t)
+    events = node.events()
+    assert ev.ParameterMismatch("b", "192.0.2.12", ("buckets",)) in events
+    assert [m.node_id for m in node.view] == ["a"]
+    assert node.counters.mismatched > 0 and node.counters.accepted == 0
+    rows = {r.node_id: r for r in node.members(2.0)}
+    assert rows["b"].state == "mismatch" and rows["b"].mismatch == ("buckets",)
+    assert any("disagrees on buckets" in line for line in node.problems(2.0))
+    # The mistaken node heard someone it could not admit: it never forms a view alone.
+    assert node.held == frozenset() and not node.agreed
+
+
+def test_a_first_start_waits_for_bootstrap_expect_members() -> None:
+    config = CoreConfig(buckets=64, bootstrap_expect=2)
+    node = Node(config, Codec("lbd", Keyring(KEY)), "a", 1, 0.0)
+    late = config.timers.startup_wait * 3
+    node.handle_timer(late)
+    assert node.held == frozenset() and not node.agreed
+    assert any("bootstrap_expect = 2" in line for line in node.problems(late))
+
+
+def test_datagrams_that_fail_authentication_are_named_by_source() -> None:
+    node = make_node("a")
+    forged = Codec("lbd", Keyring(OTHER_KEY)).seal(heartbeat("b", 1))
+    for i in range(3):
+        node.receive_datagram(forged, "192.0.2.13", 0.01 * (i + 1))
+    assert node.counters.forged == 3
+    assert ev.StrangerHeard("192.0.2.13", "authentication: wrong key file or cluster name?") \
+        in node.events()
+    assert node.problems(0.1) == ["hearing 3 datagrams from 192.0.2.13 that fail "
+                                  "authentication: wrong key file or cluster name?"]
+    # Heard a cluster it cannot read: even with bootstrap_expect = 1 it never starts alone.
+    node.handle_timer(CoreConfig().timers.startup_wait * 2)
+    assert node.held == frozenset()
+
+
+def test_a_clone_of_our_node_id_makes_us_drain_until_it_is_gone() -> None:
+    node = make_node("a", incarnation=1)
+    node.handle_timer(CoreConfig().timers.startup_wait + 0.01)
+    assert len(node.held) == 64  # a lone node with bootstrap_expect = 1
+    t = CoreConfig().timers.startup_wait + 0.02
+    clone = Codec("lbd", Keyring(KEY)).seal(heartbeat("a", 1, incarnation=7))
+    node.receive_datagram(clone, "192.0.2.99", t)
+    assert node.advertised_draining and node.held == frozenset()
+    assert any("also used by the process at 192.0.2.99" in p for p in node.problems(t))
+    assert {r.state for r in node.members(t) if r.is_self} == {"duplicate-id"}
+    # Silent for dead_after: the node serves again.
+    later = t + CoreConfig().timers.dead_after + 0.01
+    node.handle_timer(later)
+    node.handle_timer(later + 0.2)
+    assert not node.advertised_draining and len(node.held) == 64
+
+
+def test_a_peer_listing_our_id_with_a_newer_incarnation_is_a_clash() -> None:
+    node = make_node("a", incarnation=1)
+    view = (Member("a", 9, 100, False), Member("b", 1, 100, False))
+    hb = Heartbeat("b", 1, 1, 100, False, view, (3, 0), False, 0, params=PARAMS)
+    node.receive_datagram(Codec("lbd", Keyring(KEY)).seal(hb), "192.0.2.12", 0.01)
+    assert node.advertised_draining
+    assert any(isinstance(e, ev.DuplicateNodeId) and e.incarnation == 9 for e in node.events())
+
+
+def test_the_view_never_exceeds_the_member_limit() -> None:
+    node = make_node("a")
+    codec = Codec("lbd", Keyring(KEY))
+    for i in range(300):
+        node.receive_datagram(codec.seal(heartbeat(f"p{i:03d}", 1)), "192.0.2.12", 0.01)
+    node.handle_timer(0.01 + CoreConfig().timers.join_holddown + 0.001)
+    assert len(node.view) == 256
+    refused = [e for e in node.events() if isinstance(e, ev.MemberRefused)]
+    assert len(refused) == 300 - 255 and node.counters.refused == len(refused)

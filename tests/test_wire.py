@@ -104,7 +104,7 @@ def body_as_lists(message: Message) -> list[Any]:
 
 def unpack_body(packed: bytes) -> list[Any]:
     body: list[Any] = msgpack.unpackb(packed)
-    if len(body) == 12 and body[0] == 1:
+    if len(body) == 13 and body[0] == 1:
         for index in PACKED_FIELDS:
             body[index] = msgpack.unpackb(body[index])
     return body
@@ -337,7 +337,7 @@ def test_envelope_layout_matches_the_documentation() -> None:
     datagram = make_codec().seal(message)
     fingerprint = hashlib.sha256(b"lbd-key-id" + KEY).digest()[:4]
     assert datagram[:2] == b"LB"
-    assert datagram[2] == 1
+    assert datagram[2] == 2
     assert datagram[3:7] == fingerprint == key_fingerprint(KEY)
     assert datagram[7:19] == bytes(12)  # the first nonce of counting_nonces()
     body = ChaCha20Poly1305(KEY).decrypt(
@@ -345,7 +345,7 @@ def test_envelope_layout_matches_the_documentation() -> None:
     )
     assert unpack_body(body) == body_as_lists(message)
     fields = msgpack.unpackb(body)
-    assert fields[0] == 1 and len(fields) == 12
+    assert fields[0] == 1 and len(fields) == 13
     assert all(isinstance(fields[index], bytes) for index in PACKED_FIELDS)
     assert fields[6] == msgpack.packb([[m.node_id, m.incarnation, m.weight, m.draining]
                                        for m in message.view])

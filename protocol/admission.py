@@ -1,0 +1,196 @@
+"""Who may take part: strangers, peers with other parameters, and identity clashes.
+
+One mistaken node must never break the cluster (S4). Before a datagram reaches
+the membership rules, this gate sorts out three kinds of sender:
+
+* **Strangers**: datagrams that fail authentication (wrong key file, a typo in
+  the cluster name) or carry another wire version. They are dropped and counted
+  per source address; a node that has heard one never bootstraps a cluster on
+  its own (it cannot tell a stranger from its own cluster misconfigured).
+* **Mismatched peers**: authentic heartbeats whose parameter digests
+  (``params.py``) differ from ours. Such a peer is never admitted, never counted
+  toward a quorum and never acknowledged; we report which parameters differ.
+* **Identity clashes**: another process speaks with our node ID (an image
+  cloned with its machine-id). We learn it from our own ID arriving with another
+  incarnation, or from a peer listing our ID with an incarnation newer than ours.
+  While that lasts (and ``dead_after`` beyond), the node advertises itself as
+  draining: it serves nothing, and its slices move through the normal safe
+  handoff to the other members. Neither process can keep the ID's slices on a
+  stale quorum (an exact-half quorum alone, say).
+
+Everything here is bounded: a few dozen addresses and IDs at most, forgotten
+after ``FORGET_AFTER`` of silence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lbd.protocol import events as ev
+from lbd.protocol.params import differing
+
+FORGET_AFTER = 60.0
+"""Seconds of silence after which a stranger or a mismatched peer is forgotten."""
+MAX_STRANGERS = 32
+MAX_MISMATCHED = 64
+REPORT_WITHIN = 10.0
+"""A problem is reported (``lbd-cli status``) while heard within this many seconds."""
+
+
+@dataclass(slots=True)
+class Stranger:
+    """A source address whose datagrams we cannot open."""
+
+    address: str
+    reason: str
+    count: int
+    first_heard: float
+    last_heard: float
+
+
+@dataclass(slots=True)
+class Mismatch:
+    """A peer whose agreed parameters differ from ours."""
+
+    node_id: str
+    address: str
+    incarnation: int
+    fields: tuple[str, ...]
+    count: int
+    last_heard: float
+
+
+@dataclass(slots=True)
+class Clash:
+    """Another process speaking with our node ID."""
+
+    address: str
+    incarnation: int
+    until: float
+    how: str
+
+
+class Gate:
+    """The admission checks of one node (see the module doc)."""
+
+    def __init__(self, node_id: str, incarnation: int, params: bytes, hold: float,
+                 events: list[ev.Event]) -> None:
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.params = params
+        self._hold = hold
+        self._events = events
+        self.strangers: dict[str, Stranger] = {}
+        self.mismatched: dict[str, Mismatch] = {}
+        self.clash: Clash | None = None
+        self._clashes_reported: set[tuple[str, str]] = set()
+
+    # ------------------------------------------------------------- strangers
+
+    def stranger(self, address: str, reason: str, now: float) -> None:
+        known = self.strangers.get(address)
+        if known is None:
+            if len(self.strangers) >= MAX_STRANGERS:
+                oldest = min(self.strangers.values(), key=lambda s: s.last_heard)
+                del self.strangers[oldest.address]
+            self.strangers[address] = Stranger(address, reason, 1, now, now)
+            self._events.append(ev.StrangerHeard(address, reason))
+            return
+        known.count += 1
+        known.last_heard = now
+        known.reason = reason
+
+    # ------------------------------------------------------------ parameters
+
+    def admits(self, sender: str, incarnation: int, params: bytes, address: str,
+               now: float) -> bool:
+        """Whether a heartbeat's parameters match ours; a mismatch is recorded."""
+        if params == self.params:
+            if self.mismatched.pop(sender, None) is not None:
+                self._events.append(ev.ParameterMismatch(sender, address, ()))
+            return True
+        fields = differing(self.params, params)
+        known = self.mismatched.get(sender)
+        if known is None or known.fields != fields or known.incarnation != incarnation:
+            if known is None and len(self.mismatched) >= MAX_MISMATCHED:
+                oldest = min(self.mismatched.values(), key=lambda m: m.last_heard)
+                del self.mismatched[oldest.node_id]
+            self.mismatched[sender] = Mismatch(sender, address, incarnation, fields, 1, now)
+            self._events.append(ev.ParameterMismatch(sender, address, fields))
+            return False
+        known.count += 1
+        known.last_heard = now
+        known.address = address
+        return False
+
+    # -------------------------------------------------------------- identity
+
+    def own_id_heard(self, incarnation: int, address: str, now: float) -> None:
+        """A datagram with our node ID: our own echo, or a clone's."""
+        if incarnation != self.incarnation:
+            self._clash(address, incarnation, now, "sends with our node ID")
+
+    def listed_newer(self, incarnation: int, address: str, now: float) -> None:
+        """A peer (at ``address``) lists our ID with a newer incarnation than ours:
+        it hears another process that uses our ID."""
+        self._clash(address, incarnation, now, "is listed by a peer with our node ID")
+
+    def stale_sender(self, sender: str, incarnation: int, address: str, current: str,
+                     current_incarnation: int) -> None:
+        """A peer's older incarnation still speaks from another address than its newer
+        one: two processes share that ID. Reported once per pair of addresses."""
+        key = (sender, address)
+        if key in self._clashes_reported or len(self._clashes_reported) >= MAX_MISMATCHED:
+            return
+        self._clashes_reported.add(key)
+        self._events.append(ev.DuplicateNodeId(sender, incarnation, address, current,
+                                               current_incarnation))
+
+    def _clash(self, address: str, incarnation: int, now: float, how: str) -> None:
+        if self.clash is None or now >= self.clash.until:
+            self._events.append(ev.DuplicateNodeId(self.node_id, incarnation, address, "",
+                                                   self.incarnation))
+        self.clash = Clash(address, incarnation, now + self._hold, how)
+
+    def clashing(self, now: float) -> bool:
+        return self.clash is not None and now < self.clash.until
+
+    def clash_deadline(self) -> float | None:
+        return None if self.clash is None else self.clash.until
+
+    # ------------------------------------------------------------- upkeep
+
+    def forget_silent(self, now: float) -> None:
+        for address in [a for a, s in self.strangers.items()
+                        if now - s.last_heard > FORGET_AFTER]:
+            del self.strangers[address]
+        for node_id in [n for n, m in self.mismatched.items()
+                        if now - m.last_heard > FORGET_AFTER]:
+            del self.mismatched[node_id]
+        if self.clash is not None and now - self.clash.until > FORGET_AFTER:
+            self.clash = None
+
+    def heard_strangers(self, now: float) -> bool:
+        """Whether any stranger or mismatched peer was heard recently."""
+        return any(now - s.last_heard <= REPORT_WITHIN for s in self.strangers.values()) or any(
+            now - m.last_heard <= REPORT_WITHIN for m in self.mismatched.values())
+
+    def problems(self, now: float) -> list[str]:
+        """One line per current admission problem, for ``lbd-cli status`` and STATUS."""
+        lines = []
+        if self.clashing(now) and self.clash is not None:
+            lines.append(
+                f"node ID {self.node_id} is also used by the process at "
+                f"{self.clash.address} (incarnation {self.clash.incarnation}, this one "
+                f"{self.incarnation}): serving nothing while both speak; give each node "
+                "its own node_id (cloned /etc/machine-id?)")
+        for m in sorted(self.mismatched.values(), key=lambda m: m.node_id):
+            if now - m.last_heard <= REPORT_WITHIN:
+                lines.append(
+                    f"node {m.node_id} at {m.address} disagrees on {', '.join(m.fields)}: "
+                    "not admitted (every node must have the same value)")
+        for s in sorted(self.strangers.values(), key=lambda s: s.address):
+            if now - s.last_heard <= REPORT_WITHIN:
+                lines.append(f"hearing {s.count} datagrams from {s.address} that fail "
+                             f"{s.reason}")
+        return lines

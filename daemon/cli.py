@@ -15,12 +15,14 @@ import argparse
 import asyncio
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from lbd.daemon.config import (
     DEFAULT_CONFIG_PATH,
     ConfigFileError,
     DaemonConfig,
+    check_vips_against_address,
     default_node_id,
     load_config,
     load_keyring,
@@ -44,6 +46,8 @@ def _prepare(path: Path) -> tuple[DaemonConfig, Keyring, str, int, str]:
         raise ConfigFileError(path, "node_id", str(exc)) from None
     # In a child process: the daemon itself never imports pyroute2 (see linkproc).
     ifindex, address = resolve_address(cfg.interface, cfg.address, path)
+    # Checked here, not in load_config: the default own address is known only now.
+    check_vips_against_address(path, cfg.vips, address)
     return cfg, keyring, node_id, ifindex, address
 
 
@@ -64,6 +68,12 @@ def _run(args: argparse.Namespace) -> int:
         code = asyncio.run(service.run())
     except LbdError as exc:
         sink.emit(ERR, f"cannot start: {exc}")
+        return EXIT_RUNTIME
+    except Exception as exc:
+        # Unforeseen, so a bug: one line (the traceback only in the journal entry's
+        # TRACEBACK field), and exit 1 so that systemd restarts the daemon.
+        line = " ".join(f"internal error, stopping: {type(exc).__name__}: {exc}".split())
+        sink.emit(ERR, line, "InternalError", {"TRACEBACK": traceback.format_exc().strip()})
         return EXIT_RUNTIME
     finally:
         root.removeHandler(handler)

@@ -55,7 +55,8 @@ class DaemonConfig:
     address: str | None = None
     """This node's own IPv4 address (heartbeat source); default: interface's primary IPv4."""
     vips: tuple[str, ...] = ()
-    """Virtual addresses shared by the cluster ("192.0.2.100", "2001:db8::100", "/24" ok)."""
+    """Virtual addresses shared by the cluster ("192.0.2.100", "2001:db8::100"): single
+    addresses (a "/32" or "/128" suffix is accepted and dropped), kept in canonical form."""
     key_file: str = "/etc/lbd/cluster.key"
     """The cluster key (lbd keygen); must not be group/world-accessible."""
     node_id: str | None = None
@@ -153,17 +154,76 @@ def _parse_timers(path: Path, raw: Any) -> tuple[str, Timers]:
         if name not in TIMER_FIELDS:
             raise ConfigFileError(path, f"timers.{name}", "unknown key")
         number = _expect(path, f"timers.{name}", value, (int, float), "seconds (a number)")
-        overrides[name] = float(number)
+        try:
+            overrides[name] = float(number)
+        except OverflowError:  # a TOML integer has no size limit in tomllib
+            raise ConfigFileError(path, f"timers.{name}", "is far too large") from None
     timers = replace(PROFILES[profile], **overrides)
     try:
-        timers.validate()
+        timers.validate()  # refuses nan, inf and negative values too (TOML spells them)
     except ConfigError as exc:
-        message = str(exc)
-        key, _, problem = message.partition(" ")
-        if key.startswith("timers."):
-            raise ConfigFileError(path, key, problem) from None
-        raise ConfigFileError(path, "timers", message) from None
+        raise ConfigFileError(path, exc.key or "timers", exc.problem) from None
     return profile, timers
+
+
+def _canonical_vip(path: Path, text: str) -> str:
+    """One VIP as the data plane takes it: a single unicast address, canonical text.
+
+    The nft rules match ``ip daddr <VIP>`` and need a plain address; a "/24" that
+    passed here used to kill ``lbd run`` at start-up in a restart loop.
+    """
+    try:
+        iface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise ConfigFileError(path, "vips", f"{text!r} is not an IP address") from None
+    addr = iface.ip
+    if iface.network.prefixlen != addr.max_prefixlen:
+        raise ConfigFileError(path, "vips", f"{text!r} has a /{iface.network.prefixlen} "
+                              f"prefix; a VIP is one address: write '{addr}'")
+    # Addresses no node could serve a connection on: the kernel drops such packets
+    # as martians or never hands them to TCP as a local unicast destination.
+    if addr.is_unspecified:
+        kind = "the unspecified address"
+    elif addr.is_loopback:
+        kind = "a loopback address"
+    elif addr.is_multicast:
+        kind = "a multicast address"
+    elif addr == ipaddress.IPv4Address("255.255.255.255"):
+        kind = "the broadcast address"
+    elif addr in ipaddress.IPv4Network("0.0.0.0/8"):
+        kind = 'in 0.0.0.0/8 ("this network", never a destination)'
+    elif isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        kind = f"an IPv4-mapped IPv6 address (write '{addr.ipv4_mapped}')"
+    elif "%" in text:  # ip_interface() drops the zone silently; say so instead
+        kind = "scoped (a %zone); the rules match the bare address"
+    else:
+        return str(addr)
+    raise ConfigFileError(path, "vips", f"{text!r} is {kind}; a VIP must be a unicast address")
+
+
+def _canonical_vips(path: Path, vips: tuple[str, ...]) -> tuple[str, ...]:
+    if not vips:
+        raise ConfigFileError(path, "vips", "at least one VIP is required")
+    canonical: list[str] = []
+    for text in vips:
+        vip = _canonical_vip(path, text)
+        if vip in canonical:
+            raise ConfigFileError(path, "vips", f"{vip} is listed more than once")
+        canonical.append(vip)
+    return tuple(canonical)
+
+
+def check_vips_against_address(path: str | Path, vips: tuple[str, ...], address: str) -> None:
+    """Refuse a VIP equal to this node's own address (configured or resolved).
+
+    That address is the heartbeat source and stays with this node; as a VIP it
+    would be shared out, taken away on stop, and answered by every node.
+    """
+    own = ipaddress.ip_address(address)
+    for vip in vips:
+        if ipaddress.ip_interface(vip).ip == own:
+            raise ConfigFileError(path, "vips", f"{vip} is this node's own address; a VIP "
+                                  "must be an extra address that no node uses as its own")
 
 
 def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> DaemonConfig:
@@ -185,6 +245,7 @@ def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> DaemonC
         else:
             values[key] = _expect(p, key, raw, str, "a string")
     cfg = DaemonConfig(**values)
+    cfg = replace(cfg, vips=_canonical_vips(p, cfg.vips))
     _check_values(p, cfg)
     return cfg
 
@@ -200,20 +261,15 @@ def _check_values(p: Path, cfg: DaemonConfig) -> None:
         raise ConfigFileError(p, "cluster", "must be 1..64 bytes")
     if cfg.quorum not in ("majority", "none"):
         raise ConfigFileError(p, "quorum", f'{cfg.quorum!r} is not "majority" or "none"')
-    if not cfg.vips:
-        raise ConfigFileError(p, "vips", "at least one VIP is required")
-    for vip in cfg.vips:
-        try:
-            ipaddress.ip_interface(vip)
-        except ValueError:
-            raise ConfigFileError(p, "vips", f"{vip!r} is not an IP address") from None
     if cfg.address is not None:
-        _ipv4(p, "address", cfg.address)
+        check_vips_against_address(p, cfg.vips, _ipv4(p, "address", cfg.address))
     group = _ipv4(p, "group", cfg.group)
     if not ipaddress.IPv4Address(group).is_multicast:
         raise ConfigFileError(p, "group", f"{group} is not a multicast address")
     for peer in cfg.peers:
-        _ipv4(p, "peers", peer)
+        if _ipv4(p, "peers", peer) in cfg.vips:  # a peer's own address
+            raise ConfigFileError(p, "vips", f"{peer} is also listed in peers; a VIP must "
+                                  "be an extra address that no node uses as its own")
     if not cfg.multicast and not cfg.peers:
         raise ConfigFileError(p, "multicast", "false needs a non-empty peers list")
     if cfg.node_id is not None and not NODE_ID_PATTERN.fullmatch(cfg.node_id):

@@ -66,6 +66,7 @@ MESSAGE_IDS: dict[str, str] = {
     "DatagramsDropped": "83d35c0516dd4550a695a8dda58fff5f",
     "KernelApplyFailed": "a36cc16b8ec44d0f89a1d32fb38012f0",
     "DrainChanged": "2084d21f0b104a6fb3b6d09702612176",
+    "InternalError": "59ffb843a98148ea886cb658b8ea1c36",
 }
 
 EVENT_PRIORITY: dict[type, int] = {

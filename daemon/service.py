@@ -187,6 +187,7 @@ class Service:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
+        loop.set_exception_handler(self._on_loop_error)
         cfg = self.config
         state_dir = Path(cfg.state_dir)
         self._lock_fd = acquire_lock(state_dir)
@@ -526,9 +527,45 @@ class Service:
                 f"{core.digest()} ({len(core.view)} members)")
 
     def _watchdog(self) -> None:
+        if getattr(self, "_loop_failed", False):  # set by _on_loop_error; no attr before
+            return
         interval = self.notifier.watchdog_interval()
         if interval is None:
             return
         # Pinged from the event loop itself: a stuck loop stops the pings.
         self.notifier.watchdog()
         asyncio.get_running_loop().call_later(interval, self._watchdog)
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An exception escaped a callback (socket reader, timer, ...): stop, exit 1.
+
+        asyncio's default handler only logs it, and the callback's work dies with
+        it: the timer is never re-armed, heartbeats stop, yet the watchdog pings on
+        and systemd sees a healthy daemon. Exiting instead lets systemd restart us;
+        the owner table vanishes with our netlink socket and the guard keeps the
+        node closed meanwhile (S2). The watchdog pings stop at once, so a cleanup
+        that hangs is killed by systemd too.
+        """
+        import traceback  # noqa: PLC0415 - only ever needed here, on the way out
+
+        self._loop_failed = True
+        try:
+            exc = context.get("exception")
+            if isinstance(exc, BaseException):
+                what = f"{type(exc).__name__}: {exc}"
+                frames = traceback.extract_tb(exc.__traceback__)
+                # The innermost frame: where it was raised, which is what a bug report needs.
+                where = (f"{frames[-1].name} at {Path(frames[-1].filename).name}:"
+                         f"{frames[-1].lineno}" if frames else "the event loop")
+                detail = "".join(traceback.format_exception(exc))
+            else:
+                what, where, detail = str(context.get("message", "unknown error")), "asyncio", ""
+            origin = str(context.get("message", ""))
+            source = context.get("handle") or context.get("future")
+            if source is not None:
+                origin += f" ({source!r})"
+            detail = f"{origin}\n{detail}"
+            line = " ".join(f"internal error, stopping: {what} (in {where})".split())
+            self.sink.emit(ERR, line, "InternalError", {"TRACEBACK": detail.strip()})
+        finally:  # whatever happens to the log line, the daemon must not stay half-alive
+            self._finish(1)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
 import tomllib
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +25,9 @@ from lbd.daemon.config import (
     write_key,
 )
 from lbd.daemon.service import load_quorum_base, save_quorum_base
-from lbd.protocol.config import FAST_TIMERS, QuorumMode
+from lbd.netcfg.ruleset import RulesetSpec
+from lbd.protocol.config import FAST_TIMERS, CoreConfig, QuorumMode, Timers
+from lbd.protocol.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "systemd" / "lbd.toml.example"
@@ -189,3 +194,141 @@ def test_quorum_base_record_round_trips_and_tolerates_old_or_bad_files(tmp_path:
     assert load_quorum_base(tmp_path) == ((), 0, None)
     record.write_text("{not json")
     assert load_quorum_base(tmp_path) == ((), 0, None)
+
+
+# ------------------------------------------------------------------ bad values (issue 12)
+
+
+def toml_error(tmp_path: Path, text: str) -> ConfigFileError:
+    """The error of a real TOML file (TOML spells nan and inf), loaded as lbd does."""
+    conf = tmp_path / "lbd.toml"
+    conf.write_text(text)
+    with pytest.raises(ConfigFileError) as info:
+        load_config(conf)
+    assert str(info.value).startswith(f"{conf}: {info.value.key}: ")
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("timers", "key", "words"),
+    [
+        ("lease = nan", "timers.lease", "must be a finite number of seconds, not nan"),
+        ("dead_after = inf", "timers.dead_after", "must be a finite number of seconds, not inf"),
+        ("interval = -inf", "timers.interval", "finite number"),
+        ("leave_timeout = +inf", "timers.leave_timeout", "finite number"),
+        ("apply_margin = -10", "timers.apply_margin", "must be 0 or more seconds, not -10"),
+        ("join_holddown = -0.1", "timers.join_holddown", "must be 0 or more seconds"),
+        ("lease = 0", "timers.lease", "must be more than 0 seconds, not 0"),
+        ("interval = 0", "timers.interval", "more than 0"),
+        ("dead_after = 0.0", "timers.dead_after", "more than 0"),
+        ("startup_wait = 0", "timers.startup_wait", "more than 0"),
+        ("leave_timeout = 0", "timers.leave_timeout", "more than 0"),
+        ("leave_timeout = -3", "timers.leave_timeout", "more than 0"),
+        ("startup_wait = 86400", "timers.startup_wait", "at most 3600 seconds"),
+        ("lease = 1" + "0" * 400, "timers.lease", "far too large"),
+        ("lease = 5.0", "timers.lease", "is too long for timers.dead_after"),
+        ("join_holddown = 0.6", "timers.join_holddown", "shorter than timers.dead_after"),
+    ],
+)
+def test_bad_timer_values_in_toml_name_the_timer(
+    tmp_path: Path, timers: str, key: str, words: str
+) -> None:
+    err = toml_error(tmp_path, f'vips = ["192.0.2.100"]\n[timers]\n{timers}\n')
+    assert err.key == key
+    assert words in err.problem
+
+
+def test_zero_is_fine_for_join_holddown_and_apply_margin(tmp_path: Path) -> None:
+    conf = tmp_path / "lbd.toml"
+    conf.write_text('vips = ["192.0.2.100"]\n[timers]\njoin_holddown = 0\napply_margin = 0\n')
+    timers = load_config(conf).timers
+    assert (timers.join_holddown, timers.apply_margin) == (0.0, 0.0)
+
+
+def test_cli_reports_a_nan_timer_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "lbd.toml"
+    conf.write_text('vips = ["192.0.2.100"]\n[timers]\nlease = nan\n')
+    assert cli.main(["check-config", "--config", str(conf)]) == 2
+    assert capsys.readouterr().err == (
+        f"lbd: {conf}: timers.lease: must be a finite number of seconds, not nan\n")
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "words"),
+    [
+        ({"buckets": True}, "buckets", "must be an integer, not True"),
+        ({"buckets": 4096.0}, "buckets", "must be an integer"),
+        ({"buckets": 0}, "buckets", "between 1 and 65536, not 0"),
+        ({"seed": False}, "seed", "must be an integer, not False"),
+        ({"seed": -1}, "seed", "between 0 and 4294967295"),
+        ({"seed": 2**32}, "seed", "between 0 and 4294967295"),
+        ({"seed": "0x4c4244"}, "seed", "must be an integer"),
+        ({"cluster": ""}, "cluster", "1..64 bytes"),
+        ({"timers": Timers(lease=math.nan)}, "timers.lease", "finite number"),
+    ],
+)
+def test_core_config_refuses_non_int_and_out_of_range(
+    changes: dict[str, Any], key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        replace(CoreConfig(), **changes).validate()
+    assert info.value.key == key
+    assert words in info.value.problem
+    assert str(info.value) == f"{key} {info.value.problem}"  # the key comes first
+
+
+def test_config_error_without_key_is_unchanged() -> None:
+    err = ConfigError("plain message")
+    assert (str(err), err.key, err.problem) == ("plain message", None, "plain message")
+
+
+@pytest.mark.parametrize(
+    ("vips", "words"),
+    [
+        ('["192.0.2.100/24"]',
+         "'192.0.2.100/24' has a /24 prefix; a VIP is one address: write '192.0.2.100'"),
+        ('["2001:db8::100/64"]', "has a /64 prefix"),
+        ('["192.0.2.0/24"]', "has a /24 prefix"),
+        ('["192.0.2.100", "192.0.2.100"]', "192.0.2.100 is listed more than once"),
+        ('["192.0.2.100", "192.0.2.100/32"]', "192.0.2.100 is listed more than once"),
+        ('["2001:DB8::1", "2001:db8:0::1"]', "2001:db8::1 is listed more than once"),
+        ('["239.1.2.3"]', "is a multicast address"),
+        ('["ff02::1"]', "is a multicast address"),
+        ('["127.0.0.2"]', "is a loopback address"),
+        ('["::1"]', "is a loopback address"),
+        ('["0.0.0.0"]', "is the unspecified address"),
+        ('["::"]', "is the unspecified address"),
+        ('["255.255.255.255"]', "is the broadcast address"),
+        ('["0.1.2.3"]', "0.0.0.0/8"),
+        ('["::ffff:192.0.2.100"]', "write '192.0.2.100'"),
+        ('["fe80::1%eth0"]', "scoped"),
+        ('["192.0.2.300"]', "not an IP address"),
+        ("[]", "at least one VIP"),
+    ],
+)
+def test_vips_the_data_plane_cannot_serve_are_refused(
+    tmp_path: Path, vips: str, words: str
+) -> None:
+    err = toml_error(tmp_path, f"vips = {vips}\n")
+    assert err.key == "vips"
+    assert words in err.problem
+
+
+def test_vips_with_host_prefix_are_kept_as_plain_canonical_addresses() -> None:
+    cfg = parse_config({"vips": ["192.0.2.100/32", "2001:DB8:0::100/128", "192.0.2.101"]})
+    assert cfg.vips == ("192.0.2.100", "2001:db8::100", "192.0.2.101")
+    # Exactly what the data plane takes: it would raise on any of the raw forms above.
+    assert RulesetSpec.build(cfg.vips, buckets=16, seed=1).vips6 == ("2001:db8::100",)
+
+
+def test_vip_equal_to_the_explicit_address_or_a_peer_is_refused(tmp_path: Path) -> None:
+    err = toml_error(tmp_path, 'vips = ["192.0.2.100", "192.0.2.11"]\naddress = "192.0.2.11"\n')
+    assert err.key == "vips"
+    assert err.problem == ("192.0.2.11 is this node's own address; a VIP must be an extra "
+                           "address that no node uses as its own")
+    err = toml_error(tmp_path, 'vips = ["192.0.2.100"]\npeers = ["192.0.2.12", "192.0.2.100"]\n')
+    assert err.key == "vips"
+    assert "192.0.2.100 is also listed in peers" in err.problem

@@ -2,7 +2,8 @@
 
     lbd run [--config /etc/lbd/lbd.toml]
     lbd check-config [--config PATH]      parse, read the key, resolve the interface
-    lbd keygen PATH [--rotate | --force]   new random key, mode 0600
+    lbd keygen PATH [--force]              new random key, mode 0600
+    lbd keygen PATH --add|--promote|--retire   the three steps of a key rotation
 
 Exit codes: 0 ok; 1 runtime failure (lock held, kernel refused the rules, kernel
 apply failed later); 2 configuration or key-file mistake (one line naming the
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from lbd.daemon.config import (
     DEFAULT_CONFIG_PATH,
+    ROTATION_STEPS,
     ConfigFileError,
     DaemonConfig,
     check_vips_against_address,
@@ -84,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     cfg, keyring, node_id, _ifindex, address = _prepare(Path(args.config))
-    rotation = " (+ previous key)" if keyring.previous is not None else ""
+    rotation = (f" (also accepts {keyring.previous_fingerprint.hex()})"
+                if keyring.previous_fingerprint is not None else "")
     print(f"{args.config}: ok: cluster {cfg.cluster!r}, node {node_id} at {address} on "
           f"{cfg.interface}, VIPs {', '.join(cfg.vips)}, {cfg.buckets} buckets, "
           f"timers {cfg.timer_profile}, key {keyring.current_fingerprint.hex()}{rotation}")
@@ -92,8 +95,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    write_key(args.path, rotate=args.rotate, force=args.force)
-    print(f"wrote a new cluster key to {args.path} (mode 0600); copy it to every node")
+    step = next((s for s in ROTATION_STEPS if getattr(args, s)), None)
+    done = write_key(args.path, step=step, force=args.force)
+    ring = load_keyring(args.path)
+    print(f"{args.path}: {done}; seals with {ring.current_fingerprint.hex()}"
+          + (f", also accepts {ring.previous_fingerprint.hex()}"
+             if ring.previous_fingerprint is not None else "")
+          + ". Copy it to every node and reload each (systemctl reload lbd) before the "
+            "next step.")
     return EXIT_OK
 
 
@@ -109,8 +118,12 @@ def parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="write a new random cluster key")
     keygen.add_argument("path")
     how = keygen.add_mutually_exclusive_group()
-    how.add_argument("--rotate", action="store_true",
-                     help="keep the file's current key as the previous one")
+    how.add_argument("--add", action="store_true",
+                     help="rotation step 1: also accept a new key, still seal with the old")
+    how.add_argument("--promote", action="store_true",
+                     help="rotation step 2: seal with the new key, still accept the old")
+    how.add_argument("--retire", action="store_true",
+                     help="rotation step 3: drop the old key")
     how.add_argument("--force", action="store_true", help="replace an existing file")
     keygen.set_defaults(func=_keygen)
     # Listed for --help only: main() hands `lbd lab ...` to the lab's own parser.

@@ -27,7 +27,7 @@ from typing import Any
 
 from lbd.protocol.config import PROFILES, CoreConfig, QuorumMode, Timers
 from lbd.protocol.errors import ConfigError, LbdError
-from lbd.protocol.messages import MAX_WEIGHT, NODE_ID_PATTERN
+from lbd.protocol.messages import MAX_NODES, MAX_WEIGHT, NODE_ID_PATTERN
 from lbd.protocol.wire import KEY_LEN, Keyring
 
 DEFAULT_CONFIG_PATH = "/etc/lbd/lbd.toml"
@@ -65,6 +65,10 @@ class DaemonConfig:
     """Relative share of slices (1..1000)."""
     draining: bool = False
     """Start (or, on reload, switch to) draining: keep established flows, take no NEW."""
+    bootstrap_expect: int = 2
+    """A first start (no state from an earlier run) forms a new cluster only together
+    with this many nodes, itself included; a node that ever agreed a view rejoins its
+    cluster instead. Set it to the initial cluster size (1 for a one-node cluster)."""
     buckets: int = 4096
     """Number of slices B (1..65536); identical on every node."""
     seed: int = 0x4C4244
@@ -111,7 +115,17 @@ class DaemonConfig:
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(self.cluster, self.buckets, self.seed, QuorumMode(self.quorum),
-                          self.timers)  # fmt: skip
+                          self.timers, shared=self.agreed_shared(),
+                          bootstrap_expect=self.bootstrap_expect)  # fmt: skip
+
+    def agreed_shared(self) -> tuple[tuple[str, str], ...]:
+        """Canonical text of the daemon's settings every node must share (params.py):
+        equal settings spelt differently ("192.0.2.1/32", "192.0.2.1") digest alike."""
+        vips = sorted(str(ipaddress.ip_interface(v)) for v in self.vips)
+        return (("prefix4", str(self.prefix4)), ("prefix6", str(self.prefix6)),
+                ("balance", ",".join(sorted(t.strip().lower() for t in self.balance))),
+                ("vips", ",".join(vips)), ("mac_mode", self.mac_mode),
+                ("cluster_mac", self.effective_cluster_mac() or ""))
 
 
 def _expect(path: Path, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -238,7 +252,8 @@ def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> DaemonC
             values["timer_profile"], values["timers"] = _parse_timers(p, raw)
         elif key in ("vips", "peers", "balance"):
             values[key] = _string_list(p, key, raw)
-        elif key in ("weight", "buckets", "seed", "port", "prefix4", "prefix6"):
+        elif key in ("weight", "buckets", "seed", "port", "prefix4", "prefix6",
+                     "bootstrap_expect"):
             values[key] = _expect(p, key, raw, int, "an integer")
         elif key in ("draining", "multicast"):
             values[key] = _expect(p, key, raw, bool, "true or false")
@@ -252,7 +267,8 @@ def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> DaemonC
 
 def _check_values(p: Path, cfg: DaemonConfig) -> None:
     ranges = {"weight": (1, MAX_WEIGHT), "buckets": (1, 65536), "seed": (0, 2**32 - 1),
-              "port": (1, 65535), "prefix4": (0, 32), "prefix6": (0, 128)}  # fmt: skip
+              "port": (1, 65535), "prefix4": (0, 32), "prefix6": (0, 128),
+              "bootstrap_expect": (1, MAX_NODES)}  # fmt: skip
     for key, (low, high) in ranges.items():
         value = getattr(cfg, key)
         if not low <= value <= high:
@@ -363,19 +379,51 @@ def _looks_hex(raw: bytes) -> bool:
     return re.fullmatch(rb"[0-9a-fA-F]{32}", raw) is not None
 
 
-def write_key(path: str | Path, *, rotate: bool = False, force: bool = False) -> None:
-    """Write a fresh random key (hex) with mode 0600.
+ROTATION_STEPS = ("add", "promote", "retire")
+"""Key rotation without a gap: each step is one file change, copied to every node and
+reloaded everywhere before the next (``lbd-cli members`` shows who seals with what).
 
-    ``rotate`` keeps the file's current key as the previous one (second line);
-    without it an existing file is refused unless ``force``.
+1. ``add``: keep sealing with the current key, also accept a new one (second line);
+2. ``promote``: seal with the new key, still accept the old one (lines swapped);
+3. ``retire``: drop the old key.
+
+Sealing with a key before every peer accepts it makes those peers declare the node
+dead; so does dropping a key some peer still seals with."""
+
+
+def write_key(path: str | Path, *, step: str | None = None, force: bool = False) -> str:
+    """Write a key file with mode 0600; returns what was done, for the operator.
+
+    Without ``step``: a fresh random key (an existing file is refused unless
+    ``force``). With one of ``ROTATION_STEPS``: the next step of a rotation.
     """
     p = Path(path)
-    lines = [os.urandom(KEY_LEN).hex()]
-    if rotate:
-        lines.append(load_keyring(p).current.hex())
-    elif p.exists() and not force:
-        raise ConfigFileError(p, None, "exists; use --rotate to keep it as previous key, "
-                              "or --force to replace it")
+    if step is None:
+        if p.exists() and not force:
+            raise ConfigFileError(p, None, "exists; rotate it with --add, --promote and "
+                                  "--retire, or replace it with --force")
+        lines = [os.urandom(KEY_LEN).hex()]
+        done = "wrote a new cluster key"
+    else:
+        ring = load_keyring(p)
+        if step == "add":
+            if ring.previous is not None:
+                raise ConfigFileError(p, None, "already holds two keys: finish that rotation "
+                                      "first (--promote, then --retire)")
+            lines = [ring.current.hex(), os.urandom(KEY_LEN).hex()]
+            done = "added a new key (accepted, not yet used to seal)"
+        elif step == "promote":
+            if ring.previous is None:
+                raise ConfigFileError(p, None, "holds one key: --add a new one first")
+            lines = [ring.previous.hex(), ring.current.hex()]
+            done = "the new key now seals; the old one is still accepted"
+        elif step == "retire":
+            if ring.previous is None:
+                raise ConfigFileError(p, None, "holds one key: nothing to retire")
+            lines = [ring.current.hex()]
+            done = "dropped the key that no longer seals"
+        else:
+            raise ValueError(f"unknown rotation step {step!r}")
     tmp = p.with_name(f".{p.name}.tmp")
     try:
         tmp.unlink(missing_ok=True)
@@ -385,6 +433,7 @@ def write_key(path: str | Path, *, rotate: bool = False, force: bool = False) ->
         os.replace(tmp, p)
     except OSError as exc:
         raise ConfigFileError(p, None, f"cannot write key file: {exc.strerror}") from None
+    return done
 
 
 # ------------------------------------------------------------------ host defaults

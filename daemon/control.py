@@ -71,6 +71,9 @@ def status(service: Service, now: float) -> dict[str, Any]:
         "ready": service.ready,
         "uptime_s": round(now - service.started_at, 1),
         "counters": asdict(core.counters),
+        "problems": core.problems(now),
+        "keys": {"seals": service.keyring.current_fingerprint.hex(),
+                 "accepts": [fp.hex() for fp in service.keyring.fingerprints]},
         "kernel": service.kernel_stats(),
     }
 

@@ -80,6 +80,14 @@ def format_members(rows: list[dict[str, Any]]) -> str:
             f"{_clip(str(r['address']), 15):<15} {r['state']:<8} {r['slices']:>6} "
             f"{r['share']:>5.1f}% {r['weight']:>6} {heard:>7} "
             f"{_clip(str(r['incarnation']), 13):>13}".rstrip())
+    for r in rows:
+        if r.get("mismatch"):
+            lines.append(_clip(f"  {r['node_id']} is not admitted: it differs in "
+                               f"{', '.join(r['mismatch'])}", WIDTH))
+    keys = {r.get("key") for r in rows if r.get("key")}
+    if len(keys) > 1:  # a key rotation under way: who seals with which key
+        lines.append("  sealing keys: " + ", ".join(
+            f"{r['node_id']} {r['key']}" for r in rows if r.get("key")))
     return "\n".join(lines)
 
 
@@ -97,6 +105,11 @@ def format_status(s: dict[str, Any]) -> str:
         f"datagrams   {c['accepted']} accepted, {c['sent']} sent; dropped: "
         f"{c['malformed']} malformed, {c['forged']} forged, {c['replayed']} replayed",
     ]
+    keys = s.get("keys")
+    if keys:
+        lines.append(f"keys        seals with {keys['seals']}, accepts "
+                     f"{', '.join(keys['accepts'])}")
+    lines += [f"PROBLEM     {problem}" for problem in s.get("problems", [])]
     return "\n".join(lines)
 
 

@@ -58,6 +58,9 @@ MESSAGE_IDS: dict[str, str] = {
     "DuplicateNodeId": "92d71a160588456fbd5601d073389d39",
     "LeftCluster": "1a24d95377434f0296870a81a55fa016",
     "BaseChanged": "6c1f0e2b9a7d4c58b3e4f2a1d0c9b8a7",
+    "StrangerHeard": "67a029c2e87c4112a731034c3c4335e3",
+    "ParameterMismatch": "6f8ee292fe394f6c844d54fc455c7b42",
+    "MemberRefused": "8e258e2d42454393a50d71796f7bb12c",
     # Daemon-level kinds (not core events).
     "Started": "54983ca1994249a688ec37ae6c57c75f",
     "Stopped": "f9cc1b427af240aab605be0b463e5c15",
@@ -75,6 +78,9 @@ EVENT_PRIORITY: dict[type, int] = {
     ev.QuorumLost: WARNING,
     ev.LeaseLapsed: ERR,
     ev.DuplicateNodeId: ERR,
+    ev.StrangerHeard: ERR,
+    ev.ParameterMismatch: ERR,
+    ev.MemberRefused: ERR,
     ev.ViewChanged: NOTICE,
     ev.ViewAgreed: NOTICE,
 }
@@ -110,9 +116,28 @@ def describe(event: ev.Event) -> tuple[str, dict[str, str]]:
             return f"quorum regained: hear {heard} of {of}", {"HEARD": str(heard), "OF": str(of)}
         case ev.LeaseLapsed(dropped):
             return (f"lease lapsed: dropped all {dropped} slices", {"COUNT": str(dropped)})
-        case ev.DuplicateNodeId(node_id, incarnation):
-            return (f"another process speaks as node {node_id} (incarnation {incarnation}): "
-                    "fix node_id", {"INCARNATION": str(incarnation)})
+        case ev.DuplicateNodeId(node_id, incarnation, address, "", ours):
+            return (f"node ID {node_id} is also used by the process at {address} "
+                    f"(incarnation {incarnation}; ours {ours}): serving nothing while both "
+                    "speak; give each node its own node_id (cloned /etc/machine-id?)",
+                    {"PEER": node_id, "INCARNATION": str(incarnation), "OTHER_ADDRESS": address})
+        case ev.DuplicateNodeId(node_id, incarnation, address, also_at, ours):
+            return (f"node ID {node_id} is used by two processes: at {also_at} (incarnation "
+                    f"{ours}) and at {address} (incarnation {incarnation}); fix node_id",
+                    {"PEER": node_id, "INCARNATION": str(incarnation), "OTHER_ADDRESS": address})
+        case ev.StrangerHeard(address, reason):
+            return (f"hearing datagrams from {address} that fail {reason}",
+                    {"OTHER_ADDRESS": address})
+        case ev.ParameterMismatch(node_id, address, ()):
+            return (f"node {node_id} at {address} now agrees on every parameter",
+                    {"PEER": node_id, "OTHER_ADDRESS": address})
+        case ev.ParameterMismatch(node_id, address, fields):
+            return (f"node {node_id} at {address} disagrees on {', '.join(fields)}: not "
+                    "admitted (every node must have the same value; fix one config)",
+                    {"PEER": node_id, "OTHER_ADDRESS": address, "FIELDS": " ".join(fields)})
+        case ev.MemberRefused(node_id, limit):
+            return (f"node {node_id} not admitted: the view holds {limit} members, the most "
+                    "allowed", {"PEER": node_id})
         case ev.LeftCluster(node_id):
             return f"node {node_id} left the cluster gracefully", {}
         case ev.BaseChanged(base, epoch):

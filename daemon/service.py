@@ -78,7 +78,10 @@ GUARD_PERIOD = 1.0
 RESTART_KEYS = ("cluster", "interface", "address", "vips", "node_id", "buckets", "seed",
                 "quorum", "timers", "timer_profile", "group", "port", "multicast",
                 "mac_mode", "cluster_mac", "balance", "prefix4", "prefix6", "control_socket",
-                "state_dir")  # fmt: skip
+                "state_dir", "bootstrap_expect")  # fmt: skip
+# A problem that lasts (a stranger's datagrams, a mismatched peer) is logged again at
+# most this often, with what was heard since.
+PROBLEM_LOG_EVERY = 30.0
 
 
 class StartupError(LbdError):
@@ -177,6 +180,7 @@ class Service:
         self._done: asyncio.Future[int] | None = None
         self._leaving = False
         self._drops_logged = (0, 0.0)
+        self._problems_logged: dict[str, tuple[float, int]] = {}
         self._send_errors = 0
         self._applies = 0
         self._apply_seconds = 0.0
@@ -344,8 +348,9 @@ class Service:
     def reload(self) -> None:
         """SIGHUP: key rotation, weight, drain flag and peers; other changes need a restart.
 
-        A key file without a previous key keeps the running current key as the
-        previous one, so nodes can be rotated one by one without a gap.
+        The key file is taken as it is: a rotation's three steps (``ROTATION_STEPS``)
+        are each one reload on every node, so the running keys are never kept
+        behind the operator's back (that sealed with a key peers did not accept yet).
         """
         self.notifier.reloading()
         old = self.config
@@ -357,11 +362,12 @@ class Service:
             self.notifier.send("READY=1")
             return
         ignored = [key for key in RESTART_KEYS if getattr(new, key) != getattr(old, key)]
-        if ring.current != self.keyring.current or ring.previous != self.keyring.previous:
-            previous = ring.previous if ring.previous is not None else self.keyring.current
-            ring = Keyring(ring.current, None if previous == ring.current else previous)
+        if ring.fingerprints != self.keyring.fingerprints:
             self.keyring = ring
             self.core.set_codec(Codec(old.cluster, ring))
+            self.sink.emit(NOTICE, "keys reloaded: sealing with "
+                           f"{ring.current_fingerprint.hex()}, accepting "
+                           f"{', '.join(fp.hex() for fp in ring.fingerprints)}", "Reloaded")
         now = time.monotonic()
         if new.weight != old.weight:
             self.core.set_weight(new.weight, now)
@@ -401,7 +407,7 @@ class Service:
         else:
             # Formatted only when one of its inputs changed (most steps change none).
             key = (self._leaving, core.quorum_ok, core.draining, core.agreed,
-                   len(core.held), core.view)
+                   len(core.held), core.view, tuple(core.problems(time.monotonic())))
             if key != self._status_key:
                 self._status_key = key
                 self.notifier.status(self._status_text())
@@ -494,6 +500,7 @@ class Service:
         self._watching = on
 
     def _log_drops(self) -> None:
+        self._log_lasting_problems()
         c = self.core.counters
         dropped = c.malformed + c.forged + c.replayed
         logged, at = self._drops_logged
@@ -505,6 +512,20 @@ class Service:
                            "replayed)", "DatagramsDropped",
                            {"MALFORMED": str(c.malformed), "FORGED": str(c.forged),
                             "REPLAYED": str(c.replayed)})
+
+    def _log_lasting_problems(self) -> None:
+        """Strangers we keep hearing are logged again, rate-limited (the core reports
+        each one once, when first heard): an operator who looks later still finds it."""
+        now = time.monotonic()
+        for address, reason, count in self.core.strangers:
+            at, logged = self._problems_logged.get(address, (now, count))
+            if address not in self._problems_logged:
+                self._problems_logged[address] = (now, count)  # the core's event said it
+            elif count > logged and now - at >= PROBLEM_LOG_EVERY:
+                self._problems_logged[address] = (now, count)
+                self.sink.emit(ERR, f"hearing {count - logged} more datagrams from {address} "
+                               f"that fail {reason} ({count} so far)", "StrangerHeard",
+                               {"OTHER_ADDRESS": address, "COUNT": str(count)})
 
     def kernel_stats(self) -> dict[str, Any]:
         """Kernel transactions so far (owner set and lease changes) and their cost."""
@@ -520,6 +541,10 @@ class Service:
         core = self.core
         if self._leaving:
             return f"leaving: {len(core.held)} slices left"
+        problems = core.problems(time.monotonic())
+        if problems:
+            more = f" (+{len(problems) - 1} more: lbd-cli status)" if len(problems) > 1 else ""
+            return f"{len(core.held)}/{core.config.buckets} slices; {problems[0]}{more}"
         if not core.quorum_ok:
             return f"no quorum: view {core.digest()}, serving nothing soon"
         state = "draining" if core.draining else "serving" if core.agreed else "joining"

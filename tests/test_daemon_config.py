@@ -109,10 +109,22 @@ def test_keygen_writes_0600_hex_and_refuses_overwrite(tmp_path: Path) -> None:
     assert ring.previous is None
     with pytest.raises(ConfigFileError, match="exists"):
         write_key(key)
-    write_key(key, rotate=True)
-    rotated = load_keyring(key)
-    assert rotated.previous == ring.current
-    assert rotated.current != ring.current
+
+    # Rotation, step by step: accept a new key, seal with it, drop the old one.
+    with pytest.raises(ConfigFileError, match="holds one key"):
+        write_key(key, step="promote")
+    write_key(key, step="add")
+    added = load_keyring(key)
+    assert added.current == ring.current and added.previous not in (None, ring.current)
+    with pytest.raises(ConfigFileError, match="already holds two keys"):
+        write_key(key, step="add")
+    write_key(key, step="promote")
+    promoted = load_keyring(key)
+    assert (promoted.current, promoted.previous) == (added.previous, ring.current)
+    write_key(key, step="retire")
+    retired = load_keyring(key)
+    assert retired.current == added.previous and retired.previous is None
+    assert (key.stat().st_mode & 0o777) == 0o600
 
 
 def test_raw_key_and_loose_permissions(tmp_path: Path) -> None:

@@ -55,6 +55,8 @@ class LbdCluster:
         if not self.key.exists():
             write_key(self.key)
         self.procs: dict[int, subprocess.Popen[Any]] = {}
+        self.node_profiles: dict[int, str] = {}
+        """Timer profile per node index, when ``start(profile=...)`` chose one."""
 
     # ------------------------------------------------------------ daemons
 
@@ -65,6 +67,8 @@ class LbdCluster:
         return self.workdir / f"n{index}.sock"
 
     def config(self, index: int, **extra: str) -> Path:
+        """Write node ``index``'s config: config keys ``extra`` override the defaults; the
+        timer profile is the one ``start(index, profile=...)`` chose, else the cluster's."""
         node = self.bed.nodes[index]
         lines = {
             "cluster": '"lbd-lab"',
@@ -80,17 +84,21 @@ class LbdCluster:
         }
         path = self.workdir / f"{node.name}.toml"
         text = "".join(f"{k} = {v}\n" for k, v in lines.items())
-        path.write_text(text + f'\n[timers]\nprofile = "{self.profile}"\n')
+        profile = self.node_profiles.get(index, self.profile)
+        path.write_text(text + f'\n[timers]\nprofile = "{profile}"\n')
         return path
 
     def start(self, index: int, *, env: dict[str, str] | None = None,
-              **extra: str) -> subprocess.Popen[Any]:
-        """Daemon ``index`` with config keys ``extra``; ``env`` is added to its environment."""
+              profile: str | None = None, **extra: str) -> subprocess.Popen[Any]:
+        """Daemon ``index`` with config keys ``extra``; ``env`` is added to its environment;
+        ``profile``: its own timer profile (default: the cluster's)."""
         if index in self.procs and self.procs[index].poll() is None:
             raise BedError(f"daemon {index} is already running")
         kw: dict[str, Any] = {}
         if env is not None:
             kw["env"] = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        # Kept per node (not a config() argument: subclasses override config()).
+        self.node_profiles[index] = profile or self.profile
         proc = self.bed.python(self.bed.nodes[index].name, "-m", "lbd.daemon.cli", "run",
                                "--config", str(self.config(index, **extra)), **kw)
         self.procs[index] = proc
@@ -207,10 +215,13 @@ class LbdCluster:
         self.signal(index, signal.SIGTERM)
         return self.procs[index].wait(timeout=timeout)
 
-    def restart(self, index: int) -> subprocess.Popen[Any]:
+    def restart(self, index: int, *, profile: str | None = None,
+                **extra: str) -> subprocess.Popen[Any]:
+        """SIGTERM, wait, start again (with ``profile`` and config keys ``extra``)."""
         if self.procs[index].poll() is None:
             self.terminate(index)
-        return self.start(index)
+        keys: dict[str, Any] = dict(extra)  # config keys, never ``env``
+        return self.start(index, profile=profile, **keys)
 
     def link_down(self, index: int) -> float:
         when = time.monotonic()

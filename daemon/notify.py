@@ -116,6 +116,11 @@ def describe(event: ev.Event) -> tuple[str, dict[str, str]]:
             return f"quorum regained: hear {heard} of {of}", {"HEARD": str(heard), "OF": str(of)}
         case ev.LeaseLapsed(dropped):
             return (f"lease lapsed: dropped all {dropped} slices", {"COUNT": str(dropped)})
+        case ev.DuplicateNodeId(node_id, incarnation, "", peer, ours):
+            return (f"node ID {node_id} is also used by another process (peer {peer} lists it "
+                    f"with incarnation {incarnation}; ours {ours}): serving nothing while it "
+                    "speaks; give each node its own node_id (cloned /etc/machine-id?)",
+                    {"PEER": node_id, "INCARNATION": str(incarnation), "OTHER_ADDRESS": peer})
         case ev.DuplicateNodeId(node_id, incarnation, address, "", ours):
             return (f"node ID {node_id} is also used by the process at {address} "
                     f"(incarnation {incarnation}; ours {ours}): serving nothing while both "

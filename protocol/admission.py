@@ -62,12 +62,15 @@ class Mismatch:
 
 @dataclass(slots=True)
 class Clash:
-    """Another process speaking with our node ID."""
+    """Another process speaking with our node ID.
+
+    ``direct``: we heard it ourselves and ``address`` is where it speaks from;
+    else ``address`` is the peer that lists our ID with its newer incarnation."""
 
     address: str
     incarnation: int
     until: float
-    how: str
+    direct: bool
 
 
 class Gate:
@@ -83,6 +86,8 @@ class Gate:
         self.strangers: dict[str, Stranger] = {}
         self.mismatched: dict[str, Mismatch] = {}
         self.clash: Clash | None = None
+        self.newest_clone = 0
+        """The newest incarnation of our ID that another process used."""
         self._clashes_reported: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------- strangers
@@ -128,12 +133,12 @@ class Gate:
     def own_id_heard(self, incarnation: int, address: str, now: float) -> None:
         """A datagram with our node ID: our own echo, or a clone's."""
         if incarnation != self.incarnation:
-            self._clash(address, incarnation, now, "sends with our node ID")
+            self._clash(address, incarnation, now, direct=True)
 
     def listed_newer(self, incarnation: int, address: str, now: float) -> None:
         """A peer (at ``address``) lists our ID with a newer incarnation than ours:
         it hears another process that uses our ID."""
-        self._clash(address, incarnation, now, "is listed by a peer with our node ID")
+        self._clash(address, incarnation, now, direct=False)
 
     def stale_sender(self, sender: str, incarnation: int, address: str, current: str,
                      current_incarnation: int) -> None:
@@ -146,11 +151,21 @@ class Gate:
         self._events.append(ev.DuplicateNodeId(sender, incarnation, address, current,
                                                current_incarnation))
 
-    def _clash(self, address: str, incarnation: int, now: float, how: str) -> None:
-        if self.clash is None or now >= self.clash.until:
-            self._events.append(ev.DuplicateNodeId(self.node_id, incarnation, address, "",
-                                                   self.incarnation))
-        self.clash = Clash(address, incarnation, now + self._hold, how)
+    def _clash(self, address: str, incarnation: int, now: float, *, direct: bool) -> None:
+        self.newest_clone = max(self.newest_clone, incarnation)
+        known = self.clash
+        if known is None or now >= known.until:
+            self._events.append(ev.DuplicateNodeId(
+                self.node_id, incarnation, address if direct else "", "" if direct else address,
+                self.incarnation))
+        elif known.direct and not direct:
+            known.until = now + self._hold  # keep naming the process we heard ourselves
+            return
+        self.clash = Clash(address, incarnation, now + self._hold, direct)
+
+    def reincarnate(self, incarnation: int) -> None:
+        """We took a new incarnation (above every clone's): our own from now on."""
+        self.incarnation = incarnation
 
     def clashing(self, now: float) -> bool:
         return self.clash is not None and now < self.clash.until
@@ -179,11 +194,12 @@ class Gate:
         """One line per current admission problem, for ``lbd-cli status`` and STATUS."""
         lines = []
         if self.clashing(now) and self.clash is not None:
+            where = (f"the process at {self.clash.address}" if self.clash.direct else
+                     f"another process (peer {self.clash.address} lists it)")
             lines.append(
-                f"node ID {self.node_id} is also used by the process at "
-                f"{self.clash.address} (incarnation {self.clash.incarnation}, this one "
-                f"{self.incarnation}): serving nothing while both speak; give each node "
-                "its own node_id (cloned /etc/machine-id?)")
+                f"node ID {self.node_id} is also used by {where} (incarnation "
+                f"{self.clash.incarnation}, this one {self.incarnation}): serving nothing "
+                "while both speak; give each node its own node_id (cloned /etc/machine-id?)")
         for m in sorted(self.mismatched.values(), key=lambda m: m.node_id):
             if now - m.last_heard <= REPORT_WITHIN:
                 lines.append(

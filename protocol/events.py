@@ -89,8 +89,9 @@ class DuplicateNodeId:
 
     ``also_at`` empty: the clash is with our own ID (``address`` is the other
     process, ``ours`` our incarnation): this node serves nothing while it lasts.
-    Else a peer's older incarnation still speaks from ``address`` while its newer
-    one (``ours``) speaks from ``also_at``."""
+    ``address`` empty: the same, learnt from the peer at ``also_at`` that lists our
+    ID with the newer ``incarnation``. Both set: a peer's older incarnation still
+    speaks from ``address`` while its newer one (``ours``) speaks from ``also_at``."""
 
     node_id: str
     incarnation: int

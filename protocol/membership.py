@@ -196,7 +196,9 @@ class Node(NodeState):
         return out
 
     def events(self) -> list[ev.Event]:
-        out, self._events = self._events, []
+        # Emptied in place: the admission gate appends to this very list.
+        out = list(self._events)
+        self._events.clear()
         return out
 
     # ------------------------------------------------------------------ steps
@@ -281,6 +283,13 @@ class Node(NodeState):
         if clashing != self._clashing:
             self._clashing = clashing  # advertised as draining: the handoff moves our slices
             self._self_cached = None
+            if not clashing and self._gate.newest_clone >= self.incarnation:
+                # The clone is gone, but peers remember its newer incarnation of our ID
+                # and refuse ours as stale: take one above it, as a restart would.
+                self.incarnation = self._gate.newest_clone + 1
+                self._gate.reincarnate(self.incarnation)
+                self._listing = (None, None, None)
+                self._events.append(ev.MemberRestarted(self.node_id, self.incarnation))
         self._step_inner(now)
         if (self._epoch, self._base, self._prev_base) != self._reported_base:
             self._reported_base = (self._epoch, self._base, self._prev_base)
@@ -446,7 +455,9 @@ class Node(NodeState):
         self._events.append(event(heard, len(self._base)))
 
     def _try_claim(self, now: float) -> None:
-        if self._agreed:
+        if self._agreed or self._clashing:
+            # While another process speaks with our ID, quorums that count "our" ID
+            # are ambiguous: agree nothing, change no base.
             return
         if now < self._started + self.timers.startup_wait and not self._admitted():
             # Start-up listening is for forming a view; a node the others have

@@ -172,3 +172,25 @@ def test_the_view_never_exceeds_the_member_limit() -> None:
     assert len(node.view) == 256
     refused = [e for e in node.events() if isinstance(e, ev.MemberRefused)]
     assert len(refused) == 300 - 255 and node.counters.refused == len(refused)
+
+
+def test_events_of_the_admission_gate_survive_an_earlier_drain() -> None:
+    node = make_node("a")
+    node.events()  # the daemon drains events after every step
+    forged = Codec("lbd", Keyring(OTHER_KEY)).seal(heartbeat("b", 1))
+    node.receive_datagram(forged, "192.0.2.13", 0.01)
+    assert any(isinstance(e, ev.StrangerHeard) for e in node.events())
+
+
+def test_after_a_clone_is_gone_the_node_takes_an_incarnation_above_it() -> None:
+    node = make_node("a", incarnation=1)
+    t = 0.01
+    view = (Member("a", 9, 100, False), Member("b", 1, 100, False))
+    hb = Heartbeat("b", 1, 1, 100, False, view, (3, 0), False, 0, params=PARAMS)
+    node.receive_datagram(Codec("lbd", Keyring(KEY)).seal(hb), "192.0.2.12", t)
+    problems = node.problems(t)
+    assert any("another process (peer 192.0.2.12 lists it)" in p for p in problems), problems
+    later = t + CoreConfig().timers.dead_after + 0.01
+    node.handle_timer(later)
+    assert node.incarnation == 10 and not node.advertised_draining
+    assert ev.MemberRestarted("a", 10) in node.events()

@@ -68,6 +68,9 @@ def _run(args: argparse.Namespace) -> int:
                       sink=sink, notifier=Notifier())
     try:
         code = asyncio.run(service.run())
+    except ConfigFileError as exc:  # a state file the operator must look at
+        sink.emit(ERR, f"cannot start: {exc}")
+        return EXIT_CONFIG
     except LbdError as exc:
         sink.emit(ERR, f"cannot start: {exc}")
         return EXIT_RUNTIME

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lbd.protocol.errors import LbdError
 from lbd.protocol.jhash import bucket_of
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ REQUEST_TIMEOUT = 2.0
 CONTROL_GROUP = "lbd"
 
 
-class CommandError(Exception):
+class CommandError(LbdError):
     """A request the daemon refuses; the message goes back to lbd-cli."""
 
 
@@ -45,6 +46,7 @@ def members(service: Service, now: float) -> list[dict[str, Any]]:
     for info in service.core.members(now):
         row = asdict(info)
         row["share"] = round(row["share"], 2)
+        row["wire_id"], row["node_id"] = info.node_id, row.pop("name") or info.node_id
         if info.is_self:
             row["address"] = service.address
         rows.append(row)
@@ -55,11 +57,12 @@ def status(service: Service, now: float) -> dict[str, Any]:
     core = service.core
     lease = core.lease_until
     return {
-        "node_id": core.node_id,
+        "node_id": service.node_id,
+        "wire_id": core.node_id,
         "incarnation": core.incarnation,
         "address": service.address,
         "view": core.digest(),
-        "view_members": [m.node_id for m in core.view],
+        "view_members": [core.name_of(m.node_id) for m in core.view],
         "converged": core.agreed,
         "quorum": core.quorum_ok,
         "quorum_mode": core.config.quorum.value,
@@ -71,10 +74,12 @@ def status(service: Service, now: float) -> dict[str, Any]:
         "ready": service.ready,
         "uptime_s": round(now - service.started_at, 1),
         "counters": asdict(core.counters),
-        "problems": core.problems(now),
+        "problems": service.problems(now),  # the core's, then the shell's
         "keys": {"seals": service.keyring.current_fingerprint.hex(),
                  "accepts": [fp.hex() for fp in service.keyring.fingerprints]},
         "kernel": service.kernel_stats(),
+        # Datagrams to the heartbeat port the kernel dropped (netcfg/hbfilter.py).
+        "heartbeat_filter": service.hbfilter.counters() if service.hbfilter else {},
     }
 
 
@@ -89,7 +94,8 @@ def owner(service: Service, address: object) -> dict[str, Any]:
     bucket = bucket_of(addr, cfg.buckets, cfg.seed, cfg.prefix4, cfg.prefix6)
     core = service.core
     index = int(core.owners()[bucket])
-    owner_id = core.view[index].node_id
+    # A bucket nobody owns (every member draining) has no owner, not the last member.
+    owner_id = core.name_of(core.view[index].node_id) if index >= 0 else None
     return {
         "address": str(addr),
         "bucket": bucket,
@@ -104,9 +110,12 @@ def table(service: Service) -> dict[str, Any]:
     """Bucket ranges per node of the current view: {node: [[first, last], ...]}."""
     core = service.core
     owners = core.owners()
-    ranges: dict[str, list[list[int]]] = {m.node_id: [] for m in core.view}
+    names = [core.name_of(m.node_id) for m in core.view]
+    ranges: dict[str, list[list[int]]] = {name: [] for name in names}
     for bucket, index in enumerate(owners.tolist()):
-        runs = ranges[core.view[index].node_id]
+        if index < 0:
+            continue  # nobody owns it (every member draining)
+        runs = ranges[names[index]]
         if runs and runs[-1][1] == bucket - 1:
             runs[-1][1] = bucket
         else:
@@ -167,6 +176,7 @@ class ControlServer:
             os.chmod(self.path, 0o600)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = b""
         try:
             try:
                 line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
@@ -184,9 +194,10 @@ class ControlServer:
                 log.exception("control request %r failed", line[:200])
                 response = {"ok": False, "error": f"internal error: {exc!r}"}
             writer.write(json.dumps(response).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass  # lbd-cli went away: nothing to answer
+            # A client that never reads must not hold the answer's buffer for ever.
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        except (ConnectionError, OSError, TimeoutError):
+            pass  # lbd-cli went away or stopped reading: nothing more to answer
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):

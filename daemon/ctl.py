@@ -16,13 +16,15 @@ import socket
 import sys
 from typing import Any
 
+from lbd.protocol.errors import LbdError
+
 DEFAULT_SOCKET = "/run/lbd/control.sock"
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_REFUSED, EXIT_DEGRADED = 0, 1, 2, 3, 4
 WIDTH = 80
 TIMEOUT = 5.0
 
 
-class CtlError(Exception):
+class CtlError(LbdError):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code

@@ -25,13 +25,14 @@ MESSAGE_ID=<id>`` finds, say, every member death. The IDs never change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import struct
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lbd.protocol import events as ev
@@ -60,6 +61,7 @@ MESSAGE_IDS: dict[str, str] = {
     "BaseChanged": "6c1f0e2b9a7d4c58b3e4f2a1d0c9b8a7",
     "StrangerHeard": "67a029c2e87c4112a731034c3c4335e3",
     "ParameterMismatch": "6f8ee292fe394f6c844d54fc455c7b42",
+    "PersistFailed": "276c6db12cb5409da48e04bc26720aa7",
     "MemberRefused": "8e258e2d42454393a50d71796f7bb12c",
     # Daemon-level kinds (not core events).
     "Started": "54983ca1994249a688ec37ae6c57c75f",
@@ -70,6 +72,15 @@ MESSAGE_IDS: dict[str, str] = {
     "KernelApplyFailed": "a36cc16b8ec44d0f89a1d32fb38012f0",
     "DrainChanged": "2084d21f0b104a6fb3b6d09702612176",
     "InternalError": "59ffb843a98148ea886cb658b8ea1c36",
+    # Watched kernel state (daemon/kernelwatch.py): what changed under lbd, and after.
+    "VipRemoved": "6ed3e1ce510b4150a7a2bb24c385382e",
+    "LinkDown": "8a9d7cd9917a4ddca9fc0b2e9ba56018",
+    "MacChanged": "27dd21e74b344b3194fc074a6317830c",
+    "TablesChanged": "1d12bf90122f4bc68f4cbc2358450199",
+    "SysctlChanged": "6e3c95e838fb4b3683f759dc690bd1fe",
+    "ClusterMacLeft": "a679dd36246f4ffbb729209d64279838",
+    "KernelStateRestored": "7852e9383aea482b84821feb4a0e95aa",
+    "KernelRestoreFailed": "827e7df3e6ec43f5a73fcc822ca2dbdd",
 }
 
 EVENT_PRIORITY: dict[type, int] = {
@@ -149,6 +160,21 @@ def describe(event: ev.Event) -> tuple[str, dict[str, str]]:
             return (f"quorum base {epoch}: {', '.join(base) or '(none)'}",
                     {"BASE": " ".join(base), "EPOCH": str(epoch)})
     return repr(event), {}
+
+
+def named(event: ev.Event, name_of: Callable[[str], str]) -> ev.Event:
+    """``event`` with node names instead of wire IDs, for people (logs, journal)."""
+    changes: dict[str, object] = {}
+    for field in ("node_id", "members", "base", "previous"):
+        value = getattr(event, field, None)
+        if isinstance(value, str):
+            changes[field] = name_of(value)
+        elif isinstance(value, tuple):
+            changes[field] = tuple(name_of(v) for v in value)
+    if not changes:
+        return event
+    replaced: ev.Event = dataclasses.replace(event, **changes)  # type: ignore[arg-type]
+    return replaced
 
 
 def encode_journal(fields: Mapping[str, str | bytes]) -> bytes:

@@ -55,9 +55,11 @@ from pathlib import Path
 from typing import Any
 
 from lbd.daemon import control
-from lbd.daemon.config import DaemonConfig, load_config, load_keyring
+from lbd.daemon.config import ConfigFileError, DaemonConfig, load_config, load_keyring
 from lbd.daemon.heartbeat import StampedReader, heartbeat_socket, send_from
-from lbd.daemon.notify import ERR, INFO, NOTICE, WARNING, LogSink, Notifier
+from lbd.daemon.kernelwatch import KernelWatch
+from lbd.daemon.notify import ERR, INFO, NOTICE, WARNING, LogSink, Notifier, named
+from lbd.netcfg.hbfilter import HeartbeatFilter, interface_networks
 from lbd.netcfg.linkproc import LinkProcess
 from lbd.netcfg.macmode import ANCHOR_BUCKET, MacMode
 from lbd.netcfg.nft import NftDataplane
@@ -65,6 +67,7 @@ from lbd.netcfg.statefile import RecordError, load_record, save_record
 from lbd.protocol import events as ev
 from lbd.protocol.errors import LbdError
 from lbd.protocol.membership import Node
+from lbd.protocol.messages import WIRE_ID_PATTERN, wire_id
 from lbd.protocol.wire import Codec, Keyring
 
 RECV_BATCH = 64
@@ -120,24 +123,35 @@ def next_incarnation(state_dir: Path) -> int:
 
 
 def _node_ids(value: object) -> tuple[str, ...] | None:
+    """The wire IDs of a stored base. Records written before wire IDs hold node names:
+    they are mapped to the names' wire IDs (sorted again, as bases are)."""
     if isinstance(value, list) and all(isinstance(member, str) for member in value):
-        return tuple(value)
+        return tuple(sorted({m if WIRE_ID_PATTERN.fullmatch(m) else wire_id(m)
+                             for m in value}))
     return None
 
 
 def load_quorum_base(state_dir: Path) -> tuple[tuple[str, ...], int, tuple[str, ...] | None]:
     """(base, epoch, previous base while the change is unconfirmed) the previous run
     persisted, or none (a first start)."""
+    path = state_dir / "quorum-base.json"
     try:
-        saved = load_record(state_dir / "quorum-base.json", 1)
-    except RecordError:
-        return (), 0, None  # unreadable: treated as a first start
+        saved = load_record(path, 1)
+    except RecordError as exc:
+        # Never a silent first start: this node may belong to a live cluster whose
+        # base it no longer knows. The operator decides (see README "State files").
+        raise ConfigFileError(path, None, f"corrupt quorum base ({exc}); if this node's "
+                              "cluster state is lost, delete the file: the node then starts "
+                              "as a new node and joins through bootstrap") from None
     if saved is not None:
         base, epoch = _node_ids(saved.get("base")), saved.get("epoch")
         previous = saved.get("previous")
         if base is not None and isinstance(epoch, int) and (
                 previous is None or _node_ids(previous) is not None):
             return base, epoch, None if previous is None else _node_ids(previous)
+        raise ConfigFileError(path, None, "corrupt quorum base (fields of the wrong type); "
+                              "if this node's cluster state is lost, delete the file: the "
+                              "node then starts as a new node and joins through bootstrap")
     return (), 0, None
 
 
@@ -170,6 +184,13 @@ class Service:
         self._nft: NftDataplane | None = None
         self._link: LinkProcess | None = None
         self._macmode: MacMode | None = None
+        self._kernelwatch: KernelWatch | None = None
+        # Why the node drains: "operator" (lbd-cli, config) and "kernel: ..." (one per
+        # kernel fault, kernelwatch.py). It drains while any holds: none undoes another.
+        self.drain_reasons: set[str] = set()
+        # The shell's problems (the core has its own): key -> one line for lbd-cli status.
+        self.shell_problems: dict[str, str] = {}
+        self.hbfilter: HeartbeatFilter | None = None
         self._answer_errors = 0
         self._sock: socket.socket | None = None
         self._reader: StampedReader
@@ -210,9 +231,11 @@ class Service:
 
     async def _start(self, state_dir: Path) -> None:
         cfg = self.config
+        # First, before anything touches the kernel: a corrupt record stops us here.
+        base, epoch, previous = load_quorum_base(state_dir)
         self._nft = NftDataplane(list(cfg.vips), cfg.buckets, cfg.seed, prefix4=cfg.prefix4,
                                  prefix6=cfg.prefix6, balance=list(cfg.balance),
-                                 guard_period=GUARD_PERIOD)
+                                 guard_period=GUARD_PERIOD, persist=True)
         try:
             self._nft.install()
         except LbdError as exc:
@@ -222,7 +245,7 @@ class Service:
         cluster_mac = cfg.effective_cluster_mac()
         if multicast and cluster_mac is not None:
             self._macmode = MacMode(cfg.interface, list(cfg.vips), cluster_mac,
-                                    state_file=state_dir / "macmode.json")
+                                    state_file=state_dir / "macmode.json", persist=True)
             try:
                 await asyncio.to_thread(self._macmode.apply)
             except LbdError as exc:
@@ -237,6 +260,15 @@ class Service:
             await asyncio.to_thread(self._link.apply)
         except LbdError as exc:
             raise StartupError(f"cannot set up {cfg.interface}: {exc}") from None
+        # Heartbeats only from the segment or the peers, of a valid size, before the
+        # socket exists (netcfg/hbfilter.py; an owner table, gone with the process).
+        try:
+            hbfilter = HeartbeatFilter(cfg.interface, cfg.port,
+                                       interface_networks(self.ifindex), cfg.peers)
+            hbfilter.install()
+        except (LbdError, OSError, ValueError) as exc:
+            raise StartupError(f"cannot install the heartbeat filter: {exc}") from None
+        self.hbfilter = hbfilter
         try:
             self._sock = heartbeat_socket(cfg, self.ifindex, self.address)
         except LbdError as exc:
@@ -257,21 +289,34 @@ class Service:
                        f"{self.node_id} from {self.address} (incarnation {incarnation})",
                        "Started")
         now = time.monotonic()
-        base, epoch, previous = load_quorum_base(state_dir)
         self._state_dir = state_dir
-        self.core = Node(cfg.core_config(), Codec(cfg.cluster, self.keyring), self.node_id,
+        # The core knows this node by its 4-byte wire ID; names are for people.
+        self.core = Node(cfg.core_config(), Codec(cfg.cluster, self.keyring),
+                         wire_id(self.node_id),
                          incarnation, now, weight=cfg.weight, draining=cfg.draining,
-                         base=base, epoch=epoch, previous_base=previous)
+                         base=base, epoch=epoch, previous_base=previous, name=self.node_id)
         self._process()
+        self.drain_reasons = {"operator"} if cfg.draining else set()
+        # Watched kernel state (S5): VIPs, link, MAC, tables, sysctls (kernelwatch.py).
+        self._kernelwatch = KernelWatch(self)
+        try:
+            self._kernelwatch.start()
+        except LbdError as exc:
+            raise StartupError(f"cannot watch the kernel state: {exc}") from None
 
     async def _stop(self) -> None:
         """Undo in the safe order; every step is attempted even if one fails."""
+        if self._kernelwatch is not None:  # first: it must not put back what we remove
+            await self._kernelwatch.stop()
         if self._timer is not None:
             self._timer.cancel()
         if self._sock is not None:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
+        if self.hbfilter is not None:
+            with contextlib.suppress(LbdError):  # an owner table: gone with us anyway
+                self.hbfilter.remove()
         if self._control is not None:
             await self._control.close()
         # Owner table first (nothing claimed), then the VIPs, then, only once the
@@ -338,11 +383,19 @@ class Service:
         if batch or timer_due is not None:
             self.core.receive_datagrams(batch, timer_due)
 
-    def set_draining(self, draining: bool, why: str) -> None:
-        if draining != self.core.draining:
-            self.core.set_draining(draining, time.monotonic())
-            state = "draining" if draining else "taking new connections again"
-            self.sink.emit(NOTICE, f"{state} ({why})", "DrainChanged")
+    def set_draining(self, draining: bool, why: str, reason: str = "operator",
+                     log: bool = True) -> None:
+        """Add or end one drain ``reason``; the node drains while any holds, so an
+        operator's undrain never ends a kernel fault's drain, nor the reverse."""
+        if draining:
+            self.drain_reasons.add(reason)
+        else:
+            self.drain_reasons.discard(reason)
+        if bool(self.drain_reasons) != self.core.draining:
+            self.core.set_draining(bool(self.drain_reasons), time.monotonic())
+            if log:
+                state = "draining" if self.core.draining else "taking new connections again"
+                self.sink.emit(NOTICE, f"{state} ({why})", "DrainChanged")
             self._process()
 
     def reload(self) -> None:
@@ -374,6 +427,11 @@ class Service:
         if new.draining != old.draining:
             self.set_draining(new.draining, "config reload")
         self.config = replace(new, **{key: getattr(old, key) for key in RESTART_KEYS})
+        if self.hbfilter is not None and new.peers != old.peers:
+            try:
+                self.hbfilter.update(peers=new.peers)
+            except LbdError as exc:
+                self.sink.emit(ERR, f"heartbeat filter kept the old peers: {exc}")
         note = f"; needs a restart, ignored: {', '.join(ignored)}" if ignored else ""
         self.sink.emit(WARNING if ignored else INFO, f"configuration reloaded{note}", "Reloaded")
         self._process()
@@ -385,7 +443,10 @@ class Service:
         """Execute the core's actions in order, log its events, re-arm the timer."""
         core = self.core
         for action in core.actions():
-            if isinstance(action, ev.ApplyKernel):
+            if isinstance(action, ev.PersistBase):
+                if not self._persist(action):
+                    return
+            elif isinstance(action, ev.ApplyKernel):
                 if not self._apply(action):
                     return
             else:
@@ -393,13 +454,7 @@ class Service:
         events = core.events()
         fields = {"SLICES": str(len(core.held)), "VIEW": core.digest()} if events else {}
         for event in events:
-            if isinstance(event, ev.BaseChanged):
-                try:
-                    save_quorum_base(self._state_dir, event.base, event.epoch,
-                                     event.previous)
-                except OSError as exc:
-                    self.sink.emit(WARNING, f"cannot persist the quorum base: {exc}")
-            self.sink.event(event, fields)
+            self.sink.event(named(event, core.name_of), fields)
         self._log_drops()
         if not self.ready and core.agreed and not self._leaving:
             self.ready = True
@@ -407,7 +462,7 @@ class Service:
         else:
             # Formatted only when one of its inputs changed (most steps change none).
             key = (self._leaving, core.quorum_ok, core.draining, core.agreed,
-                   len(core.held), core.view, tuple(core.problems(time.monotonic())))
+                   len(core.held), core.view, tuple(self.problems(time.monotonic())))
             if key != self._status_key:
                 self._status_key = key
                 self.notifier.status(self._status_text())
@@ -415,6 +470,24 @@ class Service:
             self._finish(0)
             return
         self._arm_timer()
+
+    def _persist(self, action: ev.PersistBase) -> bool:
+        """Store the quorum base before the heartbeat that advertises it. Failing,
+        stop before that heartbeat (and any claim): a restart on an older base than
+        the peers confirmed could make this node a stale quorum (S1)."""
+        if self._nft is None:
+            return False  # already failed and stopping
+        try:
+            save_quorum_base(self._state_dir, action.base, action.epoch, action.previous)
+        except OSError as exc:
+            self.sink.emit(ERR, f"cannot store the quorum base in {self._state_dir}: "
+                           f"{exc.strerror or exc}; stopping (a restart must not forget it)",
+                           "PersistFailed")
+            self._nft.close()  # the owner table goes with our netlink socket: closed
+            self._nft = None
+            self._finish(1)
+            return False
+        return True
 
     def _apply(self, action: ev.ApplyKernel) -> bool:
         if self._nft is None:
@@ -537,11 +610,15 @@ class Service:
             "last_apply_ms": None if last is None else round(1000 * last.seconds, 3),
         }
 
+    def problems(self, now: float) -> list[str]:
+        """The core's problems, then the shell's (kernel state: kernelwatch.py)."""
+        return self.core.problems(now) + list(self.shell_problems.values())
+
     def _status_text(self) -> str:
         core = self.core
         if self._leaving:
             return f"leaving: {len(core.held)} slices left"
-        problems = core.problems(time.monotonic())
+        problems = self.problems(time.monotonic())
         if problems:
             more = f" (+{len(problems) - 1} more: lbd-cli status)" if len(problems) > 1 else ""
             return f"{len(core.held)}/{core.config.buckets} slices; {problems[0]}{more}"

@@ -1,4 +1,5 @@
-"""Small JSON records in the state dir, written atomically (tmp + fsync + rename).
+"""Small JSON records in the state dir, written atomically and durably (tmp + fsync +
+rename + fsync of the directory).
 
 The link and MAC-mode setup record what they changed before changing it, so a
 restarted daemon restores the original values; a half-written record would
@@ -12,8 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lbd.protocol.errors import LbdError
 
-class RecordError(Exception):
+
+class RecordError(LbdError):
     """A record exists but cannot be read or is of another version."""
 
 
@@ -39,3 +42,10 @@ def save_record(path: Path, record: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
+    # The rename is durable only once the directory is: without this, a power loss
+    # right after can bring back the old record (or none) while peers acted on ours.
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

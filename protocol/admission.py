@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lbd.protocol import events as ev
+from lbd.protocol.messages import Heartbeat
 from lbd.protocol.params import differing
 
 FORGET_AFTER = 60.0
@@ -58,6 +59,7 @@ class Mismatch:
     fields: tuple[str, ...]
     count: int
     last_heard: float
+    name: str = ""
 
 
 @dataclass(slots=True)
@@ -71,14 +73,17 @@ class Clash:
     incarnation: int
     until: float
     direct: bool
+    other_name: str = ""
+    """The other process's name when it differs from ours: a wire-ID collision."""
 
 
 class Gate:
     """The admission checks of one node (see the module doc)."""
 
     def __init__(self, node_id: str, incarnation: int, params: bytes, hold: float,
-                 events: list[ev.Event]) -> None:
+                 events: list[ev.Event], *, name: str = "") -> None:
         self.node_id = node_id
+        self.name = name
         self.incarnation = incarnation
         self.params = params
         self._hold = hold
@@ -107,9 +112,9 @@ class Gate:
 
     # ------------------------------------------------------------ parameters
 
-    def admits(self, sender: str, incarnation: int, params: bytes, address: str,
-               now: float) -> bool:
+    def admits(self, hb: Heartbeat, address: str, now: float) -> bool:
         """Whether a heartbeat's parameters match ours; a mismatch is recorded."""
+        sender, incarnation, params, name = hb.sender, hb.incarnation, hb.params, hb.name
         if params == self.params:
             if self.mismatched.pop(sender, None) is not None:
                 self._events.append(ev.ParameterMismatch(sender, address, ()))
@@ -120,7 +125,8 @@ class Gate:
             if known is None and len(self.mismatched) >= MAX_MISMATCHED:
                 oldest = min(self.mismatched.values(), key=lambda m: m.last_heard)
                 del self.mismatched[oldest.node_id]
-            self.mismatched[sender] = Mismatch(sender, address, incarnation, fields, 1, now)
+            self.mismatched[sender] = Mismatch(sender, address, incarnation, fields, 1, now,
+                                               name)
             self._events.append(ev.ParameterMismatch(sender, address, fields))
             return False
         known.count += 1
@@ -130,10 +136,12 @@ class Gate:
 
     # -------------------------------------------------------------- identity
 
-    def own_id_heard(self, incarnation: int, address: str, now: float) -> None:
-        """A datagram with our node ID: our own echo, or a clone's."""
-        if incarnation != self.incarnation:
-            self._clash(address, incarnation, now, direct=True)
+    def own_id_heard(self, incarnation: int, address: str, now: float, name: str = "") -> None:
+        """A datagram with our node ID: our own echo, a clone's, or one of a node whose
+        name shares our wire ID (``name`` differs from ours)."""
+        if incarnation != self.incarnation or (name and self.name and name != self.name):
+            self._clash(address, incarnation, now, direct=True,
+                        other_name=name if name != self.name else "")
 
     def listed_newer(self, incarnation: int, address: str, now: float) -> None:
         """A peer (at ``address``) lists our ID with a newer incarnation than ours:
@@ -151,8 +159,10 @@ class Gate:
         self._events.append(ev.DuplicateNodeId(sender, incarnation, address, current,
                                                current_incarnation))
 
-    def _clash(self, address: str, incarnation: int, now: float, *, direct: bool) -> None:
-        self.newest_clone = max(self.newest_clone, incarnation)
+    def _clash(self, address: str, incarnation: int, now: float, *, direct: bool,
+               other_name: str = "") -> None:
+        if not other_name:  # a collision of two names is not fixed by a new incarnation
+            self.newest_clone = max(self.newest_clone, incarnation)
         known = self.clash
         if known is None or now >= known.until:
             self._events.append(ev.DuplicateNodeId(
@@ -161,7 +171,7 @@ class Gate:
         elif known.direct and not direct:
             known.until = now + self._hold  # keep naming the process we heard ourselves
             return
-        self.clash = Clash(address, incarnation, now + self._hold, direct)
+        self.clash = Clash(address, incarnation, now + self._hold, direct, other_name)
 
     def reincarnate(self, incarnation: int) -> None:
         """We took a new incarnation (above every clone's): our own from now on."""
@@ -196,14 +206,22 @@ class Gate:
         if self.clashing(now) and self.clash is not None:
             where = (f"the process at {self.clash.address}" if self.clash.direct else
                      f"another process (peer {self.clash.address} lists it)")
-            lines.append(
-                f"node ID {self.node_id} is also used by {where} (incarnation "
-                f"{self.clash.incarnation}, this one {self.incarnation}): serving nothing "
-                "while both speak; give each node its own node_id (cloned /etc/machine-id?)")
+            if self.clash.other_name:
+                lines.append(
+                    f"node names {self.name} and {self.clash.other_name} (at "
+                    f"{self.clash.address}) share the wire ID {self.node_id}: serving nothing "
+                    "while both speak; rename one")
+            else:
+                lines.append(
+                    f"node ID {self.name or self.node_id} is also used by {where} "
+                    f"(incarnation {self.clash.incarnation}, this one {self.incarnation}): "
+                    "serving nothing while both speak; give each node its own node_id "
+                    "(cloned /etc/machine-id?)")
         for m in sorted(self.mismatched.values(), key=lambda m: m.node_id):
             if now - m.last_heard <= REPORT_WITHIN:
                 lines.append(
-                    f"node {m.node_id} at {m.address} disagrees on {', '.join(m.fields)}: "
+                    f"node {m.name or m.node_id} at {m.address} disagrees on "
+                    f"{', '.join(m.fields)}: "
                     "not admitted (every node must have the same value)")
         for s in sorted(self.strangers.values(), key=lambda s: s.address):
             if now - s.last_heard <= REPORT_WITHIN:

@@ -128,7 +128,7 @@ class MemberRefused:
 
 @dataclass(frozen=True, slots=True)
 class BaseChanged:
-    """The quorum base changed: the shell persists it so a restart remembers it.
+    """The quorum base changed (for logs; ``PersistBase`` is the order to store it).
 
     ``previous`` is the base before it while the change is unconfirmed (a quorum of
     the previous base has not adopted it yet), else None: a restart must keep
@@ -179,8 +179,22 @@ class ApplyKernel:
 
 
 @dataclass(frozen=True, slots=True)
+class PersistBase:
+    """Store the quorum base durably before anything that follows is carried out.
+
+    Ordered before the heartbeat that advertises the base (and before a claim made
+    under it): a peer may confirm a base change on seeing it, so a restart must
+    never come back with an older base. If the shell cannot store it, it must
+    carry out none of the actions that follow (and stop: fail closed)."""
+
+    base: tuple[str, ...]
+    epoch: int
+    previous: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Transmit:
     data: bytes
 
 
-Action = ApplyKernel | Transmit
+Action = PersistBase | ApplyKernel | Transmit

@@ -137,20 +137,26 @@ class Node(NodeState):
             self.counters.own_echo += 1
             # A clone's first datagram changes what we advertise: step at once.
             was_clashing = self._clashing
-            self._gate.own_id_heard(message.incarnation, address, now)
+            self._gate.own_id_heard(message.incarnation, address, now,
+                                    message.name if isinstance(message, Heartbeat) else "")
             return not was_clashing and self._gate.clashing(now)
+        known = self._peers.get(message.sender)
+        if (known is not None and isinstance(message, Heartbeat) and known.last_seq == message.seq
+                and known.incarnation == message.incarnation):
+            # The newest heartbeat again: with multicast and ``peers`` both, every
+            # heartbeat arrives twice. Not a replay worth a warning; dropped all the same.
+            self.counters.copies += 1
+            return False
         try:
             self._replay.check(message.sender, message.incarnation, message.seq)
         except ReplayError:
             self.counters.replayed += 1
-            known = self._peers.get(message.sender)
             if (known is not None and message.incarnation < known.incarnation
                     and address != known.address):
                 self._gate.stale_sender(message.sender, message.incarnation, address,
                                         known.address, known.incarnation)
             return False
-        if isinstance(message, Heartbeat) and not self._gate.admits(
-                message.sender, message.incarnation, message.params, address, now):
+        if isinstance(message, Heartbeat) and not self._gate.admits(message, address, now):
             self.counters.mismatched += 1
             self._heard_peer = True
             return False
@@ -245,6 +251,7 @@ class Node(NodeState):
         peer.address = address
         if key_id:
             peer.key_id = key_id
+        peer.name = hb.name
         if (hb.epoch, hb.base) > (self._epoch, self._sorted_base()):
             # A newer agreement we missed (hung, partitioned, or just slower):
             # quorums are judged by the newest base anyone knows, never a stale one.
@@ -256,8 +263,10 @@ class Node(NodeState):
         if not matches and hb.view == self._view:
             matches, self._view_seen_equal = True, hb.view
         place = self._my_place(hb.view)
+        peer.lists_stale_me = False
         if place is None:
             listed = self._listed_incarnation(hb.view)
+            peer.lists_stale_me = listed is not None
             if listed is not None and listed > self.incarnation:
                 self._gate.listed_newer(listed, address, now)
         if peer.observe(hb, place, matches):
@@ -279,6 +288,7 @@ class Node(NodeState):
 
     def _step(self, now: float) -> None:
         self._last_step = now
+        first_action = len(self._actions)
         clashing = self._gate.clashing(now)
         if clashing != self._clashing:
             self._clashing = clashing  # advertised as draining: the handoff moves our slices
@@ -294,6 +304,9 @@ class Node(NodeState):
         if (self._epoch, self._base, self._prev_base) != self._reported_base:
             self._reported_base = (self._epoch, self._base, self._prev_base)
             previous = None if self._prev_base is None else tuple(sorted(self._prev_base))
+            # Durable before this step's claim and heartbeat, which may advertise it.
+            self._actions.insert(first_action,
+                                 ev.PersistBase(self._sorted_base(), self._epoch, previous))
             self._events.append(ev.BaseChanged(self._sorted_base(), self._epoch, previous))
 
     def _step_inner(self, now: float) -> None:
@@ -357,7 +370,12 @@ class Node(NodeState):
             elif peer.in_view:
                 eligible = peer.deaf_since is None or now < peer.deaf_since + dead_after
             else:
-                eligible = peer.deaf_since is None and now - peer.first_heard >= holddown
+                # A newcomer that lists us with another incarnation than ours has not
+                # heard us since we restarted: a live peer corrects that within an
+                # interval, replayed heartbeats of a dead member (captured before our
+                # restart) never do, so they never make it a member again.
+                eligible = (peer.deaf_since is None and now - peer.first_heard >= holddown
+                            and not peer.lists_stale_me)
             if peer.in_view and not eligible and not (peer.left or peer.declared_dead):
                 self._events.append(ev.MemberDead(peer.node_id, now - peer.last_listed_me))
             if eligible and not peer.in_view and len(members) >= MAX_NODES:
@@ -550,7 +568,7 @@ class Node(NodeState):
             sender=self.node_id, incarnation=self.incarnation, seq=self._seq,
             weight=self.weight, draining=self.advertised_draining, view=self._view,
             acks=tuple(acks), agreed=self._agreed, held=len(self._held),
-            epoch=self._epoch, base=self._sorted_base(), params=self.params,
+            epoch=self._epoch, base=self._sorted_base(), params=self.params, name=self.name,
         )
         self._actions.append(ev.Transmit(self._codec.seal(heartbeat)))
         self.counters.sent += 1

@@ -6,6 +6,7 @@ mixed-version clusters can at least tell what they cannot read.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from enum import IntEnum
@@ -61,6 +62,9 @@ class Heartbeat:
     params: bytes = b"\x00\x00\x00\x00"
     """Digests of the sender's agreed parameters (``params.py``): a peer whose
     digests differ from ours is never admitted."""
+    name: str = ""
+    """The sender's node name, for people (logs, ``lbd-cli``); when given, ``sender``
+    must be ``wire_id(name)``. Empty: the sender's ID is its name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,18 @@ class Leave:
 
 
 Message = Heartbeat | Leave
+
+
+WIRE_ID_PATTERN = re.compile(r"[0-9a-f]{8}")
+"""A wire ID: 8 lowercase hex digits, sent as 4 bytes."""
+
+
+def wire_id(name: str) -> str:
+    """The short ID a node named ``name`` goes by in the protocol (views, bases, acks):
+    4 bytes on the wire instead of up to 64, so that a heartbeat of a 64-node cluster
+    fits one Ethernet frame. Two names with one wire ID clash like a cloned node ID
+    and are refused with both names (``admission.py``)."""
+    return hashlib.blake2b(b"lbd-wire-id\x00" + name.encode(), digest_size=4).hexdigest()
 
 
 def validate_node_id(node_id: object) -> str:

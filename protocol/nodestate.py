@@ -43,6 +43,8 @@ class Counters:
     mismatched: int = 0
     foreign_version: int = 0
     refused: int = 0
+    copies: int = 0
+    """The newest heartbeat of a peer once more (multicast plus unicast ``peers``)."""
 
 
 class NodeState:
@@ -61,6 +63,7 @@ class NodeState:
         base: Iterable[str] = (),
         epoch: int = 0,
         previous_base: Iterable[str] | None = None,
+        name: str = "",
     ) -> None:
         """``base``/``epoch``/``previous_base``: the quorum base persisted by the previous
         run (from ``BaseChanged``): a restarted node must not start a cluster of its own
@@ -69,6 +72,8 @@ class NodeState:
         self.config = config.validate()
         self.timers = config.timers
         self.node_id = node_id
+        self.name = name
+        """For people: ``node_id`` is then ``messages.wire_id(name)`` (the daemon's way)."""
         self.incarnation = incarnation
         self.weight = weight
         self.draining = draining
@@ -115,7 +120,7 @@ class NodeState:
         self._events: list[ev.Event] = []
         self.params = digest_params(self.config.agreed_values())
         self._gate = Gate(node_id, incarnation, self.params, self.timers.dead_after,
-                          self._events)
+                          self._events, name=name)
         self._last_key_id = b""
         self._step(now)
 
@@ -230,7 +235,8 @@ class NodeState:
         held = len(self._held)
         me = MemberInfo(self.node_id, "self", self._self_state(), held,
                         100.0 * held / self.config.buckets, self.weight, 0,
-                        self.incarnation, True, self._codec.keyring.current_fingerprint.hex())
+                        self.incarnation, True, self._codec.keyring.current_fingerprint.hex(),
+                        name=self.name or self.node_id)
         return member_rows(me, self._peers.values(), self._gate.mismatched.values(),
                            buckets=self.config.buckets, interval=self.timers.interval, now=now)
 
@@ -245,6 +251,16 @@ class NodeState:
                 f"members to form the cluster, {len(self._view)} in view (a first start "
                 "never forms a cluster with fewer)")
         return lines
+
+    def name_of(self, node_id: str) -> str:
+        """The name a node ID goes by (its own ID when it sent none, or is unknown)."""
+        if node_id == self.node_id:
+            return self.name or node_id
+        peer = self._peers.get(node_id)
+        if peer is not None and peer.name:
+            return peer.name
+        mismatch = self._gate.mismatched.get(node_id)
+        return mismatch.name if mismatch is not None and mismatch.name else node_id
 
     @property
     def strangers(self) -> list[tuple[str, str, int]]:

@@ -48,9 +48,13 @@ class Peer:
     declared_dead: bool = False
     suspected: bool = False
     in_view: bool = False
+    lists_stale_me: bool = False
+    """Its latest heartbeat lists our ID with another incarnation than ours."""
     refused: bool = False
     """Kept out of a full view (reported once)."""
     key_id: bytes = b""
+    name: str = ""
+    """The name it sends (``Heartbeat.name``), for people."""
     """Fingerprint of the key its latest datagram was sealed with."""
 
     cached_member: Member | None = field(default=None, repr=False, compare=False)

@@ -28,6 +28,8 @@ class MemberInfo:
     """Fingerprint of the key its datagrams are sealed with (key rotation)."""
     mismatch: tuple[str, ...] = ()
     """The agreed parameters it differs in (state "mismatch": not admitted)."""
+    name: str = ""
+    """The node's name (``node_id`` is then its wire ID)."""
 
 
 def view_digest(view: tuple[Member, ...]) -> str:
@@ -51,12 +53,13 @@ def member_rows(me: MemberInfo, peers: Iterable[Peer], mismatched: Iterable[Mism
             peer.node_id, peer.address, peer.state(now, suspect_after).value, slices,
             100.0 * slices / buckets, peer.weight,
             round(1000 * peer.silent_for(now)), peer.incarnation, False, peer.key_id.hex(),
+            name=peer.name or peer.node_id,
         ))
     listed = {row.node_id for row in rows}
     for m in mismatched:
         if m.node_id not in listed:
             rows.append(MemberInfo(m.node_id, m.address, "mismatch", 0, 0.0, 0,
                                    round(1000 * (now - m.last_heard)), m.incarnation,
-                                   False, "", m.fields))
+                                   False, "", m.fields, m.name or m.node_id))
     rows.sort(key=lambda r: r.node_id)
     return rows

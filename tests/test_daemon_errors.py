@@ -235,3 +235,63 @@ def test_cli_run_turns_an_unforeseen_exception_into_one_line_and_exit_1(
     err = capsys.readouterr().err
     assert err == ("lbd: error: internal error, stopping: ValueError: bad VIP "
                    "'192.0.2.100/24' (detail)\n")
+
+
+def test_a_quorum_base_stored_with_node_names_is_read_as_wire_ids(tmp_path: Path) -> None:
+    """Records written before wire IDs hold names: a restart must still find its base."""
+    from lbd.daemon.service import load_quorum_base, save_quorum_base
+    from lbd.protocol.messages import wire_id
+
+    save_quorum_base(tmp_path, ("node0", "node1"), 4, ("node0", "node1", "node2"))
+    base, epoch, previous = load_quorum_base(tmp_path)
+    assert base == tuple(sorted((wire_id("node0"), wire_id("node1"))))
+    assert epoch == 4
+    assert previous == tuple(sorted(wire_id(n) for n in ("node0", "node1", "node2")))
+    save_quorum_base(tmp_path, base, 5, None)
+    assert load_quorum_base(tmp_path) == (base, 5, None)
+
+
+def test_a_corrupt_quorum_base_is_a_clear_error_not_a_first_start(tmp_path: Path) -> None:
+    from lbd.daemon.config import ConfigFileError
+    from lbd.daemon.service import load_quorum_base
+
+    record = tmp_path / "quorum-base.json"
+    for text in ('{"version": 1, "base": "node0", "epoch": 3}', "{not json", '{"version": 9}'):
+        record.write_text(text)
+        with pytest.raises(ConfigFileError, match=r"corrupt quorum base.*delete the file"):
+            load_quorum_base(tmp_path)
+    record.unlink()
+    assert load_quorum_base(tmp_path) == ((), 0, None)  # no record: a first start
+
+
+def test_a_failed_persist_closes_the_owner_table_and_stops_with_1(tmp_path: Path) -> None:
+    """``_process`` carries out nothing after a PersistBase that ``_persist`` refused."""
+    from lbd.protocol import events as ev
+
+    finished: list[int] = []
+
+    class Sink:
+        def __init__(self) -> None:
+            self.lines: list[tuple[int, str, str | None]] = []
+
+        def emit(self, priority: int, message: str, kind: str | None = None,
+                 fields: Any = None) -> None:
+            self.lines.append((priority, message, kind))
+
+    class Nft:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    service = Service.__new__(Service)
+    service.sink = Sink()  # type: ignore[assignment]
+    nft = Nft()
+    service._nft = nft  # type: ignore[assignment]
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    service._state_dir = blocker / "state"  # mkdir fails: ENOTDIR
+    service._finish = finished.append  # type: ignore[method-assign]
+    assert not service._persist(ev.PersistBase(("a", "b"), 2))
+    assert finished == [1] and nft.closed and service._nft is None
+    assert any(kind == "PersistFailed" for _, _, kind in service.sink.lines)  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ from lbd.protocol import events as ev
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, Timers
 from lbd.protocol.errors import ConfigError
 from lbd.protocol.membership import Node
-from lbd.protocol.messages import Heartbeat, Member
+from lbd.protocol.messages import Heartbeat, Member, wire_id
 from lbd.protocol.params import digest_params
 from lbd.protocol.quorum import has_quorum
 from lbd.protocol.wire import Codec, Keyring
@@ -70,7 +70,8 @@ def test_garbage_forgery_and_replay_are_counted_not_raised() -> None:
     node.receive_datagram(good, "x", 0.03)
     node.receive_datagram(sender.seal(heartbeat("b", 4)), "x", 0.04)
     c = node.counters
-    assert (c.malformed, c.forged, c.replayed, c.accepted) == (1, 3, 2, 1)
+    # The newest heartbeat twice is a copy (multicast plus unicast peers), not a replay.
+    assert (c.malformed, c.forged, c.replayed, c.copies, c.accepted) == (1, 3, 1, 1, 1)
     assert c.foreign_version == 1
 
 
@@ -166,8 +167,12 @@ def test_a_peer_listing_our_id_with_a_newer_incarnation_is_a_clash() -> None:
 def test_the_view_never_exceeds_the_member_limit() -> None:
     node = make_node("a")
     codec = Codec("lbd", Keyring(KEY))
-    for i in range(300):
-        node.receive_datagram(codec.seal(heartbeat(f"p{i:03d}", 1)), "192.0.2.12", 0.01)
+    me = Member("a", 1, 100, False)
+    for i in range(300):  # each lists us (a newcomer must), acking nothing yet
+        them = Member(f"p{i:03d}", 1, 100, False)
+        hb = Heartbeat(them.node_id, 1, 1, 100, False, (me, them), (0, 0), False, 0,
+                       params=PARAMS)
+        node.receive_datagram(codec.seal(hb), "192.0.2.12", 0.01)
     node.handle_timer(0.01 + CoreConfig().timers.join_holddown + 0.001)
     assert len(node.view) == 256
     refused = [e for e in node.events() if isinstance(e, ev.MemberRefused)]
@@ -194,3 +199,47 @@ def test_after_a_clone_is_gone_the_node_takes_an_incarnation_above_it() -> None:
     node.handle_timer(later)
     assert node.incarnation == 10 and not node.advertised_draining
     assert ev.MemberRestarted("a", 10) in node.events()
+
+
+def _colliding_names() -> tuple[str, str]:
+    """Two node names with one wire ID (a birthday search over 32 bits: ~80k names)."""
+    seen: dict[str, str] = {}
+    for i in range(400_000):
+        name = f"web{i}"
+        other = seen.setdefault(wire_id(name), name)
+        if other != name:
+            return other, name
+    raise AssertionError("no collision found")
+
+
+def test_two_names_sharing_a_wire_id_are_refused_with_both_names() -> None:
+    first, second = _colliding_names()
+    shared = wire_id(first)
+    node = Node(CoreConfig(buckets=64), Codec("lbd", Keyring(KEY)), shared, 1, 0.0, name=first)
+    me = Member(shared, 5, 100, False)
+    hb = Heartbeat(shared, 5, 1, 100, False, (me,), (0,), False, 0, params=PARAMS, name=second)
+    node.receive_datagram(Codec("lbd", Keyring(KEY)).seal(hb), "192.0.2.77", 0.01)
+    assert node.advertised_draining
+    problems = node.problems(0.01)
+    assert any(f"node names {first} and {second} (at 192.0.2.77) share the wire ID {shared}"
+               in p for p in problems), problems
+    # A collision is not a restart: no new incarnation when it ends.
+    node.handle_timer(0.01 + CoreConfig().timers.dead_after + 0.01)
+    assert node.incarnation == 1 and not node.advertised_draining
+
+
+def test_replayed_heartbeats_of_a_dead_node_never_make_it_a_member_again() -> None:
+    """A receiver that restarted (new incarnation, empty replay memory) is sent a dead
+    node's captured heartbeats: they list the receiver's old incarnation only."""
+    node = make_node("a", incarnation=2)
+    codec = Codec("lbd", Keyring(KEY))
+    captured = [codec.seal(Heartbeat(
+        "b", 1, seq, 100, False, (Member("a", 1, 100, False), Member("b", 1, 100, False)),
+        (seq, 0), True, 0, params=PARAMS)) for seq in range(1, 20)]
+    t = 0.0
+    for datagram in captured:
+        t += 0.1
+        node.receive_datagram(datagram, "192.0.2.12", t)
+        node.handle_timer(t)
+    assert [m.node_id for m in node.view] == ["a"]
+    assert not any(isinstance(e, ev.MemberJoined) for e in node.events())

@@ -98,3 +98,14 @@ def test_stderr_fallback(capsys: pytest.CaptureFixture[str]) -> None:
     sink.event(ev.BucketsGained(5, 40), {})
     assert capsys.readouterr().err == "lbd: info: gained 5 slices, holding 40\n"
     assert journal_wanted({"JOURNAL_STREAM": "0:0"}) is None
+
+
+def test_events_are_logged_with_names_not_wire_ids() -> None:
+    from lbd.daemon.notify import describe, named
+    from lbd.protocol import events as ev
+
+    names = {"1a2b3c4d": "web1", "5e6f7a8b": "web2"}
+    event = named(ev.ViewChanged(("1a2b3c4d", "5e6f7a8b"), "abcd"), lambda i: names.get(i, i))
+    assert describe(event)[0] == "view abcd adopted: web1, web2"
+    dead = named(ev.MemberDead("5e6f7a8b", 0.7), lambda i: names.get(i, i))
+    assert describe(dead)[0] == "member web2 declared dead after 700 ms"

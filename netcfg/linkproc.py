@@ -9,6 +9,10 @@ The child works in the daemon's network namespace and with its privileges, and
 gets no inherited file descriptors (``close_fds``): the libnftables socket that
 owns ``inet lbd`` must never live on in another process.
 
+The daemon's kernel watch (daemon/kernelwatch.py) runs ``apply`` again, with a short
+timeout, to put back a VIP, the shared MAC or a sysctl that someone changed, and
+reads what lbd set from link.py's record (``recorded_sysctls``) without pyroute2.
+
 Errors keep their kind: a config mistake comes back as ``ConfigFileError``
 (file, key, problem), a link failure as :class:`LinkProcessError` with link.py's
 message. A child that dies, hangs past ``TIMEOUT`` or prints garbage is a
@@ -24,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lbd.netcfg.statefile import RecordError, load_record
 from lbd.protocol.errors import LbdError
 
 TIMEOUT = 60.0
@@ -72,14 +77,30 @@ class LinkProcess:
 
     def __init__(self, interface: str, vips: Sequence[str], *, cluster_mac: str | None,
                  state_file: str | Path) -> None:
+        self.state_file = Path(state_file)
         self.params = {"interface": interface, "vips": list(vips), "cluster_mac": cluster_mac,
                        "state_file": str(state_file)}
 
-    def apply(self) -> None:
-        call({"op": "apply", **self.params})
+    def apply(self, timeout: float = TIMEOUT) -> None:
+        """Idempotent (link.py): also what puts back a VIP, MAC or sysctl someone
+        changed since (daemon/kernelwatch.py, with a short ``timeout``)."""
+        call({"op": "apply", **self.params}, timeout)
 
     def restore(self) -> None:
         call({"op": "restore", **self.params})
+
+    def recorded_sysctls(self) -> dict[str, str]:
+        """{sysctl path under /proc/sys: the value lbd set} from link.py's record (read
+        here, without pyroute2); empty if there is no readable record."""
+        try:
+            record = load_record(self.state_file, 1)
+        except RecordError:
+            return {}
+        sysctls = record.get("sysctls") if record else None
+        if not isinstance(sysctls, dict):
+            return {}
+        return {str(key): str(entry["set"]) for key, entry in sysctls.items()
+                if isinstance(entry, dict) and "set" in entry}
 
 
 # ---------------------------------------------------------------- child side

@@ -61,7 +61,13 @@ On each node, ``MacMode.apply()``:
     router retries (a second answer would have been harmless anyway).
 
 Tables are persistent (no ``flags owner``): after a crash the node still rewrites and
-stays silent on ARP/ND for the VIP, like the guard keeps it closed. ``restore()``
+stays silent on ARP/ND for the VIP, like the guard keeps it closed. With
+``persist=True`` (the daemon) they are made *owner + persist* where the kernel can
+(>= 6.9), exactly like the guard (netcfg/nft.py ``claim_persistent``): while the
+daemon lives nobody else can flush or delete them (``nft flush ruleset`` skips them),
+after a crash they stay, orphaned, and the next run adopts them. Otherwise they are
+plain tables and the daemon re-asserts them within milliseconds of an nft event
+(``reassert``, daemon/kernelwatch.py). ``restore()``
 deletes both tables and leaves the MAC group, as recorded in the JSON state file
 (write-ahead, idempotent, like link.py); the daemon calls it after the VIPs are gone.
 """
@@ -80,6 +86,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lbd.netcfg.nft import NftError, claim_persistent, new_context
 from lbd.netcfg.statefile import RecordError, load_record, save_record
 from lbd.protocol.errors import LbdError
 
@@ -308,7 +315,10 @@ class MacMode:
     """Apply/undo multicast cluster-MAC mode on one interface; see module doc."""
 
     def __init__(self, interface: str, vips: Sequence[str], cluster_mac: str, *,
-                 state_file: str | Path | None = None, table: str = TABLE) -> None:
+                 state_file: str | Path | None = None, table: str = TABLE,
+                 persist: bool = False) -> None:
+        """``persist``: owner + persist tables where the kernel can (module doc);
+        ``persistent`` then says whether they are."""
         self.interface = interface
         self.vips = list(vips)
         self.cluster_mac = cluster_mac.lower()
@@ -316,19 +326,38 @@ class MacMode:
         self.table = table
         self.spec: MacModeSpec | None = None
         self._nft: Any = None
+        self._sock: socket.socket | None = None
         self._cache: dict[str, Any] | None = None
         self.answering = False
+        self.persist = persist
+        self.persistent = False
 
-    def _run(self, commands: Sequence[str]) -> None:
+    def _context(self) -> Any:
         if self._nft is None:
             try:
-                import nftables  # noqa: PLC0415 - Debian's binding, only on real nodes
-            except ImportError as exc:
-                raise MacModeError("the nftables Python binding is missing") from exc
-            self._nft = nftables.Nftables()
-        rc, _out, err = self._nft.cmd("\n".join(commands))
+                self._nft, self._sock = new_context()
+            except NftError as exc:
+                raise MacModeError(str(exc)) from None
+        return self._nft
+
+    def _run(self, commands: Sequence[str]) -> None:
+        rc, _out, err = self._context().cmd("\n".join(commands))
         if rc != 0:
             raise MacModeError((err or f"nft returned {rc}").strip())
+
+    @property
+    def portid(self) -> int | None:
+        """The netlink port of our libnftables socket (as nft events name it), if known."""
+        try:
+            port = self._sock.getsockname()[0] if self._sock is not None else 0
+        except OSError:
+            return None
+        return int(port) or None
+
+    def _table_commands(self, spec: MacModeSpec) -> list[str]:
+        cmds = table_commands(spec)
+        # A persistent table refuses a table message without PERSIST (nft.py).
+        return [c for c in cmds if not c.startswith("add table ")] if self.persistent else cmds
 
     # ---------------------------------------------------------------- state
 
@@ -377,8 +406,45 @@ class MacMode:
         self._save(state)  # write-ahead: a crash from here on is restorable
         if not mc_membership(self.interface, self.cluster_mac)[1]:
             mc_join(self.interface, self.cluster_mac)
-        self._run(table_commands(self.spec))
+        if self.persist:
+            self._context()
+            try:
+                self.persistent = self._sock is not None and all(
+                    [claim_persistent(self._sock, family, self.table)
+                     for family in _families(self.spec)])
+            except NftError as exc:
+                raise MacModeError(str(exc)) from None
+        self._run(self._table_commands(self.spec))
         self.answering = False
+
+    def repair(self) -> None:
+        """Put back, on the caller's thread, what apply() set and someone changed since:
+        the MAC group (joined again) and both tables, rebuilt for the interface's MAC
+        now (the ND rewrite rules name it). Records nothing: apply() did."""
+        if self.spec is None:
+            raise MacModeError("repair() before apply()")
+        own = interface_mac(self.interface)
+        if own != self.spec.own_mac:
+            try:
+                self.spec = MacModeSpec.build(self.interface, self.cluster_mac, own, self.vips)
+            except ValueError as exc:
+                raise MacModeError(str(exc)) from None
+        if not mc_membership(self.interface, self.cluster_mac)[1]:
+            mc_join(self.interface, self.cluster_mac)
+        self.reassert()
+
+    def reassert(self) -> None:
+        """Write both tables again now (someone deleted or changed them). The responder
+        element comes back with the daemon's next kernel apply."""
+        if self.spec is None:
+            raise MacModeError("reassert() before apply()")
+        self._run(self._table_commands(self.spec))
+        self.answering = False
+
+    @property
+    def tables(self) -> list[tuple[str, str]]:
+        """(family, name) of the tables this node installs."""
+        return [(family, self.table) for family in _families(self.spec)] if self.spec else []
 
     def answer(self, lease_ms: int | None) -> None:
         """Answer ARP/NS for the VIPs for ``lease_ms`` from now (None: stop)."""
@@ -393,7 +459,18 @@ class MacMode:
         """Delete the tables and leave the MAC group as recorded; no-op if nothing is."""
         state = self._load()
         failures = []
-        if state["tables"]:
+        if state["tables"] and self.persist:
+            # No "add table" first: a persistent table (ours, or an orphan) refuses it.
+            for family in ("inet", "arp"):
+                try:
+                    self._run([f"delete table {family} {state['tables']}"])
+                except MacModeError as exc:
+                    if "No such file or directory" not in str(exc):
+                        failures.append(str(exc))
+            if not failures:
+                state["tables"] = None
+                self.persistent = False
+        elif state["tables"]:
             try:
                 self._run(remove_commands(state["tables"]))
                 state["tables"] = None

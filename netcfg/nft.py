@@ -12,9 +12,10 @@ table (and so the node's claims) alive; ``subprocess`` closes fds by default.
 Each :meth:`NftDataplane.apply` is ONE nft transaction (one netlink batch,
 all-or-nothing) that
 
-1. re-asserts the guard table (``add``/``flush``/re-add of its ~8 rules, see
-   ``ruleset.guard_commands``): after an admin's ``nft flush ruleset`` the guard
-   is back within one apply, so a later SIGKILL still fails closed. The guard's
+1. unless the guard is persistent (below), re-asserts the guard table
+   (``add``/``flush``/re-add of its ~8 rules, see ``ruleset.guard_commands``):
+   after an admin's ``nft flush ruleset`` the guard is back within one apply, so a
+   later SIGKILL still fails closed. The guard's
    rule handles therefore change on every apply (compare listings without
    handles). With ``guard_period`` it is re-asserted only when that long has
    passed since the last time (the daemon: once a second), which halves the
@@ -30,6 +31,22 @@ timeouts as whole seconds (a fraction is silently dropped), and leases are
 sub-second. Measured here, text costs the same for small changes (0.09 ms for
 one element) and ~15 % more for huge ones (32768 elements: 118 ms vs 101 ms).
 
+Persistent guard (``persist=True``, what the daemon asks for). On kernels with
+``NFT_TABLE_F_PERSIST`` (Linux >= 6.9) the guard is created *owner + persist* on
+the netlink socket of this object's libnftables context: while the daemon lives,
+no other process can change or delete it (EPERM, and ``nft flush ruleset`` skips
+owner tables); when the daemon dies the kernel keeps it, orphaned, and the next
+daemon adopts it. So an admin's flush followed by a SIGKILL leaves the node closed,
+with no window at all, and no apply needs to re-assert the guard. nft 1.0.6 can
+neither write ``persist`` nor adopt an orphan (the kernel wants OWNER|PERSIST in one
+NEWTABLE message), so that one message is sent by :func:`claim_persistent` on a
+duplicate of libnftables' own socket (found by :func:`new_context`), and only the
+chains and rules go through libnftables, without any ``add table`` statement (the
+kernel refuses a table message that leaves out PERSIST). On an older kernel the guard
+stays a plain table (``persistent`` False) and is re-asserted as described above
+and, in the daemon, within milliseconds of an nft event (daemon/kernelwatch.py).
+``LBD_TABLE_PERSIST=0`` in the environment asks for that behaviour on any kernel.
+
 Measured apply() latency (bench/dataplane.py, median, busy 2-core machine):
 moving 1 bucket 0.4-0.6 ms, 100 buckets 0.6-0.8 ms, at B=4096 and 65536 alike
 (the guard re-assert is ~0.2 ms of that); claiming all 4096 buckets 13 ms, all
@@ -38,13 +55,18 @@ moving 1 bucket 0.4-0.6 ms, 100 buckets 0.6-0.8 ms, at B=4096 and 65536 alike
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import operator
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
+from lbd.netcfg import netlink as nl
 from lbd.netcfg.ruleset import (
     DEFAULT_MARK,
     DEFAULT_MARK_MASK,
@@ -61,11 +83,85 @@ from lbd.netcfg.ruleset import (
 )
 from lbd.protocol.errors import LbdError
 
-__all__ = ["ApplyStats", "NftDataplane", "NftError"]
+__all__ = ["ApplyStats", "NftDataplane", "NftError", "claim_persistent", "new_context"]
 
 
 class NftError(LbdError):
     """libnftables refused a command; the message is nft's own."""
+
+
+# LBD_TABLE_PERSIST=0 in the environment: plain tables, as on a kernel < 6.9.
+PERSIST_ENV = "LBD_TABLE_PERSIST"
+_SEQ = itertools.count(int(time.time()) & 0x3FFFFFFF)
+
+
+def _netfilter_fds() -> set[int]:
+    """This process' NETLINK_NETFILTER sockets (file descriptors)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            copy = os.dup(int(name))
+        except (OSError, ValueError):
+            continue  # closed meanwhile
+        try:
+            with socket.socket(fileno=copy) as sock:  # closes the copy
+                if sock.family == socket.AF_NETLINK and sock.proto == nl.NETLINK_NETFILTER:
+                    found.add(int(name))
+        except OSError:
+            os.close(copy)  # not a socket
+    return found
+
+
+def new_context() -> tuple[Any, socket.socket | None]:
+    """A libnftables context and a duplicate of its netlink socket (same netlink port:
+    the kernel cannot tell our messages from libnftables' own), or None when the
+    socket cannot be told apart (it is found as the one NETLINK_NETFILTER socket that
+    the context's creation added). Call it from one thread at a time."""
+    try:
+        import nftables  # noqa: PLC0415 - Debian's binding, only on real nodes
+    except ImportError as exc:
+        raise NftError("the nftables Python binding is missing (Debian: python3-nftables)"
+                       ) from exc
+    before = _netfilter_fds()
+    ctx = nftables.Nftables()
+    added = _netfilter_fds() - before
+    if len(added) != 1:
+        return ctx, None
+    # Blocking, as libnftables keeps it (O_NONBLOCK would be shared through the dup).
+    return ctx, socket.socket(fileno=os.dup(added.pop()))
+
+
+def claim_persistent(sock: socket.socket, family: str, name: str) -> bool:
+    """Make ``family name`` an owner + persist table of ``sock``'s netlink port: create
+    it, adopt a dead owner's orphan, or replace a plain table of that name (one
+    transaction, so nothing is lost if the kernel refuses). False when the kernel has
+    no NFT_TABLE_F_PERSIST (< 6.9): the table is then as it was. NftError otherwise
+    (EPERM: a live process owns it)."""
+    if os.environ.get(PERSIST_ENV) == "0":
+        return False  # as on a kernel without the flag (tests; an escape hatch)
+    flags = nl.NFT_TABLE_F_OWNER | nl.NFT_TABLE_F_PERSIST
+
+    def batch(*parts: tuple[int, int | None]) -> list[int]:
+        seq = next(_SEQ)
+        msgs = [nl.table_message(op, family, name, fl, seq=seq + 1 + i)
+                for i, (op, fl) in enumerate(parts)]
+        try:
+            return nl.exchange(sock, nl.table_batch(msgs, seq), len(msgs))
+        except (OSError, nl.NetlinkError) as exc:
+            raise NftError(f"{family} {name}: netlink: {exc}") from None
+
+    codes = batch((nl.NFT_MSG_NEWTABLE, flags))
+    if codes == [0]:
+        return True
+    if codes[0] != errno.EOPNOTSUPP:
+        raise NftError(f"{family} {name}: {os.strerror(codes[0])}")
+    # A plain table is in the way, or this kernel has no PERSIST: try to replace it.
+    codes = batch((nl.NFT_MSG_DELTABLE, None), (nl.NFT_MSG_NEWTABLE, flags))
+    if not any(codes):
+        return True
+    if set(codes) <= {0, errno.ENOENT, errno.EOPNOTSUPP}:
+        return False
+    raise NftError(f"{family} {name}: {os.strerror(max(codes))}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +198,10 @@ class NftDataplane:
         exempt_loopback: bool = True,
         guard_period: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        persist: bool = False,
     ) -> None:
+        """``persist``: make the guard owner + persist where the kernel can (module doc);
+        ``persistent`` then says whether it is."""
         if not 0 <= guard_period <= 3600:
             raise ValueError("guard_period must be between 0 and 3600 seconds")
         self.spec = RulesetSpec.build(
@@ -124,21 +223,18 @@ class NftDataplane:
         self._clock = clock
         self._guard_due = float("-inf")
         self._nft: Any = None
+        self._sock: socket.socket | None = None
         self._owned: frozenset[int] = frozenset()
         self._installed = False
+        self.persist = persist
+        self.persistent = False
         self.last_apply_stats: ApplyStats | None = None
 
     # ------------------------------------------------------------------ kernel
 
     def _context(self) -> Any:
         if self._nft is None:
-            try:
-                import nftables  # noqa: PLC0415 - Debian's binding, only on real nodes
-            except ImportError as exc:
-                raise NftError(
-                    "the nftables Python binding is missing (Debian: python3-nftables)"
-                ) from exc
-            nft = nftables.Nftables()
+            nft, self._sock = new_context()
             nft.set_json_output(True)
             nft.set_handle_output(True)
             self._nft = nft
@@ -162,6 +258,17 @@ class NftDataplane:
         return self._installed
 
     @property
+    def portid(self) -> int | None:
+        """The netlink port of our libnftables socket (the port nft events name), if known."""
+        if self._sock is None:
+            return None
+        try:
+            port: int = self._sock.getsockname()[0]
+        except OSError:
+            return None
+        return port or None
+
+    @property
     def owned(self) -> frozenset[int]:
         """Buckets the kernel holds for this node (as of the last apply)."""
         return self._owned
@@ -174,9 +281,20 @@ class NftDataplane:
         is already gone. A LIVE process's owner table makes this fail with EPERM
         (two daemons on one node must never both claim buckets). Calling it
         again in the same process replaces our own owner table atomically.
+
+        With ``persist``: first the owner table alone (it enforces the whole policy, so
+        the node is closed from here on), then the guard is claimed owner + persist
+        (:func:`claim_persistent`), then its chains and rules are written.
         """
-        cmds = guard_commands(self.spec) + owner_table_commands(self.spec, self._installed)
-        self._run(cmds)
+        if not self.persist:
+            self._run(guard_commands(self.spec) + owner_table_commands(self.spec,
+                                                                       self._installed))
+        else:
+            self._run(owner_table_commands(self.spec, self._installed))
+            self._context()
+            self.persistent = self._sock is not None and claim_persistent(
+                self._sock, "inet", self.spec.guard_table)
+            self._run(self._guard_commands())
         self._installed = True
         self._owned = frozenset()
         self._guard_due = self._clock() + self.guard_period
@@ -206,7 +324,7 @@ class NftDataplane:
         add = target - self._owned
         remove = self._owned - target
         now = self._clock()
-        guard = now >= self._guard_due
+        guard = not self.persistent and now >= self._guard_due
         cmds = guard_commands(self.spec) if guard else []
         elem_cmds, sent = element_commands(self.spec, add, remove, target)
         cmds += elem_cmds
@@ -227,6 +345,19 @@ class NftDataplane:
             seconds=elapsed,
         )
 
+    def _guard_commands(self) -> list[str]:
+        """The guard's chains and rules; no ``add table`` once it is persistent (the
+        kernel refuses a table message without PERSIST for it)."""
+        cmds = guard_commands(self.spec)
+        return [c for c in cmds if not c.startswith("add table ")] if self.persistent else cmds
+
+    def reassert_guard(self) -> None:
+        """Write the guard again now (after someone deleted or changed it)."""
+        if not self._installed:
+            raise NftError("reassert_guard() before install()")
+        self._run(self._guard_commands())
+        self._guard_due = self._clock() + self.guard_period
+
     def remove(self, guard: bool = True) -> None:
         """Delete the owner table and, if ``guard``, the guard table.
 
@@ -240,16 +371,24 @@ class NftDataplane:
         cmds = []
         if self._installed:
             cmds.append(f"delete table inet {self.spec.table}")
-        if guard:
+        if guard and self.persistent:
+            cmds.append(f"delete table inet {self.spec.guard_table}")  # ours: it is there
+        elif guard:
             # "add" first so that the delete cannot fail on an absent table.
             cmds += [f"add table inet {self.spec.guard_table}",
                      f"delete table inet {self.spec.guard_table}"]  # fmt: skip
         self._run(cmds)
         self._installed = False
         self._owned = frozenset()
+        if guard:
+            self.persistent = False
 
     def close(self) -> None:
-        """Drop the libnftables context: the kernel removes the owner table."""
+        """Drop the libnftables context: the kernel removes the owner table (and a
+        persistent guard stays, orphaned, for the next daemon to adopt)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         self._nft = None
         self._installed = False
         self._owned = frozenset()

@@ -13,12 +13,53 @@ Every datagram is an envelope around an encrypted msgpack body::
 
 The body is a msgpack array: ``[2, sender, incarnation, seq]`` for a Leave,
 ``[1, sender, incarnation, seq, weight, draining, view, acks, agreed, held,
-epoch, base, params]`` for a Heartbeat, where ``view`` (an array of ``[id,
-incarnation, weight, draining]``) and ``base`` (an array of IDs) are each packed
-on their own into a bin, so that a receiver can recognise the ones it has
-already validated by their bytes, and ``params`` is a bin of per-field digests
-of the parameters every node must agree on (``params.py``). Version 2 added
-``params``; a version-1 datagram is refused as an unknown version.
+epoch, base, params, name]`` for a Heartbeat. ``sender`` and ``name`` are str,
+the flags bools, the numbers ints; ``view``, ``acks``, ``base`` and ``params``
+are bins laid out as below, all numbers in them big-endian and unsigned.
+
+*ID encoding*, for every node ID inside a bin: a tag byte, then
+
+* tag 0: 4 bytes, an ID of 8 lowercase hex digits (``messages.wire_id``);
+* tag 1..64: that many ASCII bytes, a valid node ID *not* of that form.
+
+One spelling per ID: an 8-hex ID sent with tag 1..64 is refused, as are tags
+65..255.
+
+``view``: the members, strictly sorted by node ID (as str), 1..MAX_NODES of
+them, the sender among them; each is its ID encoding, the incarnation in 6
+bytes, then 2 bytes holding the weight (0..MAX_WEIGHT) in bits 0..14 and
+draining in bit 15 (``0x8000``).
+
+``acks``: exactly len(view) 5-byte numbers, ``acks[i]`` being view[i]'s.
+
+``base``: a bitmap over the view, ceil(len(view) / 8) bytes, bit i (counted
+from the most significant bit of the first byte) set when view[i] is in the
+base, the bits past len(view) zero; then the base members that are not in the
+view, strictly sorted, each in the ID encoding. The decoded base is the sorted
+tuple of all of them, at most MAX_NODES.
+
+``params``: per-field digests of the parameters every node must agree on
+(``params.py``). ``name``: the sender's node name, or empty; when given,
+``sender`` must be ``wire_id(name)``.
+
+Limits: incarnations (the sender's, every view member's, a Leave's) are
+0..2**48-1 (``MAX_INCARNATION``; the daemon's are milliseconds since the epoch,
+good until the year 10889); seq (1..) and acks are 0..2**40-1 (``MAX_SEQ``,
+34 years of 1000 heartbeats a second); epoch 0..2**63-1; held 0..65536.
+
+Why this layout: with 8-hex IDs a view member costs 18 bytes (13 in the view,
+5 in the acks) and a base member outside the view 5, so a heartbeat whose view
+and base hold 64 distinct nodes, every field at its widest and a 64-character
+name, seals to 1363 bytes: one 1500-byte frame (``FRAME_PAYLOAD``, 1472 bytes
+of UDP payload over IPv4). That holds up to 70 nodes; from 71 on a heartbeat may
+take two or more frames (IP fragments). ``heartbeat_size_bound`` gives the worst
+case for any count (4843 bytes at 256). The view and the base each travel as a bin
+of their own so that a receiver can recognise the ones it already validated
+by their bytes; since the base's bitmap refers to the view, a base is
+recognised by the (view, base) bytes together. Every bin has one spelling per
+value, so equal bytes mean an equal value and nothing else does. Version 2
+added ``params``, ``name`` and this layout; a version-1 datagram is refused as
+an unknown version.
 
 The associated data is the 19 header bytes followed by the UTF-8 cluster name,
 so the header cannot be altered and a datagram for another cluster fails
@@ -28,7 +69,9 @@ authentication even when both clusters share a key.
 anything is parsed or decrypted), magic, version, key lookup, AEAD tag, msgpack
 decoding under tight limits, then strict field validation. Its one promise is
 that *any* input either yields a valid Heartbeat/Leave or raises DecodeError
-(AuthError and ReplayError are subclasses), never another exception.
+(AuthError, VersionError and ReplayError are subclasses), never another
+exception. ``Codec.seal`` refuses (ValueError) any message that a receiver
+would refuse or could not receive unchanged.
 
 Replays are not the codec's business: a sealed datagram is self-contained. The
 caller passes every *opened* message through a ReplayGuard.
@@ -42,9 +85,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import msgpack
 from cryptography.exceptions import InvalidTag
@@ -61,15 +105,19 @@ from lbd.protocol.messages import (
     MAX_NODE_ID_LEN,
     MAX_NODES,
     MAX_WEIGHT,
+    NODE_ID_PATTERN,
+    WIRE_ID_PATTERN,
     Heartbeat,
     Leave,
     Member,
     Message,
     MessageType,
     validate_node_id,
+    wire_id,
 )
-from lbd.protocol.params import valid_params_blob
+from lbd.protocol.params import DIGEST_LEN, FIELDS, MAX_FIELDS, valid_params_blob
 
+_K = TypeVar("_K")
 _T = TypeVar("_T")
 
 MAGIC = b"LB"
@@ -82,27 +130,40 @@ _VERSION_AT, _FINGERPRINT_AT, _NONCE_AT = 2, 3, 7  # offsets into the header
 HEADER_LEN = _NONCE_AT + NONCE_LEN  # 19
 # The smallest body (a one-byte msgpack value) is still a byte.
 MIN_DATAGRAM = HEADER_LEN + TAG_LEN + 1
-MAX_DATAGRAM = 65000  # under UDP's 65507: a 256-member heartbeat with a full base fits
-MAX_COUNTER = 2**63 - 1  # incarnation and seq: fit a signed 64-bit int everywhere
+MAX_DATAGRAM = 65000  # under UDP's 65507: the largest heartbeat possible fits (~37 kB)
+FRAME_PAYLOAD = 1500 - 20 - 8  # UDP payload of one Ethernet frame over IPv4: 1472
+MAX_INCARNATION = 2**48 - 1  # 6 bytes on the wire
+MAX_SEQ = 2**40 - 1  # seq and acks: 5 bytes on the wire
+MAX_COUNTER = 2**63 - 1  # epoch: fits a signed 64-bit int everywhere
 MAX_HELD = 65536  # buckets a node can hold at most (the largest bucket count)
 
 _KEY_ID_DOMAIN = b"lbd-key-id"
-_HEARTBEAT_FIELDS = 13
+_HEARTBEAT_FIELDS = 14
 _LEAVE_FIELDS = 4
-_MEMBER_FIELDS = 4
 
-# Decoding limits: node IDs are the only strings, arrays never exceed a full view,
-# maps and extension types never occur, and the only bins are a heartbeat's view
-# and base, each packed on its own (see _heartbeat), which hold no bins. So a
-# hostile body can make msgpack allocate no more than a valid one could.
-_UNPACK_LIMITS: dict[str, int] = {
+# The binary fields (see the module docstring).
+_WIRE_ID_TAG = 0  # then the 4 bytes of an 8-hex ID
+_WIRE_ID_BYTES = 4
+_MEMBER_TAIL = struct.Struct(">HIH")  # incarnation (16 high + 32 low bits), weight|draining
+_DRAINING_BIT = 0x8000
+_ACK_BYTES = 5
+_FEW_ACKS = 8  # up to this many, shifting the acks out of one int beats widening them
+_ACK_SHIFTS = tuple(tuple(range(8 * _ACK_BYTES * (n - 1), -1, -8 * _ACK_BYTES))
+                    for n in range(_FEW_ACKS + 1))
+_INCARNATION_LOW = 0xFFFFFFFF
+
+# Decoding limits for the body, the only msgpack value: the only strings are the
+# sender and the name (node IDs, at most 64 characters), the only arrays the body
+# itself, maps and extension types never occur, and the only bins are the four
+# binary fields, none larger than a datagram. So a hostile body can make msgpack
+# allocate no more than a valid one could.
+_BODY_LIMITS: dict[str, int] = {
     "max_str_len": MAX_NODE_ID_LEN,
-    "max_bin_len": 0,
-    "max_array_len": MAX_NODES,
+    "max_bin_len": MAX_DATAGRAM,
+    "max_array_len": _HEARTBEAT_FIELDS,
     "max_map_len": 0,
     "max_ext_len": 0,
 }
-_BODY_LIMITS: dict[str, int] = {**_UNPACK_LIMITS, "max_bin_len": MAX_DATAGRAM}
 
 NonceSource = Callable[[int], bytes]
 
@@ -216,8 +277,10 @@ class Codec:
     def seal(self, message: Message) -> bytes:
         """Encode, encrypt and authenticate message with the current key.
 
-        Raises ValueError if message would not pass the receivers' validation:
-        that is a bug in the caller, and better found here than by every peer.
+        Raises ValueError if message would not pass the receivers' validation or
+        could not reach them unchanged (a number too wide for its bytes, a base
+        out of order): that is a bug in the caller, and better found here than
+        by every peer.
         """
         body = _body_of(message)
         try:
@@ -270,24 +333,91 @@ class Codec:
 
 
 def _unpack_body(plaintext: bytes) -> object:
-    return _unpack(plaintext, "body", _BODY_LIMITS)
-
-
-def _unpack(packed: bytes, what: str, limits: dict[str, int]) -> object:
     try:
-        return msgpack.unpackb(packed, raw=False, use_list=False, strict_map_key=True, **limits)
+        return msgpack.unpackb(
+            plaintext, raw=False, use_list=False, strict_map_key=True, **_BODY_LIMITS)
     # ValueError covers ExtraData, FormatError, StackError and UnicodeDecodeError;
     # UnpackException covers OutOfData, which is not a ValueError.
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
         # msgpack's messages are short ("3 exceeds max_array_len(2)"); cap them anyway.
-        raise DecodeError(f"malformed {what}: {type(exc).__name__}: {str(exc)[:80]}") from None
+        raise DecodeError(f"malformed body: {type(exc).__name__}: {str(exc)[:80]}") from None
+
+
+def heartbeat_size_bound(
+    members: int, name_len: int = MAX_NODE_ID_LEN, params_len: int = DIGEST_LEN * len(FIELDS)
+) -> int:
+    """The largest sealed heartbeat whose view and base hold ``members`` distinct
+    nodes, all with 8-hex IDs (``messages.wire_id``), given a name of ``name_len``
+    characters and ``params_len`` bytes of digests (by default all of ``FIELDS``).
+
+    Every number at its widest, and whatever split of the nodes between the view
+    and the base (the view holding the sender, the base at most MAX_NODES). 1363
+    bytes at 64 nodes, within one frame (``FRAME_PAYLOAD``); 18 bytes more for
+    each node past that.
+    """
+    if type(members) is not int or not 1 <= members <= 2 * MAX_NODES:
+        raise ValueError(f"members must be an int in 1..{2 * MAX_NODES}")
+    if type(name_len) is not int or not 0 <= name_len <= MAX_NODE_ID_LEN:
+        raise ValueError(f"name_len must be an int in 0..{MAX_NODE_ID_LEN}")
+    if (type(params_len) is not int or not 0 < params_len <= MAX_FIELDS * DIGEST_LEN
+            or params_len % DIGEST_LEN):
+        raise ValueError(f"params_len must be 1..{MAX_FIELDS} digests of {DIGEST_LEN} bytes")
+    wire_id_bytes = 1 + _WIRE_ID_BYTES
+    fixed = (
+        1  # the array header (fixarray of 14)
+        + 1  # message type
+        + _str_size(2 * _WIRE_ID_BYTES)  # sender: 8 hex digits
+        + _uint_size(MAX_INCARNATION)
+        + _uint_size(MAX_SEQ)
+        + _uint_size(MAX_WEIGHT)
+        + 1  # draining
+        + 1  # agreed
+        + _uint_size(MAX_HELD)
+        + _uint_size(MAX_COUNTER)  # epoch
+        + _bin_size(params_len)
+        + _str_size(name_len)
+    )
+    worst = 0
+    for in_view in range(1, min(members, MAX_NODES) + 1):
+        # The base holds as many of the nodes as it may; more never makes it smaller.
+        outside = min(members - in_view, MAX_NODES)
+        variable = (
+            _bin_size(in_view * (wire_id_bytes + _MEMBER_TAIL.size))
+            + _bin_size(in_view * _ACK_BYTES)
+            + _bin_size(-(-in_view // 8) + outside * wire_id_bytes)
+        )
+        worst = max(worst, variable)
+    return HEADER_LEN + TAG_LEN + fixed + worst
+
+
+def _uint_size(value: int) -> int:
+    """Bytes of msgpack's shortest encoding of a non-negative int."""
+    return 1 if value < 0x80 else 2 if value < 2**8 else 3 if value < 2**16 else (
+        5 if value < 2**32 else 9)
+
+
+def _str_size(length: int) -> int:
+    return length + (1 if length < 32 else 2 if length < 2**8 else 3 if length < 2**16 else 5)
+
+
+def _bin_size(length: int) -> int:
+    return length + (2 if length < 2**8 else 3 if length < 2**16 else 5)
 
 
 # --- encoding ----------------------------------------------------------------
+# The encoder refuses (ValueError) whatever it could not send faithfully: the
+# binary fields have no room for a wrong type or an out-of-range number, and a
+# base's order and duplicates do not survive its bitmap. The rest is left to the
+# receivers' validation, which seal() runs on the body as well.
+
+
+def _refuse(problem: str) -> ValueError:
+    return ValueError(f"refusing to seal an invalid message: {problem}")
 
 
 def _body_of(message: Message) -> tuple[object, ...]:
     if isinstance(message, Heartbeat):
+        view = _pack_view(message.view)
         return (
             MessageType.HEARTBEAT.value,
             message.sender,
@@ -295,27 +425,109 @@ def _body_of(message: Message) -> tuple[object, ...]:
             message.seq,
             message.weight,
             message.draining,
-            _pack_view(message.view),
-            tuple(message.acks),
+            view,
+            _pack_acks(message.acks),
             message.agreed,
             message.held,
             message.epoch,
-            _pack_base(message.base),
+            _pack_base(message.base, message.view),
             message.params,
+            message.name,
         )
     if isinstance(message, Leave):
         return (MessageType.LEAVE.value, message.sender, message.incarnation, message.seq)
     raise ValueError(f"cannot seal {type(message).__name__}: not a Heartbeat or Leave")
 
 
+def _pack_id(node_id: object, what: str) -> bytes:
+    if type(node_id) is not str or not NODE_ID_PATTERN.fullmatch(node_id):
+        raise _refuse(f"{what} is not a valid node id")
+    if WIRE_ID_PATTERN.fullmatch(node_id):
+        return bytes((_WIRE_ID_TAG,)) + bytes.fromhex(node_id)
+    # The pattern admits ASCII only, at most MAX_NODE_ID_LEN characters.
+    return bytes((len(node_id),)) + node_id.encode("ascii")
+
+
+# A core sends one view object and one base object for as long as they hold: each
+# is packed once, and recognised by identity (a tuple of frozen Members or of str
+# cannot change; the memo's reference keeps the object, so its id is not reused).
+# Bounded like the decoder's memo, for processes that run many cores.
+_PACKED_VIEWS: dict[int, tuple[tuple[Member, ...], bytes]] = {}
+_PACKED_BASES: dict[tuple[int, int], tuple[tuple[str, ...], tuple[Member, ...], bytes]] = {}
+
+
 def _pack_view(view: tuple[Member, ...]) -> bytes:
-    packed: bytes = msgpack.packb(
-        tuple((m.node_id, m.incarnation, m.weight, m.draining) for m in view))
+    known = _PACKED_VIEWS.get(id(view))
+    if known is not None and known[0] is view:
+        return known[1]
+    if type(view) is not tuple or len(view) > MAX_NODES:
+        raise _refuse(f"view must be a tuple of at most {MAX_NODES} members")
+    parts = []
+    for member in view:
+        if type(member) is not Member:
+            raise _refuse("a view member is not a Member")
+        incarnation, weight, draining = member.incarnation, member.weight, member.draining
+        if type(incarnation) is not int or not 0 <= incarnation <= MAX_INCARNATION:
+            raise _refuse("member incarnation must be an int in 0..2**48-1")
+        if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
+            raise _refuse(f"member weight must be an int in 0..{MAX_WEIGHT}")
+        if type(draining) is not bool:
+            raise _refuse("member draining must be a bool")
+        parts.append(_pack_id(member.node_id, "member id"))
+        parts.append(_MEMBER_TAIL.pack(
+            incarnation >> 32, incarnation & _INCARNATION_LOW,
+            weight | (_DRAINING_BIT if draining else 0)))
+    packed = b"".join(parts)
+    _remember(_PACKED_VIEWS, id(view), (view, packed))
     return packed
 
 
-def _pack_base(base: tuple[str, ...]) -> bytes:
-    packed: bytes = msgpack.packb(tuple(base))
+_INTS_ONLY = {int}
+_ACK_STRUCTS: dict[int, struct.Struct] = {}
+
+
+def _acks_struct(count: int) -> struct.Struct:
+    """``count`` big-endian 8-byte ints; at most MAX_NODES + 1 of these are made."""
+    known = _ACK_STRUCTS.get(count)
+    if known is None:
+        known = _ACK_STRUCTS[count] = struct.Struct(f">{count}Q")
+    return known
+
+
+def _pack_acks(acks: tuple[int, ...]) -> bytes:
+    if type(acks) is not tuple or len(acks) > MAX_NODES:
+        raise _refuse(f"acks must be a tuple of at most {MAX_NODES} ints")
+    if acks and (set(map(type, acks)) != _INTS_ONLY or min(acks) < 0 or max(acks) > MAX_SEQ):
+        raise _refuse("ack must be an int in 0..2**40-1")
+    wide = _acks_struct(len(acks)).pack(*acks)
+    # The low 5 bytes of every 8: one slice assignment per byte column, not per ack.
+    narrow = bytearray(_ACK_BYTES * len(acks))
+    narrow[0::5], narrow[1::5], narrow[2::5], narrow[3::5], narrow[4::5] = (
+        wide[3::8], wide[4::8], wide[5::8], wide[6::8], wide[7::8])
+    return bytes(narrow)
+
+
+def _pack_base(base: tuple[str, ...], view: tuple[Member, ...]) -> bytes:
+    known = _PACKED_BASES.get((id(base), id(view)))
+    if known is not None and known[0] is base and known[1] is view:
+        return known[2]
+    if type(base) is not tuple or len(base) > MAX_NODES:
+        raise _refuse(f"base must be a tuple of at most {MAX_NODES} node ids")
+    # The view passed _pack_view.
+    places = {member.node_id: place for place, member in enumerate(view)}
+    bitmap_bits = 8 * -(-len(places) // 8)
+    bitmap, outside, previous = 0, [], ""
+    for node_id in base:
+        if type(node_id) is not str or node_id <= previous:
+            raise _refuse("base must be strictly sorted node ids")
+        previous = node_id
+        place = places.get(node_id)
+        if place is None:
+            outside.append(_pack_id(node_id, "base member"))
+        else:
+            bitmap |= 1 << (bitmap_bits - 1 - place)
+    packed = bitmap.to_bytes(bitmap_bits // 8, "big") + b"".join(outside)
+    _remember(_PACKED_BASES, (id(base), id(view)), (base, view, packed))
     return packed
 
 
@@ -324,15 +536,9 @@ def _pack_base(base: tuple[str, ...]) -> bytes:
 # must not pass as a number, nor a number as a bool.
 
 
-def _counter(value: object, what: str, minimum: int = 0) -> int:
-    if type(value) is not int or not minimum <= value <= MAX_COUNTER:
-        raise DecodeError(f"{what} must be an int in {minimum}..2**63-1")
-    return value
-
-
-def _bounded(value: object, what: str, maximum: int) -> int:
-    if type(value) is not int or not 0 <= value <= maximum:
-        raise DecodeError(f"{what} must be an int in 0..{maximum}")
+def _bounded(value: object, what: str, maximum: int, minimum: int = 0) -> int:
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise DecodeError(f"{what} must be an int in {minimum}..{maximum}")
     return value
 
 
@@ -349,9 +555,9 @@ def _node_id(value: object, what: str) -> str:
     return validate_node_id(value)
 
 
-def _sequence(value: object, what: str, min_len: int, max_len: int) -> tuple[object, ...]:
-    if type(value) is not tuple or not min_len <= len(value) <= max_len:
-        raise DecodeError(f"{what} must be an array of {min_len}..{max_len} items")
+def _bin(value: object, what: str) -> bytes:
+    if type(value) is not bytes:
+        raise DecodeError(f"{what} must be a bin")
     return value
 
 
@@ -371,8 +577,8 @@ def _leave(body: tuple[object, ...]) -> Leave:
         raise DecodeError(f"leave must have {_LEAVE_FIELDS} fields")
     return Leave(
         sender=_node_id(body[1], "sender"),
-        incarnation=_counter(body[2], "incarnation"),
-        seq=_counter(body[3], "seq", minimum=1),
+        incarnation=_bounded(body[2], "incarnation", MAX_INCARNATION),
+        seq=_bounded(body[3], "seq", MAX_SEQ, minimum=1),
     )
 
 
@@ -380,88 +586,38 @@ def _heartbeat(body: tuple[object, ...]) -> Heartbeat:
     if len(body) != _HEARTBEAT_FIELDS:
         raise DecodeError(f"heartbeat must have {_HEARTBEAT_FIELDS} fields")
     sender = _node_id(body[1], "sender")
-    view = _view(body[6], sender)
-    acks = _sequence(body[7], "acks", len(view), len(view))
-    # The types first (min() and max() of mixed types would raise); a view is never
-    # empty, so neither are the acks.
-    if set(map(type, acks)) != _INTS_ONLY:
-        raise DecodeError("ack must be an int in 0..2**63-1")
-    ints = cast("tuple[int, ...]", acks)
-    if min(ints) < 0 or max(ints) > MAX_COUNTER:
-        raise DecodeError("ack must be an int in 0..2**63-1")
+    name = _name(body[13], sender)
+    packed_view = _bin(body[6], "view")
+    view, ids = _view(packed_view)
+    if sender not in ids:
+        raise DecodeError("view must contain the sender")
     return Heartbeat(
         sender,
-        _counter(body[2], "incarnation"),
-        _counter(body[3], "seq", minimum=1),
+        _bounded(body[2], "incarnation", MAX_INCARNATION),
+        _bounded(body[3], "seq", MAX_SEQ, minimum=1),
         _bounded(body[4], "weight", MAX_WEIGHT),
         _flag(body[5], "draining"),
         view,
-        ints,
+        _acks(body[7], len(view)),
         _flag(body[8], "agreed"),
         _bounded(body[9], "held", MAX_HELD),
-        _counter(body[10], "epoch"),
-        _base(body[11]),
+        _bounded(body[10], "epoch", MAX_COUNTER),
+        _base(body[11], packed_view, view),
         _params(body[12]),
+        name,
     )
 
 
-_INTS_ONLY = {int}
-
-# A heartbeat's view and base travel as bins, each a msgpack array packed on its
-# own. In a settled cluster every heartbeat carries the same two, byte for byte:
-# remembering the validated ones by their bytes spares opening a heartbeat most
-# of its work at N = 32, and bytes cannot compare equal to another spelling
-# (1 == 1.0 == True). Pure memoization, bounded; the oldest entry goes first.
-_MEMO_SIZE = 32
-_VIEWS: dict[bytes, tuple[tuple[Member, ...], frozenset[str]]] = {}
-_BASES: dict[bytes, tuple[str, ...]] = {}
-
-
-def _remember(memo: dict[bytes, _T], key: bytes, value: _T) -> _T:
-    if len(memo) >= _MEMO_SIZE:
-        del memo[next(iter(memo))]
-    memo[key] = value
+def _name(value: object, sender: str) -> str:
+    if type(value) is not str:
+        raise DecodeError("name must be a string")
+    if value:
+        known = _NAMED.get(value)
+        if known is None:
+            known = _remember(_NAMED, validate_node_id(value), wire_id(value), MAX_NODES)
+        if known != sender:
+            raise DecodeError("sender must be the wire id of the name")
     return value
-
-
-def _packed(value: object, what: str) -> bytes:
-    if type(value) is not bytes:
-        raise DecodeError(f"{what} must be a bin holding a msgpack array")
-    return value
-
-
-def _view(value: object, sender: str) -> tuple[Member, ...]:
-    packed = _packed(value, "view")
-    known = _VIEWS.get(packed)
-    if known is None:
-        known = _remember(_VIEWS, packed, _decode_view(packed))
-    members, ids = known
-    if sender not in ids:
-        raise DecodeError("view must contain the sender")
-    return members
-
-
-def _decode_view(packed: bytes) -> tuple[tuple[Member, ...], frozenset[str]]:
-    entries = _sequence(_unpack(packed, "view", _UNPACK_LIMITS), "view", 1, MAX_NODES)
-    members: list[Member] = []
-    previous_id = ""  # sorts before every valid ID, which is non-empty
-    for entry in entries:
-        if type(entry) is not tuple or len(entry) != _MEMBER_FIELDS:
-            raise DecodeError(f"view member must be an array of {_MEMBER_FIELDS} items")
-        node_id, incarnation, weight, draining = entry
-        node_id = _node_id(node_id, "member id")
-        if node_id <= previous_id:
-            # Ownership is a function of the view, so a view has one spelling only.
-            raise DecodeError("view must be strictly sorted by node id")
-        if type(incarnation) is not int or not 0 <= incarnation <= MAX_COUNTER:
-            raise DecodeError("member incarnation must be an int in 0..2**63-1")
-        if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
-            raise DecodeError(f"member weight must be an int in 0..{MAX_WEIGHT}")
-        if type(draining) is not bool:
-            raise DecodeError("member draining must be a bool")
-        members.append(Member(node_id, incarnation, weight, draining))
-        previous_id = node_id
-    return tuple(members), frozenset(m.node_id for m in members)
 
 
 def _params(value: object) -> bytes:
@@ -470,20 +626,139 @@ def _params(value: object) -> bytes:
     return value
 
 
-def _base(value: object) -> tuple[str, ...]:
-    packed = _packed(value, "base")
-    known = _BASES.get(packed)
-    if known is not None:
-        return known
-    entries = _sequence(_unpack(packed, "base", _UNPACK_LIMITS), "base", 0, MAX_NODES)
+def _acks(value: object, count: int) -> tuple[int, ...]:
+    packed = _bin(value, "acks")
+    if len(packed) != _ACK_BYTES * count:
+        raise DecodeError(f"acks must be {_ACK_BYTES} bytes for each view member")
+    if count <= _FEW_ACKS:
+        every = int.from_bytes(packed, "big")
+        return tuple([(every >> shift) & MAX_SEQ for shift in _ACK_SHIFTS[count]])
+    # Widen every ack to 8 bytes (one slice assignment per byte column), then
+    # unpack them all at once: no Python loop over the acks.
+    wide = bytearray(8 * count)
+    wide[3::8], wide[4::8], wide[5::8], wide[6::8], wide[7::8] = (
+        packed[0::5], packed[1::5], packed[2::5], packed[3::5], packed[4::5])
+    acks: tuple[int, ...] = _acks_struct(count).unpack(wide)
+    return acks
+
+
+# A heartbeat's view and base travel as bins. In a settled cluster every heartbeat
+# carries the same two, byte for byte: remembering the validated ones by their bytes
+# spares opening a heartbeat most of its work at N = 32, and since every value has
+# one spelling, equal bytes are the one thing that can stand for an equal value.
+# The base's bitmap refers to the view, so a base is remembered by both. Pure
+# memoization, bounded; the oldest entry goes first.
+_MEMO_SIZE = 32
+_VIEWS: dict[bytes, tuple[tuple[Member, ...], frozenset[str]]] = {}
+_BASES: dict[tuple[bytes, bytes], tuple[str, ...]] = {}
+# Valid names and their wire IDs: every sender's, so as many as a cluster has nodes.
+_NAMED: dict[str, str] = {}
+
+
+def _remember(memo: dict[_K, _T], key: _K, value: _T, size: int = _MEMO_SIZE) -> _T:
+    if len(memo) >= size:
+        del memo[next(iter(memo))]
+    memo[key] = value
+    return value
+
+
+def _read_id(packed: bytes, at: int, what: str) -> tuple[str, int]:
+    """The node ID whose encoding starts at ``packed[at]`` (which exists), and
+    the offset after it."""
+    tag = packed[at]
+    if tag == _WIRE_ID_TAG:
+        end = at + 1 + _WIRE_ID_BYTES
+        if end > len(packed):
+            raise DecodeError(f"{what} is cut short")
+        return packed[at + 1:end].hex(), end
+    end = at + 1 + tag
+    if tag > MAX_NODE_ID_LEN or end > len(packed):
+        raise DecodeError(f"{what} is cut short or too long")
+    try:
+        node_id = packed[at + 1:end].decode("ascii")
+    except UnicodeDecodeError:
+        raise DecodeError(f"{what} is not ASCII") from None
+    if not NODE_ID_PATTERN.fullmatch(node_id):
+        raise DecodeError(f"{what} is not a valid node id")
+    if WIRE_ID_PATTERN.fullmatch(node_id):
+        raise DecodeError(f"{what}: an 8-hex id must be sent in 4 bytes (tag 0)")
+    return node_id, end
+
+
+def _view(packed: bytes) -> tuple[tuple[Member, ...], frozenset[str]]:
+    known = _VIEWS.get(packed)
+    if known is None:
+        try:
+            known = _remember(_VIEWS, packed, _decode_view(packed))
+        except (IndexError, struct.error, UnicodeDecodeError) as exc:  # unreachable: a net
+            raise DecodeError(f"malformed view: {type(exc).__name__}") from None
+    return known
+
+
+def _decode_view(packed: bytes) -> tuple[tuple[Member, ...], frozenset[str]]:
+    members: list[Member] = []
+    previous_id = ""  # sorts before every valid ID, which is non-empty
+    at, size, tail = 0, len(packed), _MEMBER_TAIL.size
+    while at < size:
+        if len(members) == MAX_NODES:
+            raise DecodeError(f"view must hold 1..{MAX_NODES} members")
+        node_id, at = _read_id(packed, at, "member id")
+        if node_id <= previous_id:
+            # Ownership is a function of the view, so a view has one spelling only.
+            raise DecodeError("view must be strictly sorted by node id")
+        if at + tail > size:
+            raise DecodeError("view member is cut short")
+        high, low, weight = _MEMBER_TAIL.unpack_from(packed, at)
+        at += tail
+        draining = weight >= _DRAINING_BIT
+        weight &= ~_DRAINING_BIT
+        if weight > MAX_WEIGHT:
+            raise DecodeError(f"member weight must be an int in 0..{MAX_WEIGHT}")
+        members.append(Member(node_id, high << 32 | low, weight, draining))
+        previous_id = node_id
+    if not members:
+        raise DecodeError(f"view must hold 1..{MAX_NODES} members")
+    return tuple(members), frozenset(m.node_id for m in members)
+
+
+def _base(value: object, packed_view: bytes, view: tuple[Member, ...]) -> tuple[str, ...]:
+    packed = _bin(value, "base")
+    key = (packed_view, packed)
+    known = _BASES.get(key)
+    if known is None:
+        try:
+            known = _remember(_BASES, key, _decode_base(packed, view))
+        except (IndexError, struct.error, UnicodeDecodeError) as exc:  # unreachable: a net
+            raise DecodeError(f"malformed base: {type(exc).__name__}") from None
+    return known
+
+
+def _decode_base(packed: bytes, view: tuple[Member, ...]) -> tuple[str, ...]:
+    bitmap_len = -(-len(view) // 8)
+    if len(packed) < bitmap_len:
+        raise DecodeError("base bitmap is cut short")
+    bitmap = int.from_bytes(packed[:bitmap_len], "big")
+    padding = 8 * bitmap_len - len(view)
+    if bitmap & ((1 << padding) - 1):
+        raise DecodeError("base bitmap has a bit set past the view")
+    in_view = [member.node_id for place, member in enumerate(view)
+               if bitmap >> (8 * bitmap_len - 1 - place) & 1]
+    view_ids = {member.node_id for member in view}
+    outside: list[str] = []
     previous_id = ""
-    for entry in entries:
-        node_id = _node_id(entry, "base member")
+    at, size = bitmap_len, len(packed)
+    while at < size:
+        if len(in_view) + len(outside) == MAX_NODES:
+            raise DecodeError(f"base must hold at most {MAX_NODES} members")
+        node_id, at = _read_id(packed, at, "base member")
         if node_id <= previous_id:
             raise DecodeError("base must be strictly sorted by node id")
+        if node_id in view_ids:
+            raise DecodeError("base member in the view must be sent in the bitmap")
+        outside.append(node_id)
         previous_id = node_id
-    # Every item was just checked to be a str.
-    return _remember(_BASES, packed, cast("tuple[str, ...]", entries))
+    # Both lists are sorted and disjoint.
+    return tuple(sorted(in_view + outside)) if outside else tuple(in_view)
 
 
 # --- replay protection --------------------------------------------------------

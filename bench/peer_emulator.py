@@ -79,7 +79,7 @@ class Emulator:
         first = ipaddress.IPv4Address(first_address)
         self.addresses = [str(first + i) for i in range(count)]
         now = time.monotonic()
-        incarnation = time.time_ns() // 1000
+        incarnation = time.time_ns() // 1_000_000
         self.codec = Codec(self.cfg.cluster, keyring)
         self.cores = [Node(self.cfg.core_config(), Codec(self.cfg.cluster, keyring),
                            f"{prefix}{i:02d}", incarnation, now) for i in range(count)]
@@ -189,7 +189,7 @@ class ScriptedPeers:
         self.timers = self.cfg.core_config().timers
         self.params = digest_params(self.cfg.core_config().agreed_values())
         first = ipaddress.IPv4Address(first_address)
-        incarnation = time.time_ns() // 1000
+        incarnation = time.time_ns() // 1_000_000
         self.own = [Member(f"{prefix}{i:02d}", incarnation, 100, False) for i in range(count)]
         self.addresses = {m.node_id: str(first + i) for i, m in enumerate(self.own)}
         self.seqs = {m.node_id: 0 for m in self.own}

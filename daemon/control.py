@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import inspect
 import ipaddress
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,10 @@ log = logging.getLogger("lbd.daemon.control")
 
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 2.0
+SLOW_TIMEOUT = 10.0
+"""Bound on a request computed off the loop (``lbd-cli table``)."""
+MAX_CLIENTS = 16
+"""Connections served at once; more are closed at once (a stuck client holds one)."""
 CONTROL_GROUP = "lbd"
 
 
@@ -106,11 +111,20 @@ def owner(service: Service, address: object) -> dict[str, Any]:
     }
 
 
-def table(service: Service) -> dict[str, Any]:
-    """Bucket ranges per node of the current view: {node: [[first, last], ...]}."""
+def table(service: Service) -> Awaitable[dict[str, Any]]:
+    """Bucket ranges per node of the current view: {node: [[first, last], ...]}.
+
+    At 65536 buckets that is tens of thousands of runs (rendezvous hashing scatters
+    them) and ~1 MB of JSON: built in a thread from an immutable snapshot, so the
+    loop (and a fast lease renewed with ~40 ms to spare) never waits for it."""
     core = service.core
-    owners = core.owners()
-    names = [core.name_of(m.node_id) for m in core.view]
+    snapshot = (core.owners(), [core.name_of(m.node_id) for m in core.view])
+    head = {"view": core.digest(), "buckets": core.config.buckets, "converged": core.agreed}
+    return asyncio.to_thread(_ranges, snapshot, head)
+
+
+def _ranges(snapshot: tuple[Any, list[str]], head: dict[str, Any]) -> dict[str, Any]:
+    owners, names = snapshot
     ranges: dict[str, list[list[int]]] = {name: [] for name in names}
     for bucket, index in enumerate(owners.tolist()):
         if index < 0:
@@ -121,8 +135,7 @@ def table(service: Service) -> dict[str, Any]:
         else:
             runs.append([bucket, bucket])
     counts = {node: sum(b - a + 1 for a, b in runs) for node, runs in ranges.items()}
-    return {"view": core.digest(), "buckets": core.config.buckets,
-            "converged": core.agreed, "counts": counts, "ranges": ranges}
+    return {**head, "counts": counts, "ranges": ranges}
 
 
 def dispatch(service: Service, request: dict[str, Any]) -> Any:
@@ -152,6 +165,7 @@ class ControlServer:
         self.path = Path(path)
         self.handler = handler
         self._server: asyncio.AbstractServer | None = None
+        self._clients = 0
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,14 +190,29 @@ class ControlServer:
             os.chmod(self.path, 0o600)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= MAX_CLIENTS:
+            writer.close()  # lbd-cli sees the daemon hang up: it says so and exits 1
+            return
+        self._clients += 1
+        try:
+            await self._answer(reader, writer)
+        finally:
+            self._clients -= 1
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         line = b""
+        slow = False
         try:
             try:
                 line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
                 request = json.loads(line)
                 if not isinstance(request, dict):
                     raise CommandError("request must be a JSON object")
-                response = {"ok": True, "result": self.handler(request)}
+                result = self.handler(request)
+                slow = inspect.isawaitable(result)
+                if slow:  # slow work, done off the loop
+                    result = await asyncio.wait_for(result, SLOW_TIMEOUT)
+                response = {"ok": True, "result": result}
             except (ValueError, asyncio.LimitOverrunError) as exc:
                 response = {"ok": False, "error": f"bad request: {exc}"}
             except CommandError as exc:
@@ -193,7 +222,9 @@ class ControlServer:
             except Exception as exc:  # a bug in a handler must not kill the daemon
                 log.exception("control request %r failed", line[:200])
                 response = {"ok": False, "error": f"internal error: {exc!r}"}
-            writer.write(json.dumps(response).encode() + b"\n")
+            text = (await asyncio.to_thread(json.dumps, response) if slow
+                    else json.dumps(response))
+            writer.write(text.encode() + b"\n")
             # A client that never reads must not hold the answer's buffer for ever.
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (ConnectionError, OSError, TimeoutError):

@@ -43,6 +43,7 @@ owner table (and so the node's claims) alive.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -201,6 +202,8 @@ class Service:
         self._done: asyncio.Future[int] | None = None
         self._leaving = False
         self._drops_logged = (0, 0.0)
+        self._queued: collections.deque[ev.Action] = collections.deque()
+        self._persisting = False
         self._problems_logged: dict[str, tuple[float, int]] = {}
         self._send_errors = 0
         self._applies = 0
@@ -442,15 +445,9 @@ class Service:
     def _process(self) -> None:
         """Execute the core's actions in order, log its events, re-arm the timer."""
         core = self.core
-        for action in core.actions():
-            if isinstance(action, ev.PersistBase):
-                if not self._persist(action):
-                    return
-            elif isinstance(action, ev.ApplyKernel):
-                if not self._apply(action):
-                    return
-            else:
-                self._transmit(action.data)
+        self._queued.extend(core.actions())
+        if not self._run_actions():
+            return
         events = core.events()
         fields = {"SLICES": str(len(core.held)), "VIEW": core.digest()} if events else {}
         for event in events:
@@ -466,28 +463,56 @@ class Service:
             if key != self._status_key:
                 self._status_key = key
                 self.notifier.status(self._status_text())
-        if self._leaving and core.has_left:
+        if self._leaving and core.has_left and not self._persisting:
             self._finish(0)
             return
         self._arm_timer()
 
-    def _persist(self, action: ev.PersistBase) -> bool:
-        """Store the quorum base before the heartbeat that advertises it. Failing,
-        stop before that heartbeat (and any claim): a restart on an older base than
-        the peers confirmed could make this node a stale quorum (S1)."""
-        if self._nft is None:
-            return False  # already failed and stopping
-        try:
-            save_quorum_base(self._state_dir, action.base, action.epoch, action.previous)
-        except OSError as exc:
-            self.sink.emit(ERR, f"cannot store the quorum base in {self._state_dir}: "
-                           f"{exc.strerror or exc}; stopping (a restart must not forget it)",
-                           "PersistFailed")
+    def _run_actions(self) -> bool:
+        """Carry out the queued actions of the core in order. A PersistBase is written
+        in a thread (fsync must not stall the loop) and everything after it waits
+        for it: the claim and the heartbeat that advertise a base come only once the
+        base is on disk. False: we are stopping."""
+        while self._queued and not self._persisting:
+            action = self._queued.popleft()
+            if isinstance(action, ev.PersistBase):
+                if self._nft is None:
+                    return False  # already failed and stopping
+                self._persisting = True
+                future = asyncio.get_running_loop().run_in_executor(
+                    None, save_quorum_base, self._state_dir, action.base, action.epoch,
+                    action.previous)
+                future.add_done_callback(self._persisted)
+            elif isinstance(action, ev.ApplyKernel):
+                if not self._apply(action):
+                    self._queued.clear()
+                    return False
+            else:
+                self._transmit(action.data)
+        return True
+
+    def _persisted(self, future: asyncio.Future[None]) -> None:
+        self._persisting = False
+        if future.cancelled():
+            return  # the loop is closing
+        exc = future.exception()
+        if exc is not None:
+            self._persist_failed(exc)
+        elif self._run_actions() and self._leaving and self.core.has_left:
+            self._finish(0)  # the leave waited for its last base to be stored
+
+    def _persist_failed(self, exc: BaseException) -> None:
+        """Stop before the heartbeat (and any claim) that needed the base on disk: a
+        restart on an older base than the peers confirmed could make this node a
+        stale quorum (S1)."""
+        self._queued.clear()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        self.sink.emit(ERR, f"cannot store the quorum base in {self._state_dir}: {reason}; "
+                       "stopping (a restart must not forget it)", "PersistFailed")
+        if self._nft is not None:
             self._nft.close()  # the owner table goes with our netlink socket: closed
             self._nft = None
-            self._finish(1)
-            return False
-        return True
+        self._finish(1)
 
     def _apply(self, action: ev.ApplyKernel) -> bool:
         if self._nft is None:

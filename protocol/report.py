@@ -40,7 +40,7 @@ def view_digest(view: tuple[Member, ...]) -> str:
 
 def member_rows(me: MemberInfo, peers: Iterable[Peer], mismatched: Iterable[Mismatch], *,
                 buckets: int, interval: float, now: float) -> list[MemberInfo]:
-    """Our own row and one per known peer, sorted by node ID. A peer's slices are what
+    """Our own row and one per known peer, sorted by name. A peer's slices are what
     its last heartbeat says it holds, counted only while it is in our view. Peers whose
     parameters differ get a row in state "mismatch" (never admitted)."""
     rows = [me]
@@ -61,5 +61,5 @@ def member_rows(me: MemberInfo, peers: Iterable[Peer], mismatched: Iterable[Mism
             rows.append(MemberInfo(m.node_id, m.address, "mismatch", 0, 0.0, 0,
                                    round(1000 * (now - m.last_heard)), m.incarnation,
                                    False, "", m.fields, m.name or m.node_id))
-    rows.sort(key=lambda r: r.node_id)
+    rows.sort(key=lambda r: (r.name or r.node_id, r.node_id))  # as people read them
     return rows

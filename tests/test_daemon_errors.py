@@ -265,10 +265,13 @@ def test_a_corrupt_quorum_base_is_a_clear_error_not_a_first_start(tmp_path: Path
 
 
 def test_a_failed_persist_closes_the_owner_table_and_stops_with_1(tmp_path: Path) -> None:
-    """``_process`` carries out nothing after a PersistBase that ``_persist`` refused."""
+    """The actions queued behind a PersistBase are never carried out if it fails."""
+    import collections
+
     from lbd.protocol import events as ev
 
     finished: list[int] = []
+    sent: list[bytes] = []
 
     class Sink:
         def __init__(self) -> None:
@@ -284,14 +287,30 @@ def test_a_failed_persist_closes_the_owner_table_and_stops_with_1(tmp_path: Path
         def close(self) -> None:
             self.closed = True
 
-    service = Service.__new__(Service)
-    service.sink = Sink()  # type: ignore[assignment]
-    nft = Nft()
-    service._nft = nft  # type: ignore[assignment]
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("")
-    service._state_dir = blocker / "state"  # mkdir fails: ENOTDIR
-    service._finish = finished.append  # type: ignore[method-assign]
-    assert not service._persist(ev.PersistBase(("a", "b"), 2))
-    assert finished == [1] and nft.closed and service._nft is None
-    assert any(kind == "PersistFailed" for _, _, kind in service.sink.lines)  # type: ignore[attr-defined]
+    async def scenario() -> None:
+        service = Service.__new__(Service)
+        service.sink = Sink()  # type: ignore[assignment]
+        nft = Nft()
+        service._nft = nft  # type: ignore[assignment]
+        blocker = tmp_path / "not-a-dir"
+        blocker.write_text("")
+        service._state_dir = blocker / "state"  # mkdir fails: ENOTDIR
+        done = asyncio.Event()
+
+        def finish(code: int) -> None:
+            finished.append(code)
+            done.set()
+
+        service._finish = finish  # type: ignore[method-assign]
+        service._transmit = sent.append  # type: ignore[method-assign]
+        service._queued = collections.deque([ev.PersistBase(("a", "b"), 2),
+                                             ev.Transmit(b"heartbeat")])
+        service._persisting = False
+        assert service._run_actions()  # the persist runs in a thread; the rest waits
+        assert service._persisting and sent == []
+        await asyncio.wait_for(done.wait(), 5)
+        assert finished == [1] and nft.closed and service._nft is None
+        assert sent == [] and not service._queued
+        assert any(kind == "PersistFailed" for _, _, kind in service.sink.lines)  # type: ignore[attr-defined]
+
+    asyncio.run(scenario())

@@ -138,6 +138,12 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
         owner = cluster.query(0, "owner", "198.51.100.7")
         assert owner is not None, cluster.cli(0, "owner", "198.51.100.7")
         assert tcp["198.51.100.7"] == the_bed.nodes[int(owner["owner"][-1])].name
+        # The table (built off the loop) agrees with the slices each node holds.
+        table = cluster.query(0, "table")
+        assert table is not None and table["converged"], table
+        assert set(table["counts"]) == {"node0", "node1", "node2"}
+        assert sum(table["counts"].values()) == BUCKETS
+        assert table["ranges"]["node1"][0][0] <= table["ranges"]["node1"][0][1]
 
         # An established connection to node 1 survives its drain and undrain.
         src = next(s for s, name in tcp.items() if name == the_bed.nodes[1].name)

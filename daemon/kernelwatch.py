@@ -2,41 +2,33 @@
 
 Theory of operation
 -------------------
-The core believes the node holds its VIPs on an interface that is up, with the
-shared MAC (shared mode) or in the cluster-MAC group with the ``lbd_mac`` rules
-(multicast mode), lbd's sysctls and its nft tables. Anyone may change that under
-the daemon: ``ip addr del``, ``ifdown``/``ifup`` (IPv6 addresses go with
-``keep_addr_on_down=0``), NetworkManager, ``nft flush ruleset``, ``systemctl
-restart nftables``, a sysctl reset. :class:`KernelWatch` notices and acts:
+The core believes the node holds its VIPs on an interface that is up, with the shared
+MAC (shared mode) or in the cluster-MAC group with the ``lbd_mac`` rules (multicast),
+with lbd's sysctls and nft tables. ``ip addr del``, ``ifdown``/``ifup`` (IPv6
+addresses go with ``keep_addr_on_down=0``), a network manager, ``nft flush ruleset``
+or a sysctl reset can change that under the daemon. :class:`KernelWatch` notices:
+rtnetlink events (addresses, links, MACs) on a non-blocking socket read by the loop;
+nf_tables events, only while a table of ours is not persistent (kernel < 6.9, see
+netcfg/nft.py); an audit every ``AUDIT_PERIOD`` in a worker thread (addresses and link
+by request, lbd's sysctls, the cluster-MAC group), also run at once when a full
+socket lost events (ENOBUFS). Then:
 
-* **Sources.** rtnetlink events (address, link and MAC changes) on a non-blocking
-  socket read by the event loop; nf_tables events (what ``nft monitor`` shows), only
-  while a table of ours is not persistent (kernel < 6.9: see netcfg/nft.py); and an
-  audit every ``AUDIT_PERIOD`` in a worker thread (addresses and link by request, the
-  sysctls lbd set, the cluster-MAC group), which also covers events a full socket
-  lost (ENOBUFS starts one at once).
-* **Faults that stop the node serving** (a VIP missing, the link down or gone, the
-  wrong shared MAC): the node drains at once, under a drain reason of its own
-  (``Service.drain_reasons``: an operator's ``lbd-cli undrain`` never ends it, and it
-  never ends an operator's drain), so its slices go to the peers through the safe
-  handoff instead of a black hole; a VIP or the MAC is put back by the link helper
-  child (``LinkProcess.apply``, off the loop); once the kernel is right again the
-  reason goes and the node takes slices back. A fault that keeps coming back
-  (``FLAP_LIMIT`` times in ``FLAP_WINDOW``) keeps the node drained until it has
-  stayed away for ``FLAP_HOLD``.
-* **Faults fixed in place** within milliseconds, on the loop: nft tables of ours
-  deleted or changed by another process (re-written), the cluster-MAC group left
-  (joined again), a new interface MAC in multicast mode (ND rules rewritten for it).
-  Sysctls are put back by the link helper. Such a fault drains only if its fix fails.
-* **Bounds.** Events are handled when the loop next runs (under a millisecond when
-  idle); the audit-only faults (sysctls, MAC group) within ``AUDIT_PERIOD``. A drain
-  hands the slices over like ``lbd-cli drain`` (one handoff round, tens of ms). The
-  helper child gets ``RESTORE_TIMEOUT``; if it fails the node stays drained, says so
-  in ``lbd-cli status`` and the STATUS line, and retries every ``RETRY_PERIOD``.
-* **Reports.** Each fault is one journal entry (its own MESSAGE_ID: VipRemoved,
-  LinkDown, MacChanged, TablesChanged, SysctlChanged, ClusterMacLeft) saying what
-  changed and what lbd does; then KernelStateRestored or KernelRestoreFailed.
-  While it lasts it is a line in ``Service.shell_problems``.
+* **The node cannot serve** (a VIP missing, the link down or gone, the wrong shared
+  MAC): it drains at once under a drain reason of its own (``Service.drain_reasons``:
+  ``lbd-cli undrain`` never ends it, it never ends an operator's drain), so its
+  slices go to the peers through the safe handoff, never into a black hole; the link
+  helper child puts the VIP or MAC back (``LinkProcess.apply``, off the loop,
+  ``RESTORE_TIMEOUT``); once the kernel is right the reason goes and the node takes
+  slices back. A fault back ``FLAP_LIMIT`` times in ``FLAP_WINDOW`` holds the drain
+  until ``FLAP_HOLD`` has passed without it.
+* **Fixed in place**, on the loop within milliseconds: our tables deleted or changed by
+  another process (written again), the cluster-MAC group left (joined again), a new
+  own MAC in multicast mode (ND rules rewritten); sysctls by the link helper.
+* **A fix that fails** drains the node, is a line in ``lbd-cli status`` and STATUS=,
+  and is retried every ``RETRY_PERIOD``.
+* **One journal entry per fault** with its MESSAGE_ID (VipRemoved, LinkDown,
+  MacChanged, TablesChanged, SysctlChanged, ClusterMacLeft) saying what changed and
+  what lbd does; then KernelStateRestored or KernelRestoreFailed.
 """
 
 from __future__ import annotations
@@ -49,7 +41,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lbd.daemon.notify import ERR, NOTICE, WARNING
@@ -67,7 +58,6 @@ RESTORE_TIMEOUT = 5.0
 RETRY_PERIOD = 5.0
 FLAP_LIMIT, FLAP_WINDOW, FLAP_HOLD = 3, 60.0, 30.0
 REASSERT_LIMIT = 20  # table re-writes per second before lbd stops fighting (and drains)
-PROC_SYS = Path("/proc/sys")
 READ_BATCH = 64
 
 
@@ -89,8 +79,7 @@ class Snapshot:
     """The audit's view of the kernel (None where it could not be read)."""
 
     addresses: set[str] | None
-    link: nl.LinkEvent | None
-    link_read: bool
+    link: nl.LinkEvent | None  # new=False: the interface is gone
     sysctls: dict[str, tuple[str | None, str]]  # path: (value now, value lbd sets)
     group_joined: bool | None
 
@@ -419,25 +408,19 @@ class KernelWatch:
         except (nl.NetlinkError, OSError):
             addresses = None
         try:
-            link, link_read = nl.get_link(self.index), True
+            link = nl.get_link(self.index) or nl.LinkEvent(False, self.index, 0, None, None)
         except (nl.NetlinkError, OSError):
-            link, link_read = None, False
-        sysctls: dict[str, tuple[str | None, str]] = {}
-        if self.svc._link is not None:
-            for key, want in self.svc._link.recorded_sysctls().items():
-                try:
-                    sysctls[key] = ((PROC_SYS / key).read_text().strip(), want)
-                except OSError:
-                    sysctls[key] = (None, want)
+            link = None
+        sysctls = self.svc._link.sysctls_now() if self.svc._link is not None else {}
         macmode = self.svc._macmode
         joined = (mc_membership(self.interface, macmode.cluster_mac)[1]
                   if macmode is not None else None)
-        return Snapshot(addresses, link, link_read, sysctls, joined)
+        return Snapshot(addresses, link, sysctls, joined)
 
     def _check(self, snap: Snapshot) -> None:
         """Raise or clear faults from an audit (on the loop)."""
-        if snap.link_read:
-            self._on_link(snap.link or nl.LinkEvent(False, self.index, 0, None, None))
+        if snap.link is not None:
+            self._on_link(snap.link)
         if snap.addresses is not None:
             for vip in self.vips:
                 self._on_address(nl.AddrEvent(vip in snap.addresses, self.index, vip, 0))

@@ -21,7 +21,9 @@ message. A child that dies, hangs past ``TIMEOUT`` or prints garbage is a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -32,6 +34,8 @@ from lbd.netcfg.statefile import RecordError, load_record
 from lbd.protocol.errors import LbdError
 
 TIMEOUT = 60.0
+NICE = 5
+PROC_SYS = Path("/proc/sys")  # follows the reading thread's network namespace
 
 
 class LinkProcessError(LbdError):
@@ -89,6 +93,16 @@ class LinkProcess:
     def restore(self) -> None:
         call({"op": "restore", **self.params})
 
+    def sysctls_now(self) -> dict[str, tuple[str | None, str]]:
+        """{sysctl path: (its value now, None if unreadable; the value lbd set)}."""
+        now: dict[str, tuple[str | None, str]] = {}
+        for key, want in self.recorded_sysctls().items():
+            try:
+                now[key] = ((PROC_SYS / key).read_text().strip(), want)
+            except OSError:
+                now[key] = (None, want)
+        return now
+
     def recorded_sysctls(self) -> dict[str, str]:
         """{sysctl path under /proc/sys: the value lbd set} from link.py's record (read
         here, without pyroute2); empty if there is no readable record."""
@@ -121,6 +135,10 @@ def _serve(request: dict[str, Any]) -> Any:
 
 
 def main() -> int:
+    # Below the daemon: on a small busy host its heartbeats matter more than this
+    # child's ~150 ms of pyroute2 import (a restore runs while the node is drained).
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
     from lbd.daemon.config import ConfigFileError  # noqa: PLC0415
 
     try:

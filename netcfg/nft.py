@@ -63,7 +63,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lbd.netcfg import netlink as nl
@@ -282,19 +282,22 @@ class NftDataplane:
         (two daemons on one node must never both claim buckets). Calling it
         again in the same process replaces our own owner table atomically.
 
-        With ``persist``: first the owner table alone (it enforces the whole policy, so
-        the node is closed from here on), then the guard is claimed owner + persist
-        (:func:`claim_persistent`), then its chains and rules are written.
+        With ``persist`` it takes three transactions, and a SIGKILL between any two
+        still leaves a guard with its rules: (1) the owner table and a plain copy of the
+        guard, ``<guard>_boot``; (2) the guard claimed owner + persist
+        (:func:`claim_persistent`: empty if new or replaced); (3) its chains and rules,
+        and the copy deleted.
         """
         if not self.persist:
             self._run(guard_commands(self.spec) + owner_table_commands(self.spec,
                                                                        self._installed))
         else:
-            self._run(owner_table_commands(self.spec, self._installed))
+            boot = replace(self.spec, guard_table=f"{self.spec.guard_table}_boot")
+            self._run(guard_commands(boot) + owner_table_commands(self.spec, self._installed))
             self._context()
             self.persistent = self._sock is not None and claim_persistent(
                 self._sock, "inet", self.spec.guard_table)
-            self._run(self._guard_commands())
+            self._run([*self._guard_commands(), f"delete table inet {boot.guard_table}"])
         self._installed = True
         self._owned = frozenset()
         self._guard_due = self._clock() + self.guard_period

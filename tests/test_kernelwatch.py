@@ -10,6 +10,7 @@ table re-writes it asks for.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from lbd.daemon import kernelwatch as kw
 from lbd.daemon.service import Service
 from lbd.netcfg import netlink as nl
+from lbd.protocol.errors import LbdError
 
 VIP4, VIP6, INDEX = "192.0.2.100", "2001:db8:1::100", 3
 
@@ -320,3 +322,56 @@ class FakeSocket(socket.socket):
         if not self.datagrams:
             raise BlockingIOError
         return self.datagrams.pop(0)
+
+
+class FakeLink:
+    """LinkProcess.apply that fails ``failures`` times, then 'puts the VIP back'."""
+
+    def __init__(self, failures: int, present: set[str]) -> None:
+        self.failures, self.present, self.calls = failures, present, 0
+
+    def apply(self, timeout: float) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise LbdError("link helper (apply) did not finish within 5 s")
+        self.present.add(VIP4)
+
+    def sysctls_now(self) -> dict[str, tuple[str | None, str]]:
+        return {}
+
+
+async def settled(w: kw.KernelWatch) -> None:
+    """Until the watch's audit task (and any it chains) is done."""
+    while w._task is not None:
+        await w._task
+
+
+def test_a_vip_that_cannot_be_put_back_keeps_the_node_drained_and_is_retried() -> None:
+    now = [50.0]
+    present = {VIP6}
+    w, svc = watch(clock=lambda: now[0])
+    svc._link = FakeLink(1, present)
+    up = nl.LinkEvent(True, INDEX, UP, "eth0", None)
+    w._snapshot = lambda: kw.Snapshot(set(present), up, {}, None)  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        w._rtnl = FakeSocket([])  # "started": audits run as tasks
+        w._on_address(nl.AddrEvent(False, INDEX, VIP4, 32))
+        w._settle()
+        await settled(w)
+        assert svc.core.draining and svc._link.calls == 1
+        assert "cannot fix it: link helper (apply) did not finish" in svc.problems(now[0])[0]
+        assert svc.sink.kinds() == ["VipRemoved", "KernelRestoreFailed"]
+        w._audit_soon()  # an audit before the retry is due: no second helper run
+        await settled(w)
+        assert svc._link.calls == 1 and svc.core.draining
+        now[0] += kw.RETRY_PERIOD
+        w._audit_soon()
+        await settled(w)
+        assert svc._link.calls == 2 and not svc.core.draining and svc.problems(now[0]) == []
+        assert svc.sink.kinds()[-1] == "KernelStateRestored"
+        w._rtnl = None
+        if w._timer is not None:
+            w._timer.cancel()
+
+    asyncio.run(scenario())

@@ -3,7 +3,9 @@
 Named scenarios check S1 (every kernel change), L1 (failover within the bound)
 and L2 (only the buckets that must move do) for each fault kind; the random
 schedules then mix faults freely. A failure prints its seed: rerun it with
-``run_random_schedule(seed, FAST_TIMERS)`` from tests/clustersim.py.
+``run_random_schedule(seed, FAST_TIMERS)`` from tests/clustersim.py (operators'
+mistakes, ``mistakes=True``, are proved in test_sim_mistakes.py). S1 is checked per
+bucket between nodes that map clients alike and per sampled client otherwise.
 """
 
 from __future__ import annotations
@@ -11,12 +13,22 @@ from __future__ import annotations
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 import pytest
-from clustersim import Cluster, SimNode, Violation, run_random_schedule
+from clustersim import (
+    CLIENTS,
+    Cluster,
+    SimNode,
+    Violation,
+    accepted_clients,
+    client_buckets,
+    run_random_schedule,
+)
 
 from lbd.protocol import events as ev
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, QuorumMode, Timers
+from lbd.protocol.jhash import bucket_of
 from lbd.protocol.pacing import QUIET_SLACK
 
 FAST = FAST_TIMERS
@@ -399,6 +411,58 @@ def test_sixty_four_nodes_converge_and_survive_a_crash() -> None:
     cluster.crash("n33")
     took = time_to_serve_all(cluster, limit=3 * FAST.dead_after)
     assert took is not None and took <= FAST.dead_after + 2 * FAST.interval
+
+
+# ---------------------------------------------------------- the S1 checker
+
+
+def _accept(cluster: Cluster, node: SimNode, buckets: set[int]) -> None:
+    """Make ``node``'s kernel accept ``buckets`` now (as an ApplyKernel would)."""
+    node.kernel_set = frozenset(buckets)
+    node.lease_until_local = node.local(cluster.now) + 1.0
+    cluster._check_s1(node)
+
+
+def test_s1_is_checked_client_by_client_between_nodes_that_map_clients_differently() -> None:
+    """Nodes with other buckets or seed share no bucket numbering: the check maps each
+    sampled client with each node's own jhash and fails on a client both accept."""
+    cluster = Cluster(19, FAST, buckets=128)
+    a = cluster.add_node("a")
+    b = cluster.add_node("b", config=replace(cluster.config, buckets=200, seed=7))
+    c = cluster.add_node("c")
+    assert a.mapping == c.mapping != b.mapping
+    assert len(CLIENTS) == 640
+    assert client_buckets(b.mapping)[0] == bucket_of("198.51.100.0", 200, 7)
+    _accept(cluster, a, set(range(64)))
+    taken = accepted_clients(a.mapping, a.kernel_set)
+    assert 0 < taken.sum() < len(CLIENTS)
+    of_b = client_buckets(b.mapping)
+    clash = {int(x) for x in of_b[taken]}
+    free = {int(x) for x in of_b[~taken]} - clash
+    assert len(free) > 20
+    _accept(cluster, b, free)  # no client in common: fine
+    extra = min(clash)
+    both = int(((of_b == extra) & taken).sum())
+    with pytest.raises(Violation, match=f"b and a both accept {both} of the 640 sampled "):
+        _accept(cluster, b, free | {extra})
+    _accept(cluster, b, set())
+    _accept(cluster, c, set(range(64, 128)))  # alike: bucket by bucket, disjoint
+    with pytest.raises(Violation, match=r"c and a both accept 1 buckets \(e.g. 63\)"):
+        _accept(cluster, c, set(range(63, 128)))
+
+
+def test_nodes_with_disjoint_vips_never_share_a_client() -> None:
+    config = CoreConfig(buckets=64, shared=(("vips", "192.0.2.100/32"),))
+    cluster = Cluster(20, FAST, config=config)
+    a = cluster.add_node("a")
+    b = cluster.add_node("b", config=replace(cluster.config,
+                                             shared=(("vips", "192.0.2.101/32"),)))
+    c = cluster.add_node("c", config=replace(cluster.config, seed=9, shared=(
+        ("vips", "192.0.2.101/32,192.0.2.100/32"),)))
+    _accept(cluster, a, set(range(64)))
+    _accept(cluster, b, set(range(64)))
+    with pytest.raises(Violation, match="c and a both accept"):
+        _accept(cluster, c, set(range(64)))
 
 
 # ------------------------------------------------------------ random faults

@@ -47,6 +47,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import signal
 import socket
@@ -74,8 +75,8 @@ from lbd.protocol.wire import Codec, Keyring
 RECV_BATCH = 64
 DROP_LOG_EVERY = 10.0
 LEAVE_GRACE = 1.0
-# After an admin's "nft flush ruleset" the guard is back within this long. Every
-# apply used to rewrite it, which was half the cost of each lease renewal.
+# Kernels without persistent tables (< 6.9): an apply re-asserts the guard at most
+# this often, besides the event listener (kernelwatch.py) that rewrites it at once.
 GUARD_PERIOD = 1.0
 # Settings a reload cannot change on a running node (they shape the cluster or the
 # kernel state): changing them needs a restart, and a reload says so.
@@ -157,11 +158,32 @@ def load_quorum_base(state_dir: Path) -> tuple[tuple[str, ...], int, tuple[str, 
 
 
 def save_quorum_base(state_dir: Path, base: tuple[str, ...], epoch: int,
-                     previous: tuple[str, ...] | None) -> None:
-    """Atomic: a restart must never see half a base."""
+                     previous: tuple[str, ...] | None, *, params: bytes | None = None,
+                     credentials: bytes | None = None) -> None:
+    """Atomic and durable: a restart must never see half a base, nor an older one."""
     save_record(state_dir / "quorum-base.json",
                 {"version": 1, "base": list(base), "epoch": epoch,
-                 "previous": None if previous is None else list(previous)})
+                 "previous": None if previous is None else list(previous),
+                 "params": None if params is None else params.hex(),
+                 "credentials": None if credentials is None else credentials.hex()})
+
+
+def load_base_agreement(state_dir: Path) -> tuple[bytes | None, bytes | None]:
+    """The parameter digests and the credentials digest the stored base was agreed
+    under (None: not recorded). Call after ``load_quorum_base`` (it refuses a corrupt
+    record)."""
+    try:
+        saved = load_record(state_dir / "quorum-base.json", 1) or {}
+    except RecordError:
+        return None, None
+    out: list[bytes | None] = []
+    for key in ("params", "credentials"):
+        text = saved.get(key)
+        try:
+            out.append(bytes.fromhex(text) if isinstance(text, str) else None)
+        except ValueError:
+            out.append(None)
+    return out[0], out[1]
 
 
 class Service:
@@ -236,6 +258,7 @@ class Service:
         cfg = self.config
         # First, before anything touches the kernel: a corrupt record stops us here.
         base, epoch, previous = load_quorum_base(state_dir)
+        base_params, base_credentials = load_base_agreement(state_dir)
         self._nft = NftDataplane(list(cfg.vips), cfg.buckets, cfg.seed, prefix4=cfg.prefix4,
                                  prefix6=cfg.prefix6, balance=list(cfg.balance),
                                  guard_period=GUARD_PERIOD, persist=True)
@@ -297,7 +320,8 @@ class Service:
         self.core = Node(cfg.core_config(), Codec(cfg.cluster, self.keyring),
                          wire_id(self.node_id),
                          incarnation, now, weight=cfg.weight, draining=cfg.draining,
-                         base=base, epoch=epoch, previous_base=previous, name=self.node_id)
+                         base=base, epoch=epoch, previous_base=previous, name=self.node_id,
+                         base_params=base_params, base_credentials=base_credentials)
         self._process()
         self.drain_reasons = {"operator"} if cfg.draining else set()
         # Watched kernel state (S5): VIPs, link, MAC, tables, sysctls (kernelwatch.py).
@@ -479,9 +503,9 @@ class Service:
                 if self._nft is None:
                     return False  # already failed and stopping
                 self._persisting = True
-                future = asyncio.get_running_loop().run_in_executor(
-                    None, save_quorum_base, self._state_dir, action.base, action.epoch,
-                    action.previous)
+                future = asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                    save_quorum_base, self._state_dir, action.base, action.epoch,
+                    action.previous, params=action.params, credentials=action.credentials))
                 future.add_done_callback(self._persisted)
             elif isinstance(action, ev.ApplyKernel):
                 if not self._apply(action):

@@ -195,10 +195,10 @@ class Gate:
         if self.clash is not None and now - self.clash.until > FORGET_AFTER:
             self.clash = None
 
-    def heard_strangers(self, now: float) -> bool:
-        """Whether any stranger or mismatched peer was heard recently."""
-        return any(now - s.last_heard <= REPORT_WITHIN for s in self.strangers.values()) or any(
-            now - m.last_heard <= REPORT_WITHIN for m in self.mismatched.values())
+    def heard_strangers(self, now: float, within: float) -> bool:
+        """Whether any stranger or mismatched peer was heard in the last ``within``."""
+        return any(now - s.last_heard <= within for s in self.strangers.values()) or any(
+            now - m.last_heard <= within for m in self.mismatched.values())
 
     def problems(self, now: float) -> list[str]:
         """One line per current admission problem, for ``lbd-cli status`` and STATUS."""

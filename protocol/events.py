@@ -190,6 +190,10 @@ class PersistBase:
     base: tuple[str, ...]
     epoch: int
     previous: tuple[str, ...] | None = None
+    params: bytes | None = None
+    """The parameter digests it was agreed under (given back as ``base_params``)."""
+    credentials: bytes | None = None
+    """Digest of the cluster name and key it was agreed under (``base_credentials``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,18 @@ class Node(NodeState):
                                     message.name if isinstance(message, Heartbeat) else "")
             return not was_clashing and self._gate.clashing(now)
         known = self._peers.get(message.sender)
+        if (known is not None and message.incarnation > known.incarnation
+                and address != known.address and not (known.left or known.declared_dead)
+                and now - known.last_heard < self.timers.dead_after):
+            # A restart speaks from the node's own address; a newer incarnation from
+            # elsewhere while the one we know still speaks is a second process with
+            # that ID (a clone). Taking it for a restart would hand the ID's slices
+            # on while the first process may still hold them on a live lease: it
+            # replaces nothing until the one we know falls silent for dead_after.
+            self.counters.second_process += 1
+            self._gate.stale_sender(message.sender, message.incarnation, address,
+                                    known.address, known.incarnation)
+            return False
         if (known is not None and isinstance(message, Heartbeat) and known.last_seq == message.seq
                 and known.incarnation == message.incarnation):
             # The newest heartbeat again: with multicast and ``peers`` both, every
@@ -305,8 +317,9 @@ class Node(NodeState):
             self._reported_base = (self._epoch, self._base, self._prev_base)
             previous = None if self._prev_base is None else tuple(sorted(self._prev_base))
             # Durable before this step's claim and heartbeat, which may advertise it.
-            self._actions.insert(first_action,
-                                 ev.PersistBase(self._sorted_base(), self._epoch, previous))
+            self._actions.insert(first_action, ev.PersistBase(
+                self._sorted_base(), self._epoch, previous, self._base_params,
+                self._base_credentials))
             self._events.append(ev.BaseChanged(self._sorted_base(), self._epoch, previous))
 
     def _step_inner(self, now: float) -> None:
@@ -461,6 +474,10 @@ class Node(NodeState):
             self._prev_epoch = self._epoch
         self._base = base
         self._epoch = epoch
+        # Agreed by us or adopted from an admitted peer: under our parameters, name and
+        # key either way.
+        self._base_params = self.params
+        self._base_credentials = self.credentials()
 
     def _track_quorum(self, candidate: float | None) -> None:
         ok = candidate is not None
@@ -482,10 +499,12 @@ class Node(NodeState):
             # already agreed a view with (released its slices for) joins at once:
             # waiting here left those slices unserved for ~1 s on every rejoin.
             return
-        if not self._base and len(self._view) < self.config.bootstrap_expect:
+        if not self._base and (len(self._view) < self.config.bootstrap_expect
+                               or self._gate.heard_strangers(now, self.timers.dead_after)):
             # A first start forms the cluster's first view only with this many members
-            # (consul's bootstrap_expect): a node that hears nothing it can admit (a
-            # wrong key, another cluster's parameters) must never serve on its own.
+            # (consul's bootstrap_expect), and never while it hears nodes it cannot
+            # admit (a wrong key, other parameters): those may be the cluster it was
+            # meant to join, and two such newcomers must not start one beside it.
             return
         if not self._base and ((self._heard_peer and len(self._view) == 1) or any(
             not p.in_view and not p.left and not p.declared_dead and p.deaf_since is None
@@ -499,16 +518,18 @@ class Node(NodeState):
             return
         ids = frozenset(m.node_id for m in self._view)
         if self.config.quorum is QuorumMode.MAJORITY and not has_joint_quorum(
-                ids, self._bases()):
+                ids, self._bases(), self._tie_break(now)):
             return
-        saved = (self._base, self._epoch, self._prev_base, self._prev_epoch)
+        saved = (self._base, self._epoch, self._prev_base, self._prev_epoch, self._base_params,
+                 self._base_credentials)
         self._set_base(ids, 1 + max([self._epoch] + [
             p.last_heartbeat.epoch for m in self._view
             if (p := self._peers.get(m.node_id)) is not None and p.last_heartbeat is not None
         ]))
         candidate = self._lease_candidate(now)
         if candidate is None or candidate <= now:
-            self._base, self._epoch, self._prev_base, self._prev_epoch = saved
+            (self._base, self._epoch, self._prev_base, self._prev_epoch,
+             self._base_params, self._base_credentials) = saved
             return
         target = self._own_buckets()
         gained = len(target - self._held)

@@ -10,6 +10,7 @@ theory of operation is in ``membership.py``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ class Counters:
     foreign_version: int = 0
     refused: int = 0
     copies: int = 0
+    second_process: int = 0
+    """Datagrams of a second process with a member's ID (another address)."""
     """The newest heartbeat of a peer once more (multicast plus unicast ``peers``)."""
 
 
@@ -64,6 +67,8 @@ class NodeState:
         epoch: int = 0,
         previous_base: Iterable[str] | None = None,
         name: str = "",
+        base_params: bytes | None = None,
+        base_credentials: bytes | None = None,
     ) -> None:
         """``base``/``epoch``/``previous_base``: the quorum base persisted by the previous
         run (from ``BaseChanged``): a restarted node must not start a cluster of its own
@@ -100,6 +105,11 @@ class NodeState:
         self._prev_base: frozenset[str] | None = (
             frozenset(previous_base) if previous_base else None)
         self._adopted_base = False
+        # The parameter digests the base was agreed under (None: unknown, an older
+        # record). Restarted with other parameters, this node may be the one mistaken
+        # node: it must not win an exact-half quorum on that base (quorum.py).
+        self._base_params = base_params
+        self._base_credentials = base_credentials
         # The bases advertised since the base changed from _lineage_of, whose epoch
         # was _prev_epoch (unknown for a previous base restored from disk).
         self._prev_epoch: int | None = None
@@ -302,11 +312,28 @@ class NodeState:
             sent = self._sent_at.get(peer.ack_of_me)
             if sent is not None and not peer.left:
                 anchors.append((sent, peer.node_id))
-        deadlines = [lease_deadline(anchors, base, lease) for base in self._bases() if base]
+        tie_break = self._tie_break(now)
+        deadlines = [lease_deadline(anchors, base, lease, tie_break)
+                     for base in self._bases() if base]
         if any(d is None for d in deadlines):
             return None
         deadline = min(d for d in deadlines if d is not None)
         return deadline if deadline > now else None
+
+    def credentials(self) -> bytes:
+        """Digest of the cluster name and sealing key: what a base is agreed under."""
+        return hashlib.blake2b(self._codec.cluster_name.encode() + b"\x00"
+                               + self._codec.keyring.current_fingerprint, digest_size=8).digest()
+
+    def _tie_break(self, now: float) -> bool:
+        """Whether an exact half of our base may win. Not for a node that may be the
+        one mistaken node: restarted with other parameters than its base was agreed
+        under, or hearing nodes it cannot admit while its key or cluster name is not
+        the one its base was agreed under (the node that kept them is the right one)."""
+        if self._base_params is not None and self._base_params != self.params:
+            return False
+        return (self._base_credentials is None or self._base_credentials == self.credentials()
+                or not self._gate.heard_strangers(now, self.timers.dead_after))
 
     def _peers_on_our_view(self) -> list[Peer] | None:
         """The peer of every other member of our view, if each advertises exactly our

@@ -12,23 +12,26 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
-def has_quorum(present: set[str] | frozenset[str], base: frozenset[str]) -> bool:
-    """Majority of ``base``; an exact half wins only if it holds the smallest ID."""
+def has_quorum(present: set[str] | frozenset[str], base: frozenset[str],
+               tie_break: bool = True) -> bool:
+    """Majority of ``base``; an exact half wins only if it holds the smallest ID, and
+    only with ``tie_break`` (a node whose base was agreed under other parameters than
+    its own never wins by it: it may be the one mistaken node)."""
     if not base:
         return True
     count = len(present & base)
     if 2 * count > len(base):
         return True
-    return 2 * count == len(base) and min(base) in present
+    return tie_break and 2 * count == len(base) and min(base) in present
 
 
 def has_joint_quorum(present: set[str] | frozenset[str],
-                     bases: Iterable[frozenset[str]]) -> bool:
-    return all(has_quorum(present, base) for base in bases)
+                     bases: Iterable[frozenset[str]], tie_break: bool = True) -> bool:
+    return all(has_quorum(present, base, tie_break) for base in bases)
 
 
 def lease_deadline(anchors: list[tuple[float, str]], base: frozenset[str],
-                   lease: float) -> float | None:
+                   lease: float, tie_break: bool = True) -> float | None:
     """Latest deadline a quorum of ``base`` supports, or None.
 
     ``anchors`` are (local send time of the newest heartbeat of ours the node
@@ -41,6 +44,6 @@ def lease_deadline(anchors: list[tuple[float, str]], base: frozenset[str],
         if node_id not in base:
             continue
         chosen.add(node_id)
-        if has_quorum(chosen, base):
+        if has_quorum(chosen, base, tie_break):
             return sent + lease
     return None

@@ -55,11 +55,15 @@ def member_rows(me: MemberInfo, peers: Iterable[Peer], mismatched: Iterable[Mism
             round(1000 * peer.silent_for(now)), peer.incarnation, False, peer.key_id.hex(),
             name=peer.name or peer.node_id,
         ))
-    listed = {row.node_id for row in rows}
+    listed = {row.node_id: row for row in rows}
     for m in mismatched:
-        if m.node_id not in listed:
-            rows.append(MemberInfo(m.node_id, m.address, "mismatch", 0, 0.0, 0,
-                                   round(1000 * (now - m.last_heard)), m.incarnation,
-                                   False, "", m.fields, m.name or m.node_id))
+        known = listed.get(m.node_id)
+        if known is not None and (known.is_self or known.incarnation >= m.incarnation):
+            continue  # the admitted incarnation is newer: the mismatch is history
+        if known is not None:
+            rows.remove(known)  # restarted with other parameters: not admitted now
+        rows.append(MemberInfo(m.node_id, m.address, "mismatch", 0, 0.0, 0,
+                               round(1000 * (now - m.last_heard)), m.incarnation,
+                               False, "", m.fields, m.name or m.node_id))
     rows.sort(key=lambda r: (r.name or r.node_id, r.node_id))  # as people read them
     return rows

@@ -124,6 +124,9 @@ class SimNode:
     timer_version: int = 0
     incarnation: int = 0
     persisted_base: tuple[tuple[str, ...], int, tuple[str, ...] | None] = ((), 0, None)
+    persisted_params: bytes | None = None
+    """The parameter digests the persisted base was agreed under."""
+    persisted_credentials: bytes | None = None
     events: list[tuple[float, ev.Event]] = field(default_factory=list)
     node_id: str = ""
     """The ID its core speaks with (its name, unless it is a clone)."""
@@ -240,7 +243,8 @@ class Cluster:
                          + ("" if node.node_id == name else f", node ID {node.node_id}")))
         node.core = Node(node.config, self._codec(node), node.node_id, node.incarnation,
                          node.local(self.now), weight=weight, base=base_ids, epoch=epoch,
-                         previous_base=previous)
+                         previous_base=previous, base_params=node.persisted_params,
+                         base_credentials=node.persisted_credentials)
         self._drain(node)
         return node
 
@@ -337,6 +341,8 @@ class Cluster:
                 self._multicast(node, action.data)
             else:  # PersistBase: what the daemon keeps in its state dir
                 node.persisted_base = (action.base, action.epoch, action.previous)
+                node.persisted_params = action.params
+                node.persisted_credentials = action.credentials
         self._schedule_timer(node)
 
     def _schedule_timer(self, node: SimNode) -> None:

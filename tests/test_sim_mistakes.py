@@ -194,11 +194,6 @@ def test_a_node_with_another_parameter_is_never_admitted_and_serves_nothing(
     assert cluster.nodes[mistaken].accepting(cluster.now)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core: report.member_rows lists a mismatched peer only when no peer record has its "
-    "ID, so a member restarted with another parameter shows as 'dead' (its old "
-    "incarnation) for FORGET_AFTER = 60 s, not as 'mismatch' (reported with issue 12 "
-    "item 7)"))
 def test_a_member_restarted_with_another_parameter_is_listed_as_mismatch() -> None:
     cluster = start(3, seed=30)
     cluster.crash("n2")
@@ -210,11 +205,6 @@ def test_a_member_restarted_with_another_parameter_is_listed_as_mismatch() -> No
     assert rows["n2"].state == "mismatch" and rows["n2"].mismatch == ("buckets",)
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason=(
-    "core: two first starts sharing one wrong parameter admit each other and, with "
-    "bootstrap_expect = 2 (the daemon's default), form a cluster of their own beside "
-    "the running one, answering its clients a second time; they heard its authentic "
-    "heartbeats (another agreed base) yet bootstrap (reported with issue 12 item 7)"))
 def test_two_first_starts_with_one_same_wrong_parameter_never_serve() -> None:
     cluster = start(4, seed=39, config=replace(CONFIG, bootstrap_expect=2))
     bad = wrong(cluster.config, "seed")
@@ -236,22 +226,31 @@ def test_two_nodes_with_other_seeds_that_both_serve_violate_s1_per_client() -> N
         cluster.run_until(3 * FAST.startup_wait)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core: the smaller ID of a 2-node base restarted with a mistake keeps an exact-half "
-    "quorum on its own and serves everything, while the correctly configured node "
-    "serves nothing (reported with issue 12 item 7)"))
 @pytest.mark.parametrize("mistake", ["seed", "key"])
-def test_a_mistaken_restart_of_the_smaller_of_two_nodes_serves_nothing(mistake: str) -> None:
-    cluster = start(2, seed=33)
-    accepted = never_accepts(cluster, "n0")
-    cluster.crash("n0")
+@pytest.mark.parametrize(("nodes", "restarted"), [(2, "n0"), (2, "n1"), (3, "n0")])
+def test_a_mistaken_restart_never_serves_and_the_others_keep_what_they_can(
+        mistake: str, nodes: int, restarted: str) -> None:
+    """A member crashes and comes back with one mistake. It never serves: not even the
+    smallest ID of a 2-node base, which would otherwise win an exact half alone (its
+    base was agreed under other parameters, or it hears its cluster but cannot read
+    it). The correctly configured nodes serve everything when they hold a quorum
+    without it: a majority, or the exact half with the smallest ID (n0 of two, which
+    keeps its tie-break: its key and parameters are still the ones its base was
+    agreed under). The larger ID of two cannot serve alone after its partner crashed
+    (the majority rule), mistake or not."""
+    cluster = start(nodes, seed=33)
+    accepted = never_accepts(cluster, restarted)
+    cluster.crash(restarted)
     if mistake == "key":
-        cluster.add_node("n0", keyring=Keyring(WRONG_KEY))
+        cluster.add_node(restarted, keyring=Keyring(WRONG_KEY))
     else:
-        cluster.add_node("n0", config=wrong(cluster.config, mistake))
+        cluster.add_node(restarted, config=wrong(cluster.config, mistake))
     watch(cluster, 3 * FAST.startup_wait)
-    assert not accepted, f"mistaken n0 accepted clients from t={accepted[0]:.3f}"
-    assert unserved(cluster) == 0
+    assert not accepted, f"mistaken {restarted} accepted clients from t={accepted[0]:.3f}"
+    if (nodes, restarted) == (2, "n0"):
+        assert unserved(cluster) == BUCKETS  # n1 alone is no quorum of {n0, n1}
+    else:
+        assert unserved(cluster) == 0
 
 
 @pytest.mark.parametrize("mistake", ["parameter", "key", "clone"])
@@ -512,11 +511,6 @@ def test_a_cloned_node_id_serves_nothing_while_both_speak(
     assert original.accepting(cluster.now)
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason=(
-    "core: peers replace a member by a clone's newer incarnation at once "
-    "(MemberRestarted) and hand the ID's slices over (the clone drains) while the "
-    "original, deaf or stopped, still holds them on a kernel lease that runs until "
-    "`lease` after its last acknowledged heartbeat (reported with issue 12 item 7)"))
 @pytest.mark.parametrize("how", ["deaf", "stopped"])
 def test_a_clone_beside_an_original_that_cannot_hear_never_overlaps_it(how: str) -> None:
     """A clone starts while the original cannot hear anyone (a one-way partition into
@@ -535,19 +529,19 @@ def test_a_clone_beside_an_original_that_cannot_hear_never_overlaps_it(how: str)
 # -------------------------------------------------------------- random mixes
 
 
-CLONE_S1 = (
-    "core: a clone of a node ID breaks S1 (reported with issue 12 item 7): peers hand "
-    "the ID's slices over while the original still holds them on its kernel lease "
-    "(it cannot hear the clone: stopped, deaf or partitioned), or the clone's votes "
-    "under the shared ID move a quorum base on without the original, which later "
-    "serves alone on the stale base (an exact half with the smallest ID)")
-KNOWN_CORE_FAILURES: dict[tuple[int, str], str] = {
-    (46, "fast"): CLONE_S1, (50, "fast"): CLONE_S1, (115, "fast"): CLONE_S1,
-    (160, "fast"): CLONE_S1, (246, "fast"): CLONE_S1, (272, "fast"): CLONE_S1,
-    (25, "default"): CLONE_S1, (46, "default"): CLONE_S1, (50, "default"): CLONE_S1,
-}
-"""Seeds of the range below that fail through a core bug already reported: each runs
-as a strict xfail (so a fixed core says so), the range runs without them."""
+ONCE_FAILING: list[tuple[int, str]] = [
+    (46, "fast"), (50, "fast"), (115, "fast"), (160, "fast"), (246, "fast"), (272, "fast"),
+    (415, "fast"), (493, "fast"), (620, "fast"), (630, "fast"), (754, "fast"),
+    (759, "fast"), (833, "fast"), (1093, "fast"), (1119, "fast"), (1160, "fast"),
+    (1316, "fast"), (25, "default"), (46, "default"), (50, "default"), (107, "default"),
+    (160, "default"), (246, "default"), (272, "default"), (300, "default"),
+    (325, "default"), (389, "default"), (415, "default"), (493, "default"),
+    (506, "default"),
+]
+"""Seeds that broke S1 through a clone before the core refused a second process
+with a member's ID (a newer incarnation from another address while the known one
+still speaks) and took exact-half quorums away from a base agreed under other
+parameters: each must hold now."""
 
 
 def _run_batch(seeds: list[tuple[int, str]]) -> list[str]:
@@ -568,17 +562,13 @@ def test_random_schedules_with_mistakes() -> None:
     (mistakes undone, faults over) must converge and serve as computed."""
     seeds = [(s, "fast") for s in range(MISTAKE_SCHEDULES)]
     seeds += [(s, "default") for s in range(MISTAKE_SCHEDULES // 4)]
-    seeds = [key for key in seeds if key not in KNOWN_CORE_FAILURES]
     with ProcessPoolExecutor(max_workers=2) as pool:
         batches = pool.map(_run_batch, [seeds[0::2], seeds[1::2]])
         failures = [f for batch in batches for f in batch]
     assert not failures, "\n".join(failures[:10])
 
 
-@pytest.mark.parametrize(("seed", "profile"), [
-    pytest.param(seed, profile, marks=pytest.mark.xfail(strict=True, raises=Violation,
-                                                        reason=reason))
-    for (seed, profile), reason in sorted(KNOWN_CORE_FAILURES.items())])
-def test_known_core_failures_still_fail(seed: int, profile: str) -> None:
+@pytest.mark.parametrize(("seed", "profile"), ONCE_FAILING)
+def test_once_failing_seeds_now_hold(seed: int, profile: str) -> None:
     run_random_schedule(seed, FAST_TIMERS if profile == "fast" else DEFAULT_TIMERS,
                         mistakes=True)

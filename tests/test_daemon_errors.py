@@ -314,3 +314,37 @@ def test_a_failed_persist_closes_the_owner_table_and_stops_with_1(tmp_path: Path
         assert any(kind == "PersistFailed" for _, _, kind in service.sink.lines)  # type: ignore[attr-defined]
 
     asyncio.run(scenario())
+
+
+def test_owner_and_table_name_no_owner_when_every_member_drains() -> None:
+    """Issue 13's small defect: NO_OWNER (-1) used to index the last view member."""
+    from types import SimpleNamespace
+
+    from lbd.daemon import control
+    from lbd.daemon.config import DaemonConfig
+    from lbd.protocol.config import CoreConfig
+    from lbd.protocol.membership import Node
+    from lbd.protocol.wire import Codec, Keyring
+
+    core = Node(CoreConfig(buckets=64), Codec("lbd", Keyring(bytes(32))), "a", 1, 0.0,
+                draining=True)
+    service = SimpleNamespace(core=core, config=DaemonConfig(buckets=64, vips=("192.0.2.100",)))
+    answer = control.owner(service, "198.51.100.7")  # type: ignore[arg-type]
+    assert answer["owner"] is None and not answer["held_here"]
+    table = asyncio.run(_await(control.table(service)))  # type: ignore[arg-type]
+    assert table["counts"] == {"a": 0} and table["ranges"] == {"a": []}
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def test_every_foreseeable_error_is_an_lbd_error() -> None:
+    """One exception family (issue 13's small defect: these three were plain Exceptions)."""
+    from lbd.daemon.control import CommandError
+    from lbd.daemon.ctl import CtlError
+    from lbd.netcfg.statefile import RecordError
+    from lbd.protocol.errors import LbdError
+
+    for error in (CommandError, CtlError, RecordError):
+        assert issubclass(error, LbdError), error

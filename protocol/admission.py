@@ -24,6 +24,7 @@ after ``FORGET_AFTER`` of silence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lbd.protocol import events as ev
@@ -93,6 +94,9 @@ class Gate:
         self.clash: Clash | None = None
         self.newest_clone = 0
         """The newest incarnation of our ID that another process used."""
+        self.outgrown = 0
+        """The clone incarnation we took a new one above: hearing it again makes us
+        neither the newer process nor a new clash worth a new incarnation."""
         self._clashes_reported: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------- strangers
@@ -142,6 +146,13 @@ class Gate:
         if incarnation != self.incarnation or (name and self.name and name != self.name):
             self._clash(address, incarnation, now, direct=True,
                         other_name=name if name != self.name else "")
+            if self.outgrown < incarnation < self.incarnation and self.clash is not None:
+                # We are the newer process beside a live older one: the clone (a
+                # restart never hears its previous run). Out for good, until the
+                # operator restarts us with a node ID of our own: resuming once the
+                # original is out of earshot (a partition) would give one ID a vote
+                # on both sides.
+                self.clash.until = math.inf
 
     def listed_newer(self, incarnation: int, address: str, now: float) -> None:
         """A peer (at ``address``) lists our ID with a newer incarnation than ours:
@@ -169,19 +180,26 @@ class Gate:
                 self.node_id, incarnation, address if direct else "", "" if direct else address,
                 self.incarnation))
         elif known.direct and not direct:
-            known.until = now + self._hold  # keep naming the process we heard ourselves
+            known.until = max(known.until, now + self._hold)  # keep naming the one we heard
             return
+        elif known.until == math.inf:
+            return  # out for good already
         self.clash = Clash(address, incarnation, now + self._hold, direct, other_name)
 
     def reincarnate(self, incarnation: int) -> None:
         """We took a new incarnation (above every clone's): our own from now on."""
+        self.outgrown = self.newest_clone
         self.incarnation = incarnation
 
     def clashing(self, now: float) -> bool:
         return self.clash is not None and now < self.clash.until
 
     def clash_deadline(self) -> float | None:
-        return None if self.clash is None else self.clash.until
+        return None if self.clash is None or self.out_for_good() else self.clash.until
+
+    def out_for_good(self) -> bool:
+        """We are the newer of two live processes with one node ID (see own_id_heard)."""
+        return self.clash is not None and self.clash.until == math.inf
 
     # ------------------------------------------------------------- upkeep
 
@@ -212,10 +230,12 @@ class Gate:
                     f"{self.clash.address}) share the wire ID {self.node_id}: serving nothing "
                     "while both speak; rename one")
             else:
+                how_long = ("until restarted (this process is the newer one)"
+                            if self.clash.until == math.inf else "while both speak")
                 lines.append(
                     f"node ID {self.name or self.node_id} is also used by {where} "
                     f"(incarnation {self.clash.incarnation}, this one {self.incarnation}): "
-                    "serving nothing while both speak; give each node its own node_id "
+                    f"serving nothing {how_long}; give each node its own node_id "
                     "(cloned /etc/machine-id?)")
         for m in sorted(self.mismatched.values(), key=lambda m: m.node_id):
             if now - m.last_heard <= REPORT_WITHIN:

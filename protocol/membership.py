@@ -344,7 +344,13 @@ class Node(NodeState):
             lease = candidate
         if (self._held, lease) != self._applied:
             self._apply(self._held, lease)
-        if send_due:
+        if send_due and self._gate.out_for_good():
+            # The newer of two processes with one ID says nothing at all: a silent clone
+            # has no vote anywhere, and the original (draining while it hears us) can
+            # take its place back once we are gone.
+            self._next_heartbeat = now + self.timers.interval
+            self._prompt_at = None
+        elif send_due:
             self._send_heartbeat(now)
 
     def _update_liveness(self, now: float) -> None:
@@ -554,7 +560,7 @@ class Node(NodeState):
             # not make us a quorum member of a cluster that already went on without us.
             self._set_base(self._base - {self.node_id}, self._epoch + 1)
             self._prev_base = None
-        for _ in range(LEAVE_COPIES):
+        for _ in range(LEAVE_COPIES if not self._gate.out_for_good() else 0):
             self._seq += 1
             self._actions.append(ev.Transmit(self._codec.seal(
                 Leave(self.node_id, self.incarnation, self._seq))))

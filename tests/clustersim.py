@@ -967,3 +967,25 @@ def _heal_mistakes(cluster: Cluster) -> None:
     for node in list(cluster.nodes.values()):
         if node.mistaken:
             _undo_mistake(cluster, node.name)
+
+
+def settle(cluster: Cluster, limit: float = 6.0) -> None:
+    """Run until converged (bounded), plus one barrier round trip; then check L1/L2."""
+    deadline = cluster.now + limit
+    while cluster.now < deadline:
+        cluster.run_until(cluster.now + cluster.timers.interval)
+        if cluster.converged():
+            cluster.run_until(cluster.now + 3 * cluster.timers.interval)
+            cluster.check_served_as_expected()
+            return
+    raise AssertionError(f"no convergence within {limit}s:\n{cluster.trail(limit=60)}")
+
+
+def start(n: int, seed: int = 1, timers: Timers | None = None, *, buckets: int = 256,
+          config: CoreConfig | None = None) -> Cluster:
+    """``n`` nodes n0..n{n-1} started together and settled."""
+    cluster = Cluster(seed, timers or FAST_TIMERS, buckets=buckets, config=config)
+    for i in range(n):
+        cluster.add_node(f"n{i}")
+    settle(cluster)
+    return cluster

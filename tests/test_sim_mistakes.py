@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import partial
 
+import clustersim
 import pytest
 from clustersim import (
     KEY,
@@ -29,6 +30,7 @@ from clustersim import (
     Violation,
     kernel_mapping,
     run_random_schedule,
+    settle,
 )
 
 from lbd.protocol import events as ev
@@ -43,23 +45,7 @@ MISTAKE_SCHEDULES = int(os.environ.get("LBD_SIM_MISTAKES", "300"))
 
 
 def start(n: int, seed: int, timers: Timers = FAST, config: CoreConfig = CONFIG) -> Cluster:
-    cluster = Cluster(seed, timers, config=config)
-    for i in range(n):
-        cluster.add_node(f"n{i}")
-    settle(cluster)
-    return cluster
-
-
-def settle(cluster: Cluster, limit: float = 6.0) -> None:
-    """Run until converged (bounded), plus one barrier round trip; then check L1/L2."""
-    deadline = cluster.now + limit
-    while cluster.now < deadline:
-        cluster.run_until(cluster.now + cluster.timers.interval)
-        if cluster.converged():
-            cluster.run_until(cluster.now + 3 * cluster.timers.interval)
-            cluster.check_served_as_expected()
-            return
-    raise AssertionError(f"no convergence within {limit}s:\n{cluster.trail(limit=60)}")
+    return clustersim.start(n, seed, timers, config=config)
 
 
 def unserved(cluster: Cluster) -> int:

@@ -15,6 +15,7 @@ import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
+import clustersim
 import pytest
 from clustersim import (
     CLIENTS,
@@ -24,6 +25,7 @@ from clustersim import (
     accepted_clients,
     client_buckets,
     run_random_schedule,
+    settle,
 )
 
 from lbd.protocol import events as ev
@@ -37,23 +39,7 @@ SCHEDULES = int(os.environ.get("LBD_SIM_SCHEDULES", "2000"))
 
 def start(n: int, seed: int = 1, timers: Timers = FAST, buckets: int = 256,
           config: CoreConfig | None = None) -> Cluster:
-    cluster = Cluster(seed, timers, buckets=buckets, config=config)
-    for i in range(n):
-        cluster.add_node(f"n{i}")
-    settle(cluster)
-    return cluster
-
-
-def settle(cluster: Cluster, limit: float = 5.0) -> None:
-    """Run until converged (bounded), plus one barrier round trip."""
-    deadline = cluster.now + limit
-    while cluster.now < deadline:
-        cluster.run_until(cluster.now + cluster.timers.interval)
-        if cluster.converged():
-            cluster.run_until(cluster.now + 3 * cluster.timers.interval)
-            cluster.check_served_as_expected()
-            return
-    raise AssertionError(f"no convergence within {limit}s")
+    return clustersim.start(n, seed, timers, buckets=buckets, config=config)
 
 
 def owners_now(cluster: Cluster) -> dict[int, str]:

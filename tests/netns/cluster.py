@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,30 @@ class LbdCluster:
     def heal(self, index: int) -> None:
         self.bed.run(self.bed.nodes[index].name, "nft", "delete", "table", "inet", FAULT_TABLE,
                      check=False)
+
+
+@dataclass
+class Run:
+    """A cluster under client load with a capture: what the fault suites drive."""
+
+    bed: Bed
+    cluster: LbdCluster
+    load: ClientLoad | None = None
+    capture: Capture | None = None
+
+    def name(self, index: int) -> str:
+        return self.bed.nodes[index].name
+
+    def addr(self, index: int) -> str:
+        return self.bed.nodes[index].addr4
+
+    def finish(self) -> tuple[dict[str, Any], DuplicateReport]:
+        """Stop the load and the capture: the load's record and the duplicates seen."""
+        assert self.load is not None and self.capture is not None
+        record = self.load.stop()
+        report = self.capture.stop()
+        self.load = self.capture = None
+        return record, report
 
 
 def holds_slices(index: int) -> Callable[[dict[str, int]], bool]:

@@ -19,7 +19,6 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +28,11 @@ from lbd.daemon import lab_metrics as metrics
 from lbd.daemon.lab_pcap import DuplicateReport
 
 from .bed import Bed, list_netns
-from .cluster import Capture, ClientLoad, LbdCluster, holds_slices
+from .cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
 
 FAST_OUTAGE_LIMIT_MS = 400.0  # fast profile: ~150 ms bound + client sampling + CI noise
 DEFAULT_OUTAGE_LIMIT_MS = 1000.0
 SETTLE = 1.0
-
-
-@dataclass
-class Run:
-    bed: Bed
-    cluster: LbdCluster
-    load: ClientLoad | None = None
-    capture: Capture | None = None
-
-    def name(self, index: int) -> str:
-        return self.bed.nodes[index].name
-
-    def finish(self) -> tuple[dict[str, Any], DuplicateReport]:
-        assert self.load is not None and self.capture is not None
-        record = self.load.stop()
-        report = self.capture.stop()
-        self.load = self.capture = None
-        return record, report
 
 
 @contextmanager

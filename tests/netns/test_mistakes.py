@@ -71,7 +71,7 @@ from lbd.daemon.config import write_key
 from lbd.daemon.lab_pcap import DuplicateReport
 
 from .bed import REPO_ROOT, Bed, wait_for
-from .cluster import Capture, ClientLoad, LbdCluster, holds_slices
+from .cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
 
 BUCKETS = 512
 SETTLE = 1.0
@@ -93,27 +93,6 @@ CLONE = "node ID node0 is also used by the process at {address}"
 
 
 # ----------------------------------------------------------------- harness
-
-
-@dataclass
-class Run:
-    bed: Bed
-    cluster: LbdCluster
-    load: ClientLoad | None = None
-    capture: Capture | None = None
-
-    def name(self, index: int) -> str:
-        return self.bed.nodes[index].name
-
-    def addr(self, index: int) -> str:
-        return self.bed.nodes[index].addr4
-
-    def finish(self) -> tuple[dict[str, Any], DuplicateReport]:
-        assert self.load is not None and self.capture is not None
-        record = self.load.stop()
-        report = self.capture.stop()
-        self.load = self.capture = None
-        return record, report
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from lbd.daemon.service import load_quorum_base, save_quorum_base
 from lbd.netcfg.ruleset import RulesetSpec
 from lbd.protocol.config import FAST_TIMERS, CoreConfig, QuorumMode, Timers
 from lbd.protocol.errors import ConfigError
+from lbd.protocol.messages import wire_id
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "systemd" / "lbd.toml.example"
@@ -193,19 +194,21 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         assert needle in text
 
 
-def test_quorum_base_record_round_trips_and_tolerates_old_or_bad_files(tmp_path: Path) -> None:
+def test_quorum_base_record_round_trips_and_reads_older_records(tmp_path: Path) -> None:
+    """Bases hold wire IDs; a record of an older release (node names, no "previous")
+    is read as those names' wire IDs; a corrupt one is refused (test_daemon_errors)."""
+    ids = tuple(sorted(wire_id(n) for n in ("a", "b", "c")))
     assert load_quorum_base(tmp_path) == ((), 0, None)  # first start
-    save_quorum_base(tmp_path, ("a", "b", "c"), 6, ("a", "c"))
-    assert load_quorum_base(tmp_path) == (("a", "b", "c"), 6, ("a", "c"))
-    save_quorum_base(tmp_path, ("a", "b"), 7, None)
-    assert load_quorum_base(tmp_path) == (("a", "b"), 7, None)
+    save_quorum_base(tmp_path, ids, 6, ids[:2])
+    assert load_quorum_base(tmp_path) == (ids, 6, ids[:2])
+    save_quorum_base(tmp_path, ids[:2], 7, None)
+    assert load_quorum_base(tmp_path) == (ids[:2], 7, None)
     record = tmp_path / "quorum-base.json"
     record.write_text('{"version": 1, "base": ["a", "b"], "epoch": 3}')  # written before
-    assert load_quorum_base(tmp_path) == (("a", "b"), 3, None)          # "previous" existed
+    assert load_quorum_base(tmp_path) == (tuple(sorted((wire_id("a"), wire_id("b")))), 3, None)
     record.write_text('{"version": 1, "base": ["a"], "epoch": 3, "previous": [1]}')
-    assert load_quorum_base(tmp_path) == ((), 0, None)
-    record.write_text("{not json")
-    assert load_quorum_base(tmp_path) == ((), 0, None)
+    with pytest.raises(ConfigFileError, match="corrupt quorum base"):
+        load_quorum_base(tmp_path)
 
 
 # ------------------------------------------------------------------ bad values (issue 12)

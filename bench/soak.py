@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/soak.py [--duration 600] [--seed N] [--nodes 3]
                                    [--profile fast|default] [--segment 120]
-                                   [--gap 0.5,3.0] [--json] [--out FILE] [--logs DIR]
+                                   [--gap 0.5,3.0] [--kinds crash,hang,...] [--json]
+                                   [--out FILE] [--logs DIR]
 
 One hub bed (tests/netns/bed.py) with N real daemons, echo services on the VIP and the
 lab's client load (64 sources, a new TCP connection and a UDP query every 4 ms, one
@@ -42,6 +43,14 @@ it), the time to agree again, and sources never served again. Exit 0 when clean;
 on any duplicate answer, a broken connection (or RST) on a surviving node, or a
 cluster that does not agree again within the bound; 2 on a harness error; 130 when
 interrupted. Every exit tears the bed down (processes by PID, then namespaces).
+
+Evidence: the daemons log as native journal datagrams to a socket of the soak, stamped
+on arrival with CLOCK_MONOTONIC (the clock of the faults and the client load). With
+``--logs DIR`` (or on any failure, in a new /tmp directory) every daemon's output, a
+``timeline.log`` (all nodes' log lines and the soak's inject/heal/agreed marks, in
+seconds since the faults began) and, for a segment with a duplicate or a broken
+connection, its capture and client record are kept; each duplicate is placed in
+time (``duplicates.placed``) next to the fault around it.
 """
 
 from __future__ import annotations

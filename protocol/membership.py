@@ -73,6 +73,11 @@ MAX_PEER_RECORDS = 2 * MAX_NODES
 AUTH_FAILURE = "authentication: wrong key file or cluster name?"
 
 
+def _accepts_nothing(action: ev.Action) -> bool:
+    return isinstance(action, ev.ApplyKernel) and (
+        not action.owned or action.lease_until is None)
+
+
 class Node(NodeState):
     """One node's membership and handoff: feed it inputs, drain its actions.
 
@@ -316,8 +321,14 @@ class Node(NodeState):
         if (self._epoch, self._base, self._prev_base) != self._reported_base:
             self._reported_base = (self._epoch, self._base, self._prev_base)
             previous = None if self._prev_base is None else tuple(sorted(self._prev_base))
-            # Durable before this step's claim and heartbeat, which may advertise it.
-            self._actions.insert(first_action, ev.PersistBase(
+            # Durable before this step's claim and heartbeat, which may advertise it;
+            # but after a kernel state that accepts nothing (a lapse, a full release):
+            # giving up must never wait for a disk (the soak saw a resumed node keep
+            # serving for the length of an fsync while its peers had taken over).
+            at = first_action
+            while at < len(self._actions) and _accepts_nothing(self._actions[at]):
+                at += 1
+            self._actions.insert(at, ev.PersistBase(
                 self._sorted_base(), self._epoch, previous, self._base_params,
                 self._base_credentials))
             self._events.append(ev.BaseChanged(self._sorted_base(), self._epoch, previous))

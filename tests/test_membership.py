@@ -243,3 +243,21 @@ def test_replayed_heartbeats_of_a_dead_node_never_make_it_a_member_again() -> No
         node.handle_timer(t)
     assert [m.node_id for m in node.view] == ["a"]
     assert not any(isinstance(e, ev.MemberJoined) for e in node.events())
+
+
+def test_a_lapse_goes_to_the_kernel_before_the_base_is_written() -> None:
+    """Giving up must never wait for a disk: a kernel state that accepts nothing comes
+    before the PersistBase of the same step (the claim and heartbeat come after it)."""
+    node = make_node("a")
+    node.actions()  # the first step's
+    node.handle_timer(CoreConfig().timers.startup_wait + 0.01)  # alone: claims, base {a}
+    actions = node.actions()
+    kinds = [type(a).__name__ for a in actions]
+    assert "PersistBase" in kinds and "ApplyKernel" in kinds
+    assert kinds.index("PersistBase") < kinds.index("ApplyKernel")  # a claim waits for it
+    # A lapse in a step that also changes the base: the release is first.
+    node._actions = [ev.ApplyKernel(frozenset(), None)]
+    node._reported_base = (-1, frozenset(), None)
+    node._step(CoreConfig().timers.startup_wait + 0.02)
+    kinds = [type(a).__name__ for a in node.actions()]
+    assert kinds[0] == "ApplyKernel" and kinds[1] == "PersistBase", kinds

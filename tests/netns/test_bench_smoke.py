@@ -11,28 +11,14 @@ failure, not a skip (tests/conftest.py).
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from .bed import Bed, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def bench_module(name: str) -> ModuleType:
-    """bench/NAME.py (not a package) loaded as a module."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
+from .nsutil import bench_module
 
 
 @pytest.mark.timeout(90)

@@ -17,15 +17,12 @@ filters what may reach it, floods are measured.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -37,8 +34,8 @@ from lbd.protocol.wire import MAX_DATAGRAM
 
 from .bed import Bed, wait_for
 from .cluster import HEARTBEAT_PORT, LbdCluster
+from .nsutil import bench_module
 
-REPO = Path(__file__).resolve().parents[2]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
           "/usr/bin/python3", "-I", "-c"]
 THIEF = r"""
@@ -75,16 +72,6 @@ s.bind(("0.0.0.0", int(sys.argv[1])))
 print("BOUND", flush=True)
 time.sleep(60)
 """
-
-
-def bench_module(name: str) -> ModuleType:
-    """bench/NAME.py (not a package) loaded as a module."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def counters(cluster: LbdCluster, index: int) -> dict[str, int]:

@@ -110,6 +110,7 @@ class NodeState:
         # node: it must not win an exact-half quorum on that base (quorum.py).
         self._base_params = base_params
         self._base_credentials = base_credentials
+        self._credentials: tuple[Codec | None, bytes] = (None, b"")
         # The bases advertised since the base changed from _lineage_of, whose epoch
         # was _prev_epoch (unknown for a previous base restored from disk).
         self._prev_epoch: int | None = None
@@ -321,9 +322,14 @@ class NodeState:
         return deadline if deadline > now else None
 
     def credentials(self) -> bytes:
-        """Digest of the cluster name and sealing key: what a base is agreed under."""
-        return hashlib.blake2b(self._codec.cluster_name.encode() + b"\x00"
-                               + self._codec.keyring.current_fingerprint, digest_size=8).digest()
+        """Digest of the cluster name and sealing key: what a base is agreed under.
+        Asked on every step (the lease): hashed once per codec, which a rotation replaces."""
+        if self._credentials[0] is not self._codec:
+            digest = hashlib.blake2b(self._codec.cluster_name.encode() + b"\x00"
+                                     + self._codec.keyring.current_fingerprint,
+                                     digest_size=8).digest()
+            self._credentials = (self._codec, digest)
+        return self._credentials[1]
 
     def _tie_break(self, now: float) -> bool:
         """Whether an exact half of our base may win. Not for a node that may be the

@@ -277,6 +277,13 @@ class Run:
     def addr(self, index: int) -> str:
         return self.bed.nodes[index].addr4
 
+    def close(self) -> None:
+        """Stop whatever still runs (load, capture, daemons), also after a failure."""
+        for part in (self.load, self.capture):
+            if part is not None:
+                part.stop()
+        self.cluster.stop_all()
+
     def finish(self) -> tuple[dict[str, Any], DuplicateReport]:
         """Stop the load and the capture: the load's record and the duplicates seen."""
         assert self.load is not None and self.capture is not None

@@ -52,10 +52,7 @@ def cluster_run(bed: Callable[..., Bed], tmp_path: Path, *, nodes: int = 3,
             time.sleep(SETTLE)
         yield run
     finally:
-        for part in (run.load, run.capture):
-            if part is not None:
-                part.stop()
-        cluster.stop_all()
+        run.close()
 
 
 def assert_clean(record: dict[str, Any], report: DuplicateReport,

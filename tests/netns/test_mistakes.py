@@ -115,10 +115,7 @@ def mistakes_run(bed: Callable[..., Bed], tmp_path: Path, *, nodes: int = 3, goo
         time.sleep(SETTLE)
         yield run
     finally:
-        for part in (run.load, run.capture):
-            if part is not None:
-                part.stop()
-        cluster.stop_all()
+        run.close()
 
 
 def diagnose(cluster: LbdCluster, indexes: list[int]) -> str:

@@ -24,7 +24,10 @@ all-or-nothing) that
    (the kernel set is only ever changed by this object: other processes get
    EPERM on an owner table, so the shadow copy cannot drift), or flushes the set
    and re-adds what stays when that is smaller;
-3. refreshes the lease (add, delete, add with timeout) or removes it.
+3. refreshes the lease (add, delete, add with timeout) or removes it, and
+   rewrites the ``live`` chain with the lease's absolute deadline (``meta time``):
+   a transaction that reaches the kernel late (a paused process, a slow claim)
+   starts its relative timeout late, but never moves that deadline.
 
 Text commands rather than JSON: libnftables 1.0.6's JSON parser reads element
 timeouts as whole seconds (a fraction is silently dropped), and leases are
@@ -74,11 +77,13 @@ from lbd.netcfg.ruleset import (
     GUARD_TABLE,
     OWNER_PRIORITY,
     OWNER_TABLE,
+    PROBE_NS,
     Balance,
     RulesetSpec,
     element_commands,
     guard_commands,
     lease_commands,
+    live_commands,
     owner_table_commands,
 )
 from lbd.protocol.errors import LbdError
@@ -172,6 +177,8 @@ class ApplyStats:
     removed: int
     elements_sent: int
     lease_ms: int | None
+    until_ns: int | None
+    """The absolute deadline (CLOCK_REALTIME) the kernel was given, if any."""
     guard: bool
     commands: int
     seconds: float
@@ -228,6 +235,8 @@ class NftDataplane:
         self._installed = False
         self.persist = persist
         self.persistent = False
+        self.deadline_checked = False
+        """Whether the kernel also checks each lease's absolute deadline (install())."""
         self.last_apply_stats: ApplyStats | None = None
 
     # ------------------------------------------------------------------ kernel
@@ -301,11 +310,42 @@ class NftDataplane:
         self._installed = True
         self._owned = frozenset()
         self._guard_due = self._clock() + self.guard_period
+        self.deadline_checked = self._probe_deadline()
 
-    def apply(self, owned: Set[int], lease_ms: int | None) -> None:
+    def _probe_deadline(self) -> bool:
+        """Write ``live`` with the deadline PROBE_NS and read it back: True if this
+        nft encodes sub-second deadlines as ``live_commands`` expects. The probe
+        never matches a packet, and the chain is left empty (no lease)."""
+        try:
+            self._run(live_commands(self.spec, True, PROBE_NS))
+            rules = [o["rule"] for o in self._chain_objects("live") if "rule" in o]
+        except NftError:
+            return False
+        finally:
+            self._run(live_commands(self.spec, False))
+        # nft lists the constant as a local date in whole seconds: 512 ns is the epoch.
+        epoch = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(0))
+        return len(rules) == 1 and {"match": {"op": "<", "left": {"meta": {"key": "time"}},
+                                              "right": epoch}} in rules[0]["expr"]
+
+    def _chain_objects(self, chain: str) -> list[dict[str, Any]]:
+        rc, out, err = self._context().cmd(f"list chain inet {self.spec.table} {chain}")
+        if rc != 0:
+            raise NftError((err or f"nft returned {rc}").strip())
+        try:
+            return [o for o in json.loads(out)["nftables"] if "metainfo" not in o]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NftError(f"unreadable listing of chain {chain}: {exc}") from None
+
+    def apply(self, owned: Set[int], lease_ms: int | None, *,
+              until_ns: int | None = None) -> None:
         """Make the kernel hold exactly ``owned`` and a lease of ``lease_ms`` (None: none).
 
-        One atomic transaction carrying only the changed buckets; see module doc.
+        ``until_ns`` is the same lease's end on the wall clock (``time.time_ns()``),
+        taken when ``lease_ms`` was: the kernel then refuses new flows after it even
+        if this transaction reaches the kernel late (see ruleset.live_commands).
+        Without it, the deadline is ``lease_ms`` from now. One atomic transaction
+        carrying only the changed buckets; see module doc.
         """
         if not self._installed:
             raise NftError("apply() before install()")
@@ -324,6 +364,10 @@ class NftDataplane:
             lease_ms = int(lease_ms)
             if not 1 <= lease_ms <= 86_400_000:
                 raise ValueError(f"lease_ms must be in 1..86400000, not {lease_ms}")
+            if until_ns is None:
+                until_ns = time.time_ns() + lease_ms * 1_000_000
+        if not self.deadline_checked or lease_ms is None:
+            until_ns = None
         add = target - self._owned
         remove = self._owned - target
         now = self._clock()
@@ -331,7 +375,7 @@ class NftDataplane:
         cmds = guard_commands(self.spec) if guard else []
         elem_cmds, sent = element_commands(self.spec, add, remove, target)
         cmds += elem_cmds
-        cmds += lease_commands(self.spec, lease_ms)
+        cmds += lease_commands(self.spec, lease_ms, until_ns)
         start = time.perf_counter()
         self._run(cmds)
         elapsed = time.perf_counter() - start
@@ -343,6 +387,7 @@ class NftDataplane:
             removed=len(remove),
             elements_sent=sent,
             lease_ms=lease_ms,
+            until_ns=until_ns,
             guard=guard,
             commands=len(cmds),
             seconds=elapsed,

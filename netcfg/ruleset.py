@@ -14,10 +14,11 @@ one element per VIP family with a timeout). For a packet to a VIP it accepts
 replies to flows this node originated, IPv6 neighbour discovery, established
 TCP and related packets; a *true* SYN (``syn`` among syn/ack/fin/rst), a UDP
 datagram or an ICMP echo request of a balanced protocol/port goes to ``claim``,
-which marks and accepts it only if ``jhash(saddr [& prefix]) mod B`` is owned
-AND the lease element is present; everything else to a VIP is dropped, so the
-table alone enforces the whole policy (an admin's ``nft flush ruleset`` skips
-owner tables but removes the guard).
+which jumps to ``live`` only if ``jhash(saddr [& prefix]) mod B`` is owned
+AND the lease element is present; ``live`` marks and accepts it only before the
+lease's absolute deadline (``meta time``, see ``live_commands``). Everything
+else to a VIP is dropped, so the table alone enforces the whole policy (an
+admin's ``nft flush ruleset`` skips owner tables but removes the guard).
 
 UDP and ICMP are claimed per datagram, never by conntrack state: once a bucket
 moves, its UDP "flows" must move too, or the old owner would keep answering.
@@ -222,9 +223,8 @@ def owner_vip_rules(spec: RulesetSpec) -> list[str]:
 
 
 def claim_rules(spec: RulesetSpec) -> list[str]:
-    """Rules of ``inet lbd``'s ``claim`` chain: owned bucket + live lease -> mark."""
-    keep = ~spec.mark_mask & 0xFFFFFFFF
-    mark = f"meta mark set meta mark & 0x{keep:08x} | 0x{spec.mark:08x}"
+    """Rules of ``inet lbd``'s ``claim`` chain: owned bucket + lease element -> ``live``
+    (which marks before the absolute deadline); anything that returns is dropped."""
     rules = []
     for proto, vips, prefix, width in (
         ("ip", spec.vips4, spec.prefix4, 32),
@@ -239,7 +239,7 @@ def claim_rules(spec: RulesetSpec) -> list[str]:
             key += f" & {net}"
         rules.append(
             f"meta nfproto @lease jhash {key} mod {spec.buckets} seed 0x{spec.seed:08x} "
-            f"@owned {mark} accept"
+            "@owned jump live"
         )
     rules.append("counter drop")
     return rules
@@ -270,6 +270,7 @@ def owner_table_commands(spec: RulesetSpec, replace: bool = False) -> list[str]:
         "policy accept; }",
         f"add chain {t} vip",
         f"add chain {t} claim",
+        f"add chain {t} live",
     ]
     cmds += [f"add rule {t} pre {r}" for r in _vip_jumps(spec, "vip")]
     cmds += [f"add rule {t} vip {r}" for r in owner_vip_rules(spec)]
@@ -322,8 +323,50 @@ def element_commands(
     return cmds, len(rm) + len(ad)
 
 
-def lease_commands(spec: RulesetSpec, lease_ms: int | None) -> list[str]:
-    """Refresh (or drop) the lease atomically.
+# nft's date parser reads an integer as whole seconds and multiplies by 10**9 in
+# 64-bit unsigned arithmetic (wrapping). 10**9 = 2**9 * 1953125, so any multiple of
+# 512 ns is reachable: k * 10**9 == C (mod 2**64) for k = (C / 512) * 1953125**-1
+# (mod 2**55). install() checks that this nft reads it so (probe_commands).
+_NS_STEP = 512
+_K_MODULUS = 1 << 55
+_K_FACTOR = pow(1953125, -1, _K_MODULUS)
+
+
+def nft_time_literal(deadline_ns: int) -> int:
+    """The integer nft turns into the ``meta time`` constant ``deadline_ns`` rounded
+    DOWN to 512 ns (an earlier end is the safe side)."""
+    if deadline_ns < 0:
+        raise ValueError("a deadline before 1970")
+    return ((deadline_ns // _NS_STEP) * _K_FACTOR) % _K_MODULUS
+
+
+def live_commands(spec: RulesetSpec, live: bool, until_ns: int | None = None) -> list[str]:
+    """Rewrite ``live``: mark and accept if ``live``, and then only while the wall
+    clock is before ``until_ns`` (None: no absolute bound, on an nft that cannot
+    express one). The lease element's timeout is relative: the kernel starts it
+    when the transaction reaches it, which a paused or slow process can delay
+    past the core's deadline. This bound is absolute, so it holds however late
+    the transaction runs; the relative timeout still holds if the wall clock is
+    stepped back. A packet must pass both."""
+    t = f"inet {spec.table}"
+    cmds = [f"flush chain {t} live"]
+    if live:
+        keep = ~spec.mark_mask & 0xFFFFFFFF
+        mark = f"meta mark set meta mark & 0x{keep:08x} | 0x{spec.mark:08x}"
+        clock = "" if until_ns is None else f"meta time < {nft_time_literal(until_ns)} "
+        cmds.append(f"add rule {t} live {clock}{mark} accept")
+    return cmds
+
+
+PROBE_NS = _NS_STEP
+"""The deadline install() writes and reads back: 512 ns after the epoch, which only
+the wrapping arithmetic above can express, and which never matches a packet."""
+
+
+def lease_commands(spec: RulesetSpec, lease_ms: int | None,
+                   until_ns: int | None = None) -> list[str]:
+    """Refresh (or drop) the lease atomically: the relative timeout of the lease
+    elements and, with ``until_ns``, the absolute deadline of ``live``.
 
     nft 1.0.6 does not refresh a timeout when an element is re-added, and
     ``delete element`` of an absent (expired) element aborts the transaction
@@ -336,4 +379,4 @@ def lease_commands(spec: RulesetSpec, lease_ms: int | None) -> list[str]:
     if lease_ms is not None:
         timed = ", ".join(f"{fam} timeout {lease_ms}ms" for fam in spec.families)
         cmds.append(f"add element {t} lease {{ {timed} }}")
-    return cmds
+    return cmds + live_commands(spec, lease_ms is not None, until_ns)

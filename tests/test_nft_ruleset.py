@@ -6,6 +6,8 @@ in how many transactions, and the argument checks.
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from lbd.netcfg.ruleset import (
     element_commands,
     guard_commands,
     lease_commands,
+    nft_time_literal,
     owner_table_commands,
     owner_vip_rules,
 )
@@ -122,12 +125,33 @@ def test_element_commands_incremental_or_flush() -> None:
 
 def test_lease_commands() -> None:
     s = spec()
-    assert lease_commands(s, 750) == [
+    mark = "meta mark set meta mark & 0x0000ffff | 0x4c420000 accept"
+    assert lease_commands(s, 750, 1_000_000_000) == [
         "add element inet lbd lease { ipv4, ipv6 }",
         "delete element inet lbd lease { ipv4, ipv6 }",
         "add element inet lbd lease { ipv4 timeout 750ms, ipv6 timeout 750ms }",
+        "flush chain inet lbd live",
+        f"add rule inet lbd live meta time < 1 {mark}",
     ]
-    assert lease_commands(s, None) == lease_commands(s, 750)[:2]
+    # No lease: nothing is live, whatever the deadline.
+    assert lease_commands(s, None, 1_000_000_000) == [
+        *lease_commands(s, 750)[:2], "flush chain inet lbd live"]
+    # An nft that cannot express the deadline: the relative timeout alone.
+    assert lease_commands(s, 750)[-1] == f"add rule inet lbd live {mark}"
+
+
+@pytest.mark.parametrize("deadline_ns", [0, 511, 512, 1_000_000_000, 1_764_410_000_123_456_789,
+                                         (1 << 63) - 1])
+def test_nft_time_literal_is_what_nft_multiplies_back(deadline_ns: int) -> None:
+    """nft computes literal * 10**9 in wrapping 64-bit arithmetic: that must give the
+    deadline rounded DOWN to 512 ns, and whole seconds must stay plain seconds."""
+    literal = nft_time_literal(deadline_ns)
+    assert 0 <= literal < 1 << 55
+    assert literal * 10**9 % (1 << 64) == deadline_ns - deadline_ns % 512
+    if deadline_ns % 10**9 == 0:
+        assert literal == deadline_ns // 10**9
+    with pytest.raises(ValueError):
+        nft_time_literal(-1)
 
 
 class FakeNft:
@@ -144,6 +168,10 @@ class FakeNft:
         self.calls.append(text)
         if self.fail and self.fail in text:
             return 1, "", "Error: Could not process rule: Operation not permitted\n"
+        if text.startswith("list chain"):  # install()'s probe, read back as nft 1.0.6 does
+            epoch = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(0))
+            match = {"match": {"op": "<", "left": {"meta": {"key": "time"}}, "right": epoch}}
+            return 0, json.dumps({"nftables": [{"rule": {"expr": [match]}}]}), ""
         return 0, "", ""
 
 
@@ -159,13 +187,21 @@ def test_apply_is_one_incremental_transaction(fake: FakeNft) -> None:
     with pytest.raises(NftError, match="before install"):
         dp.apply({1}, 500)
     dp.install()
-    assert len(fake.calls) == 1 and "flags owner" in fake.calls[0]
+    assert "flags owner" in fake.calls[0] and dp.deadline_checked
+    fake.calls.clear()
+    before = time.time_ns()
     dp.apply({1, 2, 3}, 500)
-    assert len(fake.calls) == 2
+    assert len(fake.calls) == 1
     text = fake.calls[-1]
     assert "flush chain inet lbd_guard vip" in text
     assert "add element inet lbd owned { 1, 2, 3 }" in text
-    assert text.endswith("ipv6 timeout 500ms }")
+    assert "ipv6 timeout 500ms }" in text
+    # Without a caller's deadline: 500 ms from the call, on the wall clock.
+    assert dp.last_apply_stats is not None and dp.last_apply_stats.until_ns is not None
+    assert 0 <= dp.last_apply_stats.until_ns - before - 500_000_000 <= time.time_ns() - before
+    assert f"meta time < {nft_time_literal(dp.last_apply_stats.until_ns)} " in text
+    dp.apply({1, 2, 3}, 500, until_ns=7 * 10**18)
+    assert f"meta time < {7 * 10**9} " in fake.calls[-1]
     dp.apply({2, 3, 4}, 500)
     assert "delete element inet lbd owned { 1 }" in fake.calls[-1]
     assert "add element inet lbd owned { 4 }" in fake.calls[-1]
@@ -173,13 +209,27 @@ def test_apply_is_one_incremental_transaction(fake: FakeNft) -> None:
     assert (dp.last_apply_stats.added, dp.last_apply_stats.removed) == (1, 1)
     dp.apply({2, 3, 4}, None)
     assert "owned" not in fake.calls[-1] and "timeout" not in fake.calls[-1]
+    assert fake.calls[-1].endswith("flush chain inet lbd live")
     assert dp.owned == {2, 3, 4}
+
+
+def test_an_nft_that_cannot_express_the_deadline_keeps_the_relative_lease(
+        fake: FakeNft) -> None:
+    fake.fail = "meta time"
+    dp = NftDataplane(VIPS, 4096, 0x1BD)
+    dp.install()
+    fake.fail = None
+    assert not dp.deadline_checked
+    dp.apply({1}, 500)
+    assert "timeout 500ms" in fake.calls[-1] and "meta time" not in fake.calls[-1]
+    assert "add rule inet lbd live meta mark set" in fake.calls[-1]
 
 
 def test_failed_apply_keeps_shadow_state_and_raises_lbd_error(fake: FakeNft) -> None:
     now = [0.0]
     dp = NftDataplane(VIPS, 4096, 0x1BD, guard_period=1.0, clock=lambda: now[0])
     dp.install()
+    fake.calls[1:] = []  # the deadline probe
     now[0] = 0.5
     dp.apply({1}, 500)
     now[0] = 1.2

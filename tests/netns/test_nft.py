@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,9 +59,11 @@ def agents(nbed: Bed) -> Iterator[dict[str, AgentClient]]:
 
 def _normalise(ruleset: dict[str, list[dict[str, Any]]]) -> str:
     """Listing without rule handles (the guard is re-asserted every apply) and
-    without the lease's remaining time."""
+    without the lease's remaining time or absolute deadline."""
 
     def strip(obj: Any) -> Any:
+        if isinstance(obj, dict) and obj.get("left") == {"meta": {"key": "time"}}:
+            return {**obj, "right": "deadline"}
         if isinstance(obj, dict):
             return {k: strip(v) for k, v in obj.items() if k not in ("handle", "expires")}
         if isinstance(obj, list):
@@ -80,8 +83,9 @@ def test_rules_load_list_idempotent_incremental(nbed: Bed, agents: dict[str, Age
     names = {(k, o[k]["name"]) for o in rs["owner"] for k in ("set", "chain") if k in o}
     assert names == {
         ("set", "owned"), ("set", "lease"), ("chain", "pre"), ("chain", "vip"),
-        ("chain", "claim"),
+        ("chain", "claim"), ("chain", "live"),
     }  # fmt: skip
+    assert _rules(rs["owner"], "live") == []  # no lease: nothing is live
     assert {o["chain"]["name"] for o in rs["guard"] if "chain" in o} == {"pre", "vip"}
     text = agent.call("text")["text"]
     assert "flags owner" in text
@@ -91,6 +95,11 @@ def test_rules_load_list_idempotent_incremental(nbed: Bed, agents: dict[str, Age
     first = set(range(0, BUCKETS, 2))
     stats = agent.apply(first, 5000)
     assert (stats["added"], stats["removed"]) == (len(first), 0)
+    # The absolute deadline: nft lists it as a local date, in whole seconds.
+    deadline = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stats["until_ns"] // 10**9))
+    live = _rules(agent.ruleset()["owner"], "live")
+    assert len(live) == 1 and {"match": {"op": "<", "left": {"meta": {"key": "time"}},
+                                         "right": deadline}} in live[0]["expr"]
     listing = _normalise(agent.ruleset())
     stats = agent.apply(first, 5000)
     assert (stats["added"], stats["removed"]) == (0, 0)

@@ -8,6 +8,7 @@ in the test process compares with one taken by a program in a namespace.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -85,6 +86,26 @@ def test_lease_expires_without_refresh(lbed: Bed, agents: list[AgentClient]) -> 
     late = [ok for t, ok in attempts if t - acked > LEASE_MS / 1000 + SLACK]
     assert late and not any(late)
     # A refresh brings it back.
+    agents[0].apply(range(BUCKETS), 5000)
+    assert set(_answered(lbed, SUBJECT_SRCS).values()) == {lbed.nodes[0].name}
+
+
+def test_a_late_transaction_cannot_stretch_the_lease(lbed: Bed, agents: list[AgentClient]) -> None:
+    """A lease computed, then a pause before the transaction reached the kernel: the
+    relative timeout (5 s here) starts late, but the absolute deadline the core's
+    clock gave (300 ms) ends the lease on time."""
+    loop = start_loop(lbed, SUBJECT_SRCS, duration=0.8)
+    until_ns = time.time_ns() + LEASE_MS * 1_000_000
+    until = _monotonic() + LEASE_MS / 1000
+    stats = agents[0].apply(range(BUCKETS), 5000, until_ns=until_ns)
+    assert stats["until_ns"] == until_ns and stats["lease_ms"] == 5000
+    attempts = loop_results(lbed, loop)
+    assert any(ok for t, ok in attempts if t < until - 0.1), attempts
+    late = [ok for t, ok in attempts if t > until + SLACK]
+    assert late and not any(late), attempts
+    # A deadline already over: nothing is accepted, whatever the relative lease says.
+    agents[0].apply(range(BUCKETS), 5000, until_ns=time.time_ns() - 1)
+    assert set(_answered(lbed, SUBJECT_SRCS).values()) == {None}
     agents[0].apply(range(BUCKETS), 5000)
     assert set(_answered(lbed, SUBJECT_SRCS).values()) == {lbed.nodes[0].name}
 
@@ -182,6 +203,4 @@ def test_flush_ruleset_then_sigkill_still_fails_closed(
 
 
 def _monotonic() -> float:
-    import time
-
     return time.monotonic()

@@ -175,6 +175,8 @@ class ApplyStats:
 
     added: int
     removed: int
+    pending: int
+    """Buckets left for the next apply (``claim_chunk``)."""
     elements_sent: int
     lease_ms: int | None
     until_ns: int | None
@@ -206,11 +208,17 @@ class NftDataplane:
         guard_period: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         persist: bool = False,
+        claim_chunk: int | None = None,
     ) -> None:
         """``persist``: make the guard owner + persist where the kernel can (module doc);
-        ``persistent`` then says whether it is."""
+        ``persistent`` then says whether it is. ``claim_chunk``: add at most this many
+        buckets per apply (the rest stays ``pending`` for the next one): a claim of
+        65536 buckets is one 250-430 ms transaction, which would stall the caller."""
         if not 0 <= guard_period <= 3600:
             raise ValueError("guard_period must be between 0 and 3600 seconds")
+        if claim_chunk is not None and claim_chunk < 1:
+            raise ValueError("claim_chunk must be at least 1")
+        self.claim_chunk = claim_chunk
         self.spec = RulesetSpec.build(
             vips,
             buckets=buckets,
@@ -232,6 +240,7 @@ class NftDataplane:
         self._nft: Any = None
         self._sock: socket.socket | None = None
         self._owned: frozenset[int] = frozenset()
+        self._pending: frozenset[int] = frozenset()
         self._installed = False
         self.persist = persist
         self.persistent = False
@@ -282,6 +291,11 @@ class NftDataplane:
         """Buckets the kernel holds for this node (as of the last apply)."""
         return self._owned
 
+    @property
+    def pending(self) -> frozenset[int]:
+        """Buckets the last apply asked for but left to the next (``claim_chunk``)."""
+        return self._pending
+
     def install(self) -> None:
         """Create both tables: owning nothing, no lease, i.e. closed.
 
@@ -308,7 +322,7 @@ class NftDataplane:
                 self._sock, "inet", self.spec.guard_table)
             self._run([*self._guard_commands(), f"delete table inet {boot.guard_table}"])
         self._installed = True
-        self._owned = frozenset()
+        self._owned = self._pending = frozenset()
         self._guard_due = self._clock() + self.guard_period
         self.deadline_checked = self._probe_deadline()
 
@@ -370,6 +384,14 @@ class NftDataplane:
             until_ns = None
         add = target - self._owned
         remove = self._owned - target
+        pending: frozenset[int] = frozenset()
+        if self.claim_chunk is not None and len(add) > self.claim_chunk:
+            # Releases all go now (break before make); a claim may come in parts:
+            # holding a subset of what the core allows is always safe.
+            ordered = sorted(add)
+            add = frozenset(ordered[:self.claim_chunk])
+            pending = frozenset(ordered[self.claim_chunk:])
+            target = target - pending
         now = self._clock()
         guard = not self.persistent and now >= self._guard_due
         cmds = guard_commands(self.spec) if guard else []
@@ -380,11 +402,13 @@ class NftDataplane:
         self._run(cmds)
         elapsed = time.perf_counter() - start
         self._owned = target
+        self._pending = pending
         if guard:
             self._guard_due = now + self.guard_period
         self.last_apply_stats = ApplyStats(
             added=len(add),
             removed=len(remove),
+            pending=len(pending),
             elements_sent=sent,
             lease_ms=lease_ms,
             until_ns=until_ns,
@@ -427,7 +451,7 @@ class NftDataplane:
                      f"delete table inet {self.spec.guard_table}"]  # fmt: skip
         self._run(cmds)
         self._installed = False
-        self._owned = frozenset()
+        self._owned = self._pending = frozenset()
         if guard:
             self.persistent = False
 
@@ -439,7 +463,7 @@ class NftDataplane:
             self._sock = None
         self._nft = None
         self._installed = False
-        self._owned = frozenset()
+        self._owned = self._pending = frozenset()
 
     # ------------------------------------------------------------------ listing
 

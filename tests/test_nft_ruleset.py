@@ -213,6 +213,25 @@ def test_apply_is_one_incremental_transaction(fake: FakeNft) -> None:
     assert dp.owned == {2, 3, 4}
 
 
+def test_a_big_claim_comes_in_chunks_but_a_release_at_once(fake: FakeNft) -> None:
+    dp = NftDataplane(VIPS, 4096, 0x1BD, claim_chunk=1000)
+    dp.install()
+    dp.apply(range(2500), 500)
+    assert dp.owned == set(range(1000)) and dp.pending == set(range(1000, 2500))
+    assert dp.last_apply_stats is not None and dp.last_apply_stats.pending == 1500
+    # The next apply (the same target, or a newer one) carries on from the kernel's state.
+    dp.apply(range(2500), 500)
+    assert dp.owned == set(range(2000)) and len(dp.pending) == 500
+    # A release goes whole in the first transaction, whatever the claim still waiting.
+    dp.apply(range(3000, 4096), 500)
+    assert dp.owned == set(range(3000, 4000)) and dp.pending == set(range(4000, 4096))
+    assert "flush set inet lbd owned" in fake.calls[-1]
+    dp.apply(range(3000, 4096), 500)
+    assert dp.owned == set(range(3000, 4096)) and dp.pending == set()
+    with pytest.raises(ValueError, match="claim_chunk"):
+        NftDataplane(VIPS, 16, 1, claim_chunk=0)
+
+
 def test_an_nft_that_cannot_express_the_deadline_keeps_the_relative_lease(
         fake: FakeNft) -> None:
     fake.fail = "meta time"

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from lbd.protocol.config import PROFILES
 from lbd.protocol.jhash import bucket_of
 
 from .bed import Bed, sources4, sources6
@@ -108,6 +109,36 @@ def test_a_late_transaction_cannot_stretch_the_lease(lbed: Bed, agents: list[Age
     assert set(_answered(lbed, SUBJECT_SRCS).values()) == {None}
     agents[0].apply(range(BUCKETS), 5000)
     assert set(_answered(lbed, SUBJECT_SRCS).values()) == {lbed.nodes[0].name}
+
+
+@pytest.mark.parametrize("profile", ["fast", "default"])
+def test_a_65536_bucket_claim_ends_on_the_cores_deadline(
+    lbed: Bed, profile: str, record_property: pytest.RecordProperty
+) -> None:
+    """The issue's worst case: a claim of every one of 65536 buckets is one transaction
+    of hundreds of ms, so its relative timeout starts that much after the core
+    computed the lease. The kernel still ends the lease on the core's deadline."""
+    lease = PROFILES[profile].lease
+    agent = AgentClient(lbed, lbed.nodes[0].name, [lbed.vip4, lbed.vip6], buckets=65536,
+                        seed=SEED)
+    try:
+        loop = start_loop(lbed, SUBJECT_SRCS, duration=1.0 + 2 * lease)
+        until_ns = time.time_ns() + int(lease * 1e9)
+        until = _monotonic() + lease
+        stats = agent.apply(range(65536), int(lease * 1000), until_ns=until_ns)
+        committed = _monotonic()
+        attempts = loop_results(lbed, loop)
+    finally:
+        agent.stop()
+    record_property("claim_ms", round(stats["seconds"] * 1000, 1))
+    print(f"{profile}: a 65536-bucket claim took {stats['seconds'] * 1000:.0f} ms; the "
+          f"relative timeout alone would have run up to {(committed + lease - until) * 1000:.0f}"
+          " ms past the deadline")
+    assert stats["added"] == 65536 and stats["until_ns"] == until_ns
+    late = [ok for t, ok in attempts if t > until + SLACK]
+    assert late and not any(late), attempts
+    if committed < until - 0.1:  # the claim landed well before the deadline: it served
+        assert any(ok for t, ok in attempts if committed < t < until - SLACK), attempts
 
 
 def test_sigkill_fails_closed_within_milliseconds(

@@ -58,11 +58,12 @@ from lbd.protocol import events as ev
 from lbd.protocol import pacing
 from lbd.protocol.config import QuorumMode
 from lbd.protocol.errors import AuthError, DecodeError, ReplayError, VersionError
+from lbd.protocol.keyring import FINGERPRINT_LEN
 from lbd.protocol.messages import MAX_NODES, Heartbeat, Leave
 from lbd.protocol.nodestate import NodeState
 from lbd.protocol.peers import Peer
 from lbd.protocol.quorum import has_joint_quorum, has_quorum
-from lbd.protocol.wire import FINGERPRINT_LEN, Codec
+from lbd.protocol.wire import Codec
 
 FORGET_AFTER = 60.0
 """Seconds a dead or departed peer stays listed before it is forgotten."""
@@ -274,7 +275,7 @@ class Node(NodeState):
             # quorums are judged by the newest base anyone knows, never a stale one.
             self._set_base(frozenset(hb.base), hb.epoch)
             self._adopted_base = True
-        # Heartbeats of a settled cluster carry one decoded view object (wire.py memo):
+        # Heartbeats of a settled cluster carry one decoded view object (wirebins.py memo):
         # once it compared equal to ours, identity answers for the rest.
         matches = hb.view is self._view_seen_equal
         if not matches and hb.view == self._view:

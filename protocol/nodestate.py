@@ -25,8 +25,9 @@ from lbd.protocol.ownership import Owners, compute_owners
 from lbd.protocol.params import digest_params
 from lbd.protocol.peers import Peer, PeerState
 from lbd.protocol.quorum import lease_deadline
+from lbd.protocol.replay import ReplayGuard
 from lbd.protocol.report import MemberInfo, member_rows, view_digest
-from lbd.protocol.wire import Codec, ReplayGuard
+from lbd.protocol.wire import Codec
 
 TIMER_SLACK = 1e-6
 """Seconds added to every deadline handed to the caller's timer."""

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbd.protocol import wire
+from lbd.protocol import keyring, wire, wirebins, wirebody
 from lbd.protocol.errors import AuthError, ConfigError, DecodeError, ReplayError, VersionError
 from lbd.protocol.messages import (
     MAX_NODES,
@@ -161,7 +161,7 @@ def seal_body(
 
 def decode(body: list[Any]) -> Message:
     """Validate a body given as a list, as a receiver would after decrypting it."""
-    return wire._message_from_body(wire._unpack_body(msgpack.packb(body)))
+    return wirebody.message_from_body(wire._unpack_body(msgpack.packb(body)))
 
 
 def decode_heartbeat(body: list[Any]) -> Heartbeat:
@@ -425,7 +425,7 @@ def test_wire_ids_and_short_names_mix() -> None:
     codec = make_codec()
     message = mixed_heartbeat()
     assert codec.open(codec.seal(message)) == message
-    view = wire._body_of(message)[VIEW]
+    view = wirebody.body_of(message)[VIEW]
     assert isinstance(view, bytes)
     # 8-hex IDs travel in 4 bytes behind tag 0, the rest as tagged ASCII; an 8-hex
     # spelling in capitals is not a wire ID, so it travels as 8 characters.
@@ -491,7 +491,7 @@ def test_binary_fields_byte_by_byte() -> None:
         view = view[::-1]
     message = Heartbeat("a", 3, 4, 5, False, view, (1, 2**32), True, 6, epoch=7,
                         base=tuple(sorted(("a", "b", hexid))), name="")
-    body = wire._body_of(message)
+    body = wirebody.body_of(message)
     a = b"\x01a" + b"\x00\x00\x00\x00\x00\x01" + b"\x80\x05"
     x = b"\x00" + bytes.fromhex(hexid) + b"\x01\x00\x00\x00\x00\x02" + b"\x03\xe8"
     assert body[VIEW] == (a + x if view[0].node_id == "a" else x + a)
@@ -500,8 +500,8 @@ def test_binary_fields_byte_by_byte() -> None:
     # A bitmap of 9 members takes 2 bytes; bit 0 is the top bit of the first.
     nine = heartbeat(9)
     nine = dataclasses.replace(nine, base=(nine.view[0].node_id, nine.view[8].node_id))
-    assert wire._body_of(nine)[BASE] == b"\x80\x80"
-    assert wire._body_of(dataclasses.replace(nine, base=()))[BASE] == b"\x00\x00"
+    assert wirebody.body_of(nine)[BASE] == b"\x80\x80"
+    assert wirebody.body_of(dataclasses.replace(nine, base=()))[BASE] == b"\x00\x00"
 
 
 def test_unsorted_or_duplicate_base_is_refused() -> None:
@@ -683,12 +683,12 @@ def test_a_member_weight_past_the_limit_is_refused() -> None:
 
 @pytest.mark.parametrize("count", [1, 2, 7, 8, 9, 31, MAX_NODES])
 def test_acks_of_any_count_round_trip(count: int) -> None:
-    """Few acks and many are decoded two ways (see wire._acks): both as documented."""
+    """Few acks and many are decoded two ways (see wirebins.unpack_acks): both as documented."""
     values = (0, MAX_SEQ, 1, 2**32, 2**39, 255, 2**40 - 256)
     acks = tuple(values[i % len(values)] ^ (i if values[i % len(values)] < 2**39 else 0)
                  for i in range(count))
-    packed = wire._pack_acks(acks)
-    assert packed == doc_acks(acks) and wire._acks(packed, count) == acks
+    packed = wirebins.pack_acks(acks)
+    assert packed == doc_acks(acks) and wirebins.unpack_acks(packed, count) == acks
 
 
 @pytest.mark.parametrize("count", [0, 2])
@@ -821,20 +821,20 @@ def test_a_base_is_remembered_with_its_view() -> None:
 
 def test_remembered_views_and_bases_are_bounded() -> None:
     codec = make_codec()
-    memos = (wire._VIEWS, wire._BASES, wire._PACKED_VIEWS, wire._PACKED_BASES)
-    for i in range(3 * wire._MEMO_SIZE):
+    memos = (wirebins._VIEWS, wirebins._BASES, wirebins._PACKED_VIEWS, wirebins._PACKED_BASES)
+    for i in range(3 * wirebins.MEMO_SIZE):
         view = (Member("a", i, 1, False),)
         message = Heartbeat("a", 1, 1, 1, False, view, (0,), True, 0, epoch=i, base=(f"b{i}",))
         assert codec.open(codec.seal(message)) == message
-        assert all(len(memo) <= wire._MEMO_SIZE for memo in memos)
+        assert all(len(memo) <= wirebins.MEMO_SIZE for memo in memos)
     for i in range(MAX_NODES + 10):  # names: as many as a cluster has nodes
         name = f"web-{i}"
         sender = wire_id(name)
         view = (Member(sender, 1, 1, False),)
         message = Heartbeat(sender, 1, 1, 1, False, view, (0,), True, 0, name=name)
         assert codec.open(codec.seal(message)) == message
-        assert len(wire._NAMED) <= MAX_NODES
-    assert wire._NAMED[name] == sender
+        assert len(wirebody._NAMED) <= MAX_NODES
+    assert wirebody._NAMED[name] == sender
 
 
 def test_the_sealing_memo_goes_by_identity_not_equality() -> None:
@@ -845,8 +845,8 @@ def test_the_sealing_memo_goes_by_identity_not_equality() -> None:
     base = ("a", "c")
     first = Heartbeat("a", 1, 1, 1, False, view, (0, 0), True, 0, base=base)
     assert codec.open(codec.seal(first)) == first
-    assert wire._PACKED_VIEWS[id(view)][0] is view
-    assert wire._PACKED_BASES[id(base), id(view)][:2] == (base, view)
+    assert wirebins._PACKED_VIEWS[id(view)][0] is view
+    assert wirebins._PACKED_BASES[id(base), id(view)][:2] == (base, view)
     # 1 == True: an equal view of other types is refused, not served from the memo.
     lookalike = (Member("a", True, 1, False), view[1])
     assert lookalike == view
@@ -855,7 +855,7 @@ def test_the_sealing_memo_goes_by_identity_not_equality() -> None:
     other_view = (Member("a", 1, 1, False), Member("c", 1, 1, False))
     moved = Heartbeat("a", 1, 1, 1, False, other_view, (0, 0), True, 0, base=base)
     assert codec.open(codec.seal(moved)) == moved
-    assert wire._body_of(moved)[BASE] == b"\xc0" != wire._body_of(first)[BASE]
+    assert wirebody.body_of(moved)[BASE] == b"\xc0" != wirebody.body_of(first)[BASE]
     assert codec.open(codec.seal(first)) == first
 
 
@@ -1071,7 +1071,7 @@ class SpyAead:
 
 
 def test_size_is_checked_before_decrypting_or_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wire, "ChaCha20Poly1305", SpyAead)
+    monkeypatch.setattr(keyring, "ChaCha20Poly1305", SpyAead)
     monkeypatch.setattr(SpyAead, "decrypt_calls", 0)
     unpack_calls: list[bytes] = []
     real_unpackb = msgpack.unpackb
@@ -1254,7 +1254,7 @@ def test_sealed_structurally_mutated_body(body: bytes) -> None:
 @FUZZ
 @given(st.sampled_from(BASE_MESSAGES), st.data())
 def test_sealed_byte_mutated_body(message: Message, data: st.DataObject) -> None:
-    body = bytearray(msgpack.packb(wire._body_of(message)))
+    body = bytearray(msgpack.packb(wirebody.body_of(message)))
     for _ in range(data.draw(st.integers(1, 4))):
         position = data.draw(st.integers(0, len(body) - 1))
         body[position] = data.draw(st.integers(0, 255))

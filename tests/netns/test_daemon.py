@@ -13,10 +13,8 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from lbd.netcfg.ruleset import GUARD_TABLE, OWNER_TABLE
 
 from .bed import TCP_PORT, Bed, wait_for
 from .cluster import LbdCluster
+from .sink import DatagramSink
 
 BUCKETS = 512
 CONVERGE_TIMEOUT = 20.0
@@ -60,33 +59,6 @@ class Cluster(LbdCluster):
         return self.wait_converged(indexes, check, CONVERGE_TIMEOUT, what)
 
 
-class Listener:
-    """A Unix datagram socket read continuously by a thread (queues hold only ~10)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.received: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.received.append(self.sock.recv(65536))
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
-
-
 def node_tables(bed: Bed, index: int) -> str:
     return bed.run(bed.nodes[index].name, "nft", "list", "tables").stdout
 
@@ -94,8 +66,8 @@ def node_tables(bed: Bed, index: int) -> str:
 def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) -> None:
     the_bed: Bed = bed(nodes=3, add_vip=False)
     cluster = Cluster(the_bed, tmp_path)
-    notify = Listener(tmp_path / "notify")
-    journal = Listener(tmp_path / "journal")
+    notify = DatagramSink(tmp_path / "notify")
+    journal = DatagramSink(tmp_path / "journal")
     try:
         cluster.start(0, env={"NOTIFY_SOCKET": str(tmp_path / "notify"),
                               "WATCHDOG_USEC": "1000000",

@@ -10,34 +10,21 @@ The full-length soak (``--duration 600`` and more) is run by hand; see the READM
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from .bed import list_netns
+from .nsutil import bench_module
 
-REPO = Path(__file__).resolve().parents[2]
 SEED = 20260611
 DURATION = 50
 
 
-def soak_module() -> ModuleType:
-    """bench/soak.py (not a package) loaded as a module."""
-    spec = importlib.util.spec_from_file_location("soak", REPO / "bench" / "soak.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("soak", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.timeout(150)
 def test_soak_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    soak = soak_module()
+    soak = bench_module("soak")
     out = tmp_path / "soak.json"
     code = soak.main(["--duration", str(DURATION), "--seed", str(SEED), "--gap", "0.3,1.2",
                       "--segment", "30", "--json", "--out", str(out),

@@ -29,10 +29,15 @@ would be exact too, but would cost a pass per unit of weight: up to 256 000 pass
 
 Cost: one hash pass per member with weight > 0 (about twelve uint32 vector operations over
 ``B``). Within one weight ``C`` is monotone in ``h``, so each group of equal weights is
-reduced by a plain running max; only the group winners pay the transform and the merge
-(about twenty uint64 operations over ``B`` per distinct weight). Equal weights, the
-common case, skip the transform entirely. Total ``O((N + G) * B)`` time for ``G``
-distinct positive weights, ``O(B)`` memory.
+reduced by a plain running max; only the group winners pay the transform and the merge.
+Equal weights, the common case, skip the transform entirely. With ``G`` distinct weights,
+the groups are merged heaviest first, and a group's winner pays the transform (about
+fifteen uint64 operations) only in the slices of 64 buckets where it could still beat the
+slice's largest best cost: a bound from a precomputed floor table, never an
+approximation of the result (buckets it lets through are compared exactly, the others
+would lose). As the merged weight grows, the light groups reach few buckets; at N = 256
+with all weights distinct under a tenth of the (group, bucket) pairs pay. Total
+``O(N * B)`` time for the hashes plus a few cheap passes per group, ``O(B)`` memory.
 """
 
 from __future__ import annotations
@@ -63,7 +68,10 @@ _TAG_MASK = (1 << TAG_BITS) - 1
 _LOG_BITS = 12  # L is tabulated at u = i / 2**12 and interpolated in between
 _FRACTION_BITS = 32 - TAG_BITS - _LOG_BITS
 _COST_SHIFT = 20  # fraction bits kept in C after dividing by a weight (at most 2**10)
-_CHUNK = 4096  # the merge runs by slices so that its temporaries stay in cache
+_SLICE = 64  # buckets per slice; a slice's largest best cost prunes the merge
+_DENSE_SHARE = 0.5  # above this share of candidate buckets, merge them all (no scatter)
+_CHUNK = 8192  # the dense merge runs by chunks so that its temporaries stay in cache
+_LIMIT_SHIFT = 22  # the floor table has one entry per 2**22 of L (Q32): about 17 000
 _GUARD = 32 + 64  # the series run in Q96 so that truncating their terms is harmless
 
 
@@ -100,6 +108,15 @@ def _neg_log_table() -> U64:
     array = np.array(table, dtype=np.uint64)
     array.setflags(write=False)
     return array
+
+
+@cache
+def _neg_log_drops() -> U64:
+    """D[i] = T[i] - T[i + 1] >= 0 (T is non-increasing); D[4097] = 0."""
+    table = _neg_log_table()
+    drops = np.append(table[:-1] - table[1:], np.uint64(0))
+    drops.setflags(write=False)
+    return drops
 
 
 def _fmix32(z: U32, scratch: U32) -> U32:
@@ -141,26 +158,106 @@ def _tagged_hashes(
 
 def _cost(tagged: U32, weight: int) -> U64:
     """C = (L(h) << 20) // weight; non-increasing in h and in weight. Smaller wins."""
+    table, drops = _neg_log_table(), _neg_log_drops()
+    position = (tagged >> np.uint32(TAG_BITS)).astype(np.intp)
+    position += 1  # h + 1, in [1, 2**24]
+    index = position >> _FRACTION_BITS
+    position &= (1 << _FRACTION_BITS) - 1  # now the fraction, >= 0
+    fraction = position.view(np.uint64)
+    # take() with an intp index is several times faster than indexing with uint32, and
+    # "clip" skips the bounds check (index <= 4096: the tables have 4098 entries).
+    neg_log: U64 = drops.take(index, mode="clip")
+    neg_log *= fraction
+    neg_log >>= np.uint64(_FRACTION_BITS)
+    np.subtract(table.take(index, mode="clip"), neg_log, out=neg_log)
+    neg_log <<= np.uint64(_COST_SHIFT)
+    neg_log //= np.uint64(weight)
+    return neg_log
+
+
+@cache
+def _floor_table() -> U32:
+    """F[k]: a tagged hash below which ``L(h) > (k + 1) * 2**22 - 1``; the last is 0.
+
+    With ``j`` the first index where ``T[j] <= limit``: for ``h + 1`` in table cell ``i``,
+    ``L(h) >= T[i + 1]``, so ``L(h) <= limit`` needs ``i >= j - 1``, that is
+    ``h >= (j - 1) * 2**12 - 1``. Each entry takes the largest limit of its cell, so it
+    is a lower bound for every limit in the cell.
+    """
     table = _neg_log_table()
-    position = (tagged >> np.uint32(TAG_BITS)) + np.uint32(1)  # h + 1, in [1, 2**24]
-    index = position >> np.uint32(_FRACTION_BITS)
-    fraction = (position & np.uint32((1 << _FRACTION_BITS) - 1)).astype(np.uint64)
-    high = table[index]
-    drop = high - table[index + np.uint32(1)]  # T is decreasing: never wraps
-    neg_log: U64 = high - ((drop * fraction) >> np.uint64(_FRACTION_BITS))
-    cost: U64 = (neg_log << np.uint64(_COST_SHIFT)) // np.uint64(weight)
-    return cost
+    cells = (int(table[0]) >> _LIMIT_SHIFT) + 1  # the last cell reaches past T[0]: floor 0
+    limits = (np.arange(1, cells + 1, dtype=np.uint64) << np.uint64(_LIMIT_SHIFT)) - np.uint64(1)
+    first = len(table) - np.searchsorted(table[::-1], limits, side="right")
+    least_h = np.maximum((first.astype(np.int64) - 1) << _FRACTION_BITS, 1) - 1
+    floors: U32 = (least_h << TAG_BITS).astype(np.uint32)
+    floors.setflags(write=False)
+    return floors
 
 
-def _merge_group(group_best: U32, weight: int, best_cost: U64, best: U32) -> None:
-    """Per bucket, keep the smaller (C, -tagged hash) of the group's winner and the best."""
-    for start in range(0, len(group_best), _CHUNK):
-        part = slice(start, start + _CHUNK)
-        tagged = group_best[part]
-        cost = _cost(tagged, weight)
-        wins = (cost < best_cost[part]) | ((cost == best_cost[part]) & (tagged > best[part]))
-        best_cost[part] = np.where(wins, cost, best_cost[part])
-        best[part] = np.where(wins, tagged, best[part])
+def _hash_floors(ceilings: U64, weight: int) -> U32:
+    """Per slice, a tagged hash below which a member of ``weight`` cannot cost <= ceiling.
+
+    C <= c needs ``L(h) << 20 < (c + 1) * weight``, hence ``L(h) <= limit`` with the bound
+    ``limit = ((c >> 10) + 1) * weight >> 10`` (no uint64 overflow: weight < 2**10).
+    """
+    limits = ceilings >> np.uint64(10)
+    limits += np.uint64(1)
+    limits *= np.uint64(weight)
+    limits >>= np.uint64(10 + _LIMIT_SHIFT)
+    # "clip" caps the cell at the last one, whose floor is 0: anything may win there.
+    floors: U32 = _floor_table().take(limits.astype(np.intp), mode="clip")
+    return floors
+
+
+class _Race:
+    """The best (C, tagged hash) so far of every bucket, merged group after group.
+
+    Buckets are padded to whole slices; ``ceilings`` holds an upper bound of each
+    slice's best cost. A group's winner that cannot reach its slice's ceiling cannot win
+    there, so only the other buckets pay the transform. The ceilings are only refreshed
+    when the merged weight has grown by an eighth: stale ones are higher, hence still
+    bounds; they only let more buckets through to the exact comparison.
+    """
+
+    def __init__(self, padded: int) -> None:
+        self.cost = np.full(padded, np.iinfo(np.uint64).max, dtype=np.uint64)
+        self.tagged = np.zeros(padded, dtype=np.uint32)
+        self.ceilings = np.full(padded // _SLICE, np.iinfo(np.uint64).max, dtype=np.uint64)
+        self.mask = np.empty(padded, dtype=np.bool_)
+        self.merged_weight = 0
+        self.refreshed_at = 0
+
+    def merge(self, group_best: U32, weight: int, members: int) -> None:
+        """Per bucket, keep the smaller (C, -tagged hash) of the group's winner and the best."""
+        floors = np.repeat(_hash_floors(self.ceilings, weight), _SLICE)
+        candidates = np.flatnonzero(np.greater_equal(group_best, floors, out=self.mask))
+        if len(candidates) > len(group_best) * _DENSE_SHARE:  # no gather/scatter then
+            for start in range(0, len(group_best), _CHUNK):
+                part = slice(start, start + _CHUNK)
+                _merge_into(group_best[part], weight, self.cost[part], self.tagged[part])
+        else:
+            tagged = group_best.take(candidates, mode="clip")
+            cost = _cost(tagged, weight)
+            current = self.cost.take(candidates, mode="clip")
+            wins = cost < current
+            wins |= (cost == current) & (tagged > self.tagged.take(candidates, mode="clip"))
+            won = np.flatnonzero(wins)  # then take(): faster than indexing with a mask
+            winners = candidates.take(won)
+            self.cost[winners] = cost.take(won)
+            self.tagged[winners] = tagged.take(won)
+        self.merged_weight += weight * members
+        if self.merged_weight * 8 >= self.refreshed_at * 9:
+            np.max(self.cost.reshape(len(self.ceilings), -1), axis=1, out=self.ceilings)
+            self.refreshed_at = self.merged_weight
+
+
+def _merge_into(tagged: U32, weight: int, best_cost: U64, best: U32) -> None:
+    """The merge of every bucket of a chunk, in place."""
+    cost = _cost(tagged, weight)
+    wins = cost < best_cost
+    wins |= (cost == best_cost) & (tagged > best)
+    np.copyto(best_cost, cost, where=wins)
+    np.copyto(best, tagged, where=wins)
 
 
 @lru_cache(maxsize=8)  # the core asks again and again for the same few views
@@ -173,24 +270,26 @@ def _owners_of_sorted(members: MemberWeights, buckets: int, seed: int) -> Owners
         owners = np.full(buckets, NO_OWNER, dtype=np.int16)
         owners.setflags(write=False)
         return owners
-    scratch = np.empty(buckets, dtype=np.uint32)
-    bucket_mix = _fmix32(np.arange(buckets, dtype=np.uint32), scratch)
-    hashes = np.empty(buckets, dtype=np.uint32)
-    group_best = np.empty(buckets, dtype=np.uint32)
-    best = np.zeros(buckets, dtype=np.uint32)
-    best_cost = np.full(buckets, np.iinfo(np.uint64).max, dtype=np.uint64)
-    for weight, indices in sorted(groups.items()):
+    # Padded to whole slices; the owner of a bucket does not depend on the others.
+    padded = -(-buckets // _SLICE) * _SLICE
+    scratch = np.empty(padded, dtype=np.uint32)
+    bucket_mix = _fmix32(np.arange(padded, dtype=np.uint32), scratch)
+    hashes = np.empty(padded, dtype=np.uint32)
+    group_best = np.empty(padded, dtype=np.uint32)
+    # A single weight (the common case) needs no transform: its winner is the owner.
+    race = _Race(padded) if len(groups) > 1 else None
+    # Heaviest first: their small costs let the lighter groups skip most buckets.
+    for weight, indices in sorted(groups.items(), reverse=True):
         # Within one weight C is monotone in h, so the group's winner is simply its
         # largest tagged hash. Starting from 0 is safe: every tagged hash is >= 0.
         group_best.fill(0)
         for index in indices:
             _tagged_hashes(bucket_mix, members[index][0], seed, index, out=hashes, scratch=scratch)
             np.maximum(group_best, hashes, out=group_best)
-        if len(groups) == 1:
-            best = group_best  # a single weight (the common case) needs no transform
-            break
-        _merge_group(group_best, weight, best_cost, best)
-    owners = (_TAG_MASK - (best & np.uint32(_TAG_MASK))).astype(np.int16)
+        if race is not None:
+            race.merge(group_best, weight, len(indices))
+    best = group_best if race is None else race.tagged
+    owners = (_TAG_MASK - (best[:buckets] & np.uint32(_TAG_MASK))).astype(np.int16)
     owners.setflags(write=False)  # shared by the cache: nobody may change it
     return owners
 

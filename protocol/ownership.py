@@ -230,12 +230,13 @@ class _Race:
     def merge(self, group_best: U32, weight: int, members: int) -> None:
         """Per bucket, keep the smaller (C, -tagged hash) of the group's winner and the best."""
         floors = np.repeat(_hash_floors(self.ceilings, weight), _SLICE)
-        candidates = np.flatnonzero(np.greater_equal(group_best, floors, out=self.mask))
-        if len(candidates) > len(group_best) * _DENSE_SHARE:  # no gather/scatter then
+        np.greater_equal(group_best, floors, out=self.mask)
+        if np.count_nonzero(self.mask) > len(group_best) * _DENSE_SHARE:  # no gather/scatter
             for start in range(0, len(group_best), _CHUNK):
                 part = slice(start, start + _CHUNK)
                 _merge_into(group_best[part], weight, self.cost[part], self.tagged[part])
         else:
+            candidates = np.flatnonzero(self.mask)
             tagged = group_best.take(candidates, mode="clip")
             cost = _cost(tagged, weight)
             current = self.cost.take(candidates, mode="clip")
@@ -281,11 +282,12 @@ def _owners_of_sorted(members: MemberWeights, buckets: int, seed: int) -> Owners
     # Heaviest first: their small costs let the lighter groups skip most buckets.
     for weight, indices in sorted(groups.items(), reverse=True):
         # Within one weight C is monotone in h, so the group's winner is simply its
-        # largest tagged hash. Starting from 0 is safe: every tagged hash is >= 0.
-        group_best.fill(0)
-        for index in indices:
-            _tagged_hashes(bucket_mix, members[index][0], seed, index, out=hashes, scratch=scratch)
-            np.maximum(group_best, hashes, out=group_best)
+        # largest tagged hash.
+        for position, index in enumerate(indices):
+            out = hashes if position else group_best
+            _tagged_hashes(bucket_mix, members[index][0], seed, index, out=out, scratch=scratch)
+            if position:
+                np.maximum(group_best, hashes, out=group_best)
         if race is not None:
             race.merge(group_best, weight, len(indices))
     best = group_best if race is None else race.tagged

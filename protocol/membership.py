@@ -41,7 +41,9 @@ under partition, but two sides of a partition then both serve (documented).
 
 The state and every query of it (timer, view, ownership, the lease a quorum
 supports) live in ``nodestate.NodeState``; when to send and when to read (the
-heartbeat wave, quiet reading) in ``pacing.py``; this module is the transitions.
+heartbeat wave, quiet reading) in ``pacing.py``; the quorum base's own transitions
+(set, confirmed by a quorum of the previous base, persisted) in ``quorumbase.py``;
+this module is the rest of the transitions.
 
 Every entry point takes ``now`` (the caller's monotonic seconds, never less than
 the last one given). The caller drains ``actions()`` in order (ApplyKernel before
@@ -60,9 +62,9 @@ from lbd.protocol.config import QuorumMode
 from lbd.protocol.errors import AuthError, DecodeError, ReplayError, VersionError
 from lbd.protocol.keyring import FINGERPRINT_LEN
 from lbd.protocol.messages import MAX_NODES, Heartbeat, Leave
-from lbd.protocol.nodestate import NodeState
 from lbd.protocol.peers import Peer
-from lbd.protocol.quorum import has_joint_quorum, has_quorum
+from lbd.protocol.quorum import has_joint_quorum
+from lbd.protocol.quorumbase import QuorumBase
 from lbd.protocol.wire import Codec
 
 FORGET_AFTER = 60.0
@@ -74,12 +76,7 @@ MAX_PEER_RECORDS = 2 * MAX_NODES
 AUTH_FAILURE = "authentication: wrong key file or cluster name?"
 
 
-def _accepts_nothing(action: ev.Action) -> bool:
-    return isinstance(action, ev.ApplyKernel) and (
-        not action.owned or action.lease_until is None)
-
-
-class Node(NodeState):
+class Node(QuorumBase):
     """One node's membership and handoff: feed it inputs, drain its actions.
 
     Constructed with ``NodeState``'s arguments; takes its first step at once."""
@@ -319,20 +316,7 @@ class Node(NodeState):
                 self._listing = (None, None, None)
                 self._events.append(ev.MemberRestarted(self.node_id, self.incarnation))
         self._step_inner(now)
-        if (self._epoch, self._base, self._prev_base) != self._reported_base:
-            self._reported_base = (self._epoch, self._base, self._prev_base)
-            previous = None if self._prev_base is None else tuple(sorted(self._prev_base))
-            # Durable before this step's claim and heartbeat, which may advertise it;
-            # but after a kernel state that accepts nothing (a lapse, a full release):
-            # giving up must never wait for a disk (the soak saw a resumed node keep
-            # serving for the length of an fsync while its peers had taken over).
-            at = first_action
-            while at < len(self._actions) and _accepts_nothing(self._actions[at]):
-                at += 1
-            self._actions.insert(at, ev.PersistBase(
-                self._sorted_base(), self._epoch, previous, self._base_params,
-                self._base_credentials))
-            self._events.append(ev.BaseChanged(self._sorted_base(), self._epoch, previous))
+        self._persist_base_change(first_action)
 
     def _step_inner(self, now: float) -> None:
         self._confirm_base_change()
@@ -464,48 +448,6 @@ class Node(NodeState):
         self._apply(self._held, None)
         if dropped:
             self._events.append(ev.LeaseLapsed(dropped))
-
-    def _confirm_base_change(self) -> None:
-        """Drop the previous base once a quorum of it has adopted the change."""
-        previous = self._prev_base
-        if previous is None:
-            return
-        # (epoch, base) as adoption orders them: an equal epoch with another base (a
-        # stale node's own claim) is not an adoption of ours. So is a base we have
-        # advertised since the change, at an epoch after the previous base's: a
-        # peer that adopted it and then left or died no longer judges by the
-        # previous base alone, and waiting for it to adopt our latest epoch would
-        # keep the previous base (and its quorum) alive forever.
-        ours = (self._epoch, self._sorted_base())
-        since = self._prev_epoch if self._lineage_of is previous else None
-        adopted = {p.node_id for p in self._peers.values()
-                   if (hb := p.last_heartbeat) is not None
-                   and ((hb.epoch, hb.base) >= ours or (since is not None
-                        and hb.epoch > since and hb.base in self._lineage))}
-        adopted.add(self.node_id)
-        if has_quorum(adopted, previous):
-            self._prev_base = None
-
-    def _set_base(self, base: frozenset[str], epoch: int) -> None:
-        if self._base and base != self._base:
-            self._prev_base = self._base
-            self._prev_epoch = self._epoch
-        self._base = base
-        self._epoch = epoch
-        # Agreed by us or adopted from an admitted peer: under our parameters, name and
-        # key either way.
-        self._base_params = self.params
-        self._base_credentials = self.credentials()
-
-    def _track_quorum(self, candidate: float | None) -> None:
-        ok = candidate is not None
-        if ok == self._quorum_ok:
-            return
-        self._quorum_ok = ok
-        heard = sum(1 for p in self._peers.values()
-                    if p.node_id in self._base and not p.declared_dead and not p.left) + 1
-        event = ev.QuorumRegained if ok else ev.QuorumLost
-        self._events.append(event(heard, len(self._base)))
 
     def _try_claim(self, now: float) -> None:
         if self._agreed or self._clashing:

@@ -16,6 +16,13 @@ node's key file at run time (the three-step rotation, or a botched one); a node
 added with another node's ``node_id`` is a clone of it (an image copied with its
 machine-id), speaking from its own address.
 
+Each node's core is driven by ``protocol/driver.py``, the daemon's own driver, so
+that what is proved here is the order the daemon carries out; only the effects
+are simulated. ``persist_delay`` models a slow disk: a node's base write lands
+after a random delay and every later action of that node waits for it (default
+0: at once). A write still in progress when its node crashes is lost; one that
+lands while its node is hung is carried on from when it resumes.
+
 Invariant S1 is checked whenever any node's kernel state changes (the only time
 a node's accepting set can grow): no client may be accepted by two nodes at the
 same instant. Two nodes that map clients to buckets alike (same buckets, seed
@@ -42,14 +49,13 @@ import numpy as np
 
 from lbd.protocol import events as ev
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, Timers
+from lbd.protocol.driver import Datagram, Driver
 from lbd.protocol.jhash import bucket_of
 from lbd.protocol.membership import Node
 from lbd.protocol.ownership import compute_owners
 from lbd.protocol.wire import Codec, Keyring
 
 KEY = bytes(range(32))
-_PERSIST_BASE = getattr(ev, "PersistBase", None)
-"""The order to store the quorum base (cores before it: the BaseChanged event)."""
 WRONG_KEY = bytes(range(100, 132))
 """A key file from another cluster (or a typo'd copy): a mistake, never rotated to."""
 
@@ -111,6 +117,10 @@ class SimNode:
     rate: float
     offset: float
     core: Node | None = None
+    driver: Driver | None = None
+    """Its core's driver (a new one per start, like the daemon's)."""
+    write_landed: bool = False
+    """A base write landed while the node was hung: its driver hears so on resume."""
     state: str = "up"  # up | hung | crashed | left | removed
     kernel_set: frozenset[int] = frozenset()
     lease_until_local: float | None = None
@@ -156,6 +166,30 @@ class SimNode:
         return self.kernel_set
 
 
+class _Effects:
+    """A simulated node's shell as its driver sees it: a trail, a disk, a kernel
+    and the segment (``protocol.driver.Effects``)."""
+
+    def __init__(self, cluster: Cluster, node: SimNode) -> None:
+        self.cluster = cluster
+        self.node = node
+
+    def record(self, events: list[ev.Event]) -> None:
+        now = self.cluster.now
+        self.node.events.extend((now, event) for event in events)
+
+    def persist_base(self, action: ev.PersistBase) -> None:
+        assert self.node.driver is not None
+        self.cluster._persist(self.node, self.node.driver, action)
+
+    def apply_kernel(self, action: ev.ApplyKernel) -> bool:
+        self.cluster._apply(self.node, action)
+        return True  # a simulated kernel never refuses
+
+    def transmit(self, data: bytes) -> None:
+        self.cluster._multicast(self.node, data)
+
+
 class Cluster:
     def __init__(
         self,
@@ -166,8 +200,13 @@ class Cluster:
         delay: tuple[float, float] = (0.0001, 0.002),
         skew: float = 0.01,
         config: CoreConfig | None = None,
+        persist_delay: tuple[float, float] = (0.0, 0.0),
     ) -> None:
+        if not 0.0 <= persist_delay[0] <= persist_delay[1]:
+            raise ValueError(f"persist_delay {persist_delay}: want 0 <= lo <= hi")
         self.seed = seed
+        self.persist_delay = persist_delay
+        """How long a base write takes (uniform in [lo, hi]); 0: it lands at once."""
         self.rng = random.Random(seed)
         self.config = (config or CoreConfig(buckets=buckets)).with_timers(timers).validate()
         self.timers = timers
@@ -236,6 +275,7 @@ class Cluster:
         node.inbox.clear()
         node.queued.clear()
         node.quiet_until_local = None
+        node.write_landed = False
         nonce_rng = random.Random(self.rng.getrandbits(64))
         node.nonce = nonce_rng.randbytes
         base_ids, epoch, previous = node.persisted_base  # what the daemon keeps in its state dir
@@ -245,7 +285,8 @@ class Cluster:
                          node.local(self.now), weight=weight, base=base_ids, epoch=epoch,
                          previous_base=previous, base_params=node.persisted_params,
                          base_credentials=node.persisted_credentials)
-        self._drain(node)
+        node.driver = Driver(node.core, _Effects(self, node))
+        self._step(node)
         return node
 
     def next_incarnation(self, node_id: str) -> int:
@@ -299,7 +340,10 @@ class Cluster:
             return
         node.state = "up"
         self.log.append((self.now, f"{name}: resume"))
-        assert node.core is not None
+        assert node.core is not None and node.driver is not None
+        if node.write_landed:  # what waited for the write goes first
+            node.write_landed = False
+            node.driver.persisted(True)
         inbox = node.queued + node.inbox
         node.inbox, node.queued = [], []
         local = node.local(self.now)
@@ -307,77 +351,86 @@ class Cluster:
         # carries the arrival times (the daemon's kernel timestamps).
         if self.rng.random() < 0.5:
             node.core.handle_timer(local)
-        node.core.receive_datagrams(inbox, local)
-        self._drain(node)
+        self._step(node, inbox, local)
 
     def act(self, name: str, action: Callable[[Node, float], None]) -> None:
         node = self.nodes[name]
         if node.state == "up" and node.core is not None:
             action(node.core, node.local(self.now))
-            self._drain(node)
+            self._step(node)
 
     def live(self) -> list[SimNode]:
         return [n for n in self.nodes.values() if n.state in ("up", "hung")]
 
     # ----------------------------------------------------------------- engine
 
-    def _drain(self, node: SimNode) -> None:
-        core = node.core
-        assert core is not None
-        # Events first, so that a violation's trail shows the step that caused it.
-        for event in core.events():
-            node.events.append((self.now, event))
-            if _PERSIST_BASE is None and isinstance(event, ev.BaseChanged):
-                node.persisted_base = (event.base, event.epoch, event.previous)
-        for action in core.actions():
-            if isinstance(action, ev.ApplyKernel):
-                node.kernel_set = action.owned
-                node.lease_until_local = action.lease_until
-                self.kernel_changes += 1
-                self._check_s1(node)
-                if self.on_kernel_change is not None:
-                    self.on_kernel_change(node)
-            elif isinstance(action, ev.Transmit):
-                self._multicast(node, action.data)
-            else:  # PersistBase: what the daemon keeps in its state dir
-                node.persisted_base = (action.base, action.epoch, action.previous)
-                node.persisted_params = action.params
-                node.persisted_credentials = action.credentials
+    def _step(self, node: SimNode, batch: list[Datagram] | None = None,
+              timer_due: float | None = None) -> None:
+        """One input to the node's driver (what its socket held and/or its timer,
+        or nothing after a direct core call), then its next wake-up."""
+        assert node.driver is not None
+        node.driver.feed(batch or [], timer_due)
         self._schedule_timer(node)
 
+    def _apply(self, node: SimNode, action: ev.ApplyKernel) -> None:
+        node.kernel_set = action.owned
+        node.lease_until_local = action.lease_until
+        self.kernel_changes += 1
+        self._check_s1(node)
+        if self.on_kernel_change is not None:
+            self.on_kernel_change(node)
+
+    def _persist(self, node: SimNode, driver: Driver, action: ev.PersistBase) -> None:
+        """What the daemon keeps in its state dir, now or after ``persist_delay``."""
+
+        def land() -> None:
+            node.persisted_base = (action.base, action.epoch, action.previous)
+            node.persisted_params = action.params
+            node.persisted_credentials = action.credentials
+
+        lo, hi = self.persist_delay
+        if not hi:
+            land()
+            driver.persisted(True)
+            return
+
+        def landed() -> None:
+            if node.driver is not driver or node.state in ("crashed", "removed"):
+                return  # the process died before its write was done: the old base stays
+            land()
+            if node.state == "hung":
+                node.write_landed = True  # the loop hears of it once resumed
+            else:  # up, or left and finishing what waited (the daemon waits for it)
+                driver.persisted(True)
+
+        self.at(self.now + self.rng.uniform(lo, hi), landed)
+
     def _schedule_timer(self, node: SimNode) -> None:
-        assert node.core is not None
+        assert node.driver is not None
         node.timer_version += 1
-        deadline = node.core.get_timer()
-        # Like the daemon: while the core is quiet, arrivals wait in the socket and
-        # are read (with their arrival times) at the next wake-up.
-        quiet = node.core.quiet_until()
-        node.quiet_until_local = quiet
-        if quiet is not None:
-            deadline = quiet if deadline is None else min(deadline, quiet)
-        if deadline is None:
+        # The driver's answer, as the daemon's: while the core is quiet, arrivals
+        # wait in the socket and are read (with their arrival times) at the next
+        # wake-up. The simulated socket is read whole: it never keeps a backlog.
+        wake = node.driver.wakeup()
+        node.quiet_until_local = wake.quiet_until
+        if wake.deadline is None:
             return
         version = node.timer_version
-        t = max(self.now, node.real(deadline))
+        t = max(self.now, node.real(wake.deadline))
 
         def fire() -> None:
             if node.timer_version == version and node.state == "up":
-                assert node.core is not None
                 node.wakeups += 1
-                self._read_queued(node, timer_due=True)
-                self._drain(node)
+                self._step(node, self._take_queued(node), node.local(self.now))
 
         self.at(t, fire)
 
-    def _read_queued(self, node: SimNode, timer_due: bool = False) -> None:
-        """What waited in the socket, then the timer if due (as the daemon reads)."""
-        assert node.core is not None
+    @staticmethod
+    def _take_queued(node: SimNode) -> list[Datagram]:
+        """What waited in the socket (with arrival times as they are: the core
+        counts one before its last step as at that step)."""
         queued, node.queued = node.queued, []
-        if queued or timer_due:
-            # Arrival times as they are: the core counts one before its last step as
-            # at that step.
-            node.core.receive_datagrams(
-                queued, node.local(self.now) if timer_due else None)
+        return queued
 
     def _multicast(self, sender: SimNode, data: bytes) -> None:
         for receiver in self.nodes.values():
@@ -404,8 +457,7 @@ class Cluster:
                 # batch, as the daemon's read on arrival does.
                 receiver.wakeups += 1
                 receiver.queued.append((data, source, local))
-                self._read_queued(receiver)
-                self._drain(receiver)
+                self._step(receiver, self._take_queued(receiver))
 
         return deliver
 
@@ -547,19 +599,21 @@ class ScheduleResult:
 
 def run_random_schedule(seed: int, timers: Timers, nodes: int | None = None,
                         faults: int | None = None, buckets: int = 128, *,
-                        mistakes: bool = False) -> ScheduleResult:
+                        mistakes: bool = False,
+                        persist_delay: tuple[float, float] = (0.0, 0.0)) -> ScheduleResult:
     """One seeded random fault schedule; raises Violation on any S1/L1/L2 failure.
 
     ``mistakes``: operators' mistakes join the faults (``MISTAKES``) and a third of
     the schedules start as a bootstrap race (see ``_start_race``); without it a
-    seed runs exactly the schedule it always did."""
+    seed runs exactly the schedule it always did. ``persist_delay``: a slow disk
+    (see ``Cluster``)."""
     rng = random.Random(seed)
     n = nodes or rng.choice((2, 3, 3, 3, 4, 5, 7))
     if mistakes:
-        cluster, t, applied = _mistaken_schedule(seed, timers, n, faults,
-                                                  buckets=buckets, rng=rng)
+        cluster, t, applied = _mistaken_schedule(seed, timers, n, faults, buckets=buckets,
+                                                  rng=rng, persist_delay=persist_delay)
     else:
-        cluster = Cluster(seed, timers, buckets=buckets)
+        cluster = Cluster(seed, timers, buckets=buckets, persist_delay=persist_delay)
         interval = timers.interval
         names = [f"n{i:02d}" for i in range(n)]
         for name in names:
@@ -608,8 +662,9 @@ def _heal_and_converge(cluster: Cluster, rng: random.Random, n: int, applied: li
                            len(n.core.view) if n.core else 0) for n in cluster.nodes.values()}
         raise Violation(f"seed {seed}: no convergence within {bound:.2f}s after healing "
                         f"(faults {applied}): {states}")
-    # Converged views claim at once; give the last barrier its round trip.
-    cluster.run_until(cluster.now + 3 * interval)
+    # Converged views claim at once; give the last barrier its round trip (each
+    # of its three legs may wait for a base write).
+    cluster.run_until(cluster.now + 3 * (interval + cluster.persist_delay[1]))
     cluster.check_served_as_expected()
     return ScheduleResult(seed, n, applied, cluster.kernel_changes, cluster.now - start)
 
@@ -708,14 +763,15 @@ class _Plan:
 
 
 def _mistaken_schedule(seed: int, timers: Timers, n: int, faults: int | None, *,
-                       buckets: int, rng: random.Random) -> tuple[Cluster, float, list[str]]:
+                       buckets: int, rng: random.Random,
+                       persist_delay: tuple[float, float]) -> tuple[Cluster, float, list[str]]:
     """Start (a third of the time as a bootstrap race), then faults and mistakes mixed;
     returns the cluster, when to heal, and what was applied."""
     interval = timers.interval
     race = rng.random() < 1 / 3
     expect = rng.choice((2, n)) if race else 1
     config = CoreConfig(buckets=buckets, shared=SHARED, bootstrap_expect=expect)
-    cluster = Cluster(seed, timers, config=config)
+    cluster = Cluster(seed, timers, config=config, persist_delay=persist_delay)
     names = [f"n{i:02d}" for i in range(n)]
     applied: list[str] = []
     if race:
@@ -975,7 +1031,8 @@ def settle(cluster: Cluster, limit: float = 6.0) -> None:
     while cluster.now < deadline:
         cluster.run_until(cluster.now + cluster.timers.interval)
         if cluster.converged():
-            cluster.run_until(cluster.now + 3 * cluster.timers.interval)
+            cluster.run_until(cluster.now + 3 * (cluster.timers.interval
+                                                 + cluster.persist_delay[1]))
             cluster.check_served_as_expected()
             return
     raise AssertionError(f"no convergence within {limit}s:\n{cluster.trail(limit=60)}")

@@ -479,6 +479,78 @@ def test_random_schedules_larger_clusters(nodes: int) -> None:
     run_random_schedule(10_000 + nodes, FAST_TIMERS, nodes=nodes, faults=3)
 
 
+SLOW_DISK = (0.0, FAST.interval)
+"""A base write that takes up to a heartbeat interval (an fsync on a busy disk)."""
+
+
+def test_a_slow_base_write_holds_every_later_action_of_its_node() -> None:
+    """The daemon's order, in the simulator: while a node's base write is in
+    progress, it applies nothing to its kernel and sends nothing (the driver)."""
+    cluster = Cluster(41, FAST, buckets=128, persist_delay=SLOW_DISK)
+    held: list[str] = []
+    apply, multicast = cluster._apply, cluster._multicast
+
+    def checked_apply(node: SimNode, action: ev.ApplyKernel) -> None:
+        assert node.driver is not None and not node.driver.persisting, node.name
+        apply(node, action)
+
+    def checked_multicast(sender: SimNode, data: bytes) -> None:
+        assert sender.driver is not None and not sender.driver.persisting, sender.name
+        multicast(sender, data)
+
+    def sampled() -> None:
+        held.extend(n.name for n in cluster.nodes.values()
+                    if n.driver is not None and n.driver.persisting)
+        cluster.at(cluster.now + FAST.interval / 7, sampled)
+
+    cluster._apply = checked_apply  # type: ignore[method-assign]
+    cluster._multicast = checked_multicast  # type: ignore[method-assign]
+    cluster.at(0.0, sampled)
+    for i in range(3):
+        cluster.add_node(f"n{i}")
+    settle(cluster)
+    cluster.add_node("n3")  # a join: a new base, written by every node
+    settle(cluster)
+    cluster.crash("n1")
+    settle(cluster)
+    assert {"n0", "n2", "n3"} <= set(held)  # writes were in progress, and waited for
+
+
+def test_a_base_write_in_progress_when_its_node_crashes_is_lost() -> None:
+    """The old base stays on disk; nothing that waited for the write was done."""
+    cluster = Cluster(42, FAST, buckets=128, persist_delay=(0.015, 0.015))
+    for i in range(3):
+        cluster.add_node(f"n{i}")
+    settle(cluster)
+    node = cluster.nodes["n0"]
+    stored = node.persisted_base
+    cluster.add_node("n3")
+    deadline = cluster.now + 2.0
+    while not (node.driver is not None and node.driver.persisting):
+        assert cluster.now < deadline, "n0 never wrote the new base"
+        cluster.run_until(cluster.now + FAST.interval / 10)
+    cluster.crash("n0")
+    cluster.run_until(cluster.now + 0.1)  # past the write's landing
+    assert node.persisted_base == stored
+    cluster.add_node("n0")
+    settle(cluster)
+    assert node.persisted_base[0] == ("n0", "n1", "n2", "n3")
+
+
+@pytest.mark.timeout(900)
+def test_random_schedules_with_a_slow_disk() -> None:
+    """Random fault (and mistake) schedules with base writes that take up to an
+    interval: no S1 violation, and the cluster still converges."""
+    failures = []
+    for seed in range(SCHEDULES // 20):
+        try:
+            run_random_schedule(20_000 + seed, FAST, persist_delay=SLOW_DISK,
+                                mistakes=seed % 4 == 0)
+        except Violation as violation:
+            failures.append(str(violation))
+    assert not failures, "\n".join(failures[:10])
+
+
 def test_restarted_node_remembers_its_quorum_base() -> None:
     """Found by the random schedules (seed 3108): with its peer hung, a restarted node
     that forgot its quorum base started a cluster of one while the peer still held

@@ -177,6 +177,29 @@ def named(event: ev.Event, name_of: Callable[[str], str]) -> ev.Event:
     return replaced
 
 
+def describe_loop_error(context: Mapping[str, object]) -> tuple[str, str]:
+    """An asyncio exception-handler ``context`` as one log line (what, and the
+    innermost frame that raised it: what a bug report needs) and the detail for
+    the journal's TRACEBACK field."""
+    import traceback  # noqa: PLC0415 - only ever needed on the way out
+
+    exc = context.get("exception")
+    if isinstance(exc, BaseException):
+        what = f"{type(exc).__name__}: {exc}"
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = (f"{frames[-1].name} at {Path(frames[-1].filename).name}:"
+                 f"{frames[-1].lineno}" if frames else "the event loop")
+        detail = "".join(traceback.format_exception(exc))
+    else:
+        what, where, detail = str(context.get("message", "unknown error")), "asyncio", ""
+    origin = str(context.get("message", ""))
+    source = context.get("handle") or context.get("future")
+    if source is not None:
+        origin += f" ({source!r})"
+    line = " ".join(f"internal error, stopping: {what} (in {where})".split())
+    return line, f"{origin}\n{detail}".strip()
+
+
 def encode_journal(fields: Mapping[str, str | bytes]) -> bytes:
     """One native-protocol datagram for ``fields`` (names upper-case, validated)."""
     out = bytearray()

@@ -17,17 +17,20 @@ Start-up, in this order (each step fails closed):
 5. the core (``lbd.protocol.membership.Node``). Only now does the node speak.
 
 Steady state: every input (datagrams, timer, signal, control command) is one core
-call followed by ``_process()``, which executes the core's actions *in order*
-(ApplyKernel before Transmit: break before make), logs its events and re-arms the
-single timer at ``core.get_timer()``. While the core is quiet (``quiet_until``:
-the cluster is settled) the socket is not watched: the timer wake-up reads
-everything queued, with kernel arrival times (``heartbeat.py``), in one call, so
-a settled daemon wakes once per interval. A control query catches up first.
+call handed to the driver (``protocol/driver.py``, the one the simulator proves):
+it logs the step's events, then carries out the core's actions *in order* (break
+before make; nothing after a PersistBase until its fsync, done in a thread, is
+through) through this class's ``Effects`` methods, and says when to wake next.
+The single timer is armed at that deadline. While the core is quiet
+(``quiet_until``: the cluster is settled) the socket is not watched: the wake-up
+reads everything queued, with kernel arrival times (``heartbeat.py``), in one
+call, so a settled daemon wakes once per interval. A control query catches up first.
 In multicast mode each ApplyKernel also makes the node the ARP/ND responder for
 as long as its lease, if it owns bucket 0 (``macmode.ANCHOR_BUCKET``), and
-withdraws that otherwise. If the kernel refuses an apply, the daemon stops
-transmitting and exits 1: its owner table vanishes with its netlink socket and
-the guard keeps the node closed (S2); peers see it die.
+withdraws that otherwise. If the kernel refuses an apply (or the base cannot be
+stored), the driver stops, the daemon transmits nothing more and exits 1: its
+owner table vanishes with its netlink socket and the guard keeps the node closed
+(S2); peers see it die.
 
 SIGTERM/SIGINT: ``core.leave()`` (drain through the handoff, then announce the
 leave); once ``has_left`` (or after ``leave_timeout`` + 1 s) the owner table is
@@ -43,10 +46,8 @@ owner table (and so the node's claims) alive.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
-import fcntl
 import functools
 import os
 import signal
@@ -57,19 +58,36 @@ from pathlib import Path
 from typing import Any
 
 from lbd.daemon import control
-from lbd.daemon.config import ConfigFileError, DaemonConfig, load_config, load_keyring
+from lbd.daemon.config import DaemonConfig, load_config, load_keyring
 from lbd.daemon.heartbeat import StampedReader, heartbeat_socket, send_from
 from lbd.daemon.kernelwatch import KernelWatch
-from lbd.daemon.notify import ERR, INFO, NOTICE, WARNING, LogSink, Notifier, named
+from lbd.daemon.notify import (
+    ERR,
+    INFO,
+    NOTICE,
+    WARNING,
+    LogSink,
+    Notifier,
+    describe_loop_error,
+    named,
+)
+from lbd.daemon.statedir import (
+    StartupError,
+    acquire_lock,
+    load_base_agreement,
+    load_quorum_base,
+    next_incarnation,
+    save_quorum_base,
+)
 from lbd.netcfg.hbfilter import HeartbeatFilter, interface_networks
 from lbd.netcfg.linkproc import LinkProcess
 from lbd.netcfg.macmode import ANCHOR_BUCKET, MacMode
 from lbd.netcfg.nft import NftDataplane
-from lbd.netcfg.statefile import RecordError, load_record, save_record
 from lbd.protocol import events as ev
+from lbd.protocol.driver import Datagram, Driver
 from lbd.protocol.errors import LbdError
 from lbd.protocol.membership import Node
-from lbd.protocol.messages import WIRE_ID_PATTERN, wire_id
+from lbd.protocol.messages import wire_id
 from lbd.protocol.wire import Codec, Keyring
 
 RECV_BATCH = 64
@@ -89,103 +107,6 @@ RESTART_KEYS = ("cluster", "interface", "address", "vips", "node_id", "buckets",
 PROBLEM_LOG_EVERY = 30.0
 
 
-class StartupError(LbdError):
-    """The daemon cannot start (lock held, kernel refused the rules, ...)."""
-
-
-def acquire_lock(state_dir: Path) -> int:
-    """flock the instance lock file; returns its fd (kept open for the process' life)."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    path = state_dir / "lbd.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise StartupError(f"another lbd is already running here (pid {holder} holds "
-                           f"{path})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def next_incarnation(state_dir: Path) -> int:
-    """A number larger than any earlier run's: max(stored + 1, milliseconds since epoch)."""
-    path = state_dir / "incarnation"
-    try:
-        stored = int(path.read_text().strip())
-    except (OSError, ValueError):
-        stored = 0
-    value = max(stored + 1, time.time_ns() // 1_000_000)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{value}\n")
-    os.replace(tmp, path)
-    return value
-
-
-def _node_ids(value: object) -> tuple[str, ...] | None:
-    """The wire IDs of a stored base. Records written before wire IDs hold node names:
-    they are mapped to the names' wire IDs (sorted again, as bases are)."""
-    if isinstance(value, list) and all(isinstance(member, str) for member in value):
-        return tuple(sorted({m if WIRE_ID_PATTERN.fullmatch(m) else wire_id(m)
-                             for m in value}))
-    return None
-
-
-def load_quorum_base(state_dir: Path) -> tuple[tuple[str, ...], int, tuple[str, ...] | None]:
-    """(base, epoch, previous base while the change is unconfirmed) the previous run
-    persisted, or none (a first start)."""
-    path = state_dir / "quorum-base.json"
-    try:
-        saved = load_record(path, 1)
-    except RecordError as exc:
-        # Never a silent first start: this node may belong to a live cluster whose
-        # base it no longer knows. The operator decides (see README "State files").
-        raise ConfigFileError(path, None, f"corrupt quorum base ({exc}); if this node's "
-                              "cluster state is lost, delete the file: the node then starts "
-                              "as a new node and joins through bootstrap") from None
-    if saved is not None:
-        base, epoch = _node_ids(saved.get("base")), saved.get("epoch")
-        previous = saved.get("previous")
-        if base is not None and isinstance(epoch, int) and (
-                previous is None or _node_ids(previous) is not None):
-            return base, epoch, None if previous is None else _node_ids(previous)
-        raise ConfigFileError(path, None, "corrupt quorum base (fields of the wrong type); "
-                              "if this node's cluster state is lost, delete the file: the "
-                              "node then starts as a new node and joins through bootstrap")
-    return (), 0, None
-
-
-def save_quorum_base(state_dir: Path, base: tuple[str, ...], epoch: int,
-                     previous: tuple[str, ...] | None, *, params: bytes | None = None,
-                     credentials: bytes | None = None) -> None:
-    """Atomic and durable: a restart must never see half a base, nor an older one."""
-    save_record(state_dir / "quorum-base.json",
-                {"version": 1, "base": list(base), "epoch": epoch,
-                 "previous": None if previous is None else list(previous),
-                 "params": None if params is None else params.hex(),
-                 "credentials": None if credentials is None else credentials.hex()})
-
-
-def load_base_agreement(state_dir: Path) -> tuple[bytes | None, bytes | None]:
-    """The parameter digests and the credentials digest the stored base was agreed
-    under (None: not recorded). Call after ``load_quorum_base`` (it refuses a corrupt
-    record)."""
-    try:
-        saved = load_record(state_dir / "quorum-base.json", 1) or {}
-    except RecordError:
-        return None, None
-    out: list[bytes | None] = []
-    for key in ("params", "credentials"):
-        text = saved.get(key)
-        try:
-            out.append(bytes.fromhex(text) if isinstance(text, str) else None)
-        except ValueError:
-            out.append(None)
-    return out[0], out[1]
-
-
 class Service:
     """One running daemon. ``await run()`` returns the process exit code."""
 
@@ -203,6 +124,7 @@ class Service:
         self.ready = False
         self.started_at = time.monotonic()
         self.core: Node
+        self.driver: Driver
         self._lock_fd: int | None = None
         self._nft: NftDataplane | None = None
         self._link: LinkProcess | None = None
@@ -224,8 +146,6 @@ class Service:
         self._done: asyncio.Future[int] | None = None
         self._leaving = False
         self._drops_logged = (0, 0.0)
-        self._queued: collections.deque[ev.Action] = collections.deque()
-        self._persisting = False
         self._problems_logged: dict[str, tuple[float, int]] = {}
         self._send_errors = 0
         self._applies = 0
@@ -322,6 +242,7 @@ class Service:
                          incarnation, now, weight=cfg.weight, draining=cfg.draining,
                          base=base, epoch=epoch, previous_base=previous, name=self.node_id,
                          base_params=base_params, base_credentials=base_credentials)
+        self.driver = Driver(self.core, self)
         self._process()
         self.drain_reasons = {"operator"} if cfg.draining else set()
         # Watched kernel state (S5): VIPs, link, MAC, tables, sysctls (kernelwatch.py).
@@ -389,8 +310,7 @@ class Service:
     # ------------------------------------------------------------ inputs
 
     def _on_readable(self) -> None:
-        self._read(None)
-        self._process()
+        self._input(None)
 
     def catch_up(self) -> None:
         """Read what waits in the socket now (before answering a query)."""
@@ -399,16 +319,16 @@ class Service:
 
     def _on_timer(self) -> None:
         self._timer = None
-        # What waited in the socket first: a deadline must not pass over an arrival.
-        self._read(time.monotonic())
-        self._process()
+        self._input(time.monotonic())
 
-    def _read(self, timer_due: float | None) -> None:
-        batch: list[tuple[bytes, str, float]] = []
+    def _input(self, timer_due: float | None) -> None:
+        """What waits in the socket (first: a deadline must not pass over an
+        arrival) and the timer if due: one core step through the driver."""
+        batch: list[Datagram] = []
         if self._sock is not None:
             batch, self._backlog = self._reader.read(RECV_BATCH)
-        if batch or timer_due is not None:
-            self.core.receive_datagrams(batch, timer_due)
+        if self.driver.feed(batch, timer_due):
+            self._stepped()
 
     def set_draining(self, draining: bool, why: str, reason: str = "operator",
                      log: bool = True) -> None:
@@ -467,15 +387,14 @@ class Service:
     # ------------------------------------------------------------ outputs
 
     def _process(self) -> None:
-        """Execute the core's actions in order, log its events, re-arm the timer."""
+        """After a direct core call (leave, drain, weight, ...): the driver logs its
+        events and carries out its actions in order; then ``_stepped``."""
+        if self.driver.process():
+            self._stepped()
+
+    def _stepped(self) -> None:
+        """After a step the driver carried out: status, the leave's end, the timer."""
         core = self.core
-        self._queued.extend(core.actions())
-        if not self._run_actions():
-            return
-        events = core.events()
-        fields = {"SLICES": str(len(core.held)), "VIEW": core.digest()} if events else {}
-        for event in events:
-            self.sink.event(named(event, core.name_of), fields)
         self._log_drops()
         if not self.ready and core.agreed and not self._leaving:
             self.ready = True
@@ -487,49 +406,43 @@ class Service:
             if key != self._status_key:
                 self._status_key = key
                 self.notifier.status(self._status_text())
-        if self._leaving and core.has_left and not self._persisting:
+        if self._leaving and self.driver.left:
             self._finish(0)
             return
         self._arm_timer()
 
-    def _run_actions(self) -> bool:
-        """Carry out the queued actions of the core in order. A PersistBase is written
-        in a thread (fsync must not stall the loop) and everything after it waits
-        for it: the claim and the heartbeat that advertise a base come only once the
-        base is on disk. False: we are stopping."""
-        while self._queued and not self._persisting:
-            action = self._queued.popleft()
-            if isinstance(action, ev.PersistBase):
-                if self._nft is None:
-                    return False  # already failed and stopping
-                self._persisting = True
-                future = asyncio.get_running_loop().run_in_executor(None, functools.partial(
-                    save_quorum_base, self._state_dir, action.base, action.epoch,
-                    action.previous, params=action.params, credentials=action.credentials))
-                future.add_done_callback(self._persisted)
-            elif isinstance(action, ev.ApplyKernel):
-                if not self._apply(action):
-                    self._queued.clear()
-                    return False
-            else:
-                self._transmit(action.data)
-        return True
+    # ------------------------------------------------------------ effects (driver.Effects)
+
+    def record(self, events: list[ev.Event]) -> None:
+        """One step's events to the journal (before its actions run)."""
+        core = self.core
+        fields = {"SLICES": str(len(core.held)), "VIEW": core.digest()}
+        for event in events:
+            self.sink.event(named(event, core.name_of), fields)
+
+    def persist_base(self, action: ev.PersistBase) -> None:
+        """Written in a thread (fsync must not stall the loop); the driver holds
+        everything after it (the claim and the heartbeat that advertise the base)
+        until ``_persisted``."""
+        future = asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            save_quorum_base, self._state_dir, action.base, action.epoch,
+            action.previous, params=action.params, credentials=action.credentials))
+        future.add_done_callback(self._persisted)
 
     def _persisted(self, future: asyncio.Future[None]) -> None:
-        self._persisting = False
         if future.cancelled():
             return  # the loop is closing
         exc = future.exception()
         if exc is not None:
+            self.driver.persisted(False)
             self._persist_failed(exc)
-        elif self._run_actions() and self._leaving and self.core.has_left:
+        elif self.driver.persisted(True) and self._leaving and self.driver.left:
             self._finish(0)  # the leave waited for its last base to be stored
 
     def _persist_failed(self, exc: BaseException) -> None:
         """Stop before the heartbeat (and any claim) that needed the base on disk: a
         restart on an older base than the peers confirmed could make this node a
-        stale quorum (S1)."""
-        self._queued.clear()
+        stale quorum (S1). The driver already dropped what waited."""
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         self.sink.emit(ERR, f"cannot store the quorum base in {self._state_dir}: {reason}; "
                        "stopping (a restart must not forget it)", "PersistFailed")
@@ -537,6 +450,9 @@ class Service:
             self._nft.close()  # the owner table goes with our netlink socket: closed
             self._nft = None
         self._finish(1)
+
+    def apply_kernel(self, action: ev.ApplyKernel) -> bool:
+        return self._apply(action)
 
     def _apply(self, action: ev.ApplyKernel) -> bool:
         if self._nft is None:
@@ -577,7 +493,7 @@ class Service:
                                f"({self._answer_errors + 1} so far)")
             self._answer_errors += 1
 
-    def _transmit(self, data: bytes) -> None:
+    def transmit(self, data: bytes) -> None:
         if self._sock is None:
             return
         targets = [self.config.group] if self.config.multicast else []
@@ -595,13 +511,11 @@ class Service:
                 self._send_errors += 1
 
     def _arm_timer(self) -> None:
-        """The single timer at ``core.get_timer()``; the socket watched unless the
+        """The single timer at the driver's deadline; the socket watched unless the
         core is quiet (then read at the timer, once per interval)."""
-        deadline = self.core.get_timer()
-        quiet = None if self._backlog else self.core.quiet_until()
-        if quiet is not None:
-            deadline = quiet if deadline is None else min(deadline, quiet)
-        self._watch(quiet is None)
+        wake = self.driver.wakeup(self._backlog)
+        deadline = wake.deadline
+        self._watch(wake.watch)
         if self._timer is not None:
             if deadline is not None and self._timer.when() == deadline:
                 return
@@ -697,26 +611,9 @@ class Service:
         node closed meanwhile (S2). The watchdog pings stop at once, so a cleanup
         that hangs is killed by systemd too.
         """
-        import traceback  # noqa: PLC0415 - only ever needed here, on the way out
-
         self._loop_failed = True
         try:
-            exc = context.get("exception")
-            if isinstance(exc, BaseException):
-                what = f"{type(exc).__name__}: {exc}"
-                frames = traceback.extract_tb(exc.__traceback__)
-                # The innermost frame: where it was raised, which is what a bug report needs.
-                where = (f"{frames[-1].name} at {Path(frames[-1].filename).name}:"
-                         f"{frames[-1].lineno}" if frames else "the event loop")
-                detail = "".join(traceback.format_exception(exc))
-            else:
-                what, where, detail = str(context.get("message", "unknown error")), "asyncio", ""
-            origin = str(context.get("message", ""))
-            source = context.get("handle") or context.get("future")
-            if source is not None:
-                origin += f" ({source!r})"
-            detail = f"{origin}\n{detail}"
-            line = " ".join(f"internal error, stopping: {what} (in {where})".split())
-            self.sink.emit(ERR, line, "InternalError", {"TRACEBACK": detail.strip()})
+            line, detail = describe_loop_error(context)
+            self.sink.emit(ERR, line, "InternalError", {"TRACEBACK": detail})
         finally:  # whatever happens to the log line, the daemon must not stay half-alive
             self._finish(1)

@@ -266,9 +266,10 @@ def test_a_corrupt_quorum_base_is_a_clear_error_not_a_first_start(tmp_path: Path
 
 def test_a_failed_persist_closes_the_owner_table_and_stops_with_1(tmp_path: Path) -> None:
     """The actions queued behind a PersistBase are never carried out if it fails."""
-    import collections
+    from types import SimpleNamespace
 
     from lbd.protocol import events as ev
+    from lbd.protocol.driver import Driver
 
     finished: list[int] = []
     sent: list[bytes] = []
@@ -302,15 +303,15 @@ def test_a_failed_persist_closes_the_owner_table_and_stops_with_1(tmp_path: Path
             done.set()
 
         service._finish = finish  # type: ignore[method-assign]
-        service._transmit = sent.append  # type: ignore[method-assign]
-        service._queued = collections.deque([ev.PersistBase(("a", "b"), 2),
-                                             ev.Transmit(b"heartbeat")])
-        service._persisting = False
-        assert service._run_actions()  # the persist runs in a thread; the rest waits
-        assert service._persisting and sent == []
+        service.transmit = sent.append  # type: ignore[method-assign]
+        step = [ev.PersistBase(("a", "b"), 2), ev.Transmit(b"heartbeat")]
+        core = SimpleNamespace(events=list, actions=lambda: step)
+        service.driver = Driver(core, service)  # type: ignore[arg-type]
+        assert service.driver.process()  # the persist runs in a thread; the rest waits
+        assert service.driver.persisting and sent == []
         await asyncio.wait_for(done.wait(), 5)
         assert finished == [1] and nft.closed and service._nft is None
-        assert sent == [] and not service._queued
+        assert sent == [] and service.driver.stopped and service.driver.idle
         assert any(kind == "PersistFailed" for _, _, kind in service.sink.lines)  # type: ignore[attr-defined]
 
     asyncio.run(scenario())

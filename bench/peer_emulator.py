@@ -11,7 +11,9 @@ the interface by the caller) through ``IP_PKTINFO``. They hear each other
 in-process (multicast loop is off, as in the daemon) and the real daemon over the
 wire, so the daemon sees ``count`` live peers that ack, agree on views and hold
 leases exactly as daemons would; only their kernel applies are skipped (they
-serve no traffic). Runs until SIGTERM; prints a JSON summary on stdout then.
+serve no traffic). Each core is driven by ``protocol/driver.py``, the daemon's and
+the simulator's driver, with effects that send and skip the kernel. Runs until
+SIGTERM; prints a JSON summary on stdout then.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(REPO / "src"))
 from lbd.daemon import heartbeat  # noqa: E402
 from lbd.daemon.config import DaemonConfig, load_config, load_keyring  # noqa: E402
 from lbd.protocol import events as ev  # noqa: E402
+from lbd.protocol.driver import Driver  # noqa: E402
 from lbd.protocol.errors import LbdError  # noqa: E402
 from lbd.protocol.membership import Node  # noqa: E402
 from lbd.protocol.messages import Heartbeat, Member  # noqa: E402
@@ -50,6 +53,29 @@ def send_from(sock: socket.socket, cfg: DaemonConfig, address: str, data: bytes)
     except OSError:
         return False  # lossy by design, as in the daemon
     return True
+
+
+class EmulatedShell:
+    """One emulated peer's effects (``protocol.driver.Effects``): its heartbeats are
+    queued for the wire and the other cores; it has no disk and no kernel."""
+
+    def __init__(self, emulator: Emulator, index: int) -> None:
+        self.emulator = emulator
+        self.index = index
+        self.driver: Driver | None = None
+
+    def record(self, events: list[ev.Event]) -> None:
+        pass  # nobody reads an emulated peer's log
+
+    def persist_base(self, action: ev.PersistBase) -> None:
+        assert self.driver is not None
+        self.driver.persisted(True)  # no state dir: stored at once
+
+    def apply_kernel(self, action: ev.ApplyKernel) -> bool:
+        return True  # they serve no traffic: skipped
+
+    def transmit(self, data: bytes) -> None:
+        self.emulator.pending.append((self.index, data))
 
 
 async def until_sigterm(sock: socket.socket, on_readable: Callable[[], None],
@@ -83,6 +109,11 @@ class Emulator:
         self.codec = Codec(self.cfg.cluster, keyring)
         self.cores = [Node(self.cfg.core_config(), Codec(self.cfg.cluster, keyring),
                            f"{prefix}{i:02d}", incarnation, now) for i in range(count)]
+        self.drivers: list[Driver] = []
+        for index, core in enumerate(self.cores):
+            shell = EmulatedShell(self, index)
+            shell.driver = Driver(core, shell)
+            self.drivers.append(shell.driver)
         self.ifindex = socket.if_nametoindex(self.cfg.interface)
         self.sock = heartbeat.heartbeat_socket(self.cfg, self.ifindex, self.addresses[0])
         self.reader = heartbeat.StampedReader(self.sock)
@@ -111,8 +142,8 @@ class Emulator:
 
     def on_timer(self, index: int) -> None:
         self.timers[index] = None
-        self.cores[index].handle_timer(time.monotonic())
-        self.collect(index)
+        self.drivers[index].feed([], time.monotonic())
+        self.arm(index)
         self.drain()
 
     def drain(self) -> None:
@@ -136,13 +167,14 @@ class Emulator:
         self.drain()
 
     def collect(self, index: int) -> None:
-        """Queue a core's heartbeats (its kernel applies are skipped) and re-arm its timer."""
-        core = self.cores[index]
-        for action in core.actions():
-            if isinstance(action, ev.Transmit):
-                self.pending.append((index, action.data))
-        core.events()
-        deadline = core.get_timer()
+        """Carry out a core's step (heartbeats queued, kernel skipped); re-arm its timer."""
+        self.drivers[index].process()
+        self.arm(index)
+
+    def arm(self, index: int) -> None:
+        """The core's timer. The shared socket is read at once for every core, as a
+        socket with a backlog is: a core's quiet window does not apply."""
+        deadline = self.drivers[index].wakeup(backlog=True).deadline
         timer = self.timers[index]
         if timer is not None:
             if deadline is not None and timer.when() == deadline:

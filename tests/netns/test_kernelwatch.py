@@ -39,7 +39,7 @@ from lbd.daemon.notify import MESSAGE_IDS, decode_journal
 
 from .bed import Bed, sources6, wait_for
 from .cluster import Capture, ClientLoad, LbdCluster
-from .test_daemon import Listener
+from .sink import DatagramSink
 from .test_e2e import assert_clean
 
 # Drain handoff (tens of ms) and back after the restore (0.2-0.6 s), client sampling
@@ -55,7 +55,7 @@ FAULT_KINDS = {"VipRemoved", "LinkDown", "MacChanged", "TablesChanged", "SysctlC
 class Run:
     bed: Bed
     cluster: LbdCluster
-    journal_socket: Listener
+    journal_socket: DatagramSink
     load: ClientLoad | None = None
     capture: Capture | None = None
     seen: list[list[str]] = field(default_factory=list)
@@ -109,7 +109,7 @@ def cluster_run(bed: Callable[..., Bed], tmp_path: Path, *, v6: bool = False,
                 **extra: str) -> Iterator[Run]:
     the_bed = bed(nodes=3, add_vip=False, **(bed_kw or {}))
     cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="fast")
-    journal = Listener(tmp_path / "journal")
+    journal = DatagramSink(tmp_path / "journal")
     run = Run(the_bed, cluster, journal)
     if v6:
         extra["vips"] = f'["{the_bed.vip4}", "{the_bed.vip6}"]'

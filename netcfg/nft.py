@@ -240,7 +240,10 @@ class NftDataplane:
         self._nft: Any = None
         self._sock: socket.socket | None = None
         self._owned: frozenset[int] = frozenset()
-        self._pending: frozenset[int] = frozenset()
+        self._queue: tuple[int, ...] = ()
+        """What a chunked claim still has to add, in order."""
+        self._queue_goal: frozenset[int] = frozenset()
+        self._checked: tuple[object, frozenset[int]] = (None, frozenset())
         self._installed = False
         self.persist = persist
         self.persistent = False
@@ -294,7 +297,28 @@ class NftDataplane:
     @property
     def pending(self) -> frozenset[int]:
         """Buckets the last apply asked for but left to the next (``claim_chunk``)."""
-        return self._pending
+        return frozenset(self._queue)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._queue)
+
+    def _target(self, owned: Set[int]) -> frozenset[int]:
+        """``owned`` checked (O(buckets)), or as checked before: a chunked claim passes
+        the same frozenset again and again, and most applies only renew the lease."""
+        if owned is self._checked[0]:
+            return self._checked[1]
+        if owned == self._owned:
+            return self._owned
+        # operator.index: numpy integers are fine, floats and strings are not.
+        target = frozenset(operator.index(b) for b in owned)
+        bad = [b for b in target if not 0 <= b < self.spec.buckets]
+        if bad:
+            raise ValueError(
+                f"buckets out of range 0..{self.spec.buckets - 1}: {sorted(bad)[:5]}")
+        if isinstance(owned, frozenset):  # immutable: safe to know again by identity
+            self._checked = (owned, target)
+        return target
 
     def install(self) -> None:
         """Create both tables: owning nothing, no lease, i.e. closed.
@@ -322,7 +346,7 @@ class NftDataplane:
                 self._sock, "inet", self.spec.guard_table)
             self._run([*self._guard_commands(), f"delete table inet {boot.guard_table}"])
         self._installed = True
-        self._owned = self._pending = frozenset()
+        self._owned, self._queue = frozenset(), ()
         self._guard_due = self._clock() + self.guard_period
         self.deadline_checked = self._probe_deadline()
 
@@ -363,16 +387,7 @@ class NftDataplane:
         """
         if not self._installed:
             raise NftError("apply() before install()")
-        if owned == self._owned:
-            # Most applies only renew the lease: skip the per-bucket checks (O(buckets)).
-            target = self._owned
-        else:
-            # operator.index: numpy integers are fine, floats and strings are not.
-            target = frozenset(operator.index(b) for b in owned)
-            bad = [b for b in target if not 0 <= b < self.spec.buckets]
-            if bad:
-                raise ValueError(
-                    f"buckets out of range 0..{self.spec.buckets - 1}: {sorted(bad)[:5]}")
+        target = self._target(owned)
         if lease_ms is not None:
             # A fractional lease is rounded down: a shorter lease is the safe side.
             lease_ms = int(lease_ms)
@@ -382,33 +397,35 @@ class NftDataplane:
                 until_ns = time.time_ns() + lease_ms * 1_000_000
         if not self.deadline_checked or lease_ms is None:
             until_ns = None
-        add = target - self._owned
-        remove = self._owned - target
-        pending: frozenset[int] = frozenset()
-        if self.claim_chunk is not None and len(add) > self.claim_chunk:
-            # Releases all go now (break before make); a claim may come in parts:
-            # holding a subset of what the core allows is always safe.
-            ordered = sorted(add)
-            add = frozenset(ordered[:self.claim_chunk])
-            pending = frozenset(ordered[self.claim_chunk:])
-            target = target - pending
+        if self._queue and target is self._queue_goal:
+            # The next part of the same claim: the kernel holds goal - queue.
+            remove: frozenset[int] = frozenset()
+            ordered = self._queue
+        else:
+            remove = self._owned - target
+            ordered = tuple(sorted(target - self._owned))
+        chunk = self.claim_chunk or len(ordered)
+        # Releases all go now (break before make); a claim may come in parts:
+        # holding a subset of what the core allows is always safe.
+        add, queue = frozenset(ordered[:chunk]), ordered[chunk:]
+        kept = (self._owned - remove) | add
         now = self._clock()
         guard = not self.persistent and now >= self._guard_due
         cmds = guard_commands(self.spec) if guard else []
-        elem_cmds, sent = element_commands(self.spec, add, remove, target)
+        elem_cmds, sent = element_commands(self.spec, add, remove, kept)
         cmds += elem_cmds
         cmds += lease_commands(self.spec, lease_ms, until_ns)
         start = time.perf_counter()
         self._run(cmds)
         elapsed = time.perf_counter() - start
-        self._owned = target
-        self._pending = pending
+        self._owned = kept
+        self._queue, self._queue_goal = queue, target
         if guard:
             self._guard_due = now + self.guard_period
         self.last_apply_stats = ApplyStats(
             added=len(add),
             removed=len(remove),
-            pending=len(pending),
+            pending=len(queue),
             elements_sent=sent,
             lease_ms=lease_ms,
             until_ns=until_ns,
@@ -451,7 +468,7 @@ class NftDataplane:
                      f"delete table inet {self.spec.guard_table}"]  # fmt: skip
         self._run(cmds)
         self._installed = False
-        self._owned = self._pending = frozenset()
+        self._owned, self._queue = frozenset(), ()
         if guard:
             self.persistent = False
 
@@ -463,7 +480,7 @@ class NftDataplane:
             self._sock = None
         self._nft = None
         self._installed = False
-        self._owned = self._pending = frozenset()
+        self._owned, self._queue = frozenset(), ()
 
     # ------------------------------------------------------------------ listing
 

@@ -70,6 +70,7 @@ MESSAGE_IDS: dict[str, str] = {
     "ReloadFailed": "318a6d6b8f5347898edc77cea6cdb8a4",
     "DatagramsDropped": "83d35c0516dd4550a695a8dda58fff5f",
     "KernelApplyFailed": "a36cc16b8ec44d0f89a1d32fb38012f0",
+    "LeaseDeadlineUnchecked": "7210f81a4f0e49a0bb0c2be79f7619b0",
     "DrainChanged": "2084d21f0b104a6fb3b6d09702612176",
     "InternalError": "59ffb843a98148ea886cb658b8ea1c36",
     # Watched kernel state (daemon/kernelwatch.py): what changed under lbd, and after.

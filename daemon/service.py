@@ -96,6 +96,9 @@ LEAVE_GRACE = 1.0
 # Kernels without persistent tables (< 6.9): an apply re-asserts the guard at most
 # this often, besides the event listener (kernelwatch.py) that rewrites it at once.
 GUARD_PERIOD = 1.0
+# Buckets added per kernel transaction (~14 ms here): a claim of 65536 in one would
+# hold the loop for 250-430 ms, longer than the fast profile's dead_after.
+CLAIM_CHUNK = 4096
 # Settings a reload cannot change on a running node (they shape the cluster or the
 # kernel state): changing them needs a restart, and a reload says so.
 RESTART_KEYS = ("cluster", "interface", "address", "vips", "node_id", "buckets", "seed",
@@ -150,6 +153,10 @@ class Service:
         self._send_errors = 0
         self._applies = 0
         self._apply_seconds = 0.0
+        self._apply_max = 0.0
+        self._applied: ev.ApplyKernel | None = None
+        """The last ApplyKernel carried out (a chunked claim continues it)."""
+        self._claim_due = False
         self._status_key: tuple[Any, ...] = ()
 
     # ------------------------------------------------------------ life cycle
@@ -181,12 +188,17 @@ class Service:
         base_params, base_credentials = load_base_agreement(state_dir)
         self._nft = NftDataplane(list(cfg.vips), cfg.buckets, cfg.seed, prefix4=cfg.prefix4,
                                  prefix6=cfg.prefix6, balance=list(cfg.balance),
-                                 guard_period=GUARD_PERIOD, persist=True)
+                                 guard_period=GUARD_PERIOD, persist=True,
+                                 claim_chunk=CLAIM_CHUNK)
         try:
             self._nft.install()
         except LbdError as exc:
             self._nft = None
             raise StartupError(f"cannot install the nftables rules: {exc}") from None
+        if not self._nft.deadline_checked:
+            self.sink.emit(WARNING, "this nft cannot give the kernel a lease's absolute "
+                           "deadline: leases rest on their relative timeout alone, which "
+                           "a paused daemon can stretch", "LeaseDeadlineUnchecked")
         multicast = cfg.mac_mode == "multicast"
         cluster_mac = cfg.effective_cluster_mac()
         if multicast and cluster_mac is not None:
@@ -457,13 +469,16 @@ class Service:
     def _apply(self, action: ev.ApplyKernel) -> bool:
         if self._nft is None:
             return False  # already failed and stopping
-        lease_ms: int | None = None
+        lease_ms = until_ns = None
         if action.lease_until is not None:
-            # Rounded down: the kernel must never hold a lease past the core's deadline.
-            lease_ms = max(0, int((action.lease_until - time.monotonic()) * 1000))
+            # The wall clock first: a pause between the two readings can only make
+            # the absolute deadline earlier. Rounded down: never past the core's.
+            wall = time.time_ns()
+            left = action.lease_until - time.monotonic()
+            lease_ms, until_ns = max(0, int(left * 1000)), wall + int(left * 1e9)
         try:
             # A lease already over is no lease: owned buckets without one accept nothing.
-            self._nft.apply(action.owned, lease_ms or None)
+            self._nft.apply(action.owned, lease_ms or None, until_ns=until_ns)
         except (LbdError, ValueError) as exc:
             self.sink.emit(ERR, f"kernel refused the ruleset, stopping: {exc}",
                            "KernelApplyFailed")
@@ -472,12 +487,26 @@ class Service:
             self._nft = None
             self._finish(1)
             return False
-        self._applies += 1
-        if self._nft.last_apply_stats is not None:
-            self._apply_seconds += self._nft.last_apply_stats.seconds
+        stats = self._nft.last_apply_stats
+        if stats is not None:
+            self._applies += 1
+            self._apply_seconds += stats.seconds
+            self._apply_max = max(self._apply_max, stats.seconds)
+        self._applied = action
+        if self._nft.pending_count and not self._claim_due:
+            # The rest of a big claim in the loop's next turn: heartbeats go between.
+            self._claim_due = True
+            asyncio.get_running_loop().call_soon(self._continue_claim)
         if self._macmode is not None:
-            self._answer(lease_ms if ANCHOR_BUCKET in action.owned and lease_ms else None)
+            self._answer(lease_ms if ANCHOR_BUCKET in self._nft.owned and lease_ms else None)
         return True
+
+    def _continue_claim(self) -> None:
+        """Apply the last applied action again: its next part of the claim, with its
+        own deadline (the driver has moved on only if it applied a newer one)."""
+        self._claim_due = False
+        if self._nft is not None and self._nft.pending_count and self._applied is not None:
+            self._apply(self._applied)
 
     def _answer(self, lease_ms: int | None) -> None:
         """Be the ARP/ND responder for ``lease_ms`` or stop. Not a safety matter (a
@@ -571,6 +600,9 @@ class Service:
             "mean_apply_ms": round(1000 * self._apply_seconds / self._applies, 3)
             if self._applies else None,
             "last_apply_ms": None if last is None else round(1000 * last.seconds, 3),
+            "max_apply_ms": round(1000 * self._apply_max, 3),
+            "claim_pending": self._nft.pending_count if self._nft is not None else 0,
+            "deadline_checked": self._nft is not None and self._nft.deadline_checked,
         }
 
     def problems(self, now: float) -> list[str]:

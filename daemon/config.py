@@ -265,6 +265,13 @@ def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> DaemonC
     return cfg
 
 
+# What a claim of one bucket costs the kernel and the daemon, measured here (65536
+# buckets in parts: ~150 ms; more on a loaded machine). A node must be able to claim
+# every bucket within half a lease, or its own claim starves the acknowledgements
+# that renew the lease and it lapses, again and again (seen: fast timers at 65536).
+CLAIM_SECONDS_PER_BUCKET = 2.5e-6
+
+
 def _check_values(p: Path, cfg: DaemonConfig) -> None:
     ranges = {"weight": (1, MAX_WEIGHT), "buckets": (1, 65536), "seed": (0, 2**32 - 1),
               "port": (1, 65535), "prefix4": (0, 32), "prefix6": (0, 128),
@@ -273,6 +280,13 @@ def _check_values(p: Path, cfg: DaemonConfig) -> None:
         value = getattr(cfg, key)
         if not low <= value <= high:
             raise ConfigFileError(p, key, f"{value} is out of range {low}..{high}")
+    claim = cfg.buckets * CLAIM_SECONDS_PER_BUCKET
+    if claim > cfg.timers.lease / 2:
+        most = int(cfg.timers.lease / 2 / CLAIM_SECONDS_PER_BUCKET)
+        raise ConfigFileError(p, "buckets", f"{cfg.buckets} is too many for a "
+                              f"{cfg.timers.lease * 1000:.0f} ms lease: claiming them all "
+                              f"takes ~{claim * 1000:.0f} ms, more than half the lease "
+                              f"(use at most {most} buckets, or longer timers)")
     if not cfg.cluster or len(cfg.cluster.encode()) > 64:
         raise ConfigFileError(p, "cluster", "must be 1..64 bytes")
     if cfg.quorum not in ("majority", "none"):

@@ -347,3 +347,24 @@ def test_vip_equal_to_the_explicit_address_or_a_peer_is_refused(tmp_path: Path) 
     err = toml_error(tmp_path, 'vips = ["192.0.2.100"]\npeers = ["192.0.2.12", "192.0.2.100"]\n')
     assert err.key == "vips"
     assert "192.0.2.100 is also listed in peers" in err.problem
+
+
+@pytest.mark.parametrize(("profile", "buckets", "refused"), [
+    ("fast", 65536, True), ("fast", 32768, True), ("fast", 16384, False),
+    ("default", 65536, False), ("fast", 4096, False),
+])
+def test_buckets_too_many_to_claim_within_half_a_lease_are_refused(
+    tmp_path: Path, profile: str, buckets: int, refused: bool
+) -> None:
+    """Fast timers at B = 65536 lapse again and again under load (each claim starves
+    the acknowledgements that would renew the lease): refused with the limit."""
+    text = f'vips = ["192.0.2.100"]\nbuckets = {buckets}\n[timers]\nprofile = "{profile}"\n'
+    if not refused:
+        conf = tmp_path / "lbd.toml"
+        conf.write_text(text)
+        assert load_config(conf).buckets == buckets
+        return
+    err = toml_error(tmp_path, text)
+    assert err.key == "buckets"
+    assert f"{buckets} is too many for a 100 ms lease" in err.problem
+    assert "use at most 20000 buckets, or longer timers" in err.problem

@@ -38,9 +38,9 @@ SETTLE = 1.0
 @contextmanager
 def cluster_run(bed: Callable[..., Bed], tmp_path: Path, *, nodes: int = 3,
                 profile: str = "fast", start: list[int] | None = None,
-                load: bool = True) -> Iterator[Run]:
+                load: bool = True, buckets: int = 512) -> Iterator[Run]:
     the_bed = bed(nodes=nodes, add_vip=False)
-    cluster = LbdCluster(the_bed, tmp_path / "cluster", profile=profile)
+    cluster = LbdCluster(the_bed, tmp_path / "cluster", profile=profile, buckets=buckets)
     run = Run(the_bed, cluster)
     try:
         cluster.start_all(start)

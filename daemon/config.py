@@ -25,6 +25,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lbd.daemon.healthconfig import (
+    CHECK_USER,
+    AgentSpec,
+    CheckSpec,
+    check_exec_security,
+    parse_agent,
+    parse_checks,
+    parse_interfaces,
+)
 from lbd.protocol.config import PROFILES, CoreConfig, QuorumMode, Timers
 from lbd.protocol.errors import ConfigError, LbdError
 from lbd.protocol.messages import MAX_NODES, MAX_WEIGHT, NODE_ID_PATTERN
@@ -103,6 +112,16 @@ class DaemonConfig:
     """Unix socket of lbd-cli (mode 0660, group lbd if that group exists)."""
     state_dir: str = "/var/lib/lbd"
     """Lock file, incarnation counter and the link record for restore."""
+    checks: tuple[CheckSpec, ...] = ()
+    """Service checks, the ``[[check]]`` tables (http, tcp or exec; daemon/health.py)."""
+    track_interface: tuple[str, ...] = ()
+    """Interfaces that must be up (IFF_UP and carrier) for the node to be healthy."""
+    agent: AgentSpec | None = None
+    """The ``[agent]`` load agent: its capacity answer scales ``weight``."""
+    check_user: str = CHECK_USER
+    """Unprivileged user the exec checks and agent run as (must exist when used)."""
+    check_allow_root: bool = False
+    """Allow ``check_user`` to be root (uid 0); refused otherwise."""
 
     def effective_cluster_mac(self) -> str | None:
         """The MAC the VIPs resolve to: in multicast mode ``cluster_mac`` or the one
@@ -243,26 +262,44 @@ def check_vips_against_address(path: str | Path, vips: tuple[str, ...], address:
 def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> DaemonConfig:
     """Validate a decoded TOML document into a DaemonConfig (strict: unknown keys fail)."""
     p = Path(path)
-    known = {f.name for f in fields(DaemonConfig)} - {"timer_profile"}
+    known = ({f.name for f in fields(DaemonConfig)} - {"timer_profile", "checks"}) | {"check"}
     values: dict[str, Any] = {}
     for key, raw in data.items():
         if key not in known:
             raise ConfigFileError(p, key, "unknown key")
-        if key == "timers":
+        if key in ("check", "agent", "track_interface"):
+            values.update(_parse_health(p, key, raw))
+        elif key == "timers":
             values["timer_profile"], values["timers"] = _parse_timers(p, raw)
         elif key in ("vips", "peers", "balance"):
             values[key] = _string_list(p, key, raw)
         elif key in ("weight", "buckets", "seed", "port", "prefix4", "prefix6",
                      "bootstrap_expect"):
             values[key] = _expect(p, key, raw, int, "an integer")
-        elif key in ("draining", "multicast"):
+        elif key in ("draining", "multicast", "check_allow_root"):
             values[key] = _expect(p, key, raw, bool, "true or false")
         else:
             values[key] = _expect(p, key, raw, str, "a string")
     cfg = DaemonConfig(**values)
     cfg = replace(cfg, vips=_canonical_vips(p, cfg.vips))
     _check_values(p, cfg)
+    try:  # the check user and the scripts' files: only when an exec runs
+        check_exec_security(cfg.checks, cfg.agent, cfg.check_user, cfg.check_allow_root)
+    except ConfigError as exc:
+        raise ConfigFileError(p, exc.key, exc.problem) from None
     return cfg
+
+
+def _parse_health(p: Path, key: str, raw: Any) -> dict[str, Any]:
+    """``[[check]]``, ``[agent]``, ``track_interface`` (daemon/healthconfig.py)."""
+    try:
+        if key == "check":
+            return {"checks": parse_checks(raw)}
+        if key == "agent":
+            return {"agent": parse_agent(raw)}
+        return {"track_interface": parse_interfaces(raw)}
+    except ConfigError as exc:
+        raise ConfigFileError(p, exc.key, exc.problem) from None
 
 
 # What a claim of one bucket costs the kernel and the daemon, measured here (65536

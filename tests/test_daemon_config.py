@@ -24,7 +24,7 @@ from lbd.daemon.config import (
     sanitize_node_id,
     write_key,
 )
-from lbd.daemon.service import load_quorum_base, save_quorum_base
+from lbd.daemon.statedir import load_quorum_base, save_quorum_base
 from lbd.netcfg.ruleset import RulesetSpec
 from lbd.protocol.config import FAST_TIMERS, CoreConfig, QuorumMode, Timers
 from lbd.protocol.errors import ConfigError
@@ -50,9 +50,10 @@ def test_example_file_parses_to_the_defaults() -> None:
 
 def test_example_documents_every_setting() -> None:
     text = EXAMPLE.read_text()
+    tables = {"checks": "[[check]]", "agent": "[agent]"}  # TOML tables, not keys
     for name in DaemonConfig.__dataclass_fields__:
         if name not in ("timers", "timer_profile"):
-            assert f"{name} = " in text, name
+            assert tables.get(name, f"{name} = ") in text, name
 
 
 def test_timers_profile_and_override() -> None:

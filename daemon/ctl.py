@@ -83,6 +83,8 @@ def format_members(rows: list[dict[str, Any]]) -> str:
             f"{r['share']:>5.1f}% {r['weight']:>6} {heard:>7} "
             f"{_clip(str(r['incarnation']), 13):>13}".rstrip())
     for r in rows:
+        if r.get("health", "ok") != "ok":
+            lines.append(_clip(f"  {r['node_id']} is {r['health']}", WIDTH))
         if r.get("mismatch"):
             lines.append(_clip(f"  {r['node_id']} is not admitted: it differs in "
                                f"{', '.join(r['mismatch'])}", WIDTH))

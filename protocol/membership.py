@@ -61,7 +61,7 @@ from lbd.protocol import pacing
 from lbd.protocol.config import QuorumMode
 from lbd.protocol.errors import AuthError, DecodeError, ReplayError, VersionError
 from lbd.protocol.keyring import FINGERPRINT_LEN
-from lbd.protocol.messages import MAX_NODES, Heartbeat, Leave
+from lbd.protocol.messages import HEALTH_MAX, MAX_NODES, Heartbeat, Leave
 from lbd.protocol.peers import Peer
 from lbd.protocol.quorum import has_joint_quorum
 from lbd.protocol.quorumbase import QuorumBase
@@ -198,6 +198,26 @@ class Node(QuorumBase):
     def set_weight(self, weight: int, now: float) -> None:
         self.weight = weight
         self._step(now)
+
+    def set_health(self, health: int, now: float) -> None:
+        """Why this node is unhealthy (``messages.HEALTH_*``, 0: healthy), for its
+        heartbeats. Only a report: the shell drains an unhealthy node itself."""
+        if not 0 <= health <= HEALTH_MAX:
+            raise ValueError(f"health must be in 0..{HEALTH_MAX}")
+        self.health = health
+        self._step(now)
+
+    def every_member_unhealthy(self) -> bool:
+        """This node and every other member of its view report themselves unhealthy
+        (by their latest heartbeats): then nobody is better placed to serve."""
+        if not self.health:
+            return False
+        for member in self._view:
+            peer = self._peers.get(member.node_id)
+            if member.node_id != self.node_id and (
+                    peer is None or peer.last_heartbeat is None or not peer.last_heartbeat.health):
+                return False
+        return True
 
     def set_codec(self, codec: Codec) -> None:
         """Key rotation: the sender/replay state is kept, only the keys change."""
@@ -550,6 +570,7 @@ class Node(QuorumBase):
             weight=self.weight, draining=self.advertised_draining, view=self._view,
             acks=tuple(acks), agreed=self._agreed, held=len(self._held),
             epoch=self._epoch, base=self._sorted_base(), params=self.params, name=self.name,
+            health=self.health,
         )
         self._actions.append(ev.Transmit(self._codec.seal(heartbeat)))
         self.counters.sent += 1

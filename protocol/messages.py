@@ -16,6 +16,15 @@ from lbd.protocol.errors import DecodeError
 MAX_NODES = 256
 MAX_NODE_ID_LEN = 64
 MAX_WEIGHT = 1000
+# Why a node is unhealthy, as its heartbeats say (0: healthy). Flags, not names, so
+# that a heartbeat of 69 nodes still fits one frame; the names stay in the node's
+# own status and journal.
+HEALTH_CHECK = 1  # a configured check fails
+HEALTH_INTERFACE = 2  # a tracked interface is down
+HEALTH_AGENT = 4  # the load agent said "down"
+HEALTH_MAX = HEALTH_CHECK | HEALTH_INTERFACE | HEALTH_AGENT
+_HEALTH_WORDS = ((HEALTH_CHECK, "check"), (HEALTH_INTERFACE, "interface"),
+                 (HEALTH_AGENT, "agent"))
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 
@@ -65,6 +74,8 @@ class Heartbeat:
     name: str = ""
     """The sender's node name, for people (logs, ``lbd-cli``); when given, ``sender``
     must be ``wire_id(name)``. Empty: the sender's ID is its name."""
+    health: int = 0
+    """Why the sender is unhealthy (``HEALTH_*`` flags), 0 if it is healthy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +107,9 @@ def validate_node_id(node_id: object) -> str:
     if not isinstance(node_id, str) or not NODE_ID_PATTERN.fullmatch(node_id):
         raise DecodeError(f"invalid node id {node_id!r}")
     return node_id
+
+
+def health_words(flags: int) -> str:
+    """``"ok"``, or the reasons of a ``HEALTH_*`` value: ``"unhealthy: check, agent"``."""
+    words = [word for bit, word in _HEALTH_WORDS if flags & bit]
+    return f"unhealthy: {', '.join(words)}" if words else "ok"

@@ -20,7 +20,7 @@ from lbd.protocol import events as ev
 from lbd.protocol import pacing
 from lbd.protocol.admission import Gate
 from lbd.protocol.config import CoreConfig, QuorumMode
-from lbd.protocol.messages import Member
+from lbd.protocol.messages import Member, health_words
 from lbd.protocol.ownership import Owners, compute_owners
 from lbd.protocol.params import digest_params
 from lbd.protocol.peers import Peer, PeerState
@@ -83,6 +83,8 @@ class NodeState:
         self.incarnation = incarnation
         self.weight = weight
         self.draining = draining
+        self.health = 0
+        """Why this node is unhealthy (``messages.HEALTH_*``), as its heartbeats say."""
         self.counters = Counters()
         self._clashing = False
         self._codec = codec
@@ -248,7 +250,7 @@ class NodeState:
         me = MemberInfo(self.node_id, "self", self._self_state(), held,
                         100.0 * held / self.config.buckets, self.weight, 0,
                         self.incarnation, True, self._codec.keyring.current_fingerprint.hex(),
-                        name=self.name or self.node_id)
+                        name=self.name or self.node_id, health=health_words(self.health))
         return member_rows(me, self._peers.values(), self._gate.mismatched.values(),
                            buckets=self.config.buckets, interval=self.timers.interval, now=now)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lbd.protocol.admission import Mismatch
-from lbd.protocol.messages import Member
+from lbd.protocol.messages import Member, health_words
 from lbd.protocol.peers import Peer
 
 
@@ -30,6 +30,8 @@ class MemberInfo:
     """The agreed parameters it differs in (state "mismatch": not admitted)."""
     name: str = ""
     """The node's name (``node_id`` is then its wire ID)."""
+    health: str = "ok"
+    """``ok`` or why it is unhealthy (``messages.health_words``), as it last said."""
 
 
 def view_digest(view: tuple[Member, ...]) -> str:
@@ -54,6 +56,7 @@ def member_rows(me: MemberInfo, peers: Iterable[Peer], mismatched: Iterable[Mism
             100.0 * slices / buckets, peer.weight,
             round(1000 * peer.silent_for(now)), peer.incarnation, False, peer.key_id.hex(),
             name=peer.name or peer.node_id,
+            health=health_words(heartbeat.health) if heartbeat is not None else "ok",
         ))
     listed = {row.node_id: row for row in rows}
     for m in mismatched:

@@ -18,13 +18,16 @@ module seals and opens the envelope; the layout of what is inside is theirs.
 Why this layout: with 8-hex IDs a view member costs 18 bytes (13 in the view,
 5 in the acks) and a base member outside the view 5, so a heartbeat whose view
 and base hold 64 distinct nodes, every field at its widest and a 64-character
-name, seals to 1363 bytes: one 1500-byte frame (``FRAME_PAYLOAD``, 1472 bytes
-of UDP payload over IPv4). That holds up to 70 nodes; from 71 on a heartbeat may
+name, seals to 1364 bytes: one 1500-byte frame (``FRAME_PAYLOAD``, 1472 bytes
+of UDP payload over IPv4). That holds up to 69 nodes; from 70 on a heartbeat may
 take two or more frames (IP fragments). ``heartbeat_size_bound`` gives the worst
-case for any count (4843 bytes at 256). The daemon's incarnations are
+case for any count (4844 bytes at 256). The daemon's incarnations are
 milliseconds since the epoch, good until the year 10889 in their 6 bytes; 5-byte
 seqs last 34 years of 1000 heartbeats a second. Version 2 added ``params``,
-``name`` and this layout; a version-1 datagram is refused as an unknown version.
+``name`` and this layout, version 3 ``health``; a datagram of another version is
+refused as an unknown version (counted, and named in status: a rolling upgrade
+across a version runs as two clusters, the upgraded side taking over as it gains
+the majority).
 
 The associated data is the 19 header bytes followed by the UTF-8 cluster name,
 so the header cannot be altered and a datagram for another cluster fails
@@ -79,7 +82,7 @@ __all__ = [
 ]
 
 MAGIC = b"LB"
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 NONCE_LEN = 12
 TAG_LEN = 16
 _VERSION_AT, _FINGERPRINT_AT, _NONCE_AT = 2, 3, 7  # offsets into the header
@@ -213,7 +216,7 @@ def heartbeat_size_bound(
     characters and ``params_len`` bytes of digests (by default all of ``FIELDS``).
 
     Every number at its widest, and whatever split of the nodes between the view
-    and the base (the view holding the sender, the base at most MAX_NODES). 1363
+    and the base (the view holding the sender, the base at most MAX_NODES). 1364
     bytes at 64 nodes, within one frame (``FRAME_PAYLOAD``); 18 bytes more for
     each node past that.
     """
@@ -225,7 +228,7 @@ def heartbeat_size_bound(
             or params_len % DIGEST_LEN):
         raise ValueError(f"params_len must be 1..{MAX_FIELDS} digests of {DIGEST_LEN} bytes")
     fixed = (
-        1  # the array header (fixarray of 14)
+        1  # the array header (fixarray of 15)
         + 1  # message type
         + _str_size(8)  # sender: 8 hex digits
         + _uint_size(MAX_INCARNATION)
@@ -233,6 +236,7 @@ def heartbeat_size_bound(
         + _uint_size(MAX_WEIGHT)
         + 1  # draining
         + 1  # agreed
+        + 1  # health: a fixint
         + _uint_size(MAX_HELD)
         + _uint_size(MAX_COUNTER)  # epoch
         + _bin_size(params_len)

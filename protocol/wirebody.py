@@ -2,11 +2,12 @@
 
 The body is ``[2, sender, incarnation, seq]`` for a Leave, ``[1, sender,
 incarnation, seq, weight, draining, view, acks, agreed, held, epoch, base,
-params, name]`` for a Heartbeat. ``sender`` and ``name`` are str, the flags
+params, name, health]`` for a Heartbeat. ``sender`` and ``name`` are str, the flags
 bools, the numbers ints; ``view``, ``acks`` and ``base`` are bins laid out as
 ``wirebins.py`` says, ``params`` the per-field digests of the parameters every
 node must agree on (``params.py``). ``name`` is the sender's node name, or
-empty; when given, ``sender`` must be ``wire_id(name)``.
+empty; when given, ``sender`` must be ``wire_id(name)``. ``health`` is 0..7, the
+``messages.HEALTH_*`` flags.
 
 Limits: incarnations (the sender's, every view member's, a Leave's) are
 0..2**48-1 (``MAX_INCARNATION``); seq (1..) and acks are 0..2**40-1
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from lbd.protocol.errors import DecodeError
 from lbd.protocol.messages import (
+    HEALTH_MAX,
     MAX_NODES,
     MAX_WEIGHT,
     Heartbeat,
@@ -45,7 +47,7 @@ from lbd.protocol.wirebins import (
 
 MAX_COUNTER = 2**63 - 1  # epoch: fits a signed 64-bit int everywhere
 MAX_HELD = 65536  # buckets a node can hold at most (the largest bucket count)
-HEARTBEAT_FIELDS = 14
+HEARTBEAT_FIELDS = 15
 _LEAVE_FIELDS = 4
 
 # Valid names and their wire IDs: every sender's, so as many as a cluster has nodes.
@@ -71,6 +73,7 @@ def body_of(message: Message) -> tuple[object, ...]:
             pack_base(message.base, message.view),
             message.params,
             message.name,
+            message.health,
         )
     if isinstance(message, Leave):
         return (MessageType.LEAVE.value, message.sender, message.incarnation, message.seq)
@@ -152,6 +155,7 @@ def _heartbeat(body: tuple[object, ...]) -> Heartbeat:
         unpack_base(_bin(body[11], "base"), packed_view, view),
         _params(body[12]),
         name,
+        _bounded(body[14], "health", HEALTH_MAX),
     )
 
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import clustersim
 import pytest
 
 from lbd.protocol import events as ev
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, Timers
 from lbd.protocol.errors import ConfigError
 from lbd.protocol.membership import Node
-from lbd.protocol.messages import Heartbeat, Member, wire_id
+from lbd.protocol.messages import (
+    HEALTH_AGENT,
+    HEALTH_CHECK,
+    HEALTH_INTERFACE,
+    HEALTH_MAX,
+    Heartbeat,
+    Member,
+    wire_id,
+)
 from lbd.protocol.params import digest_params
 from lbd.protocol.quorum import has_quorum
 from lbd.protocol.wire import Codec, Keyring
@@ -61,8 +70,8 @@ def test_garbage_forgery_and_replay_are_counted_not_raised() -> None:
     forger = Codec("lbd", Keyring(OTHER_KEY))
     other_cluster = Codec("other", Keyring(KEY))
     node.receive_datagram(b"\x00" * 5, "x", 0.01)
-    node.receive_datagram(b"LB\x02" + bytes(100), "x", 0.01)  # unknown key id: forged
-    node.receive_datagram(b"LB\x01" + bytes(100), "x", 0.01)  # another wire version
+    node.receive_datagram(b"LB\x03" + bytes(100), "x", 0.01)  # unknown key id: forged
+    node.receive_datagram(b"LB\x02" + bytes(100), "x", 0.01)  # another wire version
     node.receive_datagram(forger.seal(heartbeat("b", 1)), "x", 0.01)
     node.receive_datagram(other_cluster.seal(heartbeat("b", 1)), "x", 0.01)
     good = sender.seal(heartbeat("b", 5))
@@ -261,3 +270,30 @@ def test_a_lapse_goes_to_the_kernel_before_the_base_is_written() -> None:
     node._step(CoreConfig().timers.startup_wait + 0.02)
     kinds = [type(a).__name__ for a in node.actions()]
     assert kinds[0] == "ApplyKernel" and kinds[1] == "PersistBase", kinds
+
+
+def test_health_travels_in_heartbeats_and_every_member_unhealthy_is_known() -> None:
+    cluster = clustersim.start(3)
+
+    def cores() -> dict[str, Node]:
+        return {name: node.core for name, node in cluster.nodes.items() if node.core}
+
+    def settle_health() -> None:
+        cluster.run_until(cluster.now + 0.3)
+
+    cluster.act("n0", lambda core, now: core.set_health(HEALTH_CHECK, now))
+    settle_health()
+    seen_by_n1 = {row.name: row.health for row in cores()["n1"].members(cluster.now)}
+    assert seen_by_n1 == {"n0": "unhealthy: check", "n1": "ok", "n2": "ok"}
+    assert not any(core.every_member_unhealthy() for core in cores().values())
+    cluster.act("n1", lambda core, now: core.set_health(HEALTH_INTERFACE, now))
+    cluster.act("n2", lambda core, now: core.set_health(HEALTH_AGENT | HEALTH_CHECK, now))
+    settle_health()
+    assert all(core.every_member_unhealthy() for core in cores().values())
+    seen_by_n0 = {row.name: row.health for row in cores()["n0"].members(cluster.now)}
+    assert seen_by_n0["n2"] == "unhealthy: check, agent"
+    cluster.act("n2", lambda core, now: core.set_health(0, now))
+    settle_health()
+    assert not any(core.every_member_unhealthy() for core in cores().values())
+    with pytest.raises(ValueError, match="health"):
+        cores()["n0"].set_health(HEALTH_MAX + 1, cluster.now)

@@ -30,6 +30,9 @@ from hypothesis import strategies as st
 from lbd.protocol import keyring, wire, wirebins, wirebody
 from lbd.protocol.errors import AuthError, ConfigError, DecodeError, ReplayError, VersionError
 from lbd.protocol.messages import (
+    HEALTH_AGENT,
+    HEALTH_CHECK,
+    HEALTH_MAX,
     MAX_NODES,
     MAX_WEIGHT,
     NODE_ID_PATTERN,
@@ -110,7 +113,7 @@ def mixed_heartbeat() -> Heartbeat:
     return Heartbeat(
         sender, 1_732_000_000_000, 7, 100, False, view, tuple(range(5, 10)), True, 12,
         epoch=9, base=tuple(sorted([sender, "b", outside, "old-node"])), params=ALL_PARAMS,
-        name="alpha.example",
+        name="alpha.example", health=HEALTH_CHECK | HEALTH_AGENT,
     )  # fmt: skip
 
 
@@ -148,14 +151,14 @@ def doc_body(message: Message) -> list[Any]:
     m = message
     return [1, m.sender, m.incarnation, m.seq, m.weight, m.draining, doc_view(m.view),
             doc_acks(m.acks), m.agreed, m.held, m.epoch, doc_base(m.base, m.view), m.params,
-            m.name]
+            m.name, m.health]
 
 
 def seal_body(
     body: bytes, key: bytes = KEY, cluster: str = CLUSTER, nonce: bytes = b"n" * 12
 ) -> bytes:
     """Seal arbitrary body bytes exactly as the documented layout says."""
-    header = b"LB" + bytes([2]) + hashlib.sha256(b"lbd-key-id" + key).digest()[:4] + nonce
+    header = b"LB" + bytes([3]) + hashlib.sha256(b"lbd-key-id" + key).digest()[:4] + nonce
     return header + ChaCha20Poly1305(key).encrypt(nonce, body, header + cluster.encode())
 
 
@@ -270,6 +273,7 @@ def heartbeats(draw: st.DrawFn, max_members: int = 12) -> Heartbeat:
         base=tuple(sorted(others | in_base))[:MAX_NODES],
         params=draw(params_blobs),
         name=name,
+        health=draw(st.integers(0, HEALTH_MAX)),
     )
 
 
@@ -467,7 +471,7 @@ def test_envelope_layout_matches_the_documentation() -> None:
     datagram = make_codec().seal(message)
     fingerprint = hashlib.sha256(b"lbd-key-id" + KEY).digest()[:4]
     assert datagram[:2] == b"LB"
-    assert datagram[2] == 2
+    assert datagram[2] == 3
     assert datagram[3:7] == fingerprint == key_fingerprint(KEY)
     assert datagram[7:19] == bytes(12)  # the first nonce of counting_nonces()
     body = ChaCha20Poly1305(KEY).decrypt(
@@ -475,7 +479,7 @@ def test_envelope_layout_matches_the_documentation() -> None:
     )
     fields = msgpack.unpackb(body)
     assert fields == doc_body(message)
-    assert fields[0] == 1 and len(fields) == 14
+    assert fields[0] == 1 and len(fields) == 15 and fields[14] == HEALTH_CHECK | HEALTH_AGENT
     assert all(isinstance(fields[index], bytes) for index in (VIEW, ACKS, BASE, 12))
     assert isinstance(fields[1], str) and isinstance(fields[13], str)
     leave = make_codec().seal(Leave("a", 1, 2))
@@ -605,14 +609,19 @@ def test_the_name_must_be_what_the_sender_id_is_made_of() -> None:
     assert codec.open(codec.seal(unnamed)) == unnamed
 
 
-def test_a_body_of_the_old_layout_is_refused() -> None:
-    """Version 2 was never released with its first layout: none of it is read."""
+def test_a_body_of_an_old_layout_is_refused() -> None:
+    """Version 2 was never released with its first layout, and version 3 added the
+    health field: a body of either older layout is not read."""
     old = [1, "a", 1, 1, 1, False, msgpack.packb([["a", 1, 1, False]]), [0], True, 0, 0,
            msgpack.packb([]), bytes(4)]
-    with pytest.raises(DecodeError, match="14 fields"):
+    with pytest.raises(DecodeError, match="15 fields"):
         decode(old)
     with pytest.raises(DecodeError):
         decode([*old, ""])
+    version2 = doc_body(limit_heartbeat())[:-1]
+    with pytest.raises(DecodeError, match="15 fields"):
+        decode(version2)
+    assert decode([*version2, 0]) == limit_heartbeat()
 
 
 # --- limits ------------------------------------------------------------------------
@@ -758,9 +767,9 @@ def test_any_split_of_64_nodes_fits_one_frame(nodes: int, data: st.DataObject) -
 
 def test_the_size_bound_grows_past_one_frame_beyond_64_nodes() -> None:
     """Beyond the goal a heartbeat may take several frames (IP fragments): 18 bytes
-    per node with wire IDs, so one frame holds up to 70 nodes, 256 take ~4.8 kB."""
-    bounds = {n: heartbeat_size_bound(n) for n in (1, 3, 32, 64, 65, 70, 71, 256)}
-    assert bounds[64] == 1363 and bounds[70] <= FRAME_PAYLOAD < bounds[71]
+    per node with wire IDs, so one frame holds up to 69 nodes, 256 take ~4.8 kB."""
+    bounds = {n: heartbeat_size_bound(n) for n in (1, 3, 32, 64, 65, 69, 70, 71, 256)}
+    assert bounds[64] == 1364 and bounds[69] <= FRAME_PAYLOAD < bounds[70]
     assert bounds[65] - bounds[64] in (18, 19)  # 19 when the bitmap grows by a byte
     assert bounds[256] < 5000
     assert len(make_codec().seal(worst_case_heartbeat(71, 71, "all"))) == bounds[71]
@@ -950,6 +959,7 @@ SWAPS: list[tuple[str, Any]] = [
     ("view", (Member("a", 1.0, 1, False),)),  # type: ignore[arg-type]
     ("view", (Member("a", 2**48, 1, False),)),
     ("view", (Member("A", 1, 1, False),)), ("name", "x"), ("name", wire_id("a")),
+    ("health", 8), ("health", -1), ("health", True), ("health", 5),
 ]
 
 
@@ -1219,7 +1229,7 @@ def test_random_bytes(data: bytes) -> None:
 @FUZZ
 @given(st.binary(max_size=1024))
 def test_random_bytes_behind_a_valid_header_cannot_authenticate(tail: bytes) -> None:
-    header = b"LB\x02" + key_fingerprint(KEY) + bytes(12)
+    header = b"LB\x03" + key_fingerprint(KEY) + bytes(12)
     with pytest.raises(DecodeError):
         make_codec().open(header + tail)
 

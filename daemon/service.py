@@ -20,7 +20,7 @@ Steady state: every input (datagrams, timer, signal, control command) is one cor
 call handed to the driver (``protocol/driver.py``, the one the simulator proves):
 it logs the step's events, then carries out the core's actions *in order* (break
 before make; nothing after a PersistBase until its fsync, done in a thread, is
-through) through this class's ``Effects`` methods, and says when to wake next.
+through) through the ``Effects`` methods (``effects.py``), and says when to wake next.
 The single timer is armed at that deadline. While the core is quiet
 (``quiet_until``: the cluster is settled) the socket is not watched: the wake-up
 reads everything queued, with kernel arrival times (``heartbeat.py``), in one
@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import functools
 import os
 import signal
 import socket
@@ -59,7 +57,8 @@ from typing import Any
 
 from lbd.daemon import control
 from lbd.daemon.config import DaemonConfig, load_config, load_keyring
-from lbd.daemon.heartbeat import StampedReader, heartbeat_socket, send_from
+from lbd.daemon.effects import EffectsMixin
+from lbd.daemon.heartbeat import StampedReader, heartbeat_socket
 from lbd.daemon.kernelwatch import KernelWatch
 from lbd.daemon.notify import (
     ERR,
@@ -69,7 +68,6 @@ from lbd.daemon.notify import (
     LogSink,
     Notifier,
     describe_loop_error,
-    named,
 )
 from lbd.daemon.statedir import (
     StartupError,
@@ -77,13 +75,11 @@ from lbd.daemon.statedir import (
     load_base_agreement,
     load_quorum_base,
     next_incarnation,
-    save_quorum_base,
 )
 from lbd.netcfg.hbfilter import HeartbeatFilter, interface_networks
 from lbd.netcfg.linkproc import LinkProcess
-from lbd.netcfg.macmode import ANCHOR_BUCKET, MacMode
+from lbd.netcfg.macmode import MacMode
 from lbd.netcfg.nft import NftDataplane
-from lbd.protocol import events as ev
 from lbd.protocol.driver import Datagram, Driver
 from lbd.protocol.errors import LbdError
 from lbd.protocol.membership import Node
@@ -110,7 +106,7 @@ RESTART_KEYS = ("cluster", "interface", "address", "vips", "node_id", "buckets",
 PROBLEM_LOG_EVERY = 30.0
 
 
-class Service:
+class Service(EffectsMixin):
     """One running daemon. ``await run()`` returns the process exit code."""
 
     def __init__(self, cfg: DaemonConfig, config_path: Path, keyring: Keyring, *,
@@ -139,7 +135,6 @@ class Service:
         # The shell's problems (the core has its own): key -> one line for lbd-cli status.
         self.shell_problems: dict[str, str] = {}
         self.hbfilter: HeartbeatFilter | None = None
-        self._answer_errors = 0
         self._sock: socket.socket | None = None
         self._reader: StampedReader
         self._watching = False
@@ -150,13 +145,6 @@ class Service:
         self._leaving = False
         self._drops_logged = (0, 0.0)
         self._problems_logged: dict[str, tuple[float, int]] = {}
-        self._send_errors = 0
-        self._applies = 0
-        self._apply_seconds = 0.0
-        self._apply_max = 0.0
-        self._applied: ev.ApplyKernel | None = None
-        """The last ApplyKernel carried out (a chunked claim continues it)."""
-        self._claim_due = False
         self._status_key: tuple[Any, ...] = ()
 
     # ------------------------------------------------------------ life cycle
@@ -423,122 +411,6 @@ class Service:
             return
         self._arm_timer()
 
-    # ------------------------------------------------------------ effects (driver.Effects)
-
-    def record(self, events: list[ev.Event]) -> None:
-        """One step's events to the journal (before its actions run)."""
-        core = self.core
-        fields = {"SLICES": str(len(core.held)), "VIEW": core.digest()}
-        for event in events:
-            self.sink.event(named(event, core.name_of), fields)
-
-    def persist_base(self, action: ev.PersistBase) -> None:
-        """Written in a thread (fsync must not stall the loop); the driver holds
-        everything after it (the claim and the heartbeat that advertise the base)
-        until ``_persisted``."""
-        future = asyncio.get_running_loop().run_in_executor(None, functools.partial(
-            save_quorum_base, self._state_dir, action.base, action.epoch,
-            action.previous, params=action.params, credentials=action.credentials))
-        future.add_done_callback(self._persisted)
-
-    def _persisted(self, future: asyncio.Future[None]) -> None:
-        if future.cancelled():
-            return  # the loop is closing
-        exc = future.exception()
-        if exc is not None:
-            self.driver.persisted(False)
-            self._persist_failed(exc)
-        elif self.driver.persisted(True) and self._leaving and self.driver.left:
-            self._finish(0)  # the leave waited for its last base to be stored
-
-    def _persist_failed(self, exc: BaseException) -> None:
-        """Stop before the heartbeat (and any claim) that needed the base on disk: a
-        restart on an older base than the peers confirmed could make this node a
-        stale quorum (S1). The driver already dropped what waited."""
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        self.sink.emit(ERR, f"cannot store the quorum base in {self._state_dir}: {reason}; "
-                       "stopping (a restart must not forget it)", "PersistFailed")
-        if self._nft is not None:
-            self._nft.close()  # the owner table goes with our netlink socket: closed
-            self._nft = None
-        self._finish(1)
-
-    def apply_kernel(self, action: ev.ApplyKernel) -> bool:
-        return self._apply(action)
-
-    def _apply(self, action: ev.ApplyKernel) -> bool:
-        if self._nft is None:
-            return False  # already failed and stopping
-        lease_ms = until_ns = None
-        if action.lease_until is not None:
-            # The wall clock first: a pause between the two readings can only make
-            # the absolute deadline earlier. Rounded down: never past the core's.
-            wall = time.time_ns()
-            left = action.lease_until - time.monotonic()
-            lease_ms, until_ns = max(0, int(left * 1000)), wall + int(left * 1e9)
-        try:
-            # A lease already over is no lease: owned buckets without one accept nothing.
-            self._nft.apply(action.owned, lease_ms or None, until_ns=until_ns)
-        except (LbdError, ValueError) as exc:
-            self.sink.emit(ERR, f"kernel refused the ruleset, stopping: {exc}",
-                           "KernelApplyFailed")
-            # The owner table goes with our netlink socket; the guard keeps us closed.
-            self._nft.close()
-            self._nft = None
-            self._finish(1)
-            return False
-        stats = self._nft.last_apply_stats
-        if stats is not None:
-            self._applies += 1
-            self._apply_seconds += stats.seconds
-            self._apply_max = max(self._apply_max, stats.seconds)
-        self._applied = action
-        if self._nft.pending_count and not self._claim_due:
-            # The rest of a big claim in the loop's next turn: heartbeats go between.
-            self._claim_due = True
-            asyncio.get_running_loop().call_soon(self._continue_claim)
-        if self._macmode is not None:
-            self._answer(lease_ms if ANCHOR_BUCKET in self._nft.owned and lease_ms else None)
-        return True
-
-    def _continue_claim(self) -> None:
-        """Apply the last applied action again: its next part of the claim, with its
-        own deadline (the driver has moved on only if it applied a newer one)."""
-        self._claim_due = False
-        if self._nft is not None and self._nft.pending_count and self._applied is not None:
-            self._apply(self._applied)
-
-    def _answer(self, lease_ms: int | None) -> None:
-        """Be the ARP/ND responder for ``lease_ms`` or stop. Not a safety matter (a
-        gap only delays address resolution; two answers would be identical), so a
-        failure is logged, not fatal."""
-        if self._macmode is None:
-            return
-        try:
-            self._macmode.answer(lease_ms)
-        except LbdError as exc:
-            if self._answer_errors % 1000 == 0:
-                self.sink.emit(ERR, f"cannot update the ARP/ND responder: {exc} "
-                               f"({self._answer_errors + 1} so far)")
-            self._answer_errors += 1
-
-    def transmit(self, data: bytes) -> None:
-        if self._sock is None:
-            return
-        targets = [self.config.group] if self.config.multicast else []
-        targets += [peer for peer in self.config.peers if peer != self.address]
-        for target in targets:
-            try:
-                send_from(self._sock, self.address, (target, self.config.port), data)
-            except OSError as exc:
-                # Heartbeats are lossy by design; a full buffer or a down link must
-                # not stop the loop. Log the first and then every 1000th failure.
-                if self._send_errors % 1000 == 0:
-                    self.sink.emit(WARNING, f"heartbeat to {target} not sent: "
-                                   f"{errno.errorcode.get(exc.errno or 0, exc)} "
-                                   f"({self._send_errors + 1} so far)")
-                self._send_errors += 1
-
     def _arm_timer(self) -> None:
         """The single timer at the driver's deadline; the socket watched unless the
         core is quiet (then read at the timer, once per interval)."""
@@ -591,19 +463,6 @@ class Service:
                 self.sink.emit(ERR, f"hearing {count - logged} more datagrams from {address} "
                                f"that fail {reason} ({count} so far)", "StrangerHeard",
                                {"OTHER_ADDRESS": address, "COUNT": str(count)})
-
-    def kernel_stats(self) -> dict[str, Any]:
-        """Kernel transactions so far (owner set and lease changes) and their cost."""
-        last = self._nft.last_apply_stats if self._nft is not None else None
-        return {
-            "applies": self._applies,
-            "mean_apply_ms": round(1000 * self._apply_seconds / self._applies, 3)
-            if self._applies else None,
-            "last_apply_ms": None if last is None else round(1000 * last.seconds, 3),
-            "max_apply_ms": round(1000 * self._apply_max, 3),
-            "claim_pending": self._nft.pending_count if self._nft is not None else 0,
-            "deadline_checked": self._nft is not None and self._nft.deadline_checked,
-        }
 
     def problems(self, now: float) -> list[str]:
         """The core's problems, then the shell's (kernel state: kernelwatch.py)."""

@@ -239,7 +239,7 @@ def test_cli_run_turns_an_unforeseen_exception_into_one_line_and_exit_1(
 
 def test_a_quorum_base_stored_with_node_names_is_read_as_wire_ids(tmp_path: Path) -> None:
     """Records written before wire IDs hold names: a restart must still find its base."""
-    from lbd.daemon.service import load_quorum_base, save_quorum_base
+    from lbd.daemon.statedir import load_quorum_base, save_quorum_base
     from lbd.protocol.messages import wire_id
 
     save_quorum_base(tmp_path, ("node0", "node1"), 4, ("node0", "node1", "node2"))
@@ -253,7 +253,7 @@ def test_a_quorum_base_stored_with_node_names_is_read_as_wire_ids(tmp_path: Path
 
 def test_a_corrupt_quorum_base_is_a_clear_error_not_a_first_start(tmp_path: Path) -> None:
     from lbd.daemon.config import ConfigFileError
-    from lbd.daemon.service import load_quorum_base
+    from lbd.daemon.statedir import load_quorum_base
 
     record = tmp_path / "quorum-base.json"
     for text in ('{"version": 1, "base": "node0", "epoch": 3}', "{not json", '{"version": 9}'):

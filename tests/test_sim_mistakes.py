@@ -5,9 +5,10 @@ simulator's virtual clock and network: a node with another parameter, a node
 with another key or cluster name, first starts under ``bootstrap_expect``, key
 rotations (right and botched) and a cloned node ID. S1 is checked on every
 kernel change, client by client wherever two nodes map clients to buckets
-differently (tests/clustersim.py). The random schedules then mix the mistakes
-with the ordinary faults (``run_random_schedule(seed, timers, mistakes=True)``
-replays a failing seed; ``LBD_SIM_MISTAKES`` sets how many run here).
+differently (tests/clustersim.py). The random schedules (tests/simschedules.py)
+then mix the mistakes with the ordinary faults
+(``run_random_schedule(seed, timers, mistakes=True)`` replays a failing seed;
+``LBD_SIM_MISTAKES`` sets how many run here).
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ import clustersim
 import pytest
 from clustersim import (
     KEY,
-    SHARED,
     WRONG_KEY,
     Cluster,
     SimNode,
     Violation,
     kernel_mapping,
-    run_random_schedule,
     settle,
 )
+from simschedules import SHARED, run_random_schedule
 
 from lbd.protocol import events as ev
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, Timers

@@ -3,7 +3,7 @@
 Named scenarios check S1 (every kernel change), L1 (failover within the bound)
 and L2 (only the buckets that must move do) for each fault kind; the random
 schedules then mix faults freely. A failure prints its seed: rerun it with
-``run_random_schedule(seed, FAST_TIMERS)`` from tests/clustersim.py (operators'
+``run_random_schedule(seed, FAST_TIMERS)`` from tests/simschedules.py (operators'
 mistakes, ``mistakes=True``, are proved in test_sim_mistakes.py). S1 is checked per
 bucket between nodes that map clients alike and per sampled client otherwise.
 """
@@ -24,9 +24,9 @@ from clustersim import (
     Violation,
     accepted_clients,
     client_buckets,
-    run_random_schedule,
     settle,
 )
+from simschedules import run_random_schedule
 
 from lbd.protocol import events as ev
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, QuorumMode, Timers

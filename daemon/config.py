@@ -122,6 +122,9 @@ class DaemonConfig:
     """Unprivileged user the exec checks and agent run as (must exist when used)."""
     check_allow_root: bool = False
     """Allow ``check_user`` to be root (uid 0); refused otherwise."""
+    all_unhealthy: str = "serve"
+    """When every member is unhealthy: "serve" (keep serving rather than refuse the
+    whole VIP) or "close" (drain regardless)."""
 
     def effective_cluster_mac(self) -> str | None:
         """The MAC the VIPs resolve to: in multicast mode ``cluster_mac`` or the one
@@ -326,6 +329,9 @@ def _check_values(p: Path, cfg: DaemonConfig) -> None:
                               f"(use at most {most} buckets, or longer timers)")
     if not cfg.cluster or len(cfg.cluster.encode()) > 64:
         raise ConfigFileError(p, "cluster", "must be 1..64 bytes")
+    if cfg.all_unhealthy not in ("serve", "close"):
+        raise ConfigFileError(p, "all_unhealthy",
+                              f'{cfg.all_unhealthy!r} is not "serve" or "close"')
     if cfg.quorum not in ("majority", "none"):
         raise ConfigFileError(p, "quorum", f'{cfg.quorum!r} is not "majority" or "none"')
     if cfg.address is not None:

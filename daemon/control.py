@@ -85,6 +85,9 @@ def status(service: Service, now: float) -> dict[str, Any]:
         "kernel": service.kernel_stats(),
         # Datagrams to the heartbeat port the kernel dropped (netcfg/hbfilter.py).
         "heartbeat_filter": service.hbfilter.counters() if service.hbfilter else {},
+        "drain_reasons": sorted(service.drain_reasons),
+        # Checks, tracked interfaces and the load agent (healthlink.py), if configured.
+        "health": service.healthlink.status() if service.healthlink is not None else None,
     }
 
 

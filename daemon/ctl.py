@@ -113,8 +113,26 @@ def format_status(s: dict[str, Any]) -> str:
     if keys:
         lines.append(f"keys        seals with {keys['seals']}, accepts "
                      f"{', '.join(keys['accepts'])}")
+    lines += _health_lines(s.get("health"))
     lines += [f"PROBLEM     {problem}" for problem in s.get("problems", [])]
     return "\n".join(lines)
+
+
+def _health_lines(health: dict[str, Any] | None) -> list[str]:
+    """One line per check, tracked interface and the agent, then each one's output."""
+    if not health:
+        return []
+    lines = [f"health      {'healthy' if health['healthy'] else 'UNHEALTHY'}"
+             f"{' (serving anyway: every node is unhealthy)' if health['serving_anyway'] else ''}"]
+    for c in health["checks"]:
+        latency = "" if c.get("latency_ms") is None else f" in {c['latency_ms']} ms"
+        said = f": {c['reason']}" if c.get("reason") else ""
+        extra = f", weight {c['weight']}" if c["kind"] == "agent" and "weight" in c else ""
+        lines.append(_clip(f"  {c['kind']:<9} {c['name']:<12} {c['state']}"
+                           f"{extra} (last {c.get('result') or 'none'}{said}{latency})", WIDTH))
+        if c.get("output"):
+            lines.append(_clip(f"            output: {' '.join(c['output'].split())}", WIDTH))
+    return lines
 
 
 def format_table(t: dict[str, Any]) -> str:

@@ -81,6 +81,11 @@ MESSAGE_IDS: dict[str, str] = {
     "SysctlChanged": "6e3c95e838fb4b3683f759dc690bd1fe",
     "ClusterMacLeft": "a679dd36246f4ffbb729209d64279838",
     "KernelStateRestored": "7852e9383aea482b84821feb4a0e95aa",
+    # Service health (daemon/healthlink.py).
+    "CheckFailed": "f9977e921e7a4d3fa5936d1f86891830",
+    "CheckRecovered": "6ee85b3dbd994dff96f055beccde6394",
+    "EveryNodeUnhealthy": "baf572615f494c65a60a9ae73a56b2ef",
+    "WeightChanged": "6ffb16fdb6ce4f1ca5b43d0d1a9ea29f",
     "KernelRestoreFailed": "827e7df3e6ec43f5a73fcc822ca2dbdd",
 }
 

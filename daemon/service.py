@@ -55,9 +55,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lbd.daemon import control
+from lbd.daemon import control, healthlink
 from lbd.daemon.config import DaemonConfig, load_config, load_keyring
 from lbd.daemon.effects import EffectsMixin
+from lbd.daemon.healthlink import HealthLink
 from lbd.daemon.heartbeat import StampedReader, heartbeat_socket
 from lbd.daemon.kernelwatch import KernelWatch
 from lbd.daemon.notify import (
@@ -100,7 +101,8 @@ CLAIM_CHUNK = 4096
 RESTART_KEYS = ("cluster", "interface", "address", "vips", "node_id", "buckets", "seed",
                 "quorum", "timers", "timer_profile", "group", "port", "multicast",
                 "mac_mode", "cluster_mac", "balance", "prefix4", "prefix6", "control_socket",
-                "state_dir", "bootstrap_expect")  # fmt: skip
+                "state_dir", "bootstrap_expect", "checks", "track_interface", "agent",
+                "check_user", "check_allow_root", "all_unhealthy")  # fmt: skip
 # A problem that lasts (a stranger's datagrams, a mismatched peer) is logged again at
 # most this often, with what was heard since.
 PROBLEM_LOG_EVERY = 30.0
@@ -129,8 +131,10 @@ class Service(EffectsMixin):
         self._link: LinkProcess | None = None
         self._macmode: MacMode | None = None
         self._kernelwatch: KernelWatch | None = None
-        # Why the node drains: "operator" (lbd-cli, config) and "kernel: ..." (one per
-        # kernel fault, kernelwatch.py). It drains while any holds: none undoes another.
+        self.healthlink: HealthLink | None = None
+        # Why the node drains: "operator" (lbd-cli, config), "kernel: ..." (one per
+        # kernel fault, kernelwatch.py), "health" and "agent" (healthlink.py). It
+        # drains while any holds: none undoes another.
         self.drain_reasons: set[str] = set()
         # The shell's problems (the core has its own): key -> one line for lbd-cli status.
         self.shell_problems: dict[str, str] = {}
@@ -251,11 +255,16 @@ class Service(EffectsMixin):
             self._kernelwatch.start()
         except LbdError as exc:
             raise StartupError(f"cannot watch the kernel state: {exc}") from None
+        if healthlink.wanted(self):  # checks, tracked interfaces, the load agent
+            self.healthlink = HealthLink(self)
+            await self.healthlink.start()
 
     async def _stop(self) -> None:
         """Undo in the safe order; every step is attempted even if one fails."""
         if self._kernelwatch is not None:  # first: it must not put back what we remove
             await self._kernelwatch.stop()
+        if self.healthlink is not None:
+            await self.healthlink.stop()
         if self._timer is not None:
             self._timer.cancel()
         if self._sock is not None:
@@ -369,7 +378,9 @@ class Service(EffectsMixin):
                            f"{ring.current_fingerprint.hex()}, accepting "
                            f"{', '.join(fp.hex() for fp in ring.fingerprints)}", "Reloaded")
         now = time.monotonic()
-        if new.weight != old.weight:
+        if new.weight != old.weight and self.healthlink is not None:
+            self.healthlink.monitor.set_weight(new.weight)  # scaled by the agent
+        elif new.weight != old.weight:
             self.core.set_weight(new.weight, now)
         if new.draining != old.draining:
             self.set_draining(new.draining, "config reload")
@@ -409,6 +420,8 @@ class Service(EffectsMixin):
         if self._leaving and self.driver.left:
             self._finish(0)
             return
+        if self.healthlink is not None:
+            self.healthlink.after_step()  # peers' health came with their heartbeats
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -466,7 +479,8 @@ class Service(EffectsMixin):
 
     def problems(self, now: float) -> list[str]:
         """The core's problems, then the shell's (kernel state: kernelwatch.py)."""
-        return self.core.problems(now) + list(self.shell_problems.values())
+        health = self.healthlink.problems() if self.healthlink is not None else []
+        return self.core.problems(now) + list(self.shell_problems.values()) + health
 
     def _status_text(self) -> str:
         core = self.core

@@ -212,6 +212,7 @@ class FakeService:
     _nft: FakeNft = field(default_factory=FakeNft)
     _macmode: None = None
     _link: None = None
+    healthlink: None = None
     processed: int = 0
 
     set_draining = Service.set_draining

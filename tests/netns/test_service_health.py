@@ -14,12 +14,22 @@ own echo service on 127.0.0.1, under client load with a capture:
 
 Zero duplicate answers throughout; established connections break only on node1,
 whose service was killed under them.
+
+The other scenarios of issue 14, each on a fresh bed under load with a capture:
+
+* **hang** (SIGSTOP of node1's echo service): a plain TCP check cannot see it (the
+  kernel completes the handshake into the listen backlog), so this test checks with an
+  exec check that must read the service's greeting line; its timeout path drains node1
+  within ``FALL x INTERVAL + HANG_TIMEOUT + HANDOFF``; SIGCONT brings node1 back.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +41,38 @@ from .nsutil import wait_for
 from .test_e2e import SETTLE, assert_failover
 from .traffic import TCP_PORT
 
-CHECK = (f'\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:{TCP_PORT}"\ninterval = 0.2\n'
-         "timeout = 0.1\nrise = 2\nfall = 2\n")
-# fall 2 x 0.2 s, a run's timeout, then the handoff (fast timers, ~0.15 s).
-DRAIN_LIMIT_MS = 1200.0
+INTERVAL, TIMEOUT, RISE, FALL = 0.2, 0.1, 2, 2
+CHECK = (f'\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:{TCP_PORT}"\ninterval = {INTERVAL}\n'
+         f"timeout = {TIMEOUT}\nrise = {RISE}\nfall = {FALL}\n")
+PROFILE = "default"
+"""Timers: the fast profile (a peer dead after 140 ms of silence) flaps on a machine
+whose load average reaches 9 (seen here); the default one (700 ms) does not."""
+HANDOFF = 0.3
+"""A drain's handoff with the default timers: release, then the barrier (heartbeats
+prompted by the view change, at most a few 100 ms intervals)."""
+LOAD_SLACK = 0.6
+"""What a loaded 2-core machine adds to a bound (stalled loops, the client's sampling)."""
+# The first failing run starts within one interval of the fault, the fall-th within
+# fall intervals; it ends within its timeout; then the handoff.
+DRAIN_LIMIT_MS = (FALL * INTERVAL + TIMEOUT + HANDOFF + LOAD_SLACK) * 1000
 
 
 class CheckedCluster(LbdCluster):
-    """Every node's config gets the check of its echo service."""
+    """Every node's config gets ``checks`` (default: the TCP check of its echo service);
+    ``top[i]``: node i's extra top-level keys, ``tail[i]``: TOML appended to its file."""
+
+    def __init__(self, bed: Bed, workdir: Path, *, checks: str = CHECK,
+                 top: dict[int, dict[str, str]] | None = None,
+                 tail: dict[int, str] | None = None, profile: str = PROFILE) -> None:
+        super().__init__(bed, workdir, profile=profile)
+        self.checks = checks
+        self.top = top or {}
+        self.tail = tail or {}
 
     def config(self, index: int, **extra: str) -> Path:
-        path = super().config(index, **extra)
-        path.write_text(path.read_text() + CHECK)
+        # Top-level keys go with the others, above the first [table] ([timers]).
+        path = super().config(index, **{**self.top.get(index, {}), **extra})
+        path.write_text(path.read_text() + self.checks + self.tail.get(index, ""))
         return path
 
 
@@ -61,7 +91,7 @@ def test_a_node_serves_only_while_its_service_does(
     bed: Callable[..., Bed], tmp_path: Path
 ) -> None:
     the_bed = bed(nodes=3, add_vip=False)
-    cluster = CheckedCluster(the_bed, tmp_path / "cluster", profile="fast")
+    cluster = CheckedCluster(the_bed, tmp_path / "cluster")
     run = Run(the_bed, cluster)
     try:
         cluster.start_all()
@@ -123,8 +153,80 @@ def test_a_node_serves_only_while_its_service_does(
                        for i in range(3))
 
         wait_for(everyone_says_so, 10.0, what="every node to report EveryNodeUnhealthy")
-        time.sleep(SETTLE)
-        slices = cluster.converged([0, 1, 2])
-        assert slices is not None and all(v > 0 for v in slices.values()), slices
+        # Bounded wait, not a snapshot: on a loaded machine the fast timers may lose a
+        # heartbeat now and then. Drained nodes would hold no slice (and sum to 0).
+        cluster.wait_converged(check=lambda s: all(v > 0 for v in s.values()),
+                               what="every unhealthy node to keep serving")
     finally:
         run.close()
+
+
+# ------------------------------------------------------------------ the other scenarios
+
+HANG_TIMEOUT = 0.15
+# A TCP check passes against a stopped process (the kernel accepts into the backlog):
+# this one must read the service's greeting line, so a hung service times it out.
+HANG_CHECK = (f'\n[[check]]\nname = "echo"\nexec = ["/bin/bash", "-c", '
+              f"'exec 3<>/dev/tcp/127.0.0.1/{TCP_PORT} && read -r line <&3']\n"
+              f"interval = {INTERVAL}\ntimeout = {HANG_TIMEOUT}\nrise = {RISE}\n"
+              f"fall = {FALL}\n")
+HANG_BOUND = FALL * INTERVAL + HANG_TIMEOUT + HANDOFF
+"""Hung service to clients served by others: fall x interval + timeout + handoff."""
+@contextmanager
+def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster
+            ) -> Iterator[tuple[Run, dict[int, Any]]]:
+    """Daemons and services up, every node serving, client load and capture running."""
+    run = Run(the_bed, cluster)
+    try:
+        cluster.start_all()
+        services = start_services(the_bed, [0, 1, 2])
+        cluster.wait_converged(check=lambda s: all(v > 0 for v in s.values()),
+                               what="the cluster to serve once the checks rose")
+        run.capture = Capture(the_bed, tmp_path)
+        run.load = ClientLoad(the_bed, tmp_path)
+        time.sleep(SETTLE)
+        yield run, services
+    finally:
+        run.close()
+
+
+def assert_no_harm(record: dict[str, Any], report: Any,
+                   excluded: set[str] | frozenset[str] = frozenset()) -> None:
+    """S1 and S3: no duplicate answer, no long-lived connection broken or reset on a
+    node not in ``excluded`` (whose service the test stopped under its connections)."""
+    assert report.syns > 100 and report.duplicates == 0, report
+    assert metrics.udp_duplicates(record) == 0
+    kept = {c["source"] for c in record["conns"] if c["node"] not in excluded}
+    assert kept, record["conns"]
+    assert not [r for r in report.resets if r[0] in kept], report.resets
+    assert not metrics.broken(record, excluded), metrics.broken(record, excluded)
+
+
+def test_a_hung_service_drains_its_node(bed: Callable[..., Bed], tmp_path: Path) -> None:
+    """SIGSTOP of node1's service: the check times out ``fall`` times in a row, node1
+    drains, and its clients are served by the others within
+    ``fall x interval + timeout + handoff`` (HANG_BOUND; plus LOAD_SLACK); SIGCONT: back."""
+    the_bed = bed(nodes=3, add_vip=False)
+    cluster = CheckedCluster(the_bed, tmp_path / "cluster", checks=HANG_CHECK)
+    node1 = the_bed.nodes[1].name
+    with serving(the_bed, tmp_path, cluster) as (run, services):
+        fault = time.monotonic()
+        os.kill(services[1].pid, signal.SIGSTOP)  # the Popen this test started
+        try:
+            cluster.wait_converged(check=lambda s: s["node1"] == 0,
+                                   what="node1 to drain on its hung service")
+            rows = {r["node_id"]: r for r in cluster.query(0, "members")}
+            assert rows["node1"]["health"] == "unhealthy: check", rows
+            assert f"check echo failed: timed out after {HANG_TIMEOUT:.2f} s" in cluster.log(1)
+            time.sleep(SETTLE)
+        finally:
+            os.kill(services[1].pid, signal.SIGCONT)
+        cluster.wait_converged(check=holds_slices(1), what="node1 to serve after SIGCONT")
+        assert "check echo recovered" in cluster.log(1)
+        time.sleep(SETTLE)
+        record, report = run.finish()
+        print(f"hang: bound {HANG_BOUND * 1000:.0f} ms + slack {LOAD_SLACK * 1000:.0f} ms")
+        figures = assert_failover(record, fault, node1, (HANG_BOUND + LOAD_SLACK) * 1000)
+        assert set(figures["absorbed_by"]) >= {the_bed.nodes[0].name, the_bed.nodes[2].name}
+        assert_no_harm(record, report, {node1})
+        assert metrics.shares(record, since=time.monotonic() - SETTLE)[node1] > 0

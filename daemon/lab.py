@@ -1,7 +1,7 @@
 """``lbd lab``: a whole lbd cluster on this machine, a real failure, measured.
 
-    lbd lab [--nodes 3] [--fail kill|stop|linkdown|partition] [--profile default|fast]
-            [--json]
+    lbd lab [--nodes 3] [--fail kill|stop|linkdown|partition|service]
+            [--profile default|fast] [--json]
 
 Builds a hub test bed of network namespaces (prefix ``lbdlab-``; leftovers of an
 earlier run are removed first), starts a real lbd daemon in every node with a generated
@@ -10,8 +10,10 @@ namespace that opens a new TCP connection and sends a UDP query every 4 ms from 
 source addresses, plus one long-lived connection per node. It shows the per-node share
 of new connections as bars, the membership (as ``lbd-cli members``) and a progress
 line; then fails one node (``kill``: SIGKILL of its daemon; ``stop``: SIGSTOP;
-``linkdown``: host death; ``partition``: its heartbeats dropped), shows the survivors
-absorbing its slices, brings it back, shows it rejoin, and reports the client-visible
+``linkdown``: host death; ``partition``: its heartbeats dropped; ``service``: its echo
+service killed while lbd lives: every daemon then runs a ``[[check]]`` of its echo
+service, and the node drains on the failing check), shows the others absorbing its
+slices, brings it back, shows it rejoin, and reports the client-visible
 outage, duplicate answers (from a packet capture) and broken connections. ``--json``
 prints only the measured figures. Ctrl-C, SIGTERM or any error tears everything down.
 
@@ -41,7 +43,10 @@ from lbd.daemon.ctl import format_members
 
 REPO_TESTS = Path(__file__).resolve().parents[1] / "tests"
 PREFIX = "lbdlab-"
-FAULTS = ("kill", "stop", "linkdown", "partition")
+FAULTS = ("kill", "stop", "linkdown", "partition", "service")
+# --fail service: each node checks its own echo service (README, "Service health").
+SERVICE_CHECK = ('\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:80"\ninterval = 0.2\n'
+                 "timeout = 0.1\nrise = 2\nfall = 2\n")
 BAR_WIDTH = 40
 PHASE_SECONDS = 2.5
 EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
@@ -145,12 +150,25 @@ class Lab:
         args = self.args
         self.bed = lab_bed(self.bed_module, args.nodes)
         self.bed.build()
-        self.cluster = self.cluster_module.LbdCluster(self.bed, self.workdir / "cluster",
-                                                      profile=args.profile, buckets=1024)
+        cluster_class = self.cluster_module.LbdCluster
+        if args.fail == "service":
+            cluster_class = _checked(cluster_class)
+        self.cluster = cluster_class(self.bed, self.workdir / "cluster",
+                                     profile=args.profile, buckets=1024)
         everyone = list(range(args.nodes))
         self.cluster.start_all()
-        self.cluster.wait_converged(everyone, what="the cluster to form")
-        self.bed.start_echo(addrs=[self.bed.vip4])
+        self.services: dict[int, Any] = {}
+        if args.fail == "service":
+            # The daemons add the VIP at start; nobody claims before its check rose.
+            self.bed.wait_for(lambda: all(
+                self.bed.vip4 in self.bed.run(n.name, "ip", "-4", "addr").stdout
+                for n in self.bed.nodes), 10.0)
+            self.services = dict(enumerate(self.bed.start_echo(
+                addrs=[self.bed.vip4, "127.0.0.1"])))
+        self.cluster.wait_converged(everyone, what="the cluster to form",
+                                    check=lambda s: all(v > 0 for v in s.values()))
+        if args.fail != "service":
+            self.bed.start_echo(addrs=[self.bed.vip4])
         self.capture = self.cluster_module.Capture(self.bed, self.workdir)
         self.load = self.cluster_module.ClientLoad(self.bed, self.workdir)
         self.watch("serving: every node takes its share", PHASE_SECONDS)
@@ -159,7 +177,12 @@ class Lab:
         name = self.bed.nodes[victim].name
         survivors = [i for i in everyone if i != victim]
         fault = self.inject(victim)
-        absorbed = self.converge(survivors, f"{args.fail} {name}: survivors absorb its slices")
+        if args.fail == "service":  # it stays a member, draining
+            absorbed = self.converge(everyone, f"service of {name} killed: it drains",
+                                     check=lambda s: s[f"node{victim}"] == 0)
+        else:
+            absorbed = self.converge(survivors,
+                                     f"{args.fail} {name}: survivors absorb its slices")
         self.watch(f"{name} is down: the survivors serve its slices", PHASE_SECONDS)
         back = time.monotonic()
         self.recover(victim)
@@ -171,7 +194,8 @@ class Lab:
         self.load = None
         report = self.capture.stop()
         self.capture = None
-        down = {name} if args.fail == "linkdown" else set()
+        # A host that died, or a service killed under its connections, breaks them.
+        down = {name} if args.fail in ("linkdown", "service") else set()
         failover = metrics.outage(record, fault, name, horizon=back - fault)
         return {
             "nodes": args.nodes,
@@ -204,6 +228,11 @@ class Lab:
             return float(self.cluster.hang(victim))
         if fail == "linkdown":
             return float(self.cluster.link_down(victim))
+        if fail == "service":
+            at = time.monotonic()
+            self.services[victim].kill()  # by PID: the echo server this lab started
+            self.services[victim].wait(timeout=5)
+            return at
         return float(self.cluster.partition(victim, "both"))
 
     def recover(self, victim: int) -> None:
@@ -214,6 +243,9 @@ class Lab:
             self.cluster.resume(victim)
         elif fail == "linkdown":
             self.cluster.link_up(victim)
+        elif fail == "service":
+            self.services[victim] = self.bed.start_echo(
+                nodes=[victim], addrs=[self.bed.vip4, "127.0.0.1"])[0]
         else:
             self.cluster.heal(victim)
 
@@ -226,6 +258,18 @@ class Lab:
             self.cluster.stop_all()
         if self.bed is not None:
             self.bed.teardown()
+
+
+def _checked(base: Any) -> Any:
+    """The harness's cluster class with the echo service's check in every config."""
+
+    class Checked(base):  # type: ignore[misc]
+        def config(self, index: int, **extra: str) -> Path:
+            path: Path = super().config(index, **extra)
+            path.write_text(path.read_text() + SERVICE_CHECK)
+            return path
+
+    return Checked
 
 
 def render(figures: dict[str, Any]) -> str:

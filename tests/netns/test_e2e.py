@@ -272,3 +272,26 @@ def test_lbd_lab_json_figures(capsys: pytest.CaptureFixture[str]) -> None:
     assert figures["converged_after"] and figures["tcp_ok"] > 1000
     # Nothing of the lab is left behind.
     assert not any(name.startswith("lbdlab-") for name in list_netns())
+
+
+def test_lbd_lab_shows_a_service_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    """``lbd lab --fail service``: node1's echo service is killed while its daemon
+    lives; the failing check drains node1, the others serve its clients, and the
+    restarted service brings its slices back. No duplicates, nothing broken elsewhere."""
+    import json
+
+    from lbd.daemon import lab
+
+    assert lab.main(["--json", "--nodes", "3", "--profile", "fast", "--fail", "service"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    print("lbd lab --fail service:", figures)
+    assert figures["fail"] == "service"
+    assert figures["duplicate_synacks"] == 0 and figures["duplicate_udp_answers"] == 0
+    assert figures["duplicate_udp_answers_client"] == 0
+    assert figures["broken_connections"] == 0  # on the nodes whose service lived
+    assert figures["affected_sources"] >= 5 and not figures["unserved_sources"]
+    # fall (2) x interval (0.2 s) + a run's timeout + the fast handoff, with CI slack.
+    assert 0 < figures["outage_ms"] <= 1200
+    assert set(figures["absorbed_by"]) >= {"lbdlab-n0", "lbdlab-n2"}
+    assert figures["converged_after"] and figures["tcp_ok"] > 1000
+    assert not any(name.startswith("lbdlab-") for name in list_netns())

@@ -20,7 +20,11 @@ The other scenarios of issue 14, each on a fresh bed under load with a capture:
 * **hang** (SIGSTOP of node1's echo service): a plain TCP check cannot see it (the
   kernel completes the handshake into the listen backlog), so this test checks with an
   exec check that must read the service's greeting line; its timeout path drains node1
-  within ``FALL x INTERVAL + HANG_TIMEOUT + HANDOFF``; SIGCONT brings node1 back.
+  within ``FALL x INTERVAL + HANG_TIMEOUT + HANDOFF``; SIGCONT brings node1 back;
+* **flap** (node1's service killed and restarted every ~0.3 s): rise/fall bound the
+  view changes node0 sees (``flap_bound``);
+* **tracked interface** (a veth in node1's namespace, ``track_interface``): down drains
+  node1 (``unhealthy: interface`` on node0), up brings its slices back.
 """
 
 from __future__ import annotations
@@ -172,6 +176,21 @@ HANG_CHECK = (f'\n[[check]]\nname = "echo"\nexec = ["/bin/bash", "-c", '
               f"fall = {FALL}\n")
 HANG_BOUND = FALL * INTERVAL + HANG_TIMEOUT + HANDOFF
 """Hung service to clients served by others: fall x interval + timeout + handoff."""
+FLAP_SECONDS = 3.0
+FLAP_HALF = 0.15
+"""node1's service is killed, then restarted, each ~0.3 s apart (its restart takes ~0.2 s)."""
+
+
+def flap_bound(seconds: float) -> int:
+    """Most view changes node0 may see while node1's service flaps for ``seconds``.
+
+    Each of node1's health transitions flips its ``draining`` in the view: one view
+    change. After a transition the next one needs at least min(rise, fall) more check
+    runs, and runs start at least ``interval`` apart: so at most
+    1 + floor(seconds / (min(rise, fall) x interval)) transitions (view changes)."""
+    return 1 + int(seconds // (min(RISE, FALL) * INTERVAL))
+
+
 @contextmanager
 def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster
             ) -> Iterator[tuple[Run, dict[int, Any]]]:
@@ -230,3 +249,63 @@ def test_a_hung_service_drains_its_node(bed: Callable[..., Bed], tmp_path: Path)
         assert set(figures["absorbed_by"]) >= {the_bed.nodes[0].name, the_bed.nodes[2].name}
         assert_no_harm(record, report, {node1})
         assert metrics.shares(record, since=time.monotonic() - SETTLE)[node1] > 0
+
+
+def test_a_flapping_service_is_damped(bed: Callable[..., Bed], tmp_path: Path) -> None:
+    """node1's service killed and restarted every ~0.3 s for FLAP_SECONDS: node0 sees at
+    most ``flap_bound(T)`` = 1 + floor(T / (min(rise, fall) x interval)) view changes
+    over the flapping period T; zero duplicates; node1 serves again once it is stable."""
+    the_bed = bed(nodes=3, add_vip=False)
+    cluster = CheckedCluster(the_bed, tmp_path / "cluster")
+    node1 = the_bed.nodes[1].name
+    with serving(the_bed, tmp_path, cluster) as (run, services):
+        before = cluster.view_changes(0)
+        assert before is not None
+        start = time.monotonic()
+        flips = 0
+        while time.monotonic() - start < FLAP_SECONDS:
+            kill_service(services[1])
+            time.sleep(FLAP_HALF)
+            services.update(start_services(the_bed, [1]))
+            flips += 2
+            time.sleep(FLAP_HALF)
+        period = time.monotonic() - start
+        after = cluster.view_changes(0)
+        assert after is not None
+        changes = after - before
+        bound = flap_bound(period)
+        print(f"flap: {flips} service transitions in {period:.1f} s, {changes} view "
+              f"changes on node0 (bound {bound})")
+        assert changes <= bound, (changes, bound)
+        cluster.wait_converged(check=holds_slices(1), what="node1 to serve once stable")
+        time.sleep(SETTLE)
+        record, report = run.finish()
+        assert_no_harm(record, report, {node1})
+
+
+def test_a_tracked_interface_down_drains(bed: Callable[..., Bed], tmp_path: Path) -> None:
+    """``track_interface = ["trk0"]`` on node1 (a veth in its namespace): trk0 down drains
+    node1 (node0 names it ``unhealthy: interface``); up brings its slices back."""
+    the_bed = bed(nodes=3, add_vip=False)
+    ns1 = the_bed.nodes[1].name
+    the_bed.run(ns1, "ip", "link", "add", "trk0", "type", "veth", "peer", "name", "trk1")
+    for link in ("trk0", "trk1"):
+        the_bed.run(ns1, "ip", "link", "set", link, "up")
+    cluster = CheckedCluster(the_bed, tmp_path / "cluster",
+                             top={1: {"track_interface": '["trk0"]'}})
+    with serving(the_bed, tmp_path, cluster) as (run, _):
+        before = cluster.wait_converged(check=holds_slices(1), what="node1 to serve")
+        the_bed.run(ns1, "ip", "link", "set", "trk0", "down")
+        cluster.wait_converged(check=lambda s: s["node1"] == 0,
+                               what="node1 to drain with trk0 down")
+        rows = {r["node_id"]: r for r in cluster.query(0, "members")}
+        assert rows["node1"]["health"] == "unhealthy: interface", rows
+        assert "interface trk0 failed" in cluster.log(1)
+        time.sleep(SETTLE)
+        the_bed.run(ns1, "ip", "link", "set", "trk0", "up")
+        back = cluster.wait_converged(check=holds_slices(1), what="node1 back with trk0 up")
+        assert back == before, (back, before)  # same view, same slices
+        time.sleep(SETTLE)
+        record, report = run.finish()
+        # Only node1's new connections moved: its service (and connections) lived on.
+        assert_no_harm(record, report)

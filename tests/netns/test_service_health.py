@@ -24,7 +24,10 @@ The other scenarios of issue 14, each on a fresh bed under load with a capture:
 * **flap** (node1's service killed and restarted every ~0.3 s): rise/fall bound the
   view changes node0 sees (``flap_bound``);
 * **tracked interface** (a veth in node1's namespace, ``track_interface``): down drains
-  node1 (``unhealthy: interface`` on node0), up brings its slices back.
+  node1 (``unhealthy: interface`` on node0), up brings its slices back;
+* **agent** (a TCP agent in node1's namespace): ``50%`` moves only some of node1's
+  slices to the others (nobody else loses one), ``drain`` drains node1, ``up`` gives
+  back exactly the slices it held at 50 %; no connection breaks anywhere.
 """
 
 from __future__ import annotations
@@ -179,6 +182,22 @@ HANG_BOUND = FALL * INTERVAL + HANG_TIMEOUT + HANDOFF
 FLAP_SECONDS = 3.0
 FLAP_HALF = 0.15
 """node1's service is killed, then restarted, each ~0.3 s apart (its restart takes ~0.2 s)."""
+AGENT_PORT = 9999
+AGENT_SERVER = (
+    "import socket, sys\n"
+    "s = socket.socket()\n"
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    f"s.bind(('127.0.0.1', {AGENT_PORT}))\n"
+    "s.listen(64)\n"
+    "print('READY', flush=True)\n"
+    "while True:\n"
+    "    c, _ = s.accept()\n"
+    "    try:\n"
+    "        c.sendall(open(sys.argv[1], 'rb').read())\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "    c.close()\n")
+AGENT = f'\n[agent]\ntcp = "127.0.0.1:{AGENT_PORT}"\ninterval = 0.2\ntimeout = 0.1\n'
 
 
 def flap_bound(seconds: float) -> int:
@@ -219,6 +238,12 @@ def assert_no_harm(record: dict[str, Any], report: Any,
     assert kept, record["conns"]
     assert not [r for r in report.resets if r[0] in kept], report.resets
     assert not metrics.broken(record, excluded), metrics.broken(record, excluded)
+
+
+def bucket_sets(table: dict[str, Any]) -> dict[str, set[int]]:
+    """lbd-cli --json table: {node: set of its buckets}."""
+    return {node: {b for first, last in runs for b in range(first, last + 1)}
+            for node, runs in table["ranges"].items()}
 
 
 def test_a_hung_service_drains_its_node(bed: Callable[..., Bed], tmp_path: Path) -> None:
@@ -309,3 +334,60 @@ def test_a_tracked_interface_down_drains(bed: Callable[..., Bed], tmp_path: Path
         record, report = run.finish()
         # Only node1's new connections moved: its service (and connections) lived on.
         assert_no_harm(record, report)
+
+
+def test_the_agent_moves_part_of_a_node_and_drains_it(
+    bed: Callable[..., Bed], tmp_path: Path
+) -> None:
+    """A TCP agent on node1 says 100 %, then 50 %: node1's share follows its weight
+    (100/300 to 50/250 of the buckets), only node1's slices move (node0's and node2's
+    bucket sets only grow); then ``drain``: node1 drains; ``up``: exactly the slices it
+    held at 50 % come back. Zero duplicates, no connection broken on any node."""
+    the_bed = bed(nodes=3, add_vip=False)
+    ns1 = the_bed.nodes[1].name
+    answer = tmp_path / "agent-answer"
+
+    def say(text: str) -> None:
+        tmp = answer.with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(answer)  # the agent never reads half a file
+
+    say("100%")
+    agent = the_bed.python(ns1, "-c", AGENT_SERVER, str(answer))
+    try:
+        wait_for(lambda: "READY" in the_bed.output(agent) or agent.poll() is not None,
+                 10.0, what="the agent to listen")
+        assert agent.poll() is None, the_bed.output(agent)
+        cluster = CheckedCluster(the_bed, tmp_path / "cluster", tail={1: AGENT})
+        with serving(the_bed, tmp_path, cluster) as (run, _):
+            buckets = cluster.buckets
+            full = bucket_sets(cluster.query(0, "table"))
+            assert abs(len(full["node1"]) / buckets - 1 / 3) < 0.06, full
+
+            say("50%")
+            cluster.wait_converged(check=lambda s: s["node1"] < len(full["node1"]) * 0.8,
+                                   what="node1's share to follow the agent's 50 %")
+            assert cluster.query(1, "status")["health"]["weight"] == 50
+            half = bucket_sets(cluster.query(0, "table"))
+            print(f"agent: node1 {len(full['node1'])} of {buckets} buckets at 100 %, "
+                  f"{len(half['node1'])} at 50 %")
+            assert abs(len(half["node1"]) / buckets - 50 / 250) < 0.05, half
+            assert half["node1"] < full["node1"]
+            assert half["node0"] >= full["node0"] and half["node2"] >= full["node2"]
+            assert "agent: effective weight 50" in cluster.log(1)
+            time.sleep(SETTLE)
+
+            say("drain")
+            cluster.wait_converged(check=lambda s: s["node1"] == 0,
+                                   what="node1 to drain on the agent's word")
+            assert "agent" in cluster.query(1, "status")["drain_reasons"]
+            time.sleep(SETTLE)
+            say("up")
+            cluster.wait_converged(check=holds_slices(1), what="node1 back on 'up'")
+            assert bucket_sets(cluster.query(0, "table")) == half
+            time.sleep(SETTLE)
+            record, report = run.finish()
+            assert_no_harm(record, report)  # no exclusion: nothing may break
+            assert metrics.shares(record, since=time.monotonic() - SETTLE)[ns1] > 0
+    finally:
+        the_bed.stop(agent)

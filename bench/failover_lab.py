@@ -1,15 +1,20 @@
 """Failover benchmark in real namespaces: client-visible outage after a daemon crash.
 
     .venv/bin/python bench/failover_lab.py [--trials 20] [--profiles default,fast]
-                                           [--nodes 3] [--fault kill|hostdeath]
-                                           [--json] [--out FILE]
+                                           [--nodes 3] [--fault kill|hostdeath|service]
+                                           [--prefix lbdt-bench] [--json] [--out FILE]
 
 For each timer profile: one 3-node bed with real daemons, echo services and the lab's
 client load (64 sources, a new TCP connection every 4 ms). Each trial waits a random
 phase of the heartbeat cycle, fails one node (rotating): ``kill`` SIGKILLs its daemon
 (the host stays up: the kernel lease closes it), ``hostdeath`` takes its link down
 (nothing of it is reachable any more); waits until the survivors agree, restores the
-node and waits until it is back. The client-visible outage of a trial is
+node and waits until it is back. ``service`` kills node1's echo service (by PID, an
+echo server this bench started) while every daemon lives: each node runs a
+``[[check]]`` of its own echo service (SERVICE_CHECK: TCP connect to 127.0.0.1:80,
+the same interval/rise/fall as keepalived_lab.py's ``vrrp_script``), so node1 drains
+its slices to the others once ``fall`` runs failed; the restarted service brings them
+back. The client-visible outage of a trial is
 the longest gap between successful new connections from the sources the killed node
 served (lbd.daemon.lab_metrics.outage). Also counts duplicate answers over the whole run
 (packet capture) and measures one daemon's CPU % and RSS while serving. ``timeline``
@@ -35,13 +40,50 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from netns.bed import Bed  # noqa: E402
+from netns.bed import Bed, wait_for  # noqa: E402
 from netns.cluster import Capture, ClientLoad, LbdCluster, holds_slices  # noqa: E402
+from netns.traffic import TCP_PORT  # noqa: E402
 
 from lbd.daemon import lab_metrics as metrics  # noqa: E402
 from lbd.protocol.config import PROFILES  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+FAULTS = ("kill", "hostdeath", "service")
+
+# --fault service: the service check, the same for lbd and keepalived (keepalived_lab.py).
+# keepalived 2.2.7 takes a vrrp_script's interval and timeout in integer seconds only
+# (``interval 0.2``: "invalid number"), so both check every second. lbd's timeout must
+# be below its interval, keepalived's is at least 1 s: a killed service refuses the
+# connect at once, so neither check ever waits for its timeout here.
+CHECK_INTERVAL, CHECK_RISE, CHECK_FALL = 1, 2, 2
+CHECK_TIMEOUT_LBD, CHECK_TIMEOUT_KEEPALIVED = 0.5, 1
+SERVICE_CHECK = (f'\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:{TCP_PORT}"\n'
+                 f"interval = {CHECK_INTERVAL}\ntimeout = {CHECK_TIMEOUT_LBD}\n"
+                 f"rise = {CHECK_RISE}\nfall = {CHECK_FALL}\n")
+
+
+def start_services(bed: Bed, nodes: list[int] | None = None) -> dict[int, Any]:
+    """The echo service on the VIP (for clients) and on 127.0.0.1 (for the check)."""
+    chosen = nodes if nodes is not None else list(range(len(bed.nodes)))
+    procs = bed.start_echo(nodes=chosen, addrs=[bed.vip4, "127.0.0.1"])
+    return dict(zip(chosen, procs, strict=True))
+
+
+def kill_service(proc: Any) -> float:
+    """SIGKILL an echo server this bench started (by PID); the time of the fault."""
+    at = time.monotonic()
+    proc.kill()
+    proc.wait(timeout=5)
+    return at
+
+
+class CheckedCluster(LbdCluster):
+    """Every daemon's config gets SERVICE_CHECK (its own echo service)."""
+
+    def config(self, index: int, **extra: str) -> Path:
+        path = super().config(index, **extra)
+        path.write_text(path.read_text() + SERVICE_CHECK)
+        return path
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -90,15 +132,23 @@ def timeline(record: dict[str, Any], fault: float, *, before: float = 2.0, after
 
 
 def run_profile(profile: str, trials: int, nodes: int, workdir: Path,
-                fault_kind: str = "kill") -> dict[str, Any]:
+                fault_kind: str = "kill", *, prefix: str = "lbdt-bench") -> dict[str, Any]:
     interval = PROFILES[profile].interval
     everyone = list(range(nodes))
-    with Bed(f"lbdt-bench{profile[:4]}-", nodes=nodes, add_vip=False) as bed:
-        cluster = LbdCluster(bed, workdir / profile, profile=profile)
+    service = fault_kind == "service"
+    with Bed(f"{prefix}{profile[:4]}-", nodes=nodes, add_vip=False) as bed:
+        cluster = (CheckedCluster if service else LbdCluster)(bed, workdir / profile,
+                                                               profile=profile)
         try:
             cluster.start_all()
-            cluster.wait_converged(everyone)
-            bed.start_echo(addrs=[bed.vip4])
+            services: dict[int, Any] = {}
+            if service:  # nobody claims before its check rose: services first
+                wait_for(lambda: all(bed.vip4 in bed.run(n.name, "ip", "-4", "addr").stdout
+                                     for n in bed.nodes), 10.0, 0.1, "the daemons' VIP")
+                services = start_services(bed)
+            cluster.wait_converged(everyone, check=lambda s: all(v > 0 for v in s.values()))
+            if not service:
+                bed.start_echo(addrs=[bed.vip4])
             capture = Capture(bed, workdir)
             load = ClientLoad(bed, workdir)
             time.sleep(1.0)
@@ -106,15 +156,23 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path,
             faults: list[tuple[float, int, float]] = []
             for trial in range(trials):
                 victim = 1 + trial % (nodes - 1)  # node 0 keeps running: its cost is measured
-                time.sleep(0.5 + random.uniform(0, interval))  # random heartbeat phase
-                if fault_kind == "hostdeath":
-                    fault = cluster.link_down(victim)
+                if service:
+                    victim = 1  # ~1/3 of the clients; its daemon lives on
+                    time.sleep(0.5 + random.uniform(0, CHECK_INTERVAL))  # random check phase
+                    fault = kill_service(services[victim])
+                    cluster.wait_converged(everyone, check=lambda s, v=victim: s[f"node{v}"] == 0)
                 else:
-                    fault = cluster.crash(victim)
-                cluster.wait_converged([i for i in everyone if i != victim])
+                    time.sleep(0.5 + random.uniform(0, interval))  # random heartbeat phase
+                    if fault_kind == "hostdeath":
+                        fault = cluster.link_down(victim)
+                    else:
+                        fault = cluster.crash(victim)
+                    cluster.wait_converged([i for i in everyone if i != victim])
                 time.sleep(0.3)
                 back = time.monotonic()
-                if fault_kind == "hostdeath":
+                if service:
+                    services.update(start_services(bed, [victim]))
+                elif fault_kind == "hostdeath":
                     cluster.link_up(victim)
                 else:
                     cluster.start(victim)
@@ -125,6 +183,7 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path,
             report = capture.stop()
         finally:
             cluster.stop_all()
+    failed = {bed.nodes[victim].name for _, victim, _ in faults}
     outages = []
     for fault, victim, back in faults:
         figures = metrics.outage(record, fault, bed.nodes[victim].name, horizon=back - fault)
@@ -144,7 +203,11 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path,
         "duplicate_synacks": report.duplicate_synacks,
         "duplicate_udp_answers": report.duplicate_udp_answers,
         "broken_connections": len(metrics.broken(record)),
+        # A killed service breaks its own connections; the other nodes' must survive.
+        "broken_elsewhere": len(metrics.broken(record, failed)),
         "long_lived_connections": len(record["conns"]),
+        "check": ({"interval_s": CHECK_INTERVAL, "timeout_s": CHECK_TIMEOUT_LBD,
+                   "rise": CHECK_RISE, "fall": CHECK_FALL} if service else None),
         "daemon_cost_n3": cost,
         "timeline": timeline(record, faults[0][0],
                              until=faults[1][0] if len(faults) > 1 else None) if faults else None,
@@ -157,14 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--profiles", default="default,fast")
     parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--fault", choices=("kill", "hostdeath"), default="kill")
+    parser.add_argument("--fault", choices=FAULTS, default="kill")
+    parser.add_argument("--prefix", default="lbdt-bench",
+                        help="namespace name prefix (lbdt-...; its leftovers are deleted)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="lbd-bench-") as tmp:
         for profile in args.profiles.split(","):
-            results.append(run_profile(profile, args.trials, args.nodes, Path(tmp), args.fault))
+            results.append(run_profile(profile, args.trials, args.nodes, Path(tmp), args.fault,
+                                       prefix=args.prefix))
     out = {"benchmark": "failover_lab", "nodes": args.nodes, "fault": args.fault,
            "results": results}
     if args.out:
@@ -178,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['profile']:>8} ({r['fault']}): outage p50 {o['p50']} ms, "
                   f"p99 {o['p99']} ms over {r['measured']} trials; "
                   f"duplicates {r['duplicate_synacks']}+"
-                  f"{r['duplicate_udp_answers']}; daemon {r['daemon_cost_n3']}")
+                  f"{r['duplicate_udp_answers']}; broken {r['broken_connections']} "
+                  f"({r['broken_elsewhere']} elsewhere) of {r['long_lived_connections']} "
+                  f"long-lived; daemon {r['daemon_cost_n3']}")
     return 0
 
 

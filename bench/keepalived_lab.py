@@ -1,7 +1,8 @@
 """keepalived (VRRP) side by side with lbd: client-visible outage after a master failure.
 
     .venv/bin/python bench/keepalived_lab.py [--trials 20] [--advert 1,0.1]
-                                             [--fault hostdeath|kill] [--json] [--out FILE]
+                                             [--fault hostdeath|kill|service]
+                                             [--prefix lbdt-kad-] [--json] [--out FILE]
 
 The same kind of bed as bench/failover_lab.py (tests/netns/bed.py: 3 nodes on a hub,
 a router, a client namespace), but each node has its own MAC (standard VRRP: the VIP
@@ -22,7 +23,17 @@ down, then SIGSTOPs its whole keepalived process tree and SIGKILLs it. ``kill`` 
 stops-then-kills the keepalived tree (a crash of the daemon, not of the host): the VIP
 stays configured on the old master, whose service still answers until a backup's
 gratuitous ARP moves the router over, so that figure is no outage bound (it is the
-split-brain case); it is reported for completeness.
+split-brain case); it is reported for completeness. ``service`` kills the master's
+echo service (by PID, an echo server this bench started) while keepalived and the host
+stay up: every node then runs a ``vrrp_script`` that checks its own echo service the way
+lbd's ``[[check]]`` does in failover_lab.py (a TCP connect to 127.0.0.1:80, by
+``/bin/bash``'s ``/dev/tcp`` as the non-root ``script_user nobody`` under
+``enable_script_security``; no ``nc`` is installed here), with the same interval, rise
+and fall (failover_lab.CHECK_*: integer seconds, keepalived 2.2.7 refuses fractions).
+The script has no ``weight``: after ``fall`` failures the instance enters FAULT, the
+master sends a priority-0 advertisement and drops the VIP, and the best backup takes
+over at once (a negative weight would leave the backups waiting out the master-down
+timer). The restarted service lets node 0 rise and preempt back.
 
 The outage of a trial is lbd.daemon.lab_metrics.outage (longest gap between successful
 new connections of the sources the failed node served: here all of them), as for lbd.
@@ -50,9 +61,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from failover_lab import percentile, timeline  # noqa: E402
+from failover_lab import (  # noqa: E402
+    CHECK_FALL,
+    CHECK_INTERVAL,
+    CHECK_RISE,
+    CHECK_TIMEOUT_KEEPALIVED,
+    kill_service,
+    percentile,
+    start_services,
+    timeline,
+)
 from netns.bed import Bed, BedError, wait_for  # noqa: E402
-from netns.cluster import ClientLoad  # noqa: E402
+from netns.cluster import Capture, ClientLoad  # noqa: E402
+from netns.traffic import TCP_PORT  # noqa: E402
 
 from lbd.daemon import lab_metrics as metrics  # noqa: E402
 
@@ -63,6 +84,10 @@ TAKEOVER_TIMEOUT = 20.0
 MASTER_TIMEOUT = 30.0
 LEAD = 2.0  # load before the fault (the outage metric looks 1 s back; plots 2 s)
 TAIL = 1.5  # load after the takeover
+FAULTS = ("hostdeath", "kill", "service")
+SCRIPT_USER = "nobody"  # enable_script_security: scripts never run as root
+# A TCP connect, as lbd's tcp check: bash's /dev/tcp exits 1 on a refused connect.
+CHECK_SCRIPT = f"/bin/bash -c '</dev/tcp/127.0.0.1/{TCP_PORT}'"
 
 
 def proc_stat(pid: int) -> list[str] | None:
@@ -99,29 +124,45 @@ def process_tree(root: int) -> dict[int, str]:
 class KeepalivedCluster:
     """keepalived in every node of ``bed``: configs, start, crash, who holds the VIP."""
 
-    def __init__(self, bed: Bed, workdir: Path, advert_int: float) -> None:
+    def __init__(self, bed: Bed, workdir: Path, advert_int: float, *,
+                 check: bool = False) -> None:
         self.bed = bed
         self.workdir = workdir
         self.advert_int = advert_int
+        self.check = check
+        """Every node's instance tracks a vrrp_script of its own echo service."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[int, subprocess.Popen[Any]] = {}
+        self.services: dict[int, subprocess.Popen[Any]] = {}
+        """Echo servers on the VIP and 127.0.0.1 (start_services), for ``check``."""
 
     def config(self, index: int) -> Path:
         node = self.bed.nodes[index]
         version = 3 if self.advert_int < 1 else 2
+        script = track = ""
+        if self.check:
+            script = f"""vrrp_script chk_echo {{
+    script "{CHECK_SCRIPT}"
+    interval {CHECK_INTERVAL}
+    timeout {CHECK_TIMEOUT_KEEPALIVED}
+    rise {CHECK_RISE}
+    fall {CHECK_FALL}
+}}
+"""
+            track = "    track_script {\n        chk_echo\n    }\n"
         text = f"""global_defs {{
     router_id {node.name}
     vrrp_version {version}
-    script_user root
+    script_user {SCRIPT_USER}
     enable_script_security
 }}
-vrrp_instance VI_LBD {{
+{script}vrrp_instance VI_LBD {{
     state BACKUP
     interface {node.iface}
     virtual_router_id {VRID}
     priority {PRIORITIES[index % len(PRIORITIES)]}
     advert_int {self.advert_int}
-    virtual_ipaddress {{
+{track}    virtual_ipaddress {{
         {self.bed.vip4}/32 dev {node.iface}
     }}
 }}
@@ -147,6 +188,10 @@ vrrp_instance VI_LBD {{
     def start_all(self) -> None:
         for index in range(len(self.bed.nodes)):
             self.start(index)
+
+    def start_services(self, nodes: list[int] | None = None) -> None:
+        """The echo service on the VIP and on 127.0.0.1 (the check's address)."""
+        self.services.update(start_services(self.bed, nodes))
 
     def log(self, index: int) -> str:
         return self.bed.output(self.procs[index]) if index in self.procs else ""
@@ -220,13 +265,19 @@ def run_trial(ka: KeepalivedCluster, workdir: Path, fault_kind: str) -> dict[str
     """One master failure under fresh client load; the master is back at the end."""
     bed = ka.bed
     victim = bed.nodes[0].name
+    capture = Capture(bed, workdir)
     load = ClientLoad(bed, workdir, long_lived=1)
     try:
-        time.sleep(LEAD + random.uniform(0, ka.advert_int))  # random advertisement phase
-        fault = time.monotonic()
-        if fault_kind == "hostdeath":
-            bed.link_down(0)
-        ka.crash(0)
+        # A random phase of the advertisement cycle, or of the check's cycle.
+        cycle = CHECK_INTERVAL if fault_kind == "service" else ka.advert_int
+        time.sleep(LEAD + random.uniform(0, cycle))
+        if fault_kind == "service":
+            fault = kill_service(ka.services[0])  # keepalived and the host stay up
+        else:
+            fault = time.monotonic()
+            if fault_kind == "hostdeath":
+                bed.link_down(0)
+            ka.crash(0)
         try:
             wait_for(lambda: served_elsewhere(load, victim, fault), TAKEOVER_TIMEOUT, 0.05)
             took_over = True
@@ -236,15 +287,19 @@ def run_trial(ka: KeepalivedCluster, workdir: Path, fault_kind: str) -> dict[str
         end = time.monotonic()
     finally:
         record = load.stop()
+        report = capture.stop()
     figures = metrics.outage(record, fault, victim, horizon=end - fault)
     after = [r for r in metrics.successes(record) if r[metrics.START] >= fault]
     new_master = after[-1][metrics.NAME] if after else None
     holders = ka.holders()
     # Restore: the link, no stale VIP, keepalived restarted; it preempts (priority 150).
-    if fault_kind == "hostdeath":
-        bed.link_up(0)
-    ka.drop_vip(0)
-    ka.start(0)
+    if fault_kind == "service":  # its check rises, the instance leaves FAULT, preempts
+        ka.start_services([0])
+    else:
+        if fault_kind == "hostdeath":
+            bed.link_up(0)
+        ka.drop_vip(0)
+        ka.start(0)
     ka.wait_master(0)
     return {
         "fault_t": fault,
@@ -256,6 +311,9 @@ def run_trial(ka: KeepalivedCluster, workdir: Path, fault_kind: str) -> dict[str
         "long_lived": len(record["conns"]),
         "long_lived_on_master": sum(c["node"] == victim for c in record["conns"]),
         "broken": len(metrics.broken(record)),
+        "broken_elsewhere": len(metrics.broken(record, {victim})),
+        "duplicate_synacks": report.duplicate_synacks,
+        "duplicate_udp_answers": report.duplicate_udp_answers,
         "timeline": timeline(record, fault),
     }
 
@@ -265,9 +323,13 @@ def run_config(advert_int: float, trials: int, workdir: Path, fault_kind: str,
     """``trials`` master failures with ``advert_int``; summary figures."""
     rows: list[dict[str, Any]] = []
     with Bed(prefix, nodes=3, add_vip=False, unique_macs=True) as bed:
-        ka = KeepalivedCluster(bed, workdir / f"adv{advert_int}", advert_int)
+        ka = KeepalivedCluster(bed, workdir / f"adv{advert_int}", advert_int,
+                               check=fault_kind == "service")
         try:
-            bed.start_echo(addrs=[bed.vip4])
+            if ka.check:
+                ka.start_services()
+            else:
+                bed.start_echo(addrs=[bed.vip4])
             ka.start_all()
             ka.wait_master(0)
             for _ in range(trials):
@@ -292,6 +354,12 @@ def run_config(advert_int: float, trials: int, workdir: Path, fault_kind: str,
         "long_lived_connections": sum(r["long_lived"] for r in rows),
         "long_lived_on_master": sum(r["long_lived_on_master"] for r in rows),
         "broken_connections": sum(r["broken"] for r in rows),
+        "broken_elsewhere": sum(r["broken_elsewhere"] for r in rows),
+        "duplicate_synacks": sum(r["duplicate_synacks"] for r in rows),
+        "duplicate_udp_answers": sum(r["duplicate_udp_answers"] for r in rows),
+        "check": ({"interval_s": CHECK_INTERVAL, "timeout_s": CHECK_TIMEOUT_KEEPALIVED,
+                   "rise": CHECK_RISE, "fall": CHECK_FALL, "script": CHECK_SCRIPT,
+                   "script_user": SCRIPT_USER} if fault_kind == "service" else None),
         "new_masters": sorted({r["new_master"] for r in rows if r["new_master"]}),
         "split_brain_trials": sum(len(r["vip_holders_after"]) > 1 for r in rows),
         "timeline": rows[0]["timeline"] if rows else None,
@@ -304,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--advert", default="1,0.1", help="advert_int values (s), 0.01..255")
-    parser.add_argument("--fault", choices=("hostdeath", "kill"), default="hostdeath")
+    parser.add_argument("--fault", choices=FAULTS, default="hostdeath")
+    parser.add_argument("--prefix", default="lbdt-kad-",
+                        help="namespace name prefix (lbdt-...; its leftovers are deleted)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -313,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="lbd-kabench-") as tmp:
         for advert in args.advert.split(","):
-            results.append(run_config(float(advert), args.trials, Path(tmp), args.fault))
+            results.append(run_config(float(advert), args.trials, Path(tmp), args.fault,
+                                      args.prefix))
     out = {"benchmark": "keepalived_lab", "nodes": 3, "fault": args.fault, "results": results}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -325,8 +396,10 @@ def main(argv: list[str] | None = None) -> int:
             o = r["outage_ms"] or {}
             print(f"keepalived {r['profile']} ({r['fault']}): outage p50 {o.get('p50')} ms, "
                   f"p99 {o.get('p99')} ms over {r['measured']}/{r['trials']} trials; broken "
-                  f"{r['broken_connections']}/{r['long_lived_connections']} long-lived; "
-                  f"split brain {r['split_brain_trials']}")
+                  f"{r['broken_connections']}/{r['long_lived_connections']} long-lived "
+                  f"({r['broken_elsewhere']} elsewhere); duplicates "
+                  f"{r['duplicate_synacks']}+{r['duplicate_udp_answers']}; split brain "
+                  f"{r['split_brain_trials']}")
     return 0
 
 

@@ -7,6 +7,12 @@ the master under client load) moves the VIP to node 1 with a measured outage, th
 harness restores node 0 as master, and a crash of the keepalived tree alone
 (SIGSTOP, then SIGKILL) moves the VIP too. Under CI=true a missing keepalived is a
 failure, not a skip (tests/conftest.py).
+
+The service-failure comparison (``--fault service`` of both benches) runs a trial or
+two on each side: keepalived's ``vrrp_script`` and lbd's ``[[check]]`` of the echo
+service (same interval, rise, fall) must detect the killed service, the outage must
+lie between (fall - 1) and fall + 1 check intervals (plus a loaded machine's slack),
+and only the failed service's own long-lived connection may break.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -21,13 +29,20 @@ from .bed import Bed, wait_for
 from .nsutil import bench_module
 
 
-@pytest.mark.timeout(90)
-def test_keepalived_bed_fails_over(bed: Callable[..., Bed], tmp_path: Path) -> None:
+def keepalived_bed(bed: Callable[..., Bed], tmp_path: Path, *,
+                   check: bool = False) -> tuple[ModuleType, Bed, Any]:
+    """keepalived_lab, a 3-node bed with unique MACs, its (unstarted) KeepalivedCluster
+    at ``advert_int 0.1``; ``check``: every node tracks its echo service."""
     if shutil.which("keepalived") is None and not Path("/usr/sbin/keepalived").exists():
         pytest.skip("keepalived is not installed (apt-get install keepalived)")
     lab = bench_module("keepalived_lab")
     the_bed = bed(nodes=3, add_vip=False, unique_macs=True)
-    ka = lab.KeepalivedCluster(the_bed, tmp_path / "ka", 0.1)
+    return lab, the_bed, lab.KeepalivedCluster(the_bed, tmp_path / "ka", 0.1, check=check)
+
+
+@pytest.mark.timeout(90)
+def test_keepalived_bed_fails_over(bed: Callable[..., Bed], tmp_path: Path) -> None:
+    lab, the_bed, ka = keepalived_bed(bed, tmp_path)
     try:
         the_bed.start_echo(addrs=[the_bed.vip4])
         ka.start_all()
@@ -46,6 +61,45 @@ def test_keepalived_bed_fails_over(bed: Callable[..., Bed], tmp_path: Path) -> N
         wait_for(lambda: ka.served_by(1), 10.0, 0.1, "the client to reach node 1")
     finally:
         ka.stop_all()
+
+
+def outage_bounds_ms(lab: ModuleType) -> tuple[float, float]:
+    """The first failing check run comes within one interval of the fault, the fall-th
+    (fall - 1) intervals later; then the takeover or handoff, and this machine's load."""
+    interval, fall = lab.CHECK_INTERVAL, lab.CHECK_FALL
+    return 0.8 * (fall - 1) * interval * 1000, ((fall + 1) * interval + 1.5) * 1000
+
+
+@pytest.mark.timeout(150)
+def test_keepalived_service_failure(bed: Callable[..., Bed], tmp_path: Path) -> None:
+    lab, the_bed, ka = keepalived_bed(bed, tmp_path, check=True)
+    try:
+        ka.start_services()
+        ka.start_all()
+        ka.wait_master(0, timeout=20.0)
+        low, high = outage_bounds_ms(bench_module("failover_lab"))
+        trial = lab.run_trial(ka, tmp_path, "service")
+        assert trial["took_over"], trial
+        assert trial["new_master"] == the_bed.nodes[1].name, trial
+        assert trial["outage_ms"] is not None and low < trial["outage_ms"] < high, trial
+        assert trial["broken"] == trial["long_lived"] >= 1, trial  # on the master's service
+        assert trial["broken_elsewhere"] == 0, trial
+        assert ka.holders() == [0]  # the restarted service: node 0 rose and preempted
+    finally:
+        ka.stop_all()
+
+
+@pytest.mark.timeout(180)
+def test_lbd_service_failure(tmp_path: Path) -> None:
+    lab = bench_module("failover_lab")
+    low, high = outage_bounds_ms(lab)
+    result = lab.run_profile("default", 2, 3, tmp_path, "service", prefix="lbdt-smkfsvc-")
+    assert result["trials"] == result["measured"] == 2, result
+    assert all(low < o < high for o in result["outages_ms"]), result
+    assert result["duplicate_synacks"] == result["duplicate_udp_answers"] == 0, result
+    assert result["broken_elsewhere"] == 0, result  # the other nodes' connections live
+    assert result["broken_connections"] == 1, result  # node1's, on its killed service
+    assert result["long_lived_connections"] == 3, result
 
 
 @pytest.mark.timeout(120)

@@ -3,6 +3,10 @@
     .venv/bin/pip install -e '.[bench]'      # matplotlib, not needed by CI
     .venv/bin/python bench/failover_lab.py --out bench/out/failover_lab.json
     .venv/bin/python bench/keepalived_lab.py --out bench/out/keepalived_lab.json
+    .venv/bin/python bench/failover_lab.py --fault service --profiles default \
+        --out bench/out/failover_lab_service.json          # optional, docs/service.png
+    .venv/bin/python bench/keepalived_lab.py --fault service \
+        --out bench/out/keepalived_lab_service.json        # optional, docs/service.png
     .venv/bin/python bench/plots.py [--lbd FILE] [--keepalived FILE] [--docs docs]
 
 * ``docs/failover.png``: client-visible outage of every trial (dots) with box plots,
@@ -11,7 +15,10 @@
   exists), log scale, p50/p99 written above each;
 * ``docs/share.png``: new connections per 100 ms per answering node (stacked) and
   failed attempts, from 2 s before to 3 s after the first failure of each run; one
-  panel per run (lbd default, lbd fast, keepalived 1 s, 0.1 s, ...).
+  panel per run (lbd default, lbd fast, keepalived 1 s, 0.1 s, ...);
+* ``docs/service.png`` (if the ``--fault service`` files exist): as failover.png, for
+  a killed service under a live daemon (lbd's ``[[check]]``, keepalived's
+  ``vrrp_script``, the same check interval, rise and fall).
 """
 
 from __future__ import annotations
@@ -43,17 +50,26 @@ def load(path: Path) -> list[dict[str, Any]]:
 
 
 def label(result: dict[str, Any]) -> str:
+    check = result.get("check")
+    if check:
+        how = f"check {check['interval_s']:g} s × fall {check['fall']}"
+        if result["system"] == "lbd":
+            return f"lbd {result['profile']}\n({how})"
+        return f"keepalived advert_int\n{result['advert_int_s']:g} s ({how})"
     if result["system"] == "lbd":
         return f"lbd {result['profile']}\n({result['interval_ms']} ms heartbeat)"
     return f"keepalived\nadvert_int {result['advert_int_s']:g} s"
 
 
 def fault_name(result: dict[str, Any]) -> str:
-    return {"kill": "daemon SIGKILL", "hostdeath": "host death"}.get(
+    return {"kill": "daemon SIGKILL", "hostdeath": "host death",
+            "service": "service killed"}.get(
         result.get("fault", "kill"), str(result.get("fault")))
 
 
-def failover_png(results: list[dict[str, Any]], path: Path) -> None:
+def failover_png(results: list[dict[str, Any]], path: Path, title: str = (
+        "Failover after a node failure: lbd vs keepalived (VRRP), 3 nodes, same bed, "
+        "same load")) -> None:
     rows = [r for r in results if r.get("outages_ms")]
     fig, ax = plt.subplots(figsize=(max(9, 1.7 * len(rows)), 5.4), dpi=110)
     data = [r["outages_ms"] for r in rows]
@@ -72,8 +88,7 @@ def failover_png(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylim(30, 10000)
     ax.set_ylabel("client-visible outage (ms, log scale)")
-    ax.set_title("Failover after a node failure: lbd vs keepalived (VRRP), 3 nodes, same bed, "
-                 "same load", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -119,21 +134,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lbd-hostdeath", type=Path, default=OUT / "failover_lab_hostdeath.json",
                         help="optional: failover_lab.py --fault hostdeath (outages only)")
     parser.add_argument("--keepalived", type=Path, default=OUT / "keepalived_lab.json")
+    parser.add_argument("--lbd-service", type=Path, default=OUT / "failover_lab_service.json",
+                        help="optional: failover_lab.py --fault service")
+    parser.add_argument("--keepalived-service", type=Path,
+                        default=OUT / "keepalived_lab_service.json",
+                        help="optional: keepalived_lab.py --fault service")
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
     args = parser.parse_args(argv)
     results = load(args.lbd) + load(args.keepalived)
-    if not results:
+    service = [r for f in (args.lbd_service, args.keepalived_service) if f.exists()
+               for r in load(f)]
+    if not results and not service:
         print("plots: no results to plot", file=sys.stderr)
         return 1
-    extra = load(args.lbd_hostdeath) if args.lbd_hostdeath.exists() else []
-    # Longest heartbeat first; at equal interval lbd, then keepalived, side by side.
-    ordered = sorted(results + extra, key=lambda r: (-r["interval_ms"], r["system"] != "lbd",
-                                                     r.get("fault", "")))
     args.docs.mkdir(parents=True, exist_ok=True)
-    failover_png(ordered, args.docs / "failover.png")
-    share_png(sorted(results, key=lambda r: (r["system"] != "lbd", -r["interval_ms"])),
-              args.docs / "share.png")
-    print(f"wrote {args.docs / 'failover.png'} and {args.docs / 'share.png'}")
+    if results:
+        extra = load(args.lbd_hostdeath) if args.lbd_hostdeath.exists() else []
+        # Longest heartbeat first; at equal interval lbd, then keepalived, side by side.
+        ordered = sorted(results + extra, key=lambda r: (
+            -r["interval_ms"], r["system"] != "lbd", r.get("fault", "")))
+        failover_png(ordered, args.docs / "failover.png")
+        share_png(sorted(results, key=lambda r: (r["system"] != "lbd", -r["interval_ms"])),
+                  args.docs / "share.png")
+        print(f"wrote {args.docs / 'failover.png'} and {args.docs / 'share.png'}")
+    if service:  # lbd first, then keepalived, longest advertisement first
+        failover_png(sorted(service, key=lambda r: (r["system"] != "lbd", -r["interval_ms"])),
+                     args.docs / "service.png",
+                     "Service killed, daemon and host up: lbd [[check]] vs keepalived "
+                     "vrrp_script (same check), 3 nodes, same bed, same load")
+        print(f"wrote {args.docs / 'service.png'}")
     return 0
 
 

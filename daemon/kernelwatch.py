@@ -16,10 +16,12 @@ socket lost events (ENOBUFS). Then:
 * **The node cannot serve** (a VIP missing, the link down or gone, the wrong shared
   MAC): it drains at once under a drain reason of its own (``Service.drain_reasons``:
   ``lbd-cli undrain`` never ends it, it never ends an operator's drain), so its
-  slices go to the peers through the safe handoff, never into a black hole; the link
-  helper child puts the VIP or MAC back (``LinkProcess.apply``, off the loop,
-  ``RESTORE_TIMEOUT``); once the kernel is right the reason goes and the node takes
-  slices back. A fault back ``FLAP_LIMIT`` times in ``FLAP_WINDOW`` holds the drain
+  slices go to the peers through the safe handoff, never into a black hole; a missing
+  VIP is put back over netlink in milliseconds (``netlink.add_vip``, off the loop: the
+  VIP's established connections stall while it is gone), a MAC by the link helper
+  child (``LinkProcess.apply``, ``RESTORE_TIMEOUT``; a Python start, which takes
+  seconds on a loaded host); once the kernel is right the reason goes and the node
+  takes slices back. A fault back ``FLAP_LIMIT`` times in ``FLAP_WINDOW`` holds the drain
   until ``FLAP_HOLD`` has passed without it.
 * **Fixed in place**, on the loop within milliseconds: our tables deleted or changed by
   another process (written again), the cluster-MAC group left (joined again), a new
@@ -382,10 +384,12 @@ class KernelWatch:
                             self._clear(key)
                         else:
                             self._failed(fault, error)
-                error = None
-                if any(f.fix == "link" for f in due.values()) and self.svc._link is not None:
+                error = await self._put_vips_back([k for k in due if k.startswith("vip ")])
+                rest = [k for k, f in due.items() if f.fix == "link" and not k.startswith("vip ")]
+                if (rest or error) and self.svc._link is not None:
                     try:
                         await asyncio.to_thread(self.svc._link.apply, RESTORE_TIMEOUT)
+                        error = None
                     except LbdError as exc:
                         error = str(exc)
                 snap = await asyncio.to_thread(self._snapshot)
@@ -400,6 +404,17 @@ class KernelWatch:
             self._task = None
             self._arm(min([AUDIT_PERIOD] + [max(0.05, f.retry_at - self._clock())
                                              for f in self.faults.values() if f.failed]))
+
+    async def _put_vips_back(self, keys: list[str]) -> str | None:
+        """Re-add missing VIPs ("vip ADDRESS" faults) over netlink in milliseconds: the
+        helper child (a Python start, seconds on a loaded host) would leave the VIP's
+        established connections stalled that long. The error text, or None."""
+        for key in keys:
+            try:
+                await asyncio.to_thread(nl.add_vip, self.index, key.split(" ", 1)[1])
+            except (LbdError, OSError, ValueError) as exc:
+                return str(exc)
+        return None
 
     def _snapshot(self) -> Snapshot:
         """The kernel now (worker thread: blocking netlink requests and /proc reads)."""

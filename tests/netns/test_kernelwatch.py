@@ -142,6 +142,9 @@ def log_lines(run: Run, *words: str) -> list[str]:
     return [ln for ln in lines if all(w in ln for w in words)]
 
 
+VIP_RESTORE_LIMIT_MS = 500.0
+
+
 def restored_ms(run: Run, what: str) -> float:
     """The restore time node1 logged for a fault (its "fixed after N ms" line)."""
     lines = log_lines(run, what, "fixed after")
@@ -185,12 +188,16 @@ def test_vip_removed_ipv4_then_ipv6(bed: Callable[..., Bed], tmp_path: Path) -> 
         assert all(len(v) == 1 for v in answers.values()), answers
         assert name in {v[0] for v in answers.values()}
         assert run.bed.vip6 in run.sh("ip", "-6", "addr", "show", "dev", "eth0")
-        print("restored in (ms):", restored_ms(run, f"VIP {run.bed.vip4}"),
-              restored_ms(run, f"VIP {run.bed.vip6}"))
+        restored = [restored_ms(run, f"VIP {vip}") for vip in (run.bed.vip4, run.bed.vip6)]
+        print("restored in (ms):", restored)
+        # Over netlink, not by the link helper's process start (seconds under load):
+        # the VIP's established connections stall while it is gone.
+        assert max(restored) < VIP_RESTORE_LIMIT_MS, restored
         assert log_lines(run, f"VIP {run.bed.vip4} missing on eth0", "draining")
         assert run.journal_kinds().count("VipRemoved") == 2
         assert run.journal_kinds().count("KernelStateRestored") >= 2
-        assert any("VIP" in p and "missing" in p for seen in run.seen for p in seen), run.seen
+        # (Put back in milliseconds, the fault is gone before a status poll can see it;
+        # a VIP that cannot be put back stays a PROBLEM line: tests/test_kernelwatch.py.)
         assert metrics.shares(record, since=end - SETTLE)[name] > 0
 
 

@@ -409,9 +409,12 @@ class KernelWatch:
         """Re-add missing VIPs ("vip ADDRESS" faults) over netlink in milliseconds: the
         helper child (a Python start, seconds on a loaded host) would leave the VIP's
         established connections stalled that long. The error text, or None."""
+        link = self.svc._link
         for key in keys:
+            if link is None:
+                return "no link helper"
             try:
-                await asyncio.to_thread(nl.add_vip, self.index, key.split(" ", 1)[1])
+                await asyncio.to_thread(link.add_vip, self.index, key.split(" ", 1)[1])
             except (LbdError, OSError, ValueError) as exc:
                 return str(exc)
         return None

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lbd.netcfg import netlink as nl
 from lbd.netcfg.statefile import RecordError, load_record
 from lbd.protocol.errors import LbdError
 
@@ -84,6 +85,11 @@ class LinkProcess:
         self.state_file = Path(state_file)
         self.params = {"interface": interface, "vips": list(vips), "cluster_mac": cluster_mac,
                        "state_file": str(state_file)}
+
+    def add_vip(self, index: int, address: str) -> bool:
+        """Put one VIP back at once, over netlink from this process (no child, no
+        pyroute2: ``netlink.add_vip``); ``apply`` still does the rest."""
+        return nl.add_vip(index, address)
 
     def apply(self, timeout: float = TIMEOUT) -> None:
         """Idempotent (link.py): also what puts back a VIP, MAC or sysctl someone

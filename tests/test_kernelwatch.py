@@ -331,6 +331,10 @@ class FakeLink:
     def __init__(self, failures: int, present: set[str]) -> None:
         self.failures, self.present, self.calls = failures, present, 0
 
+    def add_vip(self, index: int, address: str) -> bool:
+        """The quick path fails here: the helper's apply is what these tests watch."""
+        raise LbdError(f"cannot add {address} to interface {index} (test)")
+
     def apply(self, timeout: float) -> None:
         self.calls += 1
         if self.calls <= self.failures:

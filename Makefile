@@ -1,32 +1,63 @@
 # Targets behind the README's two commands (bash run.sh lab|test, which installs make first):
 #   make lab   - run lbd's main job (a live cluster demo on this machine)
 #   make test  - install everything (apt packages, venv) and run lint, types, tests
+#   make deb   - build dist/lbd_<version>_all.deb (debhelper + pybuild, as Debian does)
 # Both are idempotent and need root on a Debian 12 machine.
 
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
+# The runtime libraries are Debian 12's own (the .deb depends on the same ones):
+# the venv sees them through --system-site-packages, so the tests run on exactly
+# the versions a packaged install runs on.
 APT_PKGS  := python3 python3-venv python3-pip python3-nftables nftables systemd \
-             iproute2 tcpdump conntrack keepalived procps
+             iproute2 tcpdump conntrack keepalived procps \
+             python3-pyroute2 python3-msgpack python3-cryptography python3-numpy
+DEB_PKGS  := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+             dpkg-dev
+DIST      ?= dist
 STAMP     := $(VENV)/.installed
 
-.PHONY: lab test deps lint typecheck pytest bench clean
+.PHONY: lab test deps deb-deps deb lint typecheck pytest bench clean
 
 lab: $(STAMP)
 	$(VENV)/bin/lbd lab
 
 test: $(STAMP) lint typecheck pytest
 
-deps:
-	@missing=""; for p in $(APT_PKGS); do \
+# apt-get install whichever of the packages $(1) are missing.
+define apt_install
+	@missing=""; for p in $(1); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(APT_PKGS))
+
+deb-deps:
+	$(call apt_install,$(DEB_PKGS))
+
+# Built in a copy of the tree (build/deb/lbd), so that dpkg-buildpackage's
+# output (which it writes to the parent directory) and debhelper's scratch files
+# stay out of the checkout; the .deb ends in $(DIST)/.
+deb: | deb-deps
+	rm -rf build/deb && mkdir -p build/deb/lbd $(DIST)
+	tar -cf - --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./$(DIST) \
+	  --exclude='*.egg-info' --exclude=__pycache__ --exclude=.mypy_cache \
+	  --exclude=.pytest_cache --exclude=.ruff_cache --exclude=.hypothesis . \
+	  | tar -xf - -C build/deb/lbd
+	# Debian's own tool chain, even where PATH puts another python3 first.
+	cd build/deb/lbd && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	rm -f $(DIST)/lbd_*_all.deb
+	mv build/deb/lbd_*_all.deb $(DIST)/
+	@ls -l $(DIST)/lbd_*_all.deb
 
 # Debian's python3-nftables binding only imports from /usr/bin/python3, so the
-# venv is built on it with system site packages; pinned minimums make pip put
-# current msgpack/cryptography into the venv instead of Debian's older copies.
+# venv is built on it with system site packages; the dependency floors are
+# Debian 12's versions, so pip keeps Debian's copies instead of fetching newer ones.
 $(STAMP): pyproject.toml | deps
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -48,4 +79,4 @@ bench: $(STAMP)
 	$(PY) bench/failover_sim.py --json
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build/deb $(DIST)

@@ -183,7 +183,7 @@ def test_example_is_valid_toml_with_hex_seed() -> None:
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     lbd = REPO / ".venv" / "bin" / "lbd"
     exe = str(lbd) if os.access(lbd, os.X_OK) else "/bin/true"
-    text = UNIT.read_text().replace("/usr/local/bin/lbd", exe)
+    text = UNIT.read_text().replace("/usr/bin/lbd", exe)
     unit = tmp_path / "lbd.service"
     unit.write_text(text)
     out = subprocess.run(["systemd-analyze", "verify", str(unit)],

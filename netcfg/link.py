@@ -335,12 +335,14 @@ class LinkSetup:
             raise LinkError(f"interface {self.interface!r} does not exist")
         return int(found[0])
 
+    # Netlink attributes are read with get_attr(): pyroute2 0.7.2 (Debian 12)
+    # answers get("IFA_ADDRESS") with None, only 0.9 also looks up attributes there.
     def _addresses(self, ipr: IPRoute, index: int) -> dict[str, tuple[int, int]]:
         """{address: (prefixlen, flags)} on the interface."""
         out = {}
         for msg in ipr.get_addr(index=index):
-            flags = msg.get("IFA_FLAGS") or msg["flags"]
-            out[msg.get("IFA_ADDRESS")] = (int(msg["prefixlen"]), int(flags))
+            flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
+            out[msg.get_attr("IFA_ADDRESS")] = (int(msg["prefixlen"]), int(flags))
         return out
 
     def _add_vip(
@@ -353,7 +355,12 @@ class LinkSetup:
             "prefixlen": vip.prefixlen,
         }
         if vip.version == 6:
-            kwargs.update(flags=IFA_F_NODAD, preferred_lft=0, valid_lft=INFINITY_LFT)
+            # Both spellings of the lifetimes: pyroute2 0.9 reads preferred_lft and
+            # valid_lft, while 0.7.2 (Debian 12) drops them and takes its
+            # IFA_CACHEINFO from cacheinfo={"preferred", "valid"} only (else the
+            # address is added preferred for ever). Checked on both versions.
+            kwargs.update(flags=IFA_F_NODAD, preferred_lft=0, valid_lft=INFINITY_LFT,
+                          cacheinfo={"preferred": 0, "valid": INFINITY_LFT})
         try:
             ipr.addr("add", **kwargs)
         except NetlinkError as exc:
@@ -402,7 +409,7 @@ class LinkSetup:
     # -------------------------------------------------------------------- MAC
 
     def _mac(self, ipr: IPRoute, index: int) -> str:
-        return str(ipr.get_links(index)[0].get("IFLA_ADDRESS")).lower()
+        return str(ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")).lower()
 
     def _set_mac(self, ipr: IPRoute, index: int, ifname: str, mac: str) -> None:
         if self._mac(ipr, index) == mac:
@@ -449,10 +456,10 @@ class LinkSetup:
         routes = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in ipr.get_routes(family=family, oif=index):
-                table = msg.get("RTA_TABLE") or msg["table"]
+                table = msg.get_attr("RTA_TABLE") or msg["table"]
                 if msg["proto"] == RTPROT_KERNEL or table == RT_TABLE_LOCAL:
                     continue
-                if msg.get("RTA_MULTIPATH"):
+                if msg.get_attr("RTA_MULTIPATH"):
                     continue  # multipath routes do not depend on this link alone
                 route: dict[str, Any] = {
                     "family": family,
@@ -463,8 +470,8 @@ class LinkSetup:
                     "type": msg["type"],
                 }
                 for attr, name in ROUTE_FIELDS.items():
-                    if msg.get(attr) is not None:
-                        route[name] = msg.get(attr)
+                    if msg.get_attr(attr) is not None:
+                        route[name] = msg.get_attr(attr)
                 routes.append(route)
         return routes
 

@@ -61,7 +61,7 @@ from lbd.protocol import pacing
 from lbd.protocol.config import QuorumMode
 from lbd.protocol.errors import AuthError, DecodeError, ReplayError, VersionError
 from lbd.protocol.keyring import FINGERPRINT_LEN
-from lbd.protocol.messages import HEALTH_MAX, MAX_NODES, Heartbeat, Leave
+from lbd.protocol.messages import HEALTH_MAX, MAX_NODES, Heartbeat, Leave, Member
 from lbd.protocol.peers import Peer
 from lbd.protocol.quorum import has_joint_quorum
 from lbd.protocol.quorumbase import QuorumBase
@@ -396,36 +396,17 @@ class Node(QuorumBase):
                 self._events.append(ev.MemberSuspected(node_id, silent))
 
     def _update_view(self, now: float) -> None:
-        holddown = self.timers.join_holddown
-        dead_after = self.timers.dead_after
-        members = [self._self_member()]
-        for peer in self._peers.values():
-            if peer.left or peer.declared_dead:
-                eligible = False
-            elif peer.in_view:
-                eligible = peer.deaf_since is None or now < peer.deaf_since + dead_after
-            else:
-                # A newcomer that lists us with another incarnation than ours has not
-                # heard us since we restarted: a live peer corrects that within an
-                # interval, replayed heartbeats of a dead member (captured before our
-                # restart) never do, so they never make it a member again.
-                eligible = (peer.deaf_since is None and now - peer.first_heard >= holddown
-                            and not peer.lists_stale_me)
+        decisions, view = self._next_view(now)
+        if view != self._view and not self._table_ready(view):
+            # The table comes from the shell: until then this node has not taken the
+            # change (nothing below happened yet), exactly as if it heard of it later.
+            return
+        for peer, eligible in decisions:
             if peer.in_view and not eligible and not (peer.left or peer.declared_dead):
                 self._events.append(ev.MemberDead(peer.node_id, now - peer.last_listed_me))
-            if eligible and not peer.in_view and len(members) >= MAX_NODES:
-                # The view is full: ownership is defined for at most MAX_NODES members.
-                if not peer.refused:
-                    peer.refused = True
-                    self.counters.refused += 1
-                    self._events.append(ev.MemberRefused(peer.node_id, MAX_NODES))
-                eligible = False
             if eligible and not peer.in_view:
                 self._events.append(ev.MemberJoined(peer.node_id, peer.incarnation))
             peer.in_view = eligible
-            if eligible:
-                members.append(peer.member)
-        view = tuple(sorted(members, key=lambda m: m.node_id))
         if view == self._view:
             return
         self._view = view
@@ -442,6 +423,37 @@ class Node(QuorumBase):
         if released:
             self._events.append(ev.BucketsReleased(released, len(kept)))
         self._next_heartbeat = now
+
+    def _next_view(self, now: float) -> tuple[list[tuple[Peer, bool]], tuple[Member, ...]]:
+        """Which peers belong to the view now, and that view (changes only a refused
+        newcomer's record: the view is full)."""
+        holddown = self.timers.join_holddown
+        dead_after = self.timers.dead_after
+        members = [self._self_member()]
+        decisions = []
+        for peer in self._peers.values():
+            if peer.left or peer.declared_dead:
+                eligible = False
+            elif peer.in_view:
+                eligible = peer.deaf_since is None or now < peer.deaf_since + dead_after
+            else:
+                # A newcomer that lists us with another incarnation than ours has not
+                # heard us since we restarted: a live peer corrects that within an
+                # interval, replayed heartbeats of a dead member (captured before our
+                # restart) never do, so they never make it a member again.
+                eligible = (peer.deaf_since is None and now - peer.first_heard >= holddown
+                            and not peer.lists_stale_me)
+            if eligible and not peer.in_view and len(members) >= MAX_NODES:
+                # The view is full: ownership is defined for at most MAX_NODES members.
+                if not peer.refused:
+                    peer.refused = True
+                    self.counters.refused += 1
+                    self._events.append(ev.MemberRefused(peer.node_id, MAX_NODES))
+                eligible = False
+            decisions.append((peer, eligible))
+            if eligible:
+                members.append(peer.member)
+        return decisions, tuple(sorted(members, key=lambda m: m.node_id))
 
     def _check_lapse(self, now: float) -> None:
         lease_until = self._applied[1]

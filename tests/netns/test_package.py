@@ -124,7 +124,7 @@ def test_package_installs_runs_removes_and_purges(
         package: tuple[Path, dict[str, float]], namespace: str, tmp_path: Path) -> None:
     deb, figures = package
     fields = sh("dpkg-deb", "-f", str(deb), "Architecture", "Depends", "Recommends").stdout
-    assert "Architecture: all" in fields
+    assert "Architecture: all" in fields and "Recommends: tcpdump" in fields, fields
     for dep in ("python3-nftables", "python3-msgpack", "python3-cryptography",
                 "python3-numpy", "python3-pyroute2", "nftables", "iproute2"):
         assert dep in fields, fields

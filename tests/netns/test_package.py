@@ -11,7 +11,8 @@ checkout on the path), which is what an operator gets from ``apt install``:
 - ``lbd lab --json``: a real 3-node cluster in namespaces, one daemon killed,
   no duplicate answer and no connection broken on the nodes that stayed up.
 
-Then ``apt-get remove`` (program and unit gone; /etc/lbd and /var/lib/lbd kept;
+Then ``apt-get remove`` (the prerm stops the service where systemd runs; program
+and unit gone; /etc/lbd and /var/lib/lbd kept;
 the unit's enablement link left dangling, as Debian does, until purge) and
 ``apt-get purge`` (configuration and state gone; the group ``lbd`` kept, as
 Debian does with system groups). The test refuses to run where lbd is already
@@ -133,6 +134,13 @@ def test_package_installs_runs_removes_and_purges(
     assert any(ln.endswith("/lbd/daemon/cli.py") for ln in modules), contents
     assert any(ln.endswith("/lbd/protocol/wire.py") for ln in modules), contents
     assert not [ln for ln in modules if ln.startswith("l")], "symlinks in the package"
+
+    # systemd is not PID 1 on CI machines, so the stop on removal cannot be watched
+    # here: check that the package's prerm does it where systemd runs.
+    control = tmp_path / "control"
+    sh("dpkg-deb", "-e", str(deb), str(control))
+    prerm = (control / "prerm").read_text()
+    assert "deb-systemd-invoke stop 'lbd.service'" in prerm and '"$1" = remove' in prerm
 
     figures["install_s"] = apt("install", str(deb))
     for path in FILES:

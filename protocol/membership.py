@@ -397,9 +397,14 @@ class Node(QuorumBase):
 
     def _update_view(self, now: float) -> None:
         decisions, view = self._next_view(now)
-        if view != self._view and not self._table_ready(view):
-            # The table comes from the shell: until then this node has not taken the
-            # change (nothing below happened yet), exactly as if it heard of it later.
+        self._view_pending = view != self._view and not self._table_ready(view)
+        if self._view_pending:
+            # The table comes from the shell. Until then this node stays on its view
+            # (nothing below happens yet): it claims nothing (``_try_claim``) and
+            # acks no peer the new view drops (``_send_heartbeat``), so waiting is
+            # like hearing of the change later, never like not believing it. The
+            # agreement on this view is over (a leave must not count it as absorbed).
+            self._agreed = False
             return
         for peer, eligible in decisions:
             if peer.in_view and not eligible and not (peer.left or peer.declared_dead):
@@ -482,6 +487,8 @@ class Node(QuorumBase):
             self._events.append(ev.LeaseLapsed(dropped))
 
     def _try_claim(self, now: float) -> None:
+        if self._view_pending:
+            return  # an agreement on a view this node already knows is over
         if self._agreed or self._clashing:
             # While another process speaks with our ID, quorums that count "our" ID
             # are ambiguous: agree nothing, change no base.
@@ -574,8 +581,11 @@ class Node(QuorumBase):
         acks = []
         for member in self._view:
             peer = self._peers.get(member.node_id)
+            # in_view and not declared_dead: always so for a view member, except
+            # while a new view waits for its table (a peer it drops is not supported).
             supported = (peer is not None and peer.incarnation == member.incarnation
-                         and peer.deaf_since is None)
+                         and peer.deaf_since is None and peer.in_view
+                         and not peer.declared_dead and not peer.left)
             acks.append(peer.last_seq if supported and peer is not None else 0)
         heartbeat = Heartbeat(
             sender=self.node_id, incarnation=self.incarnation, seq=self._seq,

@@ -138,6 +138,8 @@ class NodeState:
         from a build inside the step: the daemon builds them in a thread."""
         self._tables: dict[MemberWeights, Owners] = {}
         self._table_asked: MemberWeights | None = None
+        self._view_pending = False
+        """A new view waits for its table (only with defer_tables)."""
         self._view_weights: tuple[tuple[Member, ...] | None, MemberWeights] = (None, ())
         self._actions: list[ev.Action] = []
         self._events: list[ev.Event] = []

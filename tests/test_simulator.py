@@ -593,6 +593,13 @@ def test_a_view_waits_for_its_table_and_failover_still_completes(
     assert set(builds[before:]) <= {2} and len(builds[before:]) <= 2
 
 
+def test_a_node_waiting_for_a_table_stops_supporting_a_peer_it_declared_dead() -> None:
+    """Seed 30012: a peer hangs; a node declares it dead but waits for the table of
+    the view without it. Acking the resumed peer on the old view meanwhile let it
+    renew its lease while the third node took its slices (S1 broken)."""
+    run_random_schedule(30012, FAST, table_delay=SLOW_TABLES, mistakes=True)
+
+
 @pytest.mark.timeout(900)
 def test_random_schedules_with_tables_built_elsewhere() -> None:
     """Random fault (and mistake) schedules with ownership tables that come back up

@@ -4,7 +4,7 @@
                                    [--no-imports] [--json] [--out FILE]
 
 For each case (profile:nodes) one hub bed with that many nodes and a real daemon in
-each (tests/netns/cluster.py, 4096 buckets, no client load), converged, then left alone
+each (lbd.testbed.cluster, 4096 buckets, no client load), converged, then left alone
 for ``--window`` seconds: CPU % from utime+stime in /proc/PID/stat over the window and
 VmRSS from /proc/PID/status at its end, for node 0 and summarised over all daemons.
 All daemons share this machine's cores: ``cpu_sum_percent`` near 100 * cores means the
@@ -29,11 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from netns.bed import Bed  # noqa: E402
-from netns.cluster import LbdCluster  # noqa: E402
+from lbd.testbed.bed import Bed
+from lbd.testbed.cluster import LbdCluster
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BUCKETS = 4096
@@ -160,7 +157,7 @@ def measure_emulated(profile: str, nodes: int, window: float, workdir: Path,
                 bed.run(ns, "ip", "addr", "add", f"192.0.2.{EMU_FIRST_HOST + i}/24",
                         "dev", "eth0")
             emulators.append(bed.python(
-                ns, str(REPO / "bench" / "peer_emulator.py"), "--config",
+                ns, "-m", "lbd.testbed.peer_emulator", "--config",
                 str(cluster.config(1 + g)), "--count", str(len(group)), "--first-address",
                 f"192.0.2.{EMU_FIRST_HOST + group[0]}", "--prefix", f"emu{g}x",
                 *(["--scripted"] if scripted else [])))
@@ -236,10 +233,9 @@ def measure_emulated(profile: str, nodes: int, window: float, workdir: Path,
 
 def import_rss() -> dict[str, float | None]:
     """VmRSS (MB) of a fresh interpreter after each import alone."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     out: dict[str, float | None] = {}
     for label, code in IMPORTS.items():
-        run = subprocess.run([sys.executable, "-c", RSS_PROBE.format(code=code)], env=env,
+        run = subprocess.run([sys.executable, "-c", RSS_PROBE.format(code=code)],
                              capture_output=True, text=True, timeout=60, check=False)
         out[label] = round(int(run.stdout) / 1024, 1) if run.returncode == 0 else None
     return out
@@ -247,12 +243,11 @@ def import_rss() -> dict[str, float | None]:
 
 def chain_rss() -> list[dict[str, Any]]:
     """VmRSS (MB) after each step of CHAIN, with the increment over the step before."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     rows: list[dict[str, Any]] = []
     code = ""
     for label, step in CHAIN:
         code += step + "\n"
-        run = subprocess.run([sys.executable, "-c", RSS_PROBE.format(code=code)], env=env,
+        run = subprocess.run([sys.executable, "-c", RSS_PROBE.format(code=code)],
                              capture_output=True, text=True, timeout=60, check=False)
         mb = round(int(run.stdout) / 1024, 1) if run.returncode == 0 else None
         last = rows[-1]["rss_mb"] if rows else None
@@ -264,8 +259,7 @@ def chain_rss() -> list[dict[str, Any]]:
 def import_times(top: int = 15) -> list[dict[str, Any]]:
     """The ``top`` largest cumulative import times of lbd.daemon.service (ms)."""
     run = subprocess.run([sys.executable, "-X", "importtime", "-c", "import lbd.daemon.service"],
-                         capture_output=True, text=True, timeout=60, check=False,
-                         env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+                         capture_output=True, text=True, timeout=60, check=False)
     rows: list[dict[str, Any]] = []
     for line in run.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:

@@ -16,7 +16,7 @@ the same interval/rise/fall as keepalived_lab.py's ``vrrp_script``), so node1 dr
 its slices to the others once ``fall`` runs failed; the restarted service brings them
 back. The client-visible outage of a trial is
 the longest gap between successful new connections from the sources the killed node
-served (lbd.daemon.lab_metrics.outage). Also counts duplicate answers over the whole run
+served (lbd.testbed.metrics.outage). Also counts duplicate answers over the whole run
 (packet capture) and measures one daemon's CPU % and RSS while serving. ``timeline``
 (per-node new connections per 100 ms around the first fault) feeds bench/plots.py.
 ``--out`` also writes the JSON to a file (bench/out/ by convention).
@@ -27,6 +27,7 @@ keepalived in the same bed, same load and metric: bench/keepalived_lab.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -37,15 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from netns.bed import Bed, wait_for  # noqa: E402
-from netns.cluster import Capture, ClientLoad, LbdCluster, holds_slices  # noqa: E402
-from netns.traffic import TCP_PORT  # noqa: E402
-
-from lbd.daemon import lab_metrics as metrics  # noqa: E402
-from lbd.protocol.config import PROFILES  # noqa: E402
+from lbd.protocol.config import PROFILES
+from lbd.testbed import metrics
+from lbd.testbed.bed import Bed, wait_for
+from lbd.testbed.cluster import Capture, ClientLoad, LbdCluster, holds_slices
+from lbd.testbed.traffic import TCP_PORT
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FAULTS = ("kill", "hostdeath", "service")
@@ -84,6 +81,11 @@ class CheckedCluster(LbdCluster):
         path = super().config(index, **extra)
         path.write_text(path.read_text() + SERVICE_CHECK)
         return path
+
+
+def drained(victim: int, slices: dict[str, int]) -> bool:
+    """Whether ``victim`` holds no slices (its check failed, it drained)."""
+    return slices[f"node{victim}"] == 0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -160,7 +162,7 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path,
                     victim = 1  # ~1/3 of the clients; its daemon lives on
                     time.sleep(0.5 + random.uniform(0, CHECK_INTERVAL))  # random check phase
                     fault = kill_service(services[victim])
-                    cluster.wait_converged(everyone, check=lambda s, v=victim: s[f"node{v}"] == 0)
+                    cluster.wait_converged(everyone, check=functools.partial(drained, victim))
                 else:
                     time.sleep(0.5 + random.uniform(0, interval))  # random heartbeat phase
                     if fault_kind == "hostdeath":

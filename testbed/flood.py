@@ -4,7 +4,7 @@
                                     [--rates 1000,3000,10000,30000,0] [--step 3]
                                     [--profile fast|default] [--procs 2] [--json] [--out FILE]
 
-A hub bed (tests/netns/bed.py) with three real daemons, echo services and the e2e
+A hub bed (lbd.testbed.bed) with three real daemons, echo services and the e2e
 suite's client load (64 sources, a new TCP connection and a UDP query every 4 ms, one
 long-lived connection per node) with a packet capture. An attacker namespace joins the
 hub (``192.0.2.250``: on the segment, no key) and floods node 0's heartbeat port,
@@ -59,21 +59,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from netns.bed import ROUTER_LAN4, TCP_PORT, UDP_PORT, Bed, BedError  # noqa: E402
-from netns.cluster import HEARTBEAT_PORT, Capture, ClientLoad, LbdCluster  # noqa: E402
-
-from lbd.daemon.config import load_keyring  # noqa: E402
-from lbd.daemon.lab_metrics import NAME, START  # noqa: E402
-from lbd.daemon.lab_pcap import count_duplicates, read_pcap  # noqa: E402
-from lbd.protocol.wire import (  # noqa: E402
+from lbd.daemon.config import load_keyring
+from lbd.protocol.wire import (
     MAGIC,
     MAX_DATAGRAM,
     MIN_DATAGRAM,
     WIRE_VERSION,
 )
+from lbd.testbed.bed import ROUTER_LAN4, TCP_PORT, UDP_PORT, Bed, BedError
+from lbd.testbed.cluster import HEARTBEAT_PORT, Capture, ClientLoad, LbdCluster
+from lbd.testbed.metrics import NAME, START
+from lbd.testbed.pcap import count_duplicates, read_pcap
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GROUP = "239.255.0.1"
@@ -207,7 +203,7 @@ class Attacker:
         share = rate / procs if rate > 0 else 0.0
         request = {"kind": kind, "targets": targets, "rate": share, "duration": duration,
                    "fingerprint": fingerprint.hex() if fingerprint else None, "source": source}
-        started = [self.bed.python(self.ns, str(REPO / "bench" / "flood.py"), "_send",
+        started = [self.bed.python(self.ns, "-m", "lbd.testbed.flood", "_send",
                                    json.dumps({**request, "seed": random.getrandbits(32)}))
                    for _ in range(procs)]
         sent = errors = 0

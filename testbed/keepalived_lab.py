@@ -4,7 +4,7 @@
                                              [--fault hostdeath|kill|service]
                                              [--prefix lbdt-kad-] [--json] [--out FILE]
 
-The same kind of bed as bench/failover_lab.py (tests/netns/bed.py: 3 nodes on a hub,
+The same kind of bed as bench/failover_lab.py (lbd.testbed.bed: 3 nodes on a hub,
 a router, a client namespace), but each node has its own MAC (standard VRRP: the VIP
 moves by gratuitous ARP) and runs Debian's keepalived (/usr/sbin/keepalived) instead of
 lbd: one VRRP instance on eth0 holding the VIP, priorities 150/100/50 (node 0 is the
@@ -13,7 +13,7 @@ master and preempts back), ``advert_int 1`` (VRRPv2, the default) or ``advert_in
 equal-interval twin of lbd's fast profile. No lbd, no nft rules. Every node runs the
 same echo service on the VIP.
 
-Each trial starts the lab's client load (lbd.daemon.lab_load: 64 sources, a new TCP
+Each trial starts the lab's client load (lbd.testbed.load: 64 sources, a new TCP
 connection every 4 ms, one long-lived connection, which VRRP puts on the master), waits
 2 s plus a random phase of the advertisement cycle, fails the master, waits until the
 client is served by a backup, stops the load and restores the master (it preempts).
@@ -35,7 +35,7 @@ master sends a priority-0 advertisement and drops the VIP, and the best backup t
 over at once (a negative weight would leave the backups waiting out the master-down
 timer). The restarted service lets node 0 rise and preempt back.
 
-The outage of a trial is lbd.daemon.lab_metrics.outage (longest gap between successful
+The outage of a trial is lbd.testbed.metrics.outage (longest gap between successful
 new connections of the sources the failed node served: here all of them), as for lbd.
 keepalived is started with ``-n -l -D -G -P`` and its own ``-p``/``-r`` pid files per
 namespace; its processes are found by parent PID and signalled by PID only.
@@ -57,11 +57,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
-
-from failover_lab import (  # noqa: E402
+from lbd.testbed import metrics
+from lbd.testbed.bed import Bed, BedError, wait_for
+from lbd.testbed.cluster import Capture, ClientLoad
+from lbd.testbed.failover_lab import (
     CHECK_FALL,
     CHECK_INTERVAL,
     CHECK_RISE,
@@ -71,11 +70,7 @@ from failover_lab import (  # noqa: E402
     start_services,
     timeline,
 )
-from netns.bed import Bed, BedError, wait_for  # noqa: E402
-from netns.cluster import Capture, ClientLoad  # noqa: E402
-from netns.traffic import TCP_PORT  # noqa: E402
-
-from lbd.daemon import lab_metrics as metrics  # noqa: E402
+from lbd.testbed.traffic import TCP_PORT
 
 KEEPALIVED = "/usr/sbin/keepalived"
 PRIORITIES = (150, 100, 50)

@@ -1,6 +1,6 @@
 """Many lbd peers in one process, for measuring one real daemon in a large cluster.
 
-    python bench/peer_emulator.py --config NODE.toml --count 31 --first-address 192.0.2.20
+    python -m lbd.testbed.peer_emulator --config NODE.toml --count 31 --first-address 192.0.2.20
 
 32 real daemons do not fit on a 2-core machine (each one's wake-ups cost more
 than the cores give), so ``bench/cost.py`` measures ONE real daemon in a cluster
@@ -30,18 +30,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from lbd.daemon import heartbeat  # noqa: E402
-from lbd.daemon.config import DaemonConfig, load_config, load_keyring  # noqa: E402
-from lbd.protocol import events as ev  # noqa: E402
-from lbd.protocol.driver import Driver  # noqa: E402
-from lbd.protocol.errors import LbdError  # noqa: E402
-from lbd.protocol.membership import Node  # noqa: E402
-from lbd.protocol.messages import Heartbeat, Member  # noqa: E402
-from lbd.protocol.params import digest_params  # noqa: E402
-from lbd.protocol.wire import Codec  # noqa: E402
+from lbd.daemon import heartbeat
+from lbd.daemon.config import DaemonConfig, load_config, load_keyring
+from lbd.protocol import events as ev
+from lbd.protocol.driver import Driver
+from lbd.protocol.errors import LbdError
+from lbd.protocol.membership import Node
+from lbd.protocol.messages import Heartbeat, Member
+from lbd.protocol.params import digest_params
+from lbd.protocol.wire import Codec
 
 RECV_BATCH = 256
 

@@ -5,7 +5,7 @@
                                    [--gap 0.5,3.0] [--kinds crash,hang,...] [--json]
                                    [--out FILE] [--logs DIR]
 
-One hub bed (tests/netns/bed.py) with N real daemons, echo services on the VIP and the
+One hub bed (lbd.testbed.bed) with N real daemons, echo services on the VIP and the
 lab's client load (64 sources, a new TCP connection and a UDP query every 4 ms, one
 long-lived connection per node) with a packet capture in the client namespace. For
 ``--duration`` seconds, faults are injected one at a time, on a random node, after a
@@ -36,7 +36,7 @@ that was itself crashed, partitioned, flapped, restarted or left during its life
 counted apart, as ``broken.on_faulted_nodes``; a hang, a VIP removal, a table flush or
 a drain must break nothing); RSTs to long-lived connections; failed new connections;
 daemon exit codes and tracebacks in their logs; per fault kind the worst and median
-client-visible outage (lbd.daemon.lab_metrics.outage: the longest gap between
+client-visible outage (lbd.testbed.metrics.outage: the longest gap between
 successful new connections from the sources the affected node served, from the fault
 until the cluster agreed again; for a join, the sources the newcomer serves after
 it), the time to agree again, and sources never served again. Exit 0 when clean; 1
@@ -73,13 +73,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
-
-from netns.bed import Bed, BedError  # noqa: E402
-from netns.cluster import Capture, ClientLoad  # noqa: E402
-from soak_faults import (  # noqa: E402
+from lbd.testbed.bed import Bed, BedError
+from lbd.testbed.cluster import Capture, ClientLoad
+from lbd.testbed.soak_faults import (
     KINDS,
     SETTLE,
     Fault,
@@ -88,10 +84,10 @@ from soak_faults import (  # noqa: E402
     SoakCluster,
     Stuck,
 )
-from soak_report import Accounting, describe, render  # noqa: E402
+from lbd.testbed.soak_report import Accounting, describe, render
 
 LOAD_SETTLE = 1.0
-MAX_SEGMENT = 500.0  # lab_load stops by itself after 600 s
+MAX_SEGMENT = 500.0  # the load stops by itself after 600 s
 EXIT_OK, EXIT_VIOLATION, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 

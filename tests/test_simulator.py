@@ -15,9 +15,15 @@ import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
-import clustersim
 import pytest
-from clustersim import (
+from simschedules import run_random_schedule
+
+from lbd.protocol import events as ev
+from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, QuorumMode, Timers
+from lbd.protocol.jhash import bucket_of
+from lbd.protocol.pacing import QUIET_SLACK
+from lbd.testbed import clustersim
+from lbd.testbed.clustersim import (
     CLIENTS,
     Cluster,
     SimNode,
@@ -26,12 +32,6 @@ from clustersim import (
     client_buckets,
     settle,
 )
-from simschedules import run_random_schedule
-
-from lbd.protocol import events as ev
-from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, QuorumMode, Timers
-from lbd.protocol.jhash import bucket_of
-from lbd.protocol.pacing import QUIET_SLACK
 
 FAST = FAST_TIMERS
 SCHEDULES = int(os.environ.get("LBD_SIM_SCHEDULES", "2000"))

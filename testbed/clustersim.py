@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import NDArray
 
 from lbd.protocol import events as ev
 from lbd.protocol.config import FAST_TIMERS, CoreConfig, Timers
@@ -86,18 +87,18 @@ def kernel_mapping(config: CoreConfig) -> Mapping:
 
 
 @functools.lru_cache(maxsize=64)
-def client_buckets(mapping: Mapping) -> np.ndarray:
+def client_buckets(mapping: Mapping) -> NDArray[np.int64]:
     """The bucket of every sampled client under ``mapping`` (the kernel-exact jhash)."""
     buckets, seed, prefix4, prefix6 = mapping
     return np.array([bucket_of(a, buckets, seed, prefix4, prefix6) for a in CLIENTS],
                     dtype=np.int64)
 
 
-def accepted_clients(mapping: Mapping, accepted: frozenset[int]) -> np.ndarray:
+def accepted_clients(mapping: Mapping, accepted: frozenset[int]) -> NDArray[np.bool_]:
     """A mask over ``CLIENTS``: those a kernel accepting ``accepted`` buckets accepts."""
     owned = np.zeros(mapping[0], dtype=bool)
     owned[list(accepted)] = True
-    mask: np.ndarray = owned[client_buckets(mapping)]
+    mask: NDArray[np.bool_] = owned[client_buckets(mapping)]
     return mask
 
 

@@ -197,4 +197,6 @@ def test_package_installs_runs_removes_and_purges(
     assert not WANTS.is_symlink()  # enablement forgotten
     assert has_group("lbd")  # kept, as Debian does with system groups
     print(f"\npackage: {deb.stat().st_size} bytes, " + ", ".join(
-        f"{k} {v:.1f}" for k, v in figures.items()))
+        f"{k} {v:.1f}" for k, v in figures.items()) + "; lab: " + ", ".join(
+        f"{k} {result.get(k)}" for k in ("outage_ms", "served_again_ms", "duplicate_synacks",
+                                         "broken_connections")))

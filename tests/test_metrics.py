@@ -79,10 +79,10 @@ def synthetic(n: int, buckets: int = 4096) -> dict[str, Any]:
         states[1], states[2], states[3] = "suspect", "draining", "dead"
     rows: list[dict[str, Any]] = [
         {"node_id": f"node{i}", "wire_id": f"{i:08x}", "address": f"192.0.2.{i + 1}",
-             "state": states[i], "slices": buckets // n, "share": 100 / n, "weight": 100,
-             "last_heard_ms": None if i == 0 else 40 + i, "incarnation": 1000 + i,
-             "is_self": i == 0, "key": "ab" * 8, "mismatch": [],
-             "health": "unhealthy: check, agent" if i == 2 else "ok"} for i in range(n)]
+         "state": states[i], "slices": buckets // n, "share": 100 / n, "weight": 100,
+         "last_heard_ms": None if i == 0 else 40 + i, "incarnation": 1000 + i,
+         "is_self": i == 0, "key": "ab" * 8, "mismatch": [],
+         "health": "unhealthy: check, agent" if i == 2 else "ok"} for i in range(n)]
     tally = Tally(slices_gained=buckets // n + 7, slices_released=3, members_lost=1)
     for seconds in (0.0004, 0.0009, 0.006, 0.03):
         tally.applied(seconds)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import bisect
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import lbd
 from lbd.protocol import events as ev
+from lbd.protocol.report import MemberInfo
 from lbd.protocol.wire import WIRE_VERSION
 
 if TYPE_CHECKING:
@@ -96,6 +97,9 @@ class Tally:
                 "lease_lapses": self.lease_lapses}
 
 
+_MEMBER_FIELDS = tuple(f.name for f in fields(MemberInfo))
+
+
 def build_info() -> dict[str, str]:
     return {"version": lbd.__version__, "python": platform.python_version(),
             "wire_version": str(WIRE_VERSION)}
@@ -105,7 +109,9 @@ def member_rows(service: Service, now: float) -> list[dict[str, Any]]:
     """``lbd-cli members``: one row per known node, names for people."""
     rows = []
     for info in service.core.members(now):
-        row = asdict(info)
+        # Shallow (asdict deep-copies: 0.57 ms at 64 rows, this 0.04 ms).
+        row = {name: getattr(info, name) for name in _MEMBER_FIELDS}
+        row["mismatch"] = list(info.mismatch)
         row["share"] = round(row["share"], 2)
         row["wire_id"], row["node_id"] = info.node_id, row.pop("name") or info.node_id
         if info.is_self:

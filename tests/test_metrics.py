@@ -17,7 +17,7 @@ import clustersim
 import pytest
 from test_metrics_parse import Family, parse
 
-from lbd.daemon import metrics, snapshot
+from lbd.daemon import ctl, metrics, snapshot
 from lbd.daemon.ctl import format_status
 from lbd.daemon.effects import EffectsMixin
 from lbd.daemon.snapshot import APPLY_BUCKETS, Tally
@@ -279,3 +279,18 @@ def test_grafana_dashboard_is_valid_json_on_our_metrics() -> None:
     titles = " ".join(p["title"].lower() for p in board["panels"])
     for word in ("share", "members", "failover"):
         assert word in titles, word
+
+
+def test_lbd_cli_metrics_prints_the_text_as_is(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    text = metrics.render(synthetic(3))
+    asked: list[dict[str, Any]] = []
+
+    def answer(path: str, payload: dict[str, Any]) -> str:
+        asked.append(payload)
+        return text
+
+    monkeypatch.setattr(ctl, "request", answer)
+    assert ctl.main(["--socket", "/nonexistent", "metrics"]) == 0
+    assert asked == [{"cmd": "metrics"}]
+    assert capsys.readouterr().out == text

@@ -175,3 +175,38 @@ def test_metrics_through_a_failover(bed: Callable[..., Bed], tmp_path: Path) -> 
               f"max {ms[-1]:.2f} ms")
     finally:
         cluster.stop_all()
+
+
+HOLD_PORT = """
+import socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", 9477))
+s.listen()
+print("listening", flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def test_a_taken_port_costs_the_metrics_not_the_node(bed: Callable[..., Bed],
+                                                     tmp_path: Path) -> None:
+    """Another program holds 127.0.0.1:9477 in node0's namespace: node0 serves its
+    slices all the same, and says why it has no metrics."""
+    the_bed = bed(nodes=2, add_vip=False)
+    cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="default", buckets=512)
+    holder = the_bed.python(the_bed.nodes[0].name, "-c", HOLD_PORT, "60")
+    try:
+        wait_for(lambda: "listening" in the_bed.output(holder), 10.0, 0.05,
+                 "the port holder to listen")
+        for index in range(2):
+            cluster.start(index, metrics_listen=f'"{LISTEN}"')
+        slices = cluster.wait_converged(what="both nodes to serve")
+        assert slices["node0"] > 0
+        status = cluster.query(0, "status")
+        assert any(p.startswith(f"metrics_listen {LISTEN}: ") for p in status["problems"]), \
+            status["problems"]
+        assert "serving no metrics" in cluster.log(0)
+        assert scrape(cluster, 0)["lbd_problems"].value() == len(status["problems"])
+        assert parse(http(the_bed, 1))["lbd_up"].value() == 1  # node1's own port is free
+    finally:
+        cluster.stop_all()
+        the_bed.stop(holder)

@@ -110,8 +110,9 @@ def format_status(s: dict[str, Any]) -> str:
         f"{' (draining)' if s['draining'] else ''}, weight {s['weight']}",
         f"datagrams   {c['accepted']} accepted, {c['sent']} sent; dropped: "
         f"{c['malformed']} malformed, {c['forged']} forged, {c['replayed']} replayed",
-        f"changes     {c['view_changes']} views; slices {e['slices_gained']} gained, "
-        f"{e['slices_released']} released; {e['members_lost']} members lost",
+        f"changes     {c['view_changes']} view changes; slices gained "
+        f"{e['slices_gained']}, released {e['slices_released']}; members lost "
+        f"{e['members_lost']}",
         f"kernel      {k['applies']} applies, mean "
         f"{'-' if k['mean_apply_ms'] is None else k['mean_apply_ms']} ms, max "
         f"{k['max_apply_ms']} ms",

@@ -227,7 +227,9 @@ def test_no_lease_and_no_health_render_too() -> None:
 def test_status_text_comes_from_the_same_snapshot() -> None:
     s = synthetic(3)
     text = format_status(s)
-    assert f"slices {s['events']['slices_gained']} gained" in text
+    assert (f"changes     4 view changes; slices gained {s['events']['slices_gained']}, "
+            "released 3; members lost 1") in text.splitlines()
+    assert max(len(line) for line in text.splitlines()) <= 80
     assert "4 applies" in text
 
 

@@ -99,25 +99,7 @@ def test_a_node_serves_only_while_its_service_does(
 ) -> None:
     the_bed = bed(nodes=3, add_vip=False)
     cluster = CheckedCluster(the_bed, tmp_path / "cluster")
-    run = Run(the_bed, cluster)
-    try:
-        cluster.start_all()
-
-        def vips_added() -> bool:
-            return all(the_bed.vip4 in the_bed.run(n.name, "ip", "-4", "addr").stdout
-                       for n in the_bed.nodes)
-
-        wait_for(vips_added, 10.0, what="the daemons to add the VIP")
-        # No service yet: every node is unhealthy, so nobody claims anything.
-        time.sleep(1.0)
-        assert all((cluster.query(i, "status") or {}).get("slices") == 0 for i in range(3))
-        services = start_services(the_bed, [0, 1, 2])
-        cluster.wait_converged(check=lambda s: all(v > 0 for v in s.values()),
-                               what="the cluster to serve once the checks rose")
-        run.capture = Capture(the_bed, tmp_path)
-        run.load = ClientLoad(the_bed, tmp_path)
-        time.sleep(SETTLE)
-
+    with serving(the_bed, tmp_path, cluster, check_unhealthy_start=True) as (run, services):
         # node1's service dies: node1 drains; the others serve its clients.
         fault = time.monotonic()
         kill_service(services[1])
@@ -164,8 +146,6 @@ def test_a_node_serves_only_while_its_service_does(
         # heartbeat now and then. Drained nodes would hold no slice (and sum to 0).
         cluster.wait_converged(check=lambda s: all(v > 0 for v in s.values()),
                                what="every unhealthy node to keep serving")
-    finally:
-        run.close()
 
 
 # ------------------------------------------------------------------ the other scenarios
@@ -213,12 +193,23 @@ def flap_bound(seconds: float) -> int:
 
 
 @contextmanager
-def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster
-            ) -> Iterator[tuple[Run, dict[int, Any]]]:
-    """Daemons and services up, every node serving, client load and capture running."""
+def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster, *,
+            check_unhealthy_start: bool = False) -> Iterator[tuple[Run, dict[int, Any]]]:
+    """Daemons and services up, every node serving, client load and capture running.
+    ``check_unhealthy_start``: first assert that, before the services start, the
+    daemons (up, VIP added) claim nothing: a node starts unhealthy."""
     run = Run(the_bed, cluster)
     try:
         cluster.start_all()
+        if check_unhealthy_start:
+            def vips_added() -> bool:
+                return all(the_bed.vip4 in the_bed.run(n.name, "ip", "-4", "addr").stdout
+                           for n in the_bed.nodes)
+
+            wait_for(vips_added, 10.0, what="the daemons to add the VIP")
+            time.sleep(1.0)  # a claim would come within a heartbeat or two: none may
+            assert all((cluster.query(i, "status") or {}).get("slices") == 0
+                       for i in range(3))
         services = start_services(the_bed, [0, 1, 2])
         cluster.wait_converged(check=lambda s: all(v > 0 for v in s.values()),
                                what="the cluster to serve once the checks rose")

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import clustersim
 import pytest
 from test_metrics_parse import Family, parse
 
@@ -22,6 +21,7 @@ from lbd.daemon.ctl import format_status
 from lbd.daemon.effects import EffectsMixin
 from lbd.daemon.snapshot import APPLY_BUCKETS, Tally
 from lbd.protocol.membership import Node
+from lbd.testbed import clustersim
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana-lbd.json"
 REQUIRED = (

@@ -22,8 +22,8 @@ from typing import Any
 
 from test_metrics_parse import Family, parse
 
-from .bed import Bed, wait_for
-from .cluster import LbdCluster
+from lbd.testbed.bed import Bed, wait_for
+from lbd.testbed.cluster import LbdCluster
 
 LISTEN = "127.0.0.1:9477"
 URL = f"http://{LISTEN}/metrics"

@@ -123,7 +123,7 @@ def check_serving(the_bed: Bed, cluster: Cluster, alive: list[int]) -> Counter[s
     assert len(set(tcp6.values())) == len(alive), Counter(tcp6.values())
     udp6 = the_bed.probe_udp_all(sources6(40), window=0.5)
     assert all(len(v) == 1 for v in udp6.values()), udp6
-    return Counter(tcp.values())
+    return Counter(str(name) for name in tcp.values())  # no None: asserted above
 
 
 @pytest.mark.parametrize(

@@ -37,13 +37,15 @@ $(STAMP): pyproject.toml | deps
 
 # The fast loop, as any user once the venv exists: never installs anything (that needs
 # root), writes nothing in the checkout when it cannot (mypy's cache then goes unused),
-# and runs every step even after one fails (-k), to show all that is wrong at once.
+# and runs every step even after one fails (-k), to show all that is wrong at once; two
+# at a time (-j2: mypy beside pytest), each step's output kept together.
 .PHONY: check check-ruff check-format check-mypy check-pytest
 CHECK_MARKS := not netns and not root and not slow
 check:
 	@test -x $(VENV)/bin/pytest || { echo "make check: no venv in $(VENV);" \
 	  "build it once, as root: make $(STAMP)" >&2; exit 2; }
-	@$(MAKE) --no-print-directory -k check-ruff check-format check-mypy check-pytest
+	@$(MAKE) --no-print-directory -k -j2 --output-sync=target \
+	  check-ruff check-format check-mypy check-pytest
 
 check-ruff:
 	$(VENV)/bin/ruff check --no-cache .

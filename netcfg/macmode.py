@@ -288,6 +288,8 @@ def answer_commands(spec: MacModeSpec, lease_ms: int | None) -> list[str]:
     elem = f'"{spec.interface}"'
     cmds = []
     for family in _families(spec):
+        if family == "netdev":
+            continue  # no responder set there: flood mode's ingress/egress rules only
         t = f"{family} {spec.table}"
         cmds += [f"add element {t} answer {{ {elem} }}", f"delete element {t} answer {{ {elem} }}"]
         if lease_ms is not None:

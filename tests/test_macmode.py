@@ -134,6 +134,7 @@ def test_flood_table_text() -> None:
     assert "iifname != @answer drop" in text
     assert f"@th,48,16 set {nd_compensation(own, cmac)}" in text
     assert "flush chain netdev lbd_mac ingress" in text
+    assert not any("netdev" in c for c in answer_commands(spec, 100))
     assert [f for f in ("inet", "arp", "netdev") if f"add table {f} lbd_mac" in text] == [
         "inet", "arp", "netdev"]
     multicast = table_commands(MacModeSpec.build("eth0", "03:00:5e:11:22:33", own, [VIP6]))

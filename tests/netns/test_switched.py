@@ -78,7 +78,8 @@ class Sniffer:
 
     def __init__(self, the_bed: Bed) -> None:
         self.bed = the_bed
-        self.proc = the_bed.popen(the_bed.router, "tcpdump", "-i", "eth0", "-n", "-e", "-l",
+        self.proc = the_bed.popen(the_bed.router, "tcpdump", "-i", the_bed.lan_iface, "-n",
+                                  "-e", "-l",
                                   "--immediate-mode", "arp or icmp6")
         wait_for(lambda: "listening on" in the_bed.output(self.proc), 5, what="tcpdump")
 
@@ -91,8 +92,8 @@ class Sniffer:
 def resolve_from_router(the_bed: Bed) -> tuple[list[str], list[str], str]:
     """Flush the router's neighbour cache, ping both VIPs; return the ARP replies and
     the Neighbor Advertisements seen for the VIPs, and the router's neighbour table."""
-    the_bed.run(the_bed.router, "ip", "neigh", "flush", "dev", "eth0")
-    sniff = Sniffer(the_bed)
+    sniff = Sniffer(the_bed)  # first: under client load the flush is answered at once
+    the_bed.run(the_bed.router, "ip", "neigh", "flush", "dev", the_bed.lan_iface)
     ok4 = the_bed.ping(the_bed.router, the_bed.vip4, timeout=2.0)
     ok6 = the_bed.ping(the_bed.router, the_bed.vip6, timeout=2.0)
     text = sniff.stop()
@@ -100,7 +101,7 @@ def resolve_from_router(the_bed: Bed) -> tuple[list[str], list[str], str]:
     arp = [ln for ln in text.splitlines() if f"Reply {the_bed.vip4} is-at" in ln]
     na = [ln for ln in text.splitlines()
           if "neighbor advertisement" in ln and f"tgt is {the_bed.vip6}" in ln]
-    neigh = the_bed.run(the_bed.router, "ip", "neigh", "show", "dev", "eth0").stdout
+    neigh = the_bed.run(the_bed.router, "ip", "neigh", "show", "dev", the_bed.lan_iface).stdout
     return arp, na, neigh
 
 

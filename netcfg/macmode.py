@@ -137,7 +137,11 @@ def derive_cluster_mac(cluster: str, mode: str = "multicast") -> str:
     return ":".join(f"{b:02x}" for b in head)
 
 
-def _ones_sum(data: bytes) -> int:
+def ones_sum(data: bytes) -> int:
+    """The 16-bit one's-complement sum of ``data`` (padded to even length), as in the
+    Internet checksum (RFC 1071): the checksum is its complement."""
+    if len(data) % 2:
+        data += b"\0"
     total = int(sum(struct.unpack(f"!{len(data) // 2}H", data)))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
@@ -147,7 +151,7 @@ def _ones_sum(data: bytes) -> int:
 def nd_compensation(own_mac: str, cluster_mac: str) -> int:
     """The 16-bit word that keeps the ICMPv6 checksum valid when the TLLA option
     changes from ``own_mac`` to ``cluster_mac`` (one's-complement old - new)."""
-    old, new = _ones_sum(mac_bytes(own_mac)), _ones_sum(mac_bytes(cluster_mac))
+    old, new = ones_sum(mac_bytes(own_mac)), ones_sum(mac_bytes(cluster_mac))
     diff = old + (0xFFFF - new)  # one's-complement subtraction
     while diff > 0xFFFF:
         diff = (diff & 0xFFFF) + (diff >> 16)

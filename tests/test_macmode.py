@@ -21,6 +21,7 @@ from lbd.netcfg.macmode import (
     is_group_mac,
     mac_bytes,
     nd_compensation,
+    ones_sum,
     remove_commands,
     table_commands,
 )
@@ -40,12 +41,7 @@ def test_derived_mac_is_group_local_stable_and_per_cluster() -> None:
 
 
 def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return ~ones_sum(data) & 0xFFFF
 
 
 def _icmp6_ok(src: str, dst: str, icmp: bytes) -> bool:

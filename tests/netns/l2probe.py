@@ -8,7 +8,7 @@ the probe a Linux router sends in the PROBE state), then prints one JSON object:
 ARP reply for VIP4 and Neighbor Advertisement for VIP6 seen within WAIT seconds (default
 1), each with its Ethernet source and the MAC in its payload (ARP sender / TLLA, ""
 if the NA has none).
-Runs inside a namespace as root (AF_PACKET); no third-party packet library.
+Runs inside a namespace as root (AF_PACKET), with lbd importable; no packet library.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import struct
 import sys
 import time
 from pathlib import Path
+
+from lbd.netcfg.macmode import ones_sum
 
 ETH_P_ALL, ETH_P_ARP, ETH_P_IPV6 = 0x0003, 0x0806, 0x86DD
 
@@ -46,12 +48,7 @@ def own_addresses(iface: str) -> tuple[bytes, bytes, bytes]:
 
 
 def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return ~ones_sum(data) & 0xFFFF
 
 
 def arp_request(src_mac: bytes, dst_mac: bytes, src_ip: bytes, target: bytes) -> bytes:

@@ -44,7 +44,7 @@ from lbd.netcfg.macmode import derive_cluster_mac
 from .bed import HERE, Bed, BedError, sources6, wait_for
 from .cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
 from .test_e2e import FAST_OUTAGE_LIMIT_MS, SETTLE, assert_clean, assert_failover
-from .test_switched import MACMODE, resolve_from_router
+from .test_switched import MacModeCalls, resolve_from_router
 
 CMAC = derive_cluster_mac("lbd-lab", "flood")  # LbdCluster's cluster name
 L2PROBE = str(HERE / "l2probe.py")
@@ -235,16 +235,12 @@ def test_flood_macmode_apply_is_idempotent_and_restores_what_it_recorded(
     an entry someone else made stays; a mode change leaves no netdev table behind."""
     the_bed: Bed = bed(nodes=1, add_vip=False, switch=True, unique_macs=True)
     ns = the_bed.nodes[0].name
-    state = str(tmp_path / "macmode.json")
-
-    def call(method: str, mac: str = CMAC) -> None:
-        the_bed.run_python(ns, MACMODE, method, mac, state)
+    state = tmp_path / "macmode.json"
+    call = MacModeCalls(the_bed, state, CMAC)
+    tables = call.tables
 
     def entries() -> str:
-        return the_bed.run(ns, "bridge", "fdb", "show", "dev", "eth0").stdout
-
-    def tables() -> str:
-        return the_bed.run(ns, "nft", "list", "tables").stdout
+        return call.show("bridge", "fdb", "show", "dev", "eth0")
 
     call("apply")
     call("apply")  # a restarted daemon: same record, nothing doubled
@@ -253,7 +249,7 @@ def test_flood_macmode_apply_is_idempotent_and_restores_what_it_recorded(
     assert ingress.count("meta pkttype set host") == 1, ingress
     call("restore")
     assert CMAC not in entries() and "lbd_mac" not in tables()
-    assert not Path(state).exists()
+    assert not state.exists()
 
     # An entry made before lbd stays after restore.
     the_bed.run(ns, "bridge", "fdb", "add", CMAC, "dev", "eth0", "self", "permanent")
@@ -267,6 +263,6 @@ def test_flood_macmode_apply_is_idempotent_and_restores_what_it_recorded(
     call("apply")
     call("apply", group)
     assert CMAC not in entries() and "table netdev lbd_mac" not in tables()
-    assert group in the_bed.run(ns, "ip", "maddr", "show", "dev", "eth0").stdout
+    assert group in call.maddr()
     call("restore", group)
     assert "lbd_mac" not in tables()

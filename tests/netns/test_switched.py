@@ -274,21 +274,34 @@ getattr(mode, sys.argv[1])()
 """
 
 
+class MacModeCalls:
+    """MacMode methods on node 0's eth0, each in a new process (like a restarted daemon
+    reading its record), and what the kernel then shows."""
+
+    def __init__(self, the_bed: Bed, state: Path, mac: str) -> None:
+        self.bed, self.ns, self.state, self.mac = the_bed, the_bed.nodes[0].name, state, mac
+
+    def __call__(self, method: str, mac: str | None = None) -> None:
+        self.bed.run_python(self.ns, MACMODE, method, mac or self.mac, str(self.state))
+
+    def show(self, *argv: str) -> str:
+        return self.bed.run(self.ns, *argv).stdout
+
+    def maddr(self) -> str:
+        return self.show("ip", "maddr", "show", "dev", "eth0")
+
+    def tables(self) -> str:
+        return self.show("nft", "list", "tables")
+
+
 def test_macmode_apply_is_idempotent_and_restores_what_it_recorded(
     bed: Any, tmp_path: Path
 ) -> None:
     the_bed: Bed = bed(nodes=1, add_vip=False, switch=True, unique_macs=True)
     ns = the_bed.nodes[0].name
     state = str(tmp_path / "macmode.json")
-
-    def call(method: str, mac: str = CMAC) -> None:
-        the_bed.run_python(ns, MACMODE, method, mac, state)
-
-    def maddr() -> str:
-        return the_bed.run(ns, "ip", "maddr", "show", "dev", "eth0").stdout
-
-    def tables() -> str:
-        return the_bed.run(ns, "nft", "list", "tables").stdout
+    call = MacModeCalls(the_bed, Path(state), CMAC)
+    maddr, tables = call.maddr, call.tables
 
     # Each call is a new process, like a restarted daemon reading the record.
     call("apply")

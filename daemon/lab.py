@@ -1,21 +1,23 @@
 """``lbd lab``: a whole lbd cluster on this machine, a real failure, measured.
 
     lbd lab [--nodes 3] [--fail kill|stop|linkdown|partition|service]
-            [--profile default|fast] [--json]
+            [--profile default|fast] [--switch] [--mac-mode shared|multicast|flood] [--json]
 
-Builds a hub test bed of network namespaces (prefix ``lbdlab-``; leftovers of an
-earlier run are removed first), starts a real lbd daemon in every node with a generated
-config and key, an echo service on the VIP (TCP 80, UDP 53) in every node, and a client
-namespace that opens a new TCP connection and sends a UDP query every 4 ms from 64
-source addresses, plus one long-lived connection per node. It shows the per-node share
-of new connections as bars, the membership (as ``lbd-cli members``) and a progress
+Builds a hub test bed of network namespaces (prefix ``lbdlab-``; leftovers of an earlier
+run are removed first; ``--switch``: an ordinary learning switch instead of the hub,
+where ``--mac-mode shared`` starves most clients and ``flood`` or ``multicast`` serve
+them all: README, "Switched networks"), starts a real lbd daemon in every node with a
+generated config and key, an echo service on the VIP (TCP 80, UDP 53) in every node, and
+a client namespace that opens a new TCP connection and sends a UDP query every 4 ms from
+64 source addresses, plus one long-lived connection per node. It shows the per-node
+share of new connections as bars, the membership (as ``lbd-cli members``) and a progress
 line; then fails one node (``kill``: SIGKILL of its daemon; ``stop``: SIGSTOP;
 ``linkdown``: host death; ``partition``: its heartbeats dropped; ``service``: its echo
 service killed while lbd lives: every daemon then runs a ``[[check]]`` of its echo
 service, and the node drains on the failing check), shows the others absorbing its
-slices, brings it back, shows it rejoin, and reports the client-visible
-outage, duplicate answers (from a packet capture) and broken connections. ``--json``
-prints only the measured figures. Ctrl-C, SIGTERM or any error tears everything down.
+slices, brings it back, shows it rejoin, and reports the client-visible outage,
+duplicate answers (from a packet capture) and broken connections. ``--json`` prints only
+the measured figures. Ctrl-C, SIGTERM or any error tears everything down.
 
 The bed and cluster harness are the test suite's (tests/netns/bed.py, cluster.py):
 the lab runs from a source checkout.
@@ -39,6 +41,7 @@ from types import FrameType
 from typing import Any
 
 from lbd.daemon import lab_metrics as metrics
+from lbd.daemon.config import MAC_MODES, DaemonConfig
 from lbd.daemon.ctl import format_members
 
 REPO_TESTS = Path(__file__).resolve().parents[1] / "tests"
@@ -50,6 +53,7 @@ SERVICE_CHECK = ('\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:80"\ninterval = 0
 BAR_WIDTH = 40
 PHASE_SECONDS = 2.5
 EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
+DEFAULT_MAC_MODE = DaemonConfig().mac_mode
 
 
 def _harness() -> Any:
@@ -64,9 +68,12 @@ def _harness() -> Any:
     return bed_module, cluster_module
 
 
-def lab_bed(bed_module: Any, nodes: int) -> Any:
-    """A Bed whose namespaces are called lbdlab-* (Bed itself insists on lbdt-*)."""
-    bed = bed_module.Bed("lbdt-lab-", nodes=nodes, add_vip=False)
+def lab_bed(bed_module: Any, nodes: int, *, switch: bool = False,
+            mac_mode: str = DEFAULT_MAC_MODE) -> Any:
+    """A Bed whose namespaces are called lbdlab-* (Bed itself insists on lbdt-*): a hub
+    or a learning switch; the nodes wear one MAC in shared mode, their own otherwise."""
+    bed = bed_module.Bed("lbdt-lab-", nodes=nodes, add_vip=False, switch=switch,
+                         unique_macs=mac_mode != "shared")
     bed.prefix = PREFIX
     bed.hub, bed.router, bed.client = f"{PREFIX}hub", f"{PREFIX}r", f"{PREFIX}c"
     bed.nodes = [dataclasses.replace(n, name=f"{PREFIX}n{n.index}") for n in bed.nodes]
@@ -148,11 +155,13 @@ class Lab:
 
     def run(self) -> dict[str, Any]:
         args = self.args
-        self.bed = lab_bed(self.bed_module, args.nodes)
+        self.bed = lab_bed(self.bed_module, args.nodes, switch=args.switch,
+                           mac_mode=args.mac_mode)
         self.bed.build()
-        cluster_class = self.cluster_module.LbdCluster
+        extra = f'\nmac_mode = "{args.mac_mode}"\n'
         if args.fail == "service":
-            cluster_class = _checked(cluster_class)
+            extra += SERVICE_CHECK
+        cluster_class = _configured(self.cluster_module.LbdCluster, extra)
         self.cluster = cluster_class(self.bed, self.workdir / "cluster",
                                      profile=args.profile, buckets=1024)
         everyone = list(range(args.nodes))
@@ -197,9 +206,13 @@ class Lab:
         # A host that died, or a service killed under its connections, breaks them.
         down = {name} if args.fail in ("linkdown", "service") else set()
         failover = metrics.outage(record, fault, name, horizon=back - fault)
+        summary = metrics.summary(record)
         return {
             "nodes": args.nodes,
             "profile": args.profile,
+            "network": "learning switch" if args.switch else "hub",
+            "mac_mode": args.mac_mode,
+            "served_pct": round(100 * summary["tcp_ok"] / max(1, summary["tcp_attempts"]), 1),
             "fail": args.fail,
             "victim": name,
             **failover,
@@ -217,7 +230,7 @@ class Lab:
             "longest_handoff_gap_ms": round(1000 * max(metrics.failure_bursts(record),
                                                        default=0.0)),
             "converged_after": self.cluster.converged(everyone) is not None,
-            **{k: v for k, v in metrics.summary(record).items() if k != "long_lived"},
+            **{k: v for k, v in summary.items() if k != "long_lived"},
         }
 
     def inject(self, victim: int) -> float:
@@ -260,16 +273,18 @@ class Lab:
             self.bed.teardown()
 
 
-def _checked(base: Any) -> Any:
-    """The harness's cluster class with the echo service's check in every config."""
+def _configured(base: Any, text: str) -> Any:
+    """The harness's cluster class with ``text`` (TOML: the MAC mode, the echo service's
+    check) added to every node's config, also when a node is started again."""
 
-    class Checked(base):  # type: ignore[misc]
+    class Configured(base):  # type: ignore[misc]
         def config(self, index: int, **extra: str) -> Path:
             path: Path = super().config(index, **extra)
-            path.write_text(path.read_text() + SERVICE_CHECK)
+            body, timers = path.read_text().split("\n[timers]", 1)
+            path.write_text(body + text + "\n[timers]" + timers)
             return path
 
-    return Checked
+    return Configured
 
 
 def render(figures: dict[str, Any]) -> str:
@@ -278,7 +293,9 @@ def render(figures: dict[str, Any]) -> str:
     return "\n".join([
         "",
         f"lbd lab result ({figures['nodes']} nodes, {figures['profile']} timers, "
-        f"{figures['fail']} {figures['victim']}):",
+        f"{figures['fail']} {figures['victim']}; {figures['network']}, mac_mode "
+        f"{figures['mac_mode']}):",
+        f"  new connections served  {figures['served_pct']} % of {figures['tcp_attempts']}",
         f"  client-visible outage   {figures['outage_ms']} ms for the "
         f"{figures['affected_sources']} affected client sources "
         f"(all served again after {figures['served_again_ms']} ms)",
@@ -290,6 +307,10 @@ def render(figures: dict[str, Any]) -> str:
         f" ({figures['long_lived_connections']} long-lived)",
         f"  rejoin                  agreed after {figures['rejoin_agreed_ms']} ms",
         f"  verdict                 {'OK' if ok else 'VIOLATION'}",
+        *([f"  hint                    {figures['served_pct']} % served: the switch learnt "
+           "the shared MAC on one port; try --mac-mode flood"]
+          if figures["mac_mode"] == "shared" and figures["network"] != "hub"
+          and figures["served_pct"] < 90 else []),
     ])
 
 
@@ -304,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="2..16")
     parser.add_argument("--fail", choices=FAULTS, default="kill")
     parser.add_argument("--profile", choices=("default", "fast"), default="default")
+    parser.add_argument("--switch", action="store_true",
+                        help="an ordinary learning switch instead of a hub")
+    parser.add_argument("--mac-mode", choices=MAC_MODES, default=DEFAULT_MAC_MODE,
+                        help=f"the daemons' mac_mode (default {DEFAULT_MAC_MODE})")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

@@ -266,3 +266,31 @@ def test_flood_macmode_apply_is_idempotent_and_restores_what_it_recorded(
     assert group in call.maddr()
     call("restore", group)
     assert "lbd_mac" not in tables()
+
+
+def test_lbd_lab_on_a_switch_shared_starves_flood_serves(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a newcomer sees with ``lbd lab --switch``: ``--mac-mode shared`` leaves most
+    new connections unanswered (the switch learnt the shared MAC on one port), ``flood``
+    serves them all, with no duplicates and a normal failover."""
+    from lbd.daemon import lab
+
+    figures = {}
+    for mode in ("shared", "flood"):
+        args = ["--json", "--nodes", "3", "--profile", "fast", "--switch", "--mac-mode", mode]
+        assert lab.main(args) == 0
+        figures[mode] = json.loads(capsys.readouterr().out)
+    shared, flood = figures["shared"], figures["flood"]
+    for mode, found in figures.items():
+        print(f"lbd lab --switch --mac-mode {mode}:", {k: found[k] for k in (
+            "served_pct", "outage_ms", "duplicate_synacks", "broken_connections")})
+    assert shared["network"] == flood["network"] == "learning switch"
+    assert shared["served_pct"] < 75, shared
+    assert flood["served_pct"] > 90, flood  # the rest: the kill's and rejoin's gaps
+    assert flood["duplicate_synacks"] == flood["duplicate_udp_answers"] == 0
+    assert flood["broken_connections"] == 0
+    assert 0 < flood["outage_ms"] <= FAST_OUTAGE_LIMIT_MS
+    assert set(flood["shares"]) == {"lbdlab-n0", "lbdlab-n1", "lbdlab-n2"}
+    assert "try --mac-mode flood" in lab.render(shared)
+    assert "hint" not in lab.render(flood)

@@ -454,5 +454,5 @@ class KernelWatch:
                 self._clear(f"sysctl {name}")
         macmode = self.svc._macmode
         if snap.group_joined is False and macmode is not None:
-            self._fix_now("group", "ClusterMacLeft", f"{self.interface} left the cluster MAC "
-                          f"group {macmode.cluster_mac}", "joined again", "macmode")
+            self._fix_now("group", "ClusterMacLeft", f"{self.interface}'s filter lost the "
+                          f"cluster MAC {macmode.cluster_mac}", "added again", "macmode")

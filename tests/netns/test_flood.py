@@ -158,6 +158,12 @@ def test_flood_mode_on_a_learning_switch(bed: Callable[..., Bed], tmp_path: Path
         first = wait_for(lambda: responder(the_bed, [0, 1, 2]), 5, what="an ARP responder")
         assert len(first) == 1, first
         the_bed.start_echo(addrs=[the_bed.vip4, the_bed.vip6])
+        # S5: the unicast filter entry removed by someone else is put back (audit).
+        node = the_bed.nodes[2].name
+        the_bed.run(node, "bridge", "fdb", "del", CMAC, "dev", lan, "self")
+        wait_for(lambda: CMAC in the_bed.run(node, "bridge", "fdb", "show", "dev", lan).stdout,
+                 5, what="the filter entry to be added again")
+        assert f"filter lost the cluster MAC {CMAC}" in cluster.log(2)
         check_resolution(the_bed, first[0])
         check_own_addresses(the_bed, [0, 1, 2])
         check_ipv6_shares(the_bed, [0, 1, 2])

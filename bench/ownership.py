@@ -9,22 +9,27 @@ one member leaves or one joins, next to the optimum (the leaver's buckets, the
 newcomer's buckets; L2 requires equality; at N = 256 = MAX_NODES the join is measured
 on the cluster minus one member). Then build times (median and fastest run) with G
 distinct weights at N = 64 and 256, B = 65536, and the balance spread over random node IDs
-(rendezvous balance is binomial noise).
+(rendezvous balance is binomial noise). Last, the loop lag: how late a 2 ms tick of an
+asyncio loop (a heartbeat's stand-in) runs while an N = 256 table with all weights
+distinct is built, on the loop and through the daemon's own ``build_table`` (a thread).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
+from lbd.daemon.effects import EffectsMixin
+from lbd.protocol import events as ev
 from lbd.protocol import ownership
 from lbd.protocol.messages import MAX_NODES
 from lbd.protocol.ownership import OwnershipTable
@@ -113,6 +118,77 @@ def mixed_weights(runs: int) -> list[dict[str, object]]:
     return rows
 
 
+class _TableShell(EffectsMixin):
+    """The daemon's ``build_table`` path alone: the table comes back to ``done``."""
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[None] | None = None
+        self.driver = self  # type: ignore[assignment]
+
+    def table_built(self, weights: ownership.MemberWeights, owners: ownership.Owners,
+                    now: float) -> bool:
+        assert self.done is not None
+        self.done.set_result(None)
+        return False  # "stopped": no _stepped() of a real Service
+
+
+async def _lag_while(build: Callable[[], Awaitable[object]], tick: float) -> dict[str, float]:
+    lags: list[float] = []
+    running = True
+
+    async def ticker() -> None:
+        while running:
+            start = time.perf_counter()
+            await asyncio.sleep(tick)
+            lags.append(time.perf_counter() - start - tick)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(10 * tick)
+    lags.clear()
+    start = time.perf_counter()
+    await build()
+    took = time.perf_counter() - start
+    await asyncio.sleep(10 * tick)
+    running = False
+    await task
+    return {"build_ms": took * 1000, "max_lag_ms": max(lags) * 1000}
+
+
+def loop_lag(runs: int, nodes: int = 256, buckets: int = 65536) -> list[dict[str, object]]:
+    """The worst lateness of a 2 ms tick while a table is built on the loop, and in
+    the daemon's table thread (``EffectsMixin.build_table``)."""
+    members = ownership.normalize_members((f"node-{i:03d}", 1 + i) for i in range(nodes))
+
+    async def measure() -> list[dict[str, object]]:
+        shell = _TableShell()
+        loop = asyncio.get_running_loop()
+
+        async def on_loop() -> object:
+            ownership.clear_cache()
+            return ownership.compute_owners(members, buckets)
+
+        async def in_thread() -> object:
+            ownership.clear_cache()
+            shell.done = loop.create_future()
+            shell.build_table(ev.BuildTable(members, buckets, 0))
+            return await shell.done
+
+        rows: list[dict[str, object]] = []
+        for where, build in (("event loop", on_loop), ("table thread", in_thread)):
+            samples = [await _lag_while(build, 0.002) for _ in range(runs)]
+            rows.append({
+                "built_in": where, "nodes": nodes, "buckets": buckets,
+                "distinct_weights": nodes,
+                "build_ms": round(statistics.median(r["build_ms"] for r in samples), 1),
+                "max_tick_lag_ms": round(max(r["max_lag_ms"] for r in samples), 1),
+                "median_max_tick_lag_ms": round(
+                    statistics.median(r["max_lag_ms"] for r in samples), 1),
+            })
+        return rows
+
+    return asyncio.run(measure())
+
+
 def random_ids(clusters: int) -> list[dict[str, object]]:
     rng = random.Random(2024)
     rows: list[dict[str, object]] = []
@@ -159,6 +235,7 @@ def main() -> None:
         "equal_weights": equal_weights(args.runs),
         "mixed_weights": mixed_weights(args.runs),
         "random_ids": random_ids(args.clusters),
+        "loop_lag": loop_lag(args.runs),
     }
     if args.json:
         print(json.dumps(report))
@@ -167,6 +244,8 @@ def main() -> None:
     print_table("Equal weights (build: median ms, cache cleared)", report["equal_weights"])
     print_table("Distinct weights (B=65536)", report["mixed_weights"])
     print_table("Balance over random node IDs (equal weights)", report["random_ids"])
+    print_table("Loop lag of a 2 ms tick during a build (N=256, all weights distinct)",
+                report["loop_lag"])
 
 
 if __name__ == "__main__":

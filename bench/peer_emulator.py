@@ -77,6 +77,9 @@ class EmulatedShell:
     def transmit(self, data: bytes) -> None:
         self.emulator.pending.append((self.index, data))
 
+    def build_table(self, action: ev.BuildTable) -> None:
+        raise RuntimeError("emulated cores build their own tables (no defer_tables)")
+
 
 async def until_sigterm(sock: socket.socket, on_readable: Callable[[], None],
                         start: Callable[[], None]) -> float:

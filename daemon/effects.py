@@ -4,7 +4,10 @@ The driver (``protocol/driver.py``) hands each step's events and actions, in the
 core's order, to these methods: events to the journal (``record``), the quorum base
 to disk in a thread (``persist_base``; the driver holds what follows until it is
 stored), the owner set and lease to the kernel (``apply_kernel``) and heartbeats to
-the peers (``transmit``).
+the peers (``transmit``). Ownership tables are built in a thread of their own
+(``build_table``): a view of 256 members with distinct weights takes ~70 ms to
+build, which on the loop would hold up heartbeats; in the thread the loop waits at
+most one GIL switch interval (5 ms; ``bench/ownership.py --loop-lag``).
 
 ``apply_kernel`` gives nft the lease as a relative timeout and as an absolute
 deadline; a claim larger than ``service.CLAIM_CHUNK`` buckets goes in parts, one per
@@ -21,6 +24,7 @@ module readable; it uses the attributes declared below, which Service sets up.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import functools
 import socket
@@ -38,6 +42,7 @@ from lbd.protocol import events as ev
 from lbd.protocol.driver import Driver
 from lbd.protocol.errors import LbdError
 from lbd.protocol.membership import Node
+from lbd.protocol.ownership import Owners, compute_owners
 
 
 class EffectsMixin:
@@ -66,9 +71,18 @@ class EffectsMixin:
     """The last ApplyKernel carried out (a chunked claim continues it)."""
     _claim_due = False
     """The rest of a chunked claim is already due in the loop's next turn."""
+    _table_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lbd-table")
+    """Ownership tables are built here, one at a time (a class attribute: one per
+    process, its thread started on first use)."""
+    _table_wanted: ev.BuildTable | None = None
+    _table_building = False
 
     def _finish(self, code: int) -> None:
         """Stop the daemon with exit ``code`` (Service's)."""
+        raise NotImplementedError
+
+    def _stepped(self) -> None:
+        """After a step the driver carried out (Service's)."""
         raise NotImplementedError
 
     def record(self, events: list[ev.Event]) -> None:
@@ -167,6 +181,32 @@ class EffectsMixin:
                 self.sink.emit(ERR, f"cannot update the ARP/ND responder: {exc} "
                                f"({self._answer_errors + 1} so far)")
             self._answer_errors += 1
+
+    def build_table(self, action: ev.BuildTable) -> None:
+        """In the table thread; only the newest request waits behind a running build
+        (an older one is for a view the core no longer wants: it asks again if so)."""
+        self._table_wanted = action
+        if not self._table_building:
+            self._start_table_build()
+
+    def _start_table_build(self) -> None:
+        action, self._table_wanted = self._table_wanted, None
+        if action is None:
+            self._table_building = False
+            return
+        self._table_building = True
+        future = asyncio.get_running_loop().run_in_executor(
+            self._table_thread, compute_owners, action.weights, action.buckets, action.seed)
+        future.add_done_callback(functools.partial(self._table_built, action))
+
+    def _table_built(self, action: ev.BuildTable, future: asyncio.Future[Owners]) -> None:
+        if future.cancelled():
+            return  # the loop is closing
+        self._start_table_build()
+        # An exception here would be a bug in the pure core's own function: the
+        # loop's handler logs it as InternalError and stops the daemon.
+        if self.driver.table_built(action.weights, future.result(), time.monotonic()):
+            self._stepped()
 
     def transmit(self, data: bytes) -> None:
         if self._sock is None:

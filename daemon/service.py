@@ -245,7 +245,8 @@ class Service(EffectsMixin):
                          wire_id(self.node_id),
                          incarnation, now, weight=cfg.weight, draining=cfg.draining,
                          base=base, epoch=epoch, previous_base=previous, name=self.node_id,
-                         base_params=base_params, base_credentials=base_credentials)
+                         base_params=base_params, base_credentials=base_credentials,
+                         defer_tables=True)  # built in a thread (effects.build_table)
         self.driver = Driver(self.core, self)
         self._process()
         self.drain_reasons = {"operator"} if cfg.draining else set()

@@ -30,6 +30,9 @@ core method itself (``set_draining``, ``leave``, ``set_weight``, ...). Each call
    another callback); ``ApplyKernel`` returns whether the kernel took it;
    ``Transmit`` sends. A failed write or a refused apply *stops* the driver: the
    queue is dropped and nothing more is ever executed (the shell fails closed).
+   ``BuildTable`` (only from a core made with ``defer_tables``) starts building an
+   ownership table elsewhere (``Effects.build_table``) and holds nothing up: the
+   shell hands the table back with ``table_built``, which steps the core.
 
 ``wakeup(backlog)`` says when the shell must call again: the core's timer, or the
 end of its quiet window (``quiet_until``: the socket need not be watched, arrivals
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lbd.protocol import events as ev
+from lbd.protocol.ownership import MemberWeights, Owners
 
 Datagram = tuple[bytes, str, float]
 """(data, source address, arrival time on the core's clock)."""
@@ -67,6 +71,8 @@ class Core(Protocol):
 
     def quiet_until(self) -> float | None: ...
 
+    def table_built(self, weights: MemberWeights, owners: Owners, now: float) -> None: ...
+
 
 class Effects(Protocol):
     """What a shell does for the driver; called only in the core's order."""
@@ -83,6 +89,10 @@ class Effects(Protocol):
 
     def transmit(self, data: bytes) -> None:
         """Send one datagram (lossy: a failure is the shell's to count)."""
+
+    def build_table(self, action: ev.BuildTable) -> None:
+        """Start building ``action``'s ownership table away from the loop; hand it
+        back with ``Driver.table_built`` (never from within this call)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +156,14 @@ class Driver:
             return True
         return self._run()
 
+    def table_built(self, weights: MemberWeights, owners: Owners, now: float) -> bool:
+        """The table a ``BuildTable`` asked for: the core takes it (and may move to
+        the view it was waiting for), then ``process``. False: stopped."""
+        if self.stopped:
+            return False
+        self.core.table_built(weights, owners, now)
+        return self.process()
+
     # ---------------------------------------------------------------- outputs
 
     def _run(self) -> bool:
@@ -159,6 +177,8 @@ class Driver:
                 elif isinstance(action, ev.ApplyKernel):
                     if not self.effects.apply_kernel(action):
                         self._stop()
+                elif isinstance(action, ev.BuildTable):
+                    self.effects.build_table(action)
                 else:
                     self.effects.transmit(action.data)
         finally:

@@ -201,4 +201,21 @@ class Transmit:
     data: bytes
 
 
-Action = PersistBase | ApplyKernel | Transmit
+@dataclass(frozen=True, slots=True)
+class BuildTable:
+    """Build the ownership table of ``weights`` (``ownership.compute_owners``) and
+    hand it back with ``Node.table_built``.
+
+    Asked only by a core made with ``defer_tables``: a table of many members with
+    distinct weights takes tens of milliseconds, too long for the shell's loop, so
+    the shell builds it elsewhere (the daemon: in a thread). Until it comes back the
+    core stays on its current view, as if it had not yet heard of the change. Not
+    ordered with the other actions: it changes nothing outside the core."""
+
+    weights: tuple[tuple[str, int], ...]
+    """(node ID, effective weight) per member, sorted by ID (``normalize_members``)."""
+    buckets: int
+    seed: int
+
+
+Action = PersistBase | ApplyKernel | Transmit | BuildTable

@@ -61,7 +61,7 @@ from lbd.protocol import pacing
 from lbd.protocol.config import QuorumMode
 from lbd.protocol.errors import AuthError, DecodeError, ReplayError, VersionError
 from lbd.protocol.keyring import FINGERPRINT_LEN
-from lbd.protocol.messages import HEALTH_MAX, MAX_NODES, Heartbeat, Leave
+from lbd.protocol.messages import HEALTH_MAX, MAX_NODES, Heartbeat, Leave, Member
 from lbd.protocol.peers import Peer
 from lbd.protocol.quorum import has_joint_quorum
 from lbd.protocol.quorumbase import QuorumBase
@@ -396,36 +396,22 @@ class Node(QuorumBase):
                 self._events.append(ev.MemberSuspected(node_id, silent))
 
     def _update_view(self, now: float) -> None:
-        holddown = self.timers.join_holddown
-        dead_after = self.timers.dead_after
-        members = [self._self_member()]
-        for peer in self._peers.values():
-            if peer.left or peer.declared_dead:
-                eligible = False
-            elif peer.in_view:
-                eligible = peer.deaf_since is None or now < peer.deaf_since + dead_after
-            else:
-                # A newcomer that lists us with another incarnation than ours has not
-                # heard us since we restarted: a live peer corrects that within an
-                # interval, replayed heartbeats of a dead member (captured before our
-                # restart) never do, so they never make it a member again.
-                eligible = (peer.deaf_since is None and now - peer.first_heard >= holddown
-                            and not peer.lists_stale_me)
+        decisions, view = self._next_view(now)
+        self._view_pending = view != self._view and not self._table_ready(view)
+        if self._view_pending:
+            # The table comes from the shell. Until then this node stays on its view
+            # (nothing below happens yet): it claims nothing (``_try_claim``) and
+            # acks no peer the new view drops (``_send_heartbeat``), so waiting is
+            # like hearing of the change later, never like not believing it. The
+            # agreement on this view is over (a leave must not count it as absorbed).
+            self._agreed = False
+            return
+        for peer, eligible in decisions:
             if peer.in_view and not eligible and not (peer.left or peer.declared_dead):
                 self._events.append(ev.MemberDead(peer.node_id, now - peer.last_listed_me))
-            if eligible and not peer.in_view and len(members) >= MAX_NODES:
-                # The view is full: ownership is defined for at most MAX_NODES members.
-                if not peer.refused:
-                    peer.refused = True
-                    self.counters.refused += 1
-                    self._events.append(ev.MemberRefused(peer.node_id, MAX_NODES))
-                eligible = False
             if eligible and not peer.in_view:
                 self._events.append(ev.MemberJoined(peer.node_id, peer.incarnation))
             peer.in_view = eligible
-            if eligible:
-                members.append(peer.member)
-        view = tuple(sorted(members, key=lambda m: m.node_id))
         if view == self._view:
             return
         self._view = view
@@ -442,6 +428,37 @@ class Node(QuorumBase):
         if released:
             self._events.append(ev.BucketsReleased(released, len(kept)))
         self._next_heartbeat = now
+
+    def _next_view(self, now: float) -> tuple[list[tuple[Peer, bool]], tuple[Member, ...]]:
+        """Which peers belong to the view now, and that view (changes only a refused
+        newcomer's record: the view is full)."""
+        holddown = self.timers.join_holddown
+        dead_after = self.timers.dead_after
+        members = [self._self_member()]
+        decisions = []
+        for peer in self._peers.values():
+            if peer.left or peer.declared_dead:
+                eligible = False
+            elif peer.in_view:
+                eligible = peer.deaf_since is None or now < peer.deaf_since + dead_after
+            else:
+                # A newcomer that lists us with another incarnation than ours has not
+                # heard us since we restarted: a live peer corrects that within an
+                # interval, replayed heartbeats of a dead member (captured before our
+                # restart) never do, so they never make it a member again.
+                eligible = (peer.deaf_since is None and now - peer.first_heard >= holddown
+                            and not peer.lists_stale_me)
+            if eligible and not peer.in_view and len(members) >= MAX_NODES:
+                # The view is full: ownership is defined for at most MAX_NODES members.
+                if not peer.refused:
+                    peer.refused = True
+                    self.counters.refused += 1
+                    self._events.append(ev.MemberRefused(peer.node_id, MAX_NODES))
+                eligible = False
+            decisions.append((peer, eligible))
+            if eligible:
+                members.append(peer.member)
+        return decisions, tuple(sorted(members, key=lambda m: m.node_id))
 
     def _check_lapse(self, now: float) -> None:
         lease_until = self._applied[1]
@@ -470,6 +487,8 @@ class Node(QuorumBase):
             self._events.append(ev.LeaseLapsed(dropped))
 
     def _try_claim(self, now: float) -> None:
+        if self._view_pending:
+            return  # an agreement on a view this node already knows is over
         if self._agreed or self._clashing:
             # While another process speaks with our ID, quorums that count "our" ID
             # are ambiguous: agree nothing, change no base.
@@ -562,8 +581,11 @@ class Node(QuorumBase):
         acks = []
         for member in self._view:
             peer = self._peers.get(member.node_id)
+            # in_view and not declared_dead: always so for a view member, except
+            # while a new view waits for its table (a peer it drops is not supported).
             supported = (peer is not None and peer.incarnation == member.incarnation
-                         and peer.deaf_since is None)
+                         and peer.deaf_since is None and peer.in_view
+                         and not peer.declared_dead and not peer.left)
             acks.append(peer.last_seq if supported and peer is not None else 0)
         heartbeat = Heartbeat(
             sender=self.node_id, incarnation=self.incarnation, seq=self._seq,

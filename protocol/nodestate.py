@@ -21,7 +21,7 @@ from lbd.protocol import pacing
 from lbd.protocol.admission import Gate
 from lbd.protocol.config import CoreConfig, QuorumMode
 from lbd.protocol.messages import Member, health_words
-from lbd.protocol.ownership import Owners, compute_owners
+from lbd.protocol.ownership import MemberWeights, Owners, compute_owners, weights_of
 from lbd.protocol.params import digest_params
 from lbd.protocol.peers import Peer, PeerState
 from lbd.protocol.quorum import lease_deadline
@@ -31,6 +31,9 @@ from lbd.protocol.wire import Codec
 
 TIMER_SLACK = 1e-6
 """Seconds added to every deadline handed to the caller's timer."""
+
+TABLES_KEPT = 4
+"""Ownership tables a node keeps (the newest views'), each ``buckets`` × 2 bytes."""
 
 
 @dataclass(slots=True)
@@ -70,6 +73,7 @@ class NodeState:
         name: str = "",
         base_params: bytes | None = None,
         base_credentials: bytes | None = None,
+        defer_tables: bool = False,
     ) -> None:
         """``base``/``epoch``/``previous_base``: the quorum base persisted by the previous
         run (from ``BaseChanged``): a restarted node must not start a cluster of its own
@@ -129,7 +133,14 @@ class NodeState:
         self._prompt_at: float | None = None
         self._leaving_since: float | None = None
         self._left = False
-        self._owners_cache: tuple[tuple[Member, ...], Owners] | None = None
+        self.defer_tables = defer_tables
+        """Ownership tables come from the shell (``BuildTable``/``table_built``), not
+        from a build inside the step: the daemon builds them in a thread."""
+        self._tables: dict[MemberWeights, Owners] = {}
+        self._table_asked: MemberWeights | None = None
+        self._view_pending = False
+        """A new view waits for its table (only with defer_tables)."""
+        self._view_weights: tuple[tuple[Member, ...] | None, MemberWeights] = (None, ())
         self._actions: list[ev.Action] = []
         self._events: list[ev.Event] = []
         self.params = digest_params(self.config.agreed_values())
@@ -237,13 +248,48 @@ class NodeState:
 
     def owners(self) -> Owners:
         """Owner (index into ``view``) of every bucket under the current view."""
-        cached = self._owners_cache
-        if cached is not None and cached[0] == self._view:
-            return cached[1]
-        pairs = [(m.node_id, 0 if m.draining else m.weight) for m in self._view]
-        owners = compute_owners(pairs, self.config.buckets, self.config.seed)
-        self._owners_cache = (self._view, owners)
+        weights = self._current_weights()
+        owners = self._tables.get(weights)
+        if owners is None:  # only without defer_tables: a deferred view waits for its table
+            owners = compute_owners(weights, self.config.buckets, self.config.seed)
+            self._keep_table(weights, owners)
         return owners
+
+    def _current_weights(self) -> MemberWeights:
+        if self._view_weights[0] is not self._view:
+            self._view_weights = (self._view, weights_of(self._view))
+        return self._view_weights[1]
+
+    def table_built(self, weights: MemberWeights, owners: Owners, now: float) -> None:
+        """The table a ``BuildTable`` asked for; the view waiting for it can now be
+        taken (in this step)."""
+        if owners.shape != (self.config.buckets,):
+            raise ValueError(f"a table of {owners.shape} for {self.config.buckets} buckets")
+        self._keep_table(weights, owners)
+        if self._table_asked == weights:
+            self._table_asked = None
+        self._step(now)
+
+    def _table_ready(self, view: tuple[Member, ...]) -> bool:
+        """Whether ``view`` may be taken now; if not, its table is asked for (once)."""
+        if not self.defer_tables:
+            return True
+        weights = weights_of(view)
+        if weights in self._tables:
+            return True
+        if self._table_asked != weights:
+            self._table_asked = weights
+            self._actions.append(ev.BuildTable(weights, self.config.buckets, self.config.seed))
+        return False
+
+    def _keep_table(self, weights: MemberWeights, owners: Owners) -> None:
+        # A few recent views: the current one (never dropped: a deferring core
+        # would have to build it on the loop), and the ones a flap goes back to.
+        self._tables.pop(weights, None)
+        self._tables[weights] = owners
+        current = self._current_weights()
+        for old in [w for w in self._tables if w != current][:-TABLES_KEPT + 1 or None]:
+            del self._tables[old]
 
     def members(self, now: float) -> list[MemberInfo]:
         held = len(self._held)

@@ -21,7 +21,10 @@ that what is proved here is the order the daemon carries out; only the effects
 are simulated. ``persist_delay`` models a slow disk: a node's base write lands
 after a random delay and every later action of that node waits for it (default
 0: at once). A write still in progress when its node crashes is lost; one that
-lands while its node is hung is carried on from when it resumes.
+lands while its node is hung is carried on from when it resumes. ``table_delay``
+models the daemon's ownership builds in a thread: cores are made with
+``defer_tables`` and each asked-for table comes back after a random delay (default
+0: the core builds its tables itself, in the step).
 
 Invariant S1 is checked whenever any node's kernel state changes (the only time
 a node's accepting set can grow): no client may be accepted by two nodes at the
@@ -122,6 +125,8 @@ class SimNode:
     """Its core's driver (a new one per start, like the daemon's)."""
     write_landed: bool = False
     """A base write landed while the node was hung: its driver hears so on resume."""
+    tables_landed: list[ev.BuildTable] = field(default_factory=list)
+    """Tables built while the node was hung: its driver gets them on resume."""
     state: str = "up"  # up | hung | crashed | left | removed
     kernel_set: frozenset[int] = frozenset()
     lease_until_local: float | None = None
@@ -188,6 +193,10 @@ class _Effects:
         self.cluster._apply(self.node, action)
         return True  # a simulated kernel never refuses
 
+    def build_table(self, action: ev.BuildTable) -> None:
+        assert self.node.driver is not None
+        self.cluster._build_table(self.node, self.node.driver, action)
+
     def transmit(self, data: bytes) -> None:
         self.cluster._multicast(self.node, data)
 
@@ -203,12 +212,17 @@ class Cluster:
         skew: float = 0.01,
         config: CoreConfig | None = None,
         persist_delay: tuple[float, float] = (0.0, 0.0),
+        table_delay: tuple[float, float] = (0.0, 0.0),
     ) -> None:
-        if not 0.0 <= persist_delay[0] <= persist_delay[1]:
-            raise ValueError(f"persist_delay {persist_delay}: want 0 <= lo <= hi")
+        for what, bounds in (("persist_delay", persist_delay), ("table_delay", table_delay)):
+            if not 0.0 <= bounds[0] <= bounds[1]:
+                raise ValueError(f"{what} {bounds}: want 0 <= lo <= hi")
         self.seed = seed
         self.persist_delay = persist_delay
         """How long a base write takes (uniform in [lo, hi]); 0: it lands at once."""
+        self.table_delay = table_delay
+        """How long an ownership table takes to build (uniform in [lo, hi]); 0: the
+        cores build their own, in the step."""
         self.rng = random.Random(seed)
         self.config = (config or CoreConfig(buckets=buckets)).with_timers(timers).validate()
         self.timers = timers
@@ -278,6 +292,7 @@ class Cluster:
         node.queued.clear()
         node.quiet_until_local = None
         node.write_landed = False
+        node.tables_landed.clear()
         nonce_rng = random.Random(self.rng.getrandbits(64))
         node.nonce = nonce_rng.randbytes
         base_ids, epoch, previous = node.persisted_base  # what the daemon keeps in its state dir
@@ -286,7 +301,8 @@ class Cluster:
         node.core = Node(node.config, self._codec(node), node.node_id, node.incarnation,
                          node.local(self.now), weight=weight, base=base_ids, epoch=epoch,
                          previous_base=previous, base_params=node.persisted_params,
-                         base_credentials=node.persisted_credentials)
+                         base_credentials=node.persisted_credentials,
+                         defer_tables=self.table_delay[1] > 0)
         node.driver = Driver(node.core, _Effects(self, node))
         self._step(node)
         return node
@@ -346,6 +362,9 @@ class Cluster:
         if node.write_landed:  # what waited for the write goes first
             node.write_landed = False
             node.driver.persisted(True)
+        for action in node.tables_landed:
+            self._hand_table(node, node.driver, action)
+        node.tables_landed.clear()
         inbox = node.queued + node.inbox
         node.inbox, node.queued = [], []
         local = node.local(self.now)
@@ -406,6 +425,25 @@ class Cluster:
                 driver.persisted(True)
 
         self.at(self.now + self.rng.uniform(lo, hi), landed)
+
+    def _build_table(self, node: SimNode, driver: Driver, action: ev.BuildTable) -> None:
+        """The daemon's build in a thread: the table comes back after ``table_delay``
+        (lost if the process died first; held while it is hung)."""
+
+        def built() -> None:
+            if node.driver is not driver or node.state in ("crashed", "removed", "left"):
+                return
+            if node.state == "hung":
+                node.tables_landed.append(action)
+            else:
+                self._hand_table(node, driver, action)
+                self._schedule_timer(node)
+
+        self.at(self.now + self.rng.uniform(*self.table_delay), built)
+
+    def _hand_table(self, node: SimNode, driver: Driver, action: ev.BuildTable) -> None:
+        owners = compute_owners(action.weights, action.buckets, action.seed)
+        driver.table_built(action.weights, owners, node.local(self.now))
 
     def _schedule_timer(self, node: SimNode) -> None:
         assert node.driver is not None
@@ -584,7 +622,8 @@ def settle(cluster: Cluster, limit: float = 6.0) -> None:
         cluster.run_until(cluster.now + cluster.timers.interval)
         if cluster.converged():
             cluster.run_until(cluster.now + 3 * (cluster.timers.interval
-                                                 + cluster.persist_delay[1]))
+                                                 + cluster.persist_delay[1]
+                                                 + cluster.table_delay[1]))
             cluster.check_served_as_expected()
             return
     raise AssertionError(f"no convergence within {limit}s:\n{cluster.trail(limit=60)}")

@@ -47,20 +47,23 @@ class ScheduleResult:
 def run_random_schedule(seed: int, timers: Timers, nodes: int | None = None,
                         faults: int | None = None, buckets: int = 128, *,
                         mistakes: bool = False,
-                        persist_delay: tuple[float, float] = (0.0, 0.0)) -> ScheduleResult:
+                        persist_delay: tuple[float, float] = (0.0, 0.0),
+                        table_delay: tuple[float, float] = (0.0, 0.0)) -> ScheduleResult:
     """One seeded random fault schedule; raises Violation on any S1/L1/L2 failure.
 
     ``mistakes``: operators' mistakes join the faults (``MISTAKES``) and a third of
     the schedules start as a bootstrap race (see ``_start_race``); without it a
-    seed runs exactly the schedule it always did. ``persist_delay``: a slow disk
-    (see ``Cluster``)."""
+    seed runs exactly the schedule it always did. ``persist_delay``: a slow disk;
+    ``table_delay``: ownership tables built away from the step (see ``Cluster``)."""
     rng = random.Random(seed)
     n = nodes or rng.choice((2, 3, 3, 3, 4, 5, 7))
     if mistakes:
         cluster, t, applied = _mistaken_schedule(seed, timers, n, faults, buckets=buckets,
-                                                  rng=rng, persist_delay=persist_delay)
+                                                  rng=rng, persist_delay=persist_delay,
+                                                  table_delay=table_delay)
     else:
-        cluster = Cluster(seed, timers, buckets=buckets, persist_delay=persist_delay)
+        cluster = Cluster(seed, timers, buckets=buckets, persist_delay=persist_delay,
+                          table_delay=table_delay)
         interval = timers.interval
         names = [f"n{i:02d}" for i in range(n)]
         for name in names:
@@ -111,7 +114,8 @@ def _heal_and_converge(cluster: Cluster, rng: random.Random, n: int, applied: li
                         f"(faults {applied}): {states}")
     # Converged views claim at once; give the last barrier its round trip (each
     # of its three legs may wait for a base write).
-    cluster.run_until(cluster.now + 3 * (interval + cluster.persist_delay[1]))
+    slowest = cluster.persist_delay[1] + cluster.table_delay[1]
+    cluster.run_until(cluster.now + 3 * (interval + slowest))
     cluster.check_served_as_expected()
     return ScheduleResult(seed, n, applied, cluster.kernel_changes, cluster.now - start)
 
@@ -211,14 +215,16 @@ class _Plan:
 
 def _mistaken_schedule(seed: int, timers: Timers, n: int, faults: int | None, *,
                        buckets: int, rng: random.Random,
-                       persist_delay: tuple[float, float]) -> tuple[Cluster, float, list[str]]:
+                       persist_delay: tuple[float, float],
+                       table_delay: tuple[float, float]) -> tuple[Cluster, float, list[str]]:
     """Start (a third of the time as a bootstrap race), then faults and mistakes mixed;
     returns the cluster, when to heal, and what was applied."""
     interval = timers.interval
     race = rng.random() < 1 / 3
     expect = rng.choice((2, n)) if race else 1
     config = CoreConfig(buckets=buckets, shared=SHARED, bootstrap_expect=expect)
-    cluster = Cluster(seed, timers, config=config, persist_delay=persist_delay)
+    cluster = Cluster(seed, timers, config=config, persist_delay=persist_delay,
+                      table_delay=table_delay)
     names = [f"n{i:02d}" for i in range(n)]
     applied: list[str] = []
     if race:

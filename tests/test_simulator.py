@@ -29,8 +29,11 @@ from clustersim import (
 from simschedules import run_random_schedule
 
 from lbd.protocol import events as ev
+from lbd.protocol import nodestate
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, QuorumMode, Timers
+from lbd.protocol.driver import Driver
 from lbd.protocol.jhash import bucket_of
+from lbd.protocol.ownership import MemberWeights, Owners
 from lbd.protocol.pacing import QUIET_SLACK
 
 FAST = FAST_TIMERS
@@ -545,6 +548,67 @@ def test_random_schedules_with_a_slow_disk() -> None:
     for seed in range(SCHEDULES // 20):
         try:
             run_random_schedule(20_000 + seed, FAST, persist_delay=SLOW_DISK,
+                                mistakes=seed % 4 == 0)
+        except Violation as violation:
+            failures.append(str(violation))
+    assert not failures, "\n".join(failures[:10])
+
+
+SLOW_TABLES = (0.0, FAST.interval)
+"""Ownership builds that take up to an interval (the daemon's thread, on a busy host)."""
+
+
+def test_a_view_waits_for_its_table_and_failover_still_completes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With tables built away from the step, a node takes a new view only once its
+    table is back (no core builds one of several members itself): the survivors of
+    a crash take the dead node's slices anyway, later by at most the build."""
+    builds: list[int] = []
+    build = nodestate.compute_owners
+
+    def in_step(weights: MemberWeights, buckets: int, seed: int) -> Owners:
+        assert len(weights) == 1, f"a core built the table of {weights} in its step"
+        return build(weights, buckets, seed)
+
+    monkeypatch.setattr(nodestate, "compute_owners", in_step)
+    cluster = Cluster(43, FAST, buckets=256, table_delay=(0.02, 0.02))
+    hand = cluster._hand_table
+
+    def counted(node: SimNode, driver: Driver, action: ev.BuildTable) -> None:
+        builds.append(len(action.weights))
+        hand(node, driver, action)
+
+    cluster._hand_table = counted  # type: ignore[method-assign]
+    for i in range(3):
+        cluster.add_node(f"n{i}")
+    settle(cluster)
+    assert builds and max(builds) == 3
+    before = len(builds)
+    cluster.crash("n1")
+    limit = FAST.dead_after + 0.02 + 20 * FAST.interval
+    took = time_to_serve_all(cluster, limit)
+    assert took is not None, "the survivors never served every bucket"
+    assert set(owners_now(cluster).values()) == {"n0", "n2"}
+    # A survivor may still hold the two-member table from the start-up's joins.
+    assert set(builds[before:]) <= {2} and len(builds[before:]) <= 2
+
+
+def test_a_node_waiting_for_a_table_stops_supporting_a_peer_it_declared_dead() -> None:
+    """Seed 30012: a peer hangs; a node declares it dead but waits for the table of
+    the view without it. Acking the resumed peer on the old view meanwhile let it
+    renew its lease while the third node took its slices (S1 broken)."""
+    run_random_schedule(30012, FAST, table_delay=SLOW_TABLES, mistakes=True)
+
+
+@pytest.mark.timeout(900)
+def test_random_schedules_with_tables_built_elsewhere() -> None:
+    """Random fault (and mistake) schedules with ownership tables that come back up
+    to an interval after they are asked for: no S1 violation, and convergence."""
+    failures = []
+    for seed in range(SCHEDULES // 20):
+        try:
+            run_random_schedule(21_000 + seed, FAST, table_delay=SLOW_TABLES,
+                                persist_delay=SLOW_DISK if seed % 2 else (0.0, 0.0),
                                 mistakes=seed % 4 == 0)
         except Violation as violation:
             failures.append(str(violation))

@@ -99,25 +99,7 @@ def test_a_node_serves_only_while_its_service_does(
 ) -> None:
     the_bed = bed(nodes=3, add_vip=False)
     cluster = CheckedCluster(the_bed, tmp_path / "cluster")
-    run = Run(the_bed, cluster)
-    try:
-        cluster.start_all()
-
-        def vips_added() -> bool:
-            return all(the_bed.vip4 in the_bed.run(n.name, "ip", "-4", "addr").stdout
-                       for n in the_bed.nodes)
-
-        wait_for(vips_added, 10.0, what="the daemons to add the VIP")
-        # No service yet: every node is unhealthy, so nobody claims anything.
-        time.sleep(1.0)
-        assert all((cluster.query(i, "status") or {}).get("slices") == 0 for i in range(3))
-        services = start_services(the_bed, [0, 1, 2])
-        cluster.wait_converged(check=lambda s: all(v > 0 for v in s.values()),
-                               what="the cluster to serve once the checks rose")
-        run.capture = Capture(the_bed, tmp_path)
-        run.load = ClientLoad(the_bed, tmp_path)
-        time.sleep(SETTLE)
-
+    with serving(the_bed, tmp_path, cluster, check_unhealthy_start=True) as (run, services):
         # node1's service dies: node1 drains; the others serve its clients.
         fault = time.monotonic()
         kill_service(services[1])
@@ -139,6 +121,7 @@ def test_a_node_serves_only_while_its_service_does(
         cluster.wait_converged(check=holds_slices(1), what="node1 to serve again")
         assert "check echo recovered" in cluster.log(1)
         time.sleep(SETTLE)
+        since = time.monotonic() - SETTLE  # before finish(): it takes a while when loaded
         record, report = run.finish()
         figures = assert_failover(record, fault, the_bed.nodes[1].name, DRAIN_LIMIT_MS)
         assert set(figures["absorbed_by"]) >= {the_bed.nodes[0].name, the_bed.nodes[2].name}
@@ -148,8 +131,7 @@ def test_a_node_serves_only_while_its_service_does(
         elsewhere = {c["source"] for c in record["conns"] if c["node"] != node1}
         assert elsewhere and not [r for r in report.resets if r[0] in elsewhere]
         assert not metrics.broken(record, {node1})
-        assert metrics.shares(record, since=time.monotonic() - SETTLE)[
-            the_bed.nodes[1].name] > 0
+        assert metrics.shares(record, since=since)[the_bed.nodes[1].name] > 0
 
         # Every service dies: every node keeps its slices rather than refuse the VIP.
         for index in (0, 1, 2):
@@ -164,8 +146,6 @@ def test_a_node_serves_only_while_its_service_does(
         # heartbeat now and then. Drained nodes would hold no slice (and sum to 0).
         cluster.wait_converged(check=lambda s: all(v > 0 for v in s.values()),
                                what="every unhealthy node to keep serving")
-    finally:
-        run.close()
 
 
 # ------------------------------------------------------------------ the other scenarios
@@ -213,12 +193,28 @@ def flap_bound(seconds: float) -> int:
 
 
 @contextmanager
-def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster
-            ) -> Iterator[tuple[Run, dict[int, Any]]]:
-    """Daemons and services up, every node serving, client load and capture running."""
+def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster, *,
+            check_unhealthy_start: bool = False) -> Iterator[tuple[Run, dict[int, Any]]]:
+    """Daemons and services up, every node serving, client load and capture running.
+    ``check_unhealthy_start``: first assert that, before the services start, the
+    daemons (up, VIP added) claim nothing: a node starts unhealthy."""
     run = Run(the_bed, cluster)
     try:
         cluster.start_all()
+        if check_unhealthy_start:
+            def vips_added() -> bool:
+                return all(the_bed.vip4 in the_bed.run(n.name, "ip", "-4", "addr").stdout
+                           for n in the_bed.nodes)
+
+            wait_for(vips_added, 30.0, what="the daemons to add the VIP")
+            time.sleep(1.0)  # a claim would come within a heartbeat or two: none may
+
+            def answered() -> list[Any] | None:  # a loaded machine may miss one query
+                answers = [cluster.query(i, "status") for i in range(3)]
+                return answers if all(answers) else None
+
+            statuses = wait_for(answered, 10.0, what="every daemon to answer status")
+            assert [s["slices"] for s in statuses] == [0, 0, 0], statuses
         services = start_services(the_bed, [0, 1, 2])
         cluster.wait_converged(check=lambda s: all(v > 0 for v in s.values()),
                                what="the cluster to serve once the checks rose")
@@ -270,12 +266,13 @@ def test_a_hung_service_drains_its_node(bed: Callable[..., Bed], tmp_path: Path)
         cluster.wait_converged(check=holds_slices(1), what="node1 to serve after SIGCONT")
         assert "check echo recovered" in cluster.log(1)
         time.sleep(SETTLE)
+        since = time.monotonic() - SETTLE  # before finish(): slow when loaded
         record, report = run.finish()
         print(f"hang: bound {HANG_BOUND * 1000:.0f} ms + slack {LOAD_SLACK * 1000:.0f} ms")
         figures = assert_failover(record, fault, node1, (HANG_BOUND + LOAD_SLACK) * 1000)
         assert set(figures["absorbed_by"]) >= {the_bed.nodes[0].name, the_bed.nodes[2].name}
         assert_no_harm(record, report, {node1})
-        assert metrics.shares(record, since=time.monotonic() - SETTLE)[node1] > 0
+        assert metrics.shares(record, since=since)[node1] > 0
 
 
 def test_a_flapping_service_is_damped(bed: Callable[..., Bed], tmp_path: Path) -> None:
@@ -389,8 +386,9 @@ def test_the_agent_moves_part_of_a_node_and_drains_it(
             cluster.wait_converged(check=holds_slices(1), what="node1 back on 'up'")
             assert bucket_sets(cluster.query(0, "table")) == half
             time.sleep(SETTLE)
+            since = time.monotonic() - SETTLE  # before finish(): it takes a while when loaded
             record, report = run.finish()
             assert_no_harm(record, report)  # no exclusion: nothing may break
-            assert metrics.shares(record, since=time.monotonic() - SETTLE)[ns1] > 0
+            assert metrics.shares(record, since=since)[ns1] > 0
     finally:
         the_bed.stop(agent)

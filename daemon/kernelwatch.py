@@ -25,7 +25,8 @@ socket lost events (ENOBUFS). Then:
   takes slices back. A fault back ``FLAP_LIMIT`` times in ``FLAP_WINDOW`` holds the drain
   until ``FLAP_HOLD`` has passed without it.
 * **Fixed in place**, on the loop within milliseconds: our tables deleted or changed by
-  another process (written again), the cluster-MAC group left (joined again), a new
+  another process (written again), the cluster MAC gone from the interface's filter
+  (added again), a new
   own MAC in multicast or flood mode (ND rules rewritten); sysctls by the link helper.
 * **A fix that fails** drains the node, is a line in ``lbd-cli status`` and STATUS=,
   and is retried every ``RETRY_PERIOD``.

@@ -163,7 +163,8 @@ def test_flood_mode_on_a_learning_switch(bed: Callable[..., Bed], tmp_path: Path
         the_bed.run(node, "bridge", "fdb", "del", CMAC, "dev", lan, "self")
         wait_for(lambda: CMAC in the_bed.run(node, "bridge", "fdb", "show", "dev", lan).stdout,
                  5, what="the filter entry to be added again")
-        assert f"filter lost the cluster MAC {CMAC}" in cluster.log(2)
+        wait_for(lambda: f"filter lost the cluster MAC {CMAC}" in cluster.log(2), 5,
+                 what="the daemon to report the lost filter entry")
         check_resolution(the_bed, first[0])
         check_own_addresses(the_bed, [0, 1, 2])
         check_ipv6_shares(the_bed, [0, 1, 2])

@@ -31,10 +31,8 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
 VIPS = ["192.0.2.100", "2001:db8:1::100"]
 # Control: conntrack switched on in the node namespace, no lbd rules.
 CONNTRACK_ONLY = """table inet lbdbench {
@@ -188,9 +186,8 @@ def load_server() -> None:
 
 
 def bench_dataplane(seconds: float, rounds: int) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT))
-    from tests.netns.bed import Bed
-    from tests.netns.nft_agent import AgentClient
+    from lbd.testbed.bed import Bed
+    from lbd.testbed.nft_agent import AgentClient
 
     modes = ("none", "conntrack", "lbd")
     rates: dict[str, dict[str, list[float]]] = {p: {m: [] for m in modes} for p in ("tcp", "udp")}

@@ -1,7 +1,7 @@
 """Simulated failover time: crash to every slice served again, per timer profile.
 
 Runs the real protocol core in the deterministic cluster simulator
-(tests/clustersim.py): a cluster converges, one node crashes at a random phase of
+(lbd.testbed.clustersim): a cluster converges, one node crashes at a random phase of
 the heartbeat cycle, and the clock stops when every bucket is accepted by
 exactly one live node again. S1 is checked on every kernel change throughout.
 
@@ -15,13 +15,9 @@ import json
 import random
 import statistics
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from clustersim import Cluster, Violation
 
 from lbd.protocol.config import PROFILES, Timers
+from lbd.testbed.clustersim import Cluster, Violation
 
 GOALS = {"default": 1.0, "fast": 0.25}
 

@@ -19,8 +19,8 @@ slices, brings it back, shows it rejoin, and reports the client-visible outage,
 duplicate answers (from a packet capture) and broken connections. ``--json`` prints only
 the measured figures. Ctrl-C, SIGTERM or any error tears everything down.
 
-The bed and cluster harness are the test suite's (tests/netns/bed.py, cluster.py):
-the lab runs from a source checkout.
+The bed and cluster harness are lbd.testbed's (bed.py, cluster.py), shared with the
+namespace tests: the lab runs from an installed lbd.
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lbd.daemon import lab_metrics as metrics
 from lbd.daemon.config import MAC_MODES, DaemonConfig
 from lbd.daemon.ctl import format_members
+from lbd.testbed import metrics
+from lbd.testbed.bed import Bed
+from lbd.testbed.cluster import CONVERGE_TIMEOUT, Capture, ClientLoad, LbdCluster
 
-REPO_TESTS = Path(__file__).resolve().parents[1] / "tests"
 PREFIX = "lbdlab-"
 FAULTS = ("kill", "stop", "linkdown", "partition", "service")
 # --fail service: each node checks its own echo service (README, "Service health").
@@ -56,24 +57,11 @@ EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
 DEFAULT_MAC_MODE = DaemonConfig().mac_mode
 
 
-def _harness() -> Any:
-    """Import the bed and cluster harness of the test suite (tests/netns)."""
-    if not (REPO_TESTS / "netns" / "cluster.py").exists():
-        raise RuntimeError(f"lbd lab needs the source checkout's tests/netns ({REPO_TESTS})")
-    if str(REPO_TESTS) not in sys.path:
-        sys.path.insert(0, str(REPO_TESTS))
-    import netns.bed as bed_module  # noqa: PLC0415
-    import netns.cluster as cluster_module  # noqa: PLC0415
-
-    return bed_module, cluster_module
-
-
-def lab_bed(bed_module: Any, nodes: int, *, switch: bool = False,
-            mac_mode: str = DEFAULT_MAC_MODE) -> Any:
+def lab_bed(nodes: int, *, switch: bool = False, mac_mode: str = DEFAULT_MAC_MODE) -> Bed:
     """A Bed whose namespaces are called lbdlab-* (Bed itself insists on lbdt-*): a hub
     or a learning switch; the nodes wear one MAC in shared mode, their own otherwise."""
-    bed = bed_module.Bed("lbdt-lab-", nodes=nodes, add_vip=False, switch=switch,
-                         unique_macs=mac_mode != "shared")
+    bed = Bed("lbdt-lab-", nodes=nodes, add_vip=False, switch=switch,
+              unique_macs=mac_mode != "shared")
     bed.prefix = PREFIX
     bed.hub, bed.router, bed.client = f"{PREFIX}hub", f"{PREFIX}r", f"{PREFIX}c"
     bed.nodes = [dataclasses.replace(n, name=f"{PREFIX}n{n.index}") for n in bed.nodes]
@@ -120,7 +108,6 @@ class Lab:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
-        self.bed_module, self.cluster_module = _harness()
         self.bed: Any = None
         self.cluster: Any = None
         self.load: Any = None
@@ -145,7 +132,7 @@ class Lab:
 
     def converge(self, indexes: list[int], phase: str, check: Any = None) -> float:
         """Wait (bounded) until ``indexes`` agree, refreshing the screen; returns when."""
-        deadline = time.monotonic() + self.cluster_module.CONVERGE_TIMEOUT
+        deadline = time.monotonic() + CONVERGE_TIMEOUT
         while time.monotonic() < deadline:
             slices = self.cluster.converged(indexes)
             if slices is not None and (check is None or check(slices)):
@@ -155,15 +142,13 @@ class Lab:
 
     def run(self) -> dict[str, Any]:
         args = self.args
-        self.bed = lab_bed(self.bed_module, args.nodes, switch=args.switch,
-                           mac_mode=args.mac_mode)
+        self.bed = lab_bed(args.nodes, switch=args.switch, mac_mode=args.mac_mode)
         self.bed.build()
         extra = f'\nmac_mode = "{args.mac_mode}"\n'
         if args.fail == "service":
             extra += SERVICE_CHECK
-        cluster_class = _configured(self.cluster_module.LbdCluster, extra)
-        self.cluster = cluster_class(self.bed, self.workdir / "cluster",
-                                     profile=args.profile, buckets=1024)
+        self.cluster = ConfiguredCluster(self.bed, self.workdir / "cluster", extra,
+                                         profile=args.profile, buckets=1024)
         everyone = list(range(args.nodes))
         self.cluster.start_all()
         self.services: dict[int, Any] = {}
@@ -178,8 +163,8 @@ class Lab:
                                     check=lambda s: all(v > 0 for v in s.values()))
         if args.fail != "service":
             self.bed.start_echo(addrs=[self.bed.vip4])
-        self.capture = self.cluster_module.Capture(self.bed, self.workdir)
-        self.load = self.cluster_module.ClientLoad(self.bed, self.workdir)
+        self.capture = Capture(self.bed, self.workdir)
+        self.load = ClientLoad(self.bed, self.workdir)
         self.watch("serving: every node takes its share", PHASE_SECONDS)
 
         victim = 1 if args.nodes > 1 else 0
@@ -273,18 +258,19 @@ class Lab:
             self.bed.teardown()
 
 
-def _configured(base: Any, text: str) -> Any:
-    """The harness's cluster class with ``text`` (TOML: the MAC mode, the echo service's
+class ConfiguredCluster(LbdCluster):
+    """The harness's cluster with ``text`` (TOML: the MAC mode, the echo service's
     check) added to every node's config, also when a node is started again."""
 
-    class Configured(base):  # type: ignore[misc]
-        def config(self, index: int, **extra: str) -> Path:
-            path: Path = super().config(index, **extra)
-            body, timers = path.read_text().split("\n[timers]", 1)
-            path.write_text(body + text + "\n[timers]" + timers)
-            return path
+    def __init__(self, bed: Bed, workdir: Path, text: str, **kw: Any) -> None:
+        super().__init__(bed, workdir, **kw)
+        self.text = text
 
-    return Configured
+    def config(self, index: int, **extra: str) -> Path:
+        path = super().config(index, **extra)
+        body, timers = path.read_text().split("\n[timers]", 1)
+        path.write_text(body + self.text + "\n[timers]" + timers)
+        return path
 
 
 def render(figures: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ The core (``membership.Node``) only computes; what keeps S1 is also *how* its
 outputs are carried out: a ``PersistBase`` is on disk before anything after it
 (the claim, the heartbeat that advertises the base), a kernel release happens
 before the heartbeat that says so (break before make), a refused kernel apply
-stops everything after it. The simulator (``tests/clustersim.py``) proves S1 on
+stops everything after it. The simulator (``lbd.testbed.clustersim``) proves S1 on
 random schedules, but a proof covers only the code it runs: three hand-written
 loops (daemon, simulator, peer emulator) drifted apart, and a loop the simulator
 does not run is a loop nobody proved. So all three drive the core through this

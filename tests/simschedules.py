@@ -19,10 +19,9 @@ import itertools
 import random
 from dataclasses import dataclass, replace
 
-from clustersim import WRONG_KEY, Cluster, Violation
-
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, Timers
 from lbd.protocol.wire import Keyring
+from lbd.testbed.clustersim import WRONG_KEY, Cluster, Violation
 
 FAULTS = ("crash", "hang", "restart", "partition", "oneway", "loss", "join", "leave",
           "drain", "weight")

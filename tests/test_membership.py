@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import clustersim
 import pytest
 
 from lbd.protocol import events as ev
@@ -21,6 +20,7 @@ from lbd.protocol.messages import (
 from lbd.protocol.params import digest_params
 from lbd.protocol.quorum import has_quorum
 from lbd.protocol.wire import Codec, Keyring
+from lbd.testbed import clustersim
 
 KEY = bytes(32)
 OTHER_KEY = bytes([1] * 32)

@@ -5,7 +5,7 @@ simulator's virtual clock and network: a node with another parameter, a node
 with another key or cluster name, first starts under ``bootstrap_expect``, key
 rotations (right and botched) and a cloned node ID. S1 is checked on every
 kernel change, client by client wherever two nodes map clients to buckets
-differently (tests/clustersim.py). The random schedules (tests/simschedules.py)
+differently (lbd.testbed.clustersim). The random schedules (tests/simschedules.py)
 then mix the mistakes with the ordinary faults
 (``run_random_schedule(seed, timers, mistakes=True)`` replays a failing seed;
 ``LBD_SIM_MISTAKES`` sets how many run here).
@@ -20,9 +20,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import partial
 
-import clustersim
 import pytest
-from clustersim import (
+from simschedules import SHARED, run_random_schedule
+
+from lbd.protocol import events as ev
+from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, Timers
+from lbd.protocol.wire import Keyring, key_fingerprint
+from lbd.testbed import clustersim
+from lbd.testbed.clustersim import (
     KEY,
     WRONG_KEY,
     Cluster,
@@ -31,11 +36,6 @@ from clustersim import (
     kernel_mapping,
     settle,
 )
-from simschedules import SHARED, run_random_schedule
-
-from lbd.protocol import events as ev
-from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, Timers
-from lbd.protocol.wire import Keyring, key_fingerprint
 
 FAST = FAST_TIMERS
 BUCKETS = 128

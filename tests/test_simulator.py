@@ -15,17 +15,7 @@ import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
-import clustersim
 import pytest
-from clustersim import (
-    CLIENTS,
-    Cluster,
-    SimNode,
-    Violation,
-    accepted_clients,
-    client_buckets,
-    settle,
-)
 from simschedules import run_random_schedule
 
 from lbd.protocol import events as ev
@@ -35,6 +25,16 @@ from lbd.protocol.driver import Driver
 from lbd.protocol.jhash import bucket_of
 from lbd.protocol.ownership import MemberWeights, Owners
 from lbd.protocol.pacing import QUIET_SLACK
+from lbd.testbed import clustersim
+from lbd.testbed.clustersim import (
+    CLIENTS,
+    Cluster,
+    SimNode,
+    Violation,
+    accepted_clients,
+    client_buckets,
+    settle,
+)
 
 FAST = FAST_TIMERS
 SCHEDULES = int(os.environ.get("LBD_SIM_SCHEDULES", "2000"))

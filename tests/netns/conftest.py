@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .bed import Bed, cleanup_stale, netns_unavailable_reason
+from lbd.testbed.bed import Bed, cleanup_stale, netns_unavailable_reason
 
 HERE = Path(__file__).resolve().parent
 UNAVAILABLE = netns_unavailable_reason()

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from .bed import OWNER_DIR, Bed, BedError, cleanup_stale, list_netns, sources4, sources6
+from lbd.testbed.bed import OWNER_DIR, Bed, BedError, cleanup_stale, list_netns, sources4, sources6
+
 from .conftest import bed_prefix
 
 MakeBed = Callable[..., Bed]

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from .bed import Bed, wait_for
-from .nsutil import bench_module
+from lbd.testbed import cost, failover_lab, keepalived_lab
+from lbd.testbed.bed import Bed, wait_for
 
 
 def keepalived_bed(bed: Callable[..., Bed], tmp_path: Path, *,
@@ -35,7 +35,7 @@ def keepalived_bed(bed: Callable[..., Bed], tmp_path: Path, *,
     at ``advert_int 0.1``; ``check``: every node tracks its echo service."""
     if shutil.which("keepalived") is None and not Path("/usr/sbin/keepalived").exists():
         pytest.skip("keepalived is not installed (apt-get install keepalived)")
-    lab = bench_module("keepalived_lab")
+    lab = keepalived_lab
     the_bed = bed(nodes=3, add_vip=False, unique_macs=True)
     return lab, the_bed, lab.KeepalivedCluster(the_bed, tmp_path / "ka", 0.1, check=check)
 
@@ -77,7 +77,7 @@ def test_keepalived_service_failure(bed: Callable[..., Bed], tmp_path: Path) -> 
         ka.start_services()
         ka.start_all()
         ka.wait_master(0, timeout=20.0)
-        low, high = outage_bounds_ms(bench_module("failover_lab"))
+        low, high = outage_bounds_ms(failover_lab)
         trial = lab.run_trial(ka, tmp_path, "service")
         assert trial["took_over"], trial
         assert trial["new_master"] == the_bed.nodes[1].name, trial
@@ -91,7 +91,7 @@ def test_keepalived_service_failure(bed: Callable[..., Bed], tmp_path: Path) -> 
 
 @pytest.mark.timeout(180)
 def test_lbd_service_failure(tmp_path: Path) -> None:
-    lab = bench_module("failover_lab")
+    lab = failover_lab
     low, high = outage_bounds_ms(lab)
     result = lab.run_profile("default", 2, 3, tmp_path, "service", prefix="lbdt-smkfsvc-")
     assert result["trials"] == result["measured"] == 2, result
@@ -109,7 +109,7 @@ def test_cost_bench_with_emulated_peers(scripted: bool, tmp_path: Path) -> None:
     emulated (bench/peer_emulator.py). The daemon must converge on a view of all of
     them, hear every peer, and stay put (no view change) through the window."""
     nodes = 5
-    case = bench_module("cost").measure_emulated("default", nodes, 2.0, tmp_path, scripted=scripted)
+    case = cost.measure_emulated("default", nodes, 2.0, tmp_path, scripted=scripted)
     assert case["converge_s"] is not None, case
     assert case["view_members"] == nodes, case
     assert case["view_changes_in_window"] == 0, case

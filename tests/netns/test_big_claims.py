@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from lbd.daemon.service import CLAIM_CHUNK
+from lbd.testbed.bed import Bed
+from lbd.testbed.cluster import holds_slices
 
-from .bed import Bed
-from .cluster import holds_slices
 from .test_e2e import (
     DEFAULT_OUTAGE_LIMIT_MS,
     FAST_OUTAGE_LIMIT_MS,

@@ -24,10 +24,9 @@ from typing import Any
 from lbd.daemon.heartbeat import RECEIVE_BUFFER
 from lbd.daemon.notify import MESSAGE_IDS, decode_journal
 from lbd.netcfg.ruleset import GUARD_TABLE, OWNER_TABLE
-
-from .bed import TCP_PORT, Bed, wait_for
-from .cluster import LbdCluster
-from .sink import DatagramSink
+from lbd.testbed.bed import TCP_PORT, Bed, wait_for
+from lbd.testbed.cluster import LbdCluster
+from lbd.testbed.sink import DatagramSink
 
 BUCKETS = 512
 CONVERGE_TIMEOUT = 20.0
@@ -46,7 +45,7 @@ for line in sys.stdin:
 
 
 class Cluster(LbdCluster):
-    """The shared harness (tests/netns/cluster.py) with default timers and B = 512."""
+    """The shared harness (lbd.testbed.cluster) with default timers and B = 512."""
 
     def __init__(self, bed: Bed, tmp: Path) -> None:
         super().__init__(bed, tmp, profile="default", buckets=BUCKETS)

@@ -24,11 +24,10 @@ from typing import Any
 
 import pytest
 
-from lbd.daemon import lab_metrics as metrics
-from lbd.daemon.lab_pcap import DuplicateReport
-
-from .bed import Bed, list_netns
-from .cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
+from lbd.testbed import metrics
+from lbd.testbed.bed import Bed, list_netns
+from lbd.testbed.cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
+from lbd.testbed.pcap import DuplicateReport
 
 FAST_OUTAGE_LIMIT_MS = 400.0  # fast profile: ~150 ms bound + client sampling + CI noise
 DEFAULT_OUTAGE_LIMIT_MS = 1000.0

@@ -38,16 +38,17 @@ from pathlib import Path
 
 import pytest
 
-from lbd.daemon import lab_metrics as metrics
+from lbd import testbed
 from lbd.netcfg.macmode import derive_cluster_mac
+from lbd.testbed import metrics
+from lbd.testbed.bed import Bed, BedError, sources6, wait_for
+from lbd.testbed.cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
 
-from .bed import HERE, Bed, BedError, sources6, wait_for
-from .cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
 from .test_e2e import FAST_OUTAGE_LIMIT_MS, SETTLE, assert_clean, assert_failover
 from .test_switched import MacModeCalls, resolve_from_router
 
 CMAC = derive_cluster_mac("lbd-lab", "flood")  # LbdCluster's cluster name
-L2PROBE = str(HERE / "l2probe.py")
+L2PROBE = str(Path(testbed.__file__).resolve().parent / "l2probe.py")
 
 
 class FdbWatch:

@@ -31,10 +31,9 @@ from lbd.daemon.heartbeat import OVERFLOW_HOLD, SO_RXQ_OVFL, StampedReader
 from lbd.netcfg.hbfilter import HB_TABLE
 from lbd.netcfg.ruleset import GUARD_TABLE, OWNER_TABLE
 from lbd.protocol.wire import MAX_DATAGRAM
-
-from .bed import Bed, wait_for
-from .cluster import HEARTBEAT_PORT, LbdCluster
-from .nsutil import bench_module
+from lbd.testbed import flood
+from lbd.testbed.bed import Bed, wait_for
+from lbd.testbed.cluster import HEARTBEAT_PORT, LbdCluster
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
           "/usr/bin/python3", "-I", "-c"]
@@ -191,7 +190,6 @@ def test_daemon_refuses_a_taken_port(bed: Callable[..., Bed], tmp_path: Path,
 @pytest.mark.timeout(120)
 def test_filter_drops_foreign_sources_and_bad_sizes(bed: Callable[..., Bed],
                                                     tmp_path: Path) -> None:
-    flood = bench_module("flood")
     the_bed = bed(nodes=3, add_vip=False)
     cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="default")
     outsider = "198.18.0.7"  # outside the segment; a peer after the reload
@@ -240,7 +238,6 @@ def test_filter_drops_foreign_sources_and_bad_sizes(bed: Callable[..., Bed],
 def test_flood_bench_smoke(tmp_path: Path) -> None:
     """A short ramp of bench/flood.py: the report's shape, and a modest flood of forged
     datagrams (and of spoofed ones, all dropped by the filter) changes nothing."""
-    flood = bench_module("flood")
     prefix = f"lbdt-floodsmk-{int(time.time() * 1000) % 10000:04d}-"
     # Default timers: on a busy 2-core machine the fast ones flap without any flood.
     report = flood.run(tmp_path, kinds=["forged", "spoofed"], rates=[1000], step=1.5,

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lbd.daemon import lab_metrics as metrics
 from lbd.daemon.ctl import CtlError, request
 from lbd.daemon.notify import MESSAGE_IDS, decode_journal
+from lbd.testbed import metrics
+from lbd.testbed.bed import Bed, sources6, wait_for
+from lbd.testbed.cluster import Capture, ClientLoad, LbdCluster
+from lbd.testbed.sink import DatagramSink
 
-from .bed import Bed, sources6, wait_for
-from .cluster import Capture, ClientLoad, LbdCluster
-from .sink import DatagramSink
 from .test_e2e import assert_clean
 
 # Drain handoff (tens of ms) and back after the restore (0.2-0.6 s), client sampling

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .bed import Bed, NodeNs
+from lbd.testbed.bed import Bed, NodeNs
 
 MakeBed = Callable[..., Bed]
 

@@ -66,12 +66,11 @@ from typing import Any
 
 import pytest
 
-from lbd.daemon import lab_metrics as metrics
 from lbd.daemon.config import write_key
-from lbd.daemon.lab_pcap import DuplicateReport
-
-from .bed import REPO_ROOT, Bed, wait_for
-from .cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
+from lbd.testbed import metrics
+from lbd.testbed.bed import Bed, wait_for
+from lbd.testbed.cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
+from lbd.testbed.pcap import DuplicateReport
 
 BUCKETS = 512
 SETTLE = 1.0
@@ -439,7 +438,7 @@ def test_cloned_node_id(bed: Callable[..., Bed], tmp_path: Path, good: int) -> N
 def keygen(path: Path, step: str) -> str:
     out = subprocess.run([sys.executable, "-m", "lbd.daemon.cli", "keygen", str(path),
                           f"--{step}"], capture_output=True, text=True, check=False,
-                         timeout=30, cwd=str(REPO_ROOT))
+                         timeout=30)
     assert out.returncode == 0, out
     return out.stdout.strip()
 

@@ -1,7 +1,7 @@
 """NftDataplane in real namespaces: rules, idempotency, exactly one owner, atomic moves.
 
 One 3-node bed for the module (building it is the slow part); each test starts its
-own agents (tests/netns/nft_agent.py, one per node namespace, each owning that
+own agents (lbd.testbed.nft_agent, one per node namespace, each owning that
 node's tables) and stops them at the end. Lease and crash tests: test_nft_lease.py.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from lbd.protocol.jhash import bucket_of
+from lbd.testbed.bed import Bed, sources4, sources6
+from lbd.testbed.nft_agent import AgentClient, AgentError
 
-from .bed import Bed, sources4, sources6
 from .conftest import bed_prefix
-from .nft_agent import AgentClient, AgentError
 from .nft_helpers import (
     client_counters,
     install_client_counters,

@@ -15,10 +15,10 @@ import pytest
 
 from lbd.protocol.config import PROFILES
 from lbd.protocol.jhash import bucket_of
+from lbd.testbed.bed import Bed, sources4, sources6
+from lbd.testbed.nft_agent import AgentClient
 
-from .bed import Bed, sources4, sources6
 from .conftest import bed_prefix
-from .nft_agent import AgentClient
 from .nft_helpers import (
     client_counters,
     install_client_counters,

@@ -40,13 +40,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lbd.daemon import lab_metrics as metrics
+from lbd.testbed import metrics
+from lbd.testbed.bed import Bed
+from lbd.testbed.cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
+from lbd.testbed.nsutil import wait_for
+from lbd.testbed.traffic import TCP_PORT
 
-from .bed import Bed
-from .cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
-from .nsutil import wait_for
 from .test_e2e import SETTLE, assert_failover
-from .traffic import TCP_PORT
 
 INTERVAL, TIMEOUT, RISE, FALL = 0.2, 0.1, 2, 2
 CHECK = (f'\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:{TCP_PORT}"\ninterval = {INTERVAL}\n'

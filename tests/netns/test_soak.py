@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .bed import list_netns
-from .nsutil import bench_module
+from lbd.testbed import soak
+from lbd.testbed.bed import list_netns
 
 SEED = 20260611
 DURATION = 50
@@ -24,7 +24,6 @@ DURATION = 50
 
 @pytest.mark.timeout(150)
 def test_soak_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    soak = bench_module("soak")
     out = tmp_path / "soak.json"
     code = soak.main(["--duration", str(DURATION), "--seed", str(SEED), "--gap", "0.3,1.2",
                       "--segment", "30", "--json", "--out", str(out),

@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 
 from lbd.netcfg.macmode import derive_cluster_mac
+from lbd.testbed.bed import Bed, sources4, sources6, wait_for
 
-from .bed import Bed, sources4, sources6, wait_for
 from .test_daemon import BUCKETS, CLUSTER_NAME, Cluster
 
 CMAC = derive_cluster_mac(CLUSTER_NAME)

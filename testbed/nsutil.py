@@ -8,18 +8,15 @@ remove beds whose builder process died.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import ModuleType
 from typing import TypeVar
 
 RUN_NETNS = Path("/run/netns")
@@ -155,13 +152,3 @@ def write_owner(prefix: str) -> None:
     tmp.write_text(json.dumps({"pid": os.getpid(), "start": _start_time(os.getpid())}))
     tmp.replace(OWNER_DIR / prefix)
 
-
-def bench_module(name: str) -> ModuleType:
-    """bench/NAME.py (not a package) loaded as a module, for the benches' smoke tests."""
-    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module

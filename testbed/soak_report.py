@@ -8,21 +8,15 @@ from __future__ import annotations
 import itertools
 import re
 import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
-
-from netns.bed import Bed  # noqa: E402
-from soak_faults import AWAY_KINDS, KINDS, Fault, SoakCluster  # noqa: E402
-
-from lbd.daemon import lab_metrics as metrics  # noqa: E402
-from lbd.daemon.lab_pcap import DuplicateReport  # noqa: E402
+from lbd.testbed import metrics
+from lbd.testbed.bed import Bed
+from lbd.testbed.pcap import DuplicateReport
+from lbd.testbed.soak_faults import AWAY_KINDS, KINDS, Fault, SoakCluster
 
 
 class Accounting:
@@ -48,6 +42,7 @@ class Accounting:
     flap_holds: int
     harness_error: str | None
     t0: float
+    name: Callable[[int], str]  # SoakCluster.name
 
     def account(self, record: dict[str, Any], report: DuplicateReport) -> None:
         """Add one segment's record and capture to the sums; per-fault figures."""
@@ -84,11 +79,11 @@ class Accounting:
                                                "fault_t_s": round(cause.at - self.t0, 3)})
         conns = {c["source"]: c for c in record["conns"]}
         for addr, port, when in report.resets:
-            conn = conns.get(addr)
-            if conn is None:
+            reset = conns.get(addr)
+            if reset is None:
                 continue  # a short connection's close-time artefact (README)
-            if self.away_fault(conn["node"], conn["opened_at"], when) is None:
-                self.resets.append({"source": addr, "port": port, "node": conn["node"],
+            if self.away_fault(reset["node"], reset["opened_at"], when) is None:
+                self.resets.append({"source": addr, "port": port, "node": reset["node"],
                                     "t_s": round(when - self.t0, 3)})
             else:
                 self.sums["resets_faulted"] += 1
@@ -234,7 +229,7 @@ def sources_gap(record: dict[str, Any], sources: set[int], since: float,
                    if r[metrics.SOURCE] in sources and since <= r[metrics.END] <= until)
     if len(times) < 2:
         return None
-    return round(max(b - a for a, b in itertools.pairwise(times)) * 1000, 1)
+    return round(float(max(b - a for a, b in itertools.pairwise(times))) * 1000, 1)
 
 
 def describe(fault: Fault) -> str:

@@ -1,4 +1,4 @@
-"""Figures from a client load record (lab_load.py's JSON): shares, outage, broken, duplicates.
+"""Figures from a client load record (load.py's JSON): shares, outage, broken, duplicates.
 
 Definitions (the ones ``lbd lab``, the e2e suite and bench/failover_lab.py report):
 

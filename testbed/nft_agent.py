@@ -2,7 +2,7 @@
 
 Run inside a node namespace (the owner table lives as long as THIS process)::
 
-    ip netns exec NS python tests/netns/nft_agent.py --vip 192.0.2.100 --buckets 4096 ...
+    ip netns exec NS python -m lbd.testbed.nft_agent --vip 192.0.2.100 --buckets 4096 ...
 
 Protocol: one JSON object per line on stdin, one JSON answer per line on stdout.
     {"op": "apply", "owned": [..], "lease_ms": 500}   -> {"ok": true, "stats": {...}}
@@ -31,10 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
-
-HERE = Path(__file__).resolve().parent
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -133,7 +130,7 @@ class AgentClient:
         extra: tuple[str, ...] = (),
         timeout: float = 10.0,
     ) -> None:
-        argv = [str(HERE / "nft_agent.py"), "--buckets", str(buckets), "--seed", str(seed)]
+        argv = ["-m", "lbd.testbed.nft_agent", "--buckets", str(buckets), "--seed", str(seed)]
         for vip in vips:
             argv += ["--vip", vip]
         argv += list(extra)

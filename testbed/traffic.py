@@ -1,6 +1,6 @@
 """Traffic helpers of the test bed: echo servers on the nodes, probes from the client.
 
-Mixed into :class:`tests.netns.bed.Bed`; the programs themselves are echo_server.py
+Mixed into :class:`lbd.testbed.bed.Bed`; the programs themselves are echo_server.py
 (runs in each node namespace) and client_probe.py (runs in the client namespace, or
 any namespace for ICMP).
 """
@@ -12,19 +12,17 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .nsutil import BedError, wait_for
+from lbd.testbed.nsutil import BedError, wait_for
 
-HERE = Path(__file__).resolve().parent
-ECHO_SERVER = HERE / "echo_server.py"
-CLIENT_PROBE = HERE / "client_probe.py"
+ECHO_SERVER = "lbd.testbed.echo_server"  # python -m
+CLIENT_PROBE = "lbd.testbed.client_probe"
 TCP_PORT = 80
 UDP_PORT = 53
 
 if TYPE_CHECKING:
-    from .bed import NodeNs
+    from lbd.testbed.bed import NodeNs
 
 
 def sources4(count: int, start: int = 1) -> list[str]:
@@ -64,7 +62,7 @@ class TrafficMixin:
         udp_port: int = UDP_PORT,
         timeout: float = 5.0,
     ) -> list[subprocess.Popen[Any]]:
-        """Start tests/netns/echo_server.py on nodes (default all); wait until ready.
+        """Start lbd.testbed.echo_server on nodes (default all); wait until ready.
 
         By default each server binds both VIPs and the node's own two addresses.
         """
@@ -74,7 +72,7 @@ class TrafficMixin:
             bind = (
                 list(addrs) if addrs is not None else [self.vip4, self.vip6, node.addr4, node.addr6]
             )
-            args = [str(ECHO_SERVER), "--name", node.name, "--tcp-port", str(tcp_port)]
+            args = ["-m", ECHO_SERVER, "--name", node.name, "--tcp-port", str(tcp_port)]
             args += ["--udp-port", str(udp_port)]
             for addr in bind:
                 args += ["--addr", addr]
@@ -90,7 +88,7 @@ class TrafficMixin:
         return procs
 
     def _probe(self, ns: str, args: list[str], timeout: float) -> Any:
-        out = self.run(ns, sys.executable, str(CLIENT_PROBE), *args, timeout=timeout)
+        out = self.run(ns, sys.executable, "-m", CLIENT_PROBE, *args, timeout=timeout)
         return json.loads(out.stdout)
 
     def probe(

@@ -1,6 +1,6 @@
 """Client load of ``lbd lab`` and the e2e suite; runs inside the bed's client namespace.
 
-    python -m lbd.daemon.lab_load --vip 192.0.2.100 --sources a,b,... --sticky c,d,...
+    python -m lbd.testbed.load --vip 192.0.2.100 --sources a,b,... --sticky c,d,...
         --nodes 3 --out result.json [--interval 0.004] [--max-duration 600]
 
 * New TCP connections, one every ``--interval`` seconds, round-robin over ``--sources``

@@ -8,21 +8,16 @@ the daemons' log lines on the faults' clock. The runner is ``soak.py``.
 from __future__ import annotations
 
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from netns.bed import Bed  # noqa: E402
-from netns.cluster import CONVERGE_TIMEOUT, LbdCluster  # noqa: E402
-from netns.sink import DatagramSink  # noqa: E402
-
-from lbd.daemon.ctl import CtlError, request  # noqa: E402
-from lbd.daemon.notify import decode_journal  # noqa: E402
+from lbd.daemon.ctl import CtlError, request
+from lbd.daemon.notify import decode_journal
+from lbd.testbed.bed import Bed
+from lbd.testbed.cluster import CONVERGE_TIMEOUT, LbdCluster
+from lbd.testbed.sink import DatagramSink
 
 KINDS = ("crash", "hang", "link_flap", "partition_both", "partition_out", "partition_in",
          "vip_removed", "nft_flush", "restart", "leave", "join", "drain")
@@ -234,7 +229,7 @@ class Injector:
         if kind == "join":
             return bool(self.left)
         if kind in DOWN_KINDS:
-            return len(self.left) + 1 <= (self.args.nodes - 1) // 2
+            return bool(len(self.left) + 1 <= (self.args.nodes - 1) // 2)
         return True
 
     def next_kind(self) -> str:

@@ -11,10 +11,10 @@ real daemons (``python -m lbd.daemon.cli run``) in the node namespaces, asks the
 Faults on heartbeats are nft rules in a table of our own (``FAULT_TABLE``) inside the
 node namespace, matching the cluster's UDP port. Processes are signalled by PID only.
 
-``ClientLoad`` runs lbd.daemon.lab_load in the client namespace (≥ 64 sources, new TCP
+``ClientLoad`` runs lbd.testbed.load in the client namespace (≥ 64 sources, new TCP
 connections and UDP queries every few ms, one long-lived connection per node);
 ``Capture`` runs tcpdump --immediate-mode in the client namespace and counts duplicate
-answers with lbd.daemon.lab_pcap.
+answers with lbd.testbed.pcap.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from lbd.daemon.config import write_key
-from lbd.daemon.lab_pcap import DuplicateReport, count_duplicates, read_pcap
-
-from .bed import TCP_PORT, UDP_PORT, Bed, BedError, sources4, wait_for
+from lbd.testbed.bed import TCP_PORT, UDP_PORT, Bed, BedError, sources4, wait_for
+from lbd.testbed.pcap import DuplicateReport, count_duplicates, read_pcap
 
 HEARTBEAT_PORT = 7946
 FAULT_TABLE = "lbdfault"
@@ -299,7 +298,7 @@ def holds_slices(index: int) -> Callable[[dict[str, int]], bool]:
 
 
 class ClientLoad:
-    """lbd.daemon.lab_load in the client namespace; ``stop()`` returns its record."""
+    """lbd.testbed.load in the client namespace; ``stop()`` returns its record."""
 
     def __init__(self, bed: Bed, workdir: Path, *, sources: int = LOAD_SOURCES,
                  interval: float = 0.004, long_lived: int | None = None) -> None:
@@ -308,7 +307,7 @@ class ClientLoad:
         self.sources = sources4(sources)
         sticky = sources4(60, STICKY_FIRST)
         self.proc = bed.python(
-            bed.client, "-m", "lbd.daemon.lab_load", "--vip", bed.vip4,
+            bed.client, "-m", "lbd.testbed.load", "--vip", bed.vip4,
             "--tcp-port", str(TCP_PORT), "--udp-port", str(UDP_PORT),
             "--sources", ",".join(self.sources), "--sticky", ",".join(sticky),
             "--nodes", str(long_lived if long_lived is not None else len(bed.nodes)),

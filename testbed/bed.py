@@ -52,7 +52,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .nsutil import (
+from lbd.testbed.nsutil import (
     OWNER_DIR,
     RUN_NETNS,
     BedError,
@@ -64,7 +64,15 @@ from .nsutil import (
     wait_for,
     write_owner,
 )
-from .traffic import CLIENT_PROBE, ECHO_SERVER, TCP_PORT, UDP_PORT, TrafficMixin, sources4, sources6
+from lbd.testbed.traffic import (
+    CLIENT_PROBE,
+    ECHO_SERVER,
+    TCP_PORT,
+    UDP_PORT,
+    TrafficMixin,
+    sources4,
+    sources6,
+)
 
 __all__ = [
     "CLIENT_PROBE",
@@ -86,9 +94,6 @@ __all__ = [
     "sources6",
     "wait_for",
 ]
-
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
 
 SHARED_MAC = "02:00:5e:00:01:64"
 VIP4 = "192.0.2.100"
@@ -489,16 +494,12 @@ class Bed(TrafficMixin):
 
     def _python_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
     def python(self, ns: str, *args: str, **kw: Any) -> subprocess.Popen[Any]:
         """Start the venv's Python inside ``ns`` with ``args`` (e.g. "-c", code)."""
         kw.setdefault("env", self._python_env())
-        kw.setdefault("cwd", str(REPO_ROOT))
         return self.popen(ns, sys.executable, *args, **kw)
 
     def run_python(
@@ -513,7 +514,6 @@ class Bed(TrafficMixin):
             check=False,
             timeout=timeout,
             env=self._python_env(),
-            cwd=str(REPO_ROOT),
         )
         if check and out.returncode != 0:
             raise BedError(

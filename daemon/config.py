@@ -132,6 +132,9 @@ class DaemonConfig:
     all_unhealthy: str = "serve"
     """When every member is unhealthy: "serve" (keep serving rather than refuse the
     whole VIP) or "close" (drain regardless)."""
+    metrics_listen: str | None = None
+    """"HOST:PORT" ("[::1]:PORT" for IPv6) serving Prometheus metrics at /metrics over
+    HTTP; off when unset. HOST must be a loopback address (no TLS, no authentication)."""
 
     def effective_cluster_mac(self) -> str | None:
         """The MAC the VIPs resolve to: in multicast mode ``cluster_mac`` or the one
@@ -393,6 +396,38 @@ def _check_values(p: Path, cfg: DaemonConfig) -> None:
     for key in ("control_socket", "state_dir", "key_file"):
         if not os.path.isabs(getattr(cfg, key)):
             raise ConfigFileError(p, key, "must be an absolute path")
+    if cfg.metrics_listen is not None:
+        metrics_address(cfg.metrics_listen, p)
+
+
+def metrics_address(text: str, path: str | Path = "<config>") -> tuple[str, int]:
+    """(host, port) of ``metrics_listen``: "127.0.0.1:9477", "[::1]:9477",
+    "localhost:9477". Only loopback: the endpoint has neither TLS nor authentication
+    and names every node of the cluster (README, Metrics)."""
+    key = "metrics_listen"
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigFileError(path, key, f"{text!r} is not HOST:PORT (e.g. "
+                              '"127.0.0.1:9477" or "[::1]:9477")')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigFileError(path, key, f"{text!r}: write an IPv6 host in brackets, "
+                              f'e.g. "[{host}]:{port_text}"')
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigFileError(path, key, f"{port_text!r} is not a port (1..65535)")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigFileError(path, key, f"{host!r} is not an IP address (or "
+                              "localhost)") from None
+    if not addr.is_loopback:
+        raise ConfigFileError(path, key, f"{addr} is not a loopback address: metrics are "
+                              "served on this host only (127.0.0.1 or ::1), having no TLS "
+                              "or authentication")
+    return str(addr), int(port_text)
 
 
 def load_config(path: str | Path) -> DaemonConfig:

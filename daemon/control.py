@@ -1,7 +1,8 @@
 """The control socket: one JSON request and one JSON response per connection.
 
-Request: ``{"cmd": "members"|"status"|"drain"|"undrain"|"owner"|"table", ...}`` on
-one line (``owner`` takes ``"address"``). Response: ``{"ok": true, "result": ...}``
+Request: ``{"cmd": "members"|"status"|"metrics"|"drain"|"undrain"|"owner"|"table",
+...}`` on one line (``owner`` takes ``"address"``; ``metrics`` answers the Prometheus
+text of the same snapshot ``status`` answers). Response: ``{"ok": true, "result": ...}``
 or ``{"ok": false, "error": "one line"}``, then the daemon closes the connection.
 
 The socket is created with mode 0660, owned by root and by group ``lbd`` when
@@ -21,10 +22,10 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lbd.daemon import metrics, snapshot
 from lbd.protocol.errors import LbdError
 from lbd.protocol.jhash import bucket_of
 
@@ -47,48 +48,17 @@ class CommandError(LbdError):
 
 
 def members(service: Service, now: float) -> list[dict[str, Any]]:
-    rows = []
-    for info in service.core.members(now):
-        row = asdict(info)
-        row["share"] = round(row["share"], 2)
-        row["wire_id"], row["node_id"] = info.node_id, row.pop("name") or info.node_id
-        if info.is_self:
-            row["address"] = service.address
-        rows.append(row)
-    return rows
+    return snapshot.member_rows(service, now)
 
 
 def status(service: Service, now: float) -> dict[str, Any]:
-    core = service.core
-    lease = core.lease_until
-    return {
-        "node_id": service.node_id,
-        "wire_id": core.node_id,
-        "incarnation": core.incarnation,
-        "address": service.address,
-        "view": core.digest(),
-        "view_members": [core.name_of(m.node_id) for m in core.view],
-        "converged": core.agreed,
-        "quorum": core.quorum_ok,
-        "quorum_mode": core.config.quorum.value,
-        "lease_remaining_ms": None if lease is None else max(0, round((lease - now) * 1000)),
-        "slices": len(core.held),
-        "buckets": core.config.buckets,
-        "draining": core.draining,
-        "weight": core.weight,
-        "ready": service.ready,
-        "uptime_s": round(now - service.started_at, 1),
-        "counters": asdict(core.counters),
-        "problems": service.problems(now),  # the core's, then the shell's
-        "keys": {"seals": service.keyring.current_fingerprint.hex(),
-                 "accepts": [fp.hex() for fp in service.keyring.fingerprints]},
-        "kernel": service.kernel_stats(),
-        # Datagrams to the heartbeat port the kernel dropped (netcfg/hbfilter.py).
-        "heartbeat_filter": service.hbfilter.counters() if service.hbfilter else {},
-        "drain_reasons": sorted(service.drain_reasons),
-        # Checks, tracked interfaces and the load agent (healthlink.py), if configured.
-        "health": service.healthlink.status() if service.healthlink is not None else None,
-    }
+    """The node's snapshot (snapshot.py): the metrics render the same dict."""
+    return snapshot.take(service, now)
+
+
+def metrics_text(service: Service, now: float) -> str:
+    """The Prometheus text exposition of the snapshot (metrics.py)."""
+    return metrics.render(snapshot.take(service, now))
 
 
 def owner(service: Service, address: object) -> dict[str, Any]:
@@ -121,13 +91,13 @@ def table(service: Service) -> Awaitable[dict[str, Any]]:
     them) and ~1 MB of JSON: built in a thread from an immutable snapshot, so the
     loop (and a fast lease renewed with ~40 ms to spare) never waits for it."""
     core = service.core
-    snapshot = (core.owners(), [core.name_of(m.node_id) for m in core.view])
+    frozen = (core.owners(), [core.name_of(m.node_id) for m in core.view])
     head = {"view": core.digest(), "buckets": core.config.buckets, "converged": core.agreed}
-    return asyncio.to_thread(_ranges, snapshot, head)
+    return asyncio.to_thread(_ranges, frozen, head)
 
 
-def _ranges(snapshot: tuple[Any, list[str]], head: dict[str, Any]) -> dict[str, Any]:
-    owners, names = snapshot
+def _ranges(frozen: tuple[Any, list[str]], head: dict[str, Any]) -> dict[str, Any]:
+    owners, names = frozen
     ranges: dict[str, list[list[int]]] = {name: [] for name in names}
     for bucket, index in enumerate(owners.tolist()):
         if index < 0:
@@ -151,6 +121,8 @@ def dispatch(service: Service, request: dict[str, Any]) -> Any:
         return members(service, now)
     if cmd == "status":
         return status(service, now)
+    if cmd == "metrics":
+        return metrics_text(service, now)
     if cmd in ("drain", "undrain"):
         service.set_draining(cmd == "drain", "lbd-cli")
         return {"draining": service.core.draining}
@@ -238,10 +210,15 @@ class ControlServer:
                 await writer.wait_closed()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
-            self._server = None
+        await close_server(self._server)
+        self._server = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+async def close_server(server: asyncio.AbstractServer | None) -> None:
+    """Stop listening; wait (bounded) for the served connections to end."""
+    if server is not None:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 1.0)

@@ -1,11 +1,13 @@
 """``lbd-cli``: ask the local lbd daemon over its control socket.
 
-    lbd-cli [--socket PATH] [--json] members|status|drain|undrain|table
+    lbd-cli [--socket PATH] [--json] members|status|metrics|drain|undrain|table
     lbd-cli [--socket PATH] [--json] owner ADDRESS
 
 Exit codes: 0 ok; 1 daemon not reachable; 2 usage error; 3 the daemon refused the
 request; 4 (status only) the node is not converged or has no quorum.
 Human output fits in 80 columns; ``--json`` prints the daemon's answer as is.
+``metrics`` prints the Prometheus text exposition (0.0.4) of the snapshot that
+``status`` shows (daemon/metrics.py).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def format_members(rows: list[dict[str, Any]]) -> str:
 
 def format_status(s: dict[str, Any]) -> str:
     lease = s["lease_remaining_ms"]
-    c = s["counters"]
+    c, e, k = s["counters"], s["events"], s["kernel"]
     lines = [
         f"node        {s['node_id']} at {s['address']} (incarnation {s['incarnation']})",
         f"view        {s['view']}  {_clip(' '.join(s['view_members']), WIDTH - 22)}",
@@ -108,6 +110,12 @@ def format_status(s: dict[str, Any]) -> str:
         f"{' (draining)' if s['draining'] else ''}, weight {s['weight']}",
         f"datagrams   {c['accepted']} accepted, {c['sent']} sent; dropped: "
         f"{c['malformed']} malformed, {c['forged']} forged, {c['replayed']} replayed",
+        f"changes     {c['view_changes']} view changes; slices gained "
+        f"{e['slices_gained']}, released {e['slices_released']}; members lost "
+        f"{e['members_lost']}",
+        f"kernel      {k['applies']} applies, mean "
+        f"{'-' if k['mean_apply_ms'] is None else k['mean_apply_ms']} ms, max "
+        f"{k['max_apply_ms']} ms",
     ]
     keys = s.get("keys")
     if keys:
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     top.add_argument("--json", action="store_true", help="machine-readable output")
     sub = top.add_subparsers(dest="cmd", required=True)
     for name, text in (("members", "one row per node"), ("status", "this node's state"),
+                       ("metrics", "Prometheus text exposition of the status"),
                        ("drain", "take no NEW connections, keep established ones"),
                        ("undrain", "take NEW connections again"),
                        ("table", "bucket ranges per node")):  # fmt: skip
@@ -168,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.cmd == "metrics":
+        sys.stdout.write(result)  # the exposition ends with its own newline
     elif args.cmd == "members":
         print(format_members(result))
     elif args.cmd == "status":

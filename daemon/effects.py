@@ -35,6 +35,7 @@ from typing import Any
 from lbd.daemon.config import DaemonConfig
 from lbd.daemon.heartbeat import send_from
 from lbd.daemon.notify import ERR, WARNING, LogSink, named
+from lbd.daemon.snapshot import Tally
 from lbd.daemon.statedir import save_quorum_base
 from lbd.netcfg.macmode import ANCHOR_BUCKET, MacMode
 from lbd.netcfg.nft import NftDataplane
@@ -59,14 +60,12 @@ class EffectsMixin:
     _macmode: MacMode | None
     _sock: socket.socket | None
     _leaving: bool
+    tally: Tally
+    """What happened (slices moved, applies and their cost): snapshot.py."""
 
     # Failures counted so that only the first and every 1000th is logged.
     _answer_errors = 0
     _send_errors = 0
-    # Kernel transactions so far and their cost (kernel_stats, lbd-cli status).
-    _applies = 0
-    _apply_seconds = 0.0
-    _apply_max = 0.0
     _applied: ev.ApplyKernel | None = None
     """The last ApplyKernel carried out (a chunked claim continues it)."""
     _claim_due = False
@@ -89,6 +88,7 @@ class EffectsMixin:
         """One step's events to the journal (before its actions run)."""
         core = self.core
         fields = {"SLICES": str(len(core.held)), "VIEW": core.digest()}
+        self.tally.record(events)
         for event in events:
             self.sink.event(named(event, core.name_of), fields)
 
@@ -149,9 +149,7 @@ class EffectsMixin:
             return False
         stats = self._nft.last_apply_stats
         if stats is not None:
-            self._applies += 1
-            self._apply_seconds += stats.seconds
-            self._apply_max = max(self._apply_max, stats.seconds)
+            self.tally.applied(stats.seconds)
         self._applied = action
         if self._nft.pending_count and not self._claim_due:
             # The rest of a big claim in the loop's next turn: heartbeats go between.
@@ -227,14 +225,15 @@ class EffectsMixin:
 
     def kernel_stats(self) -> dict[str, Any]:
         """Kernel transactions so far (owner set and lease changes) and their cost."""
-        last = self._nft.last_apply_stats if self._nft is not None else None
+        tally = self.tally
         return {
-            "applies": self._applies,
-            "mean_apply_ms": round(1000 * self._apply_seconds / self._applies, 3)
-            if self._applies else None,
-            "last_apply_ms": None if last is None else round(1000 * last.seconds, 3),
-            "max_apply_ms": round(1000 * self._apply_max, 3),
+            "applies": tally.applies,
+            "mean_apply_ms": round(1000 * tally.apply_seconds / tally.applies, 3)
+            if tally.applies else None,
+            "last_apply_ms": None if tally.apply_last is None
+            else round(1000 * tally.apply_last, 3),
+            "max_apply_ms": round(1000 * tally.apply_max, 3),
+            "apply_seconds": tally.histogram(),
             "claim_pending": self._nft.pending_count if self._nft is not None else 0,
             "deadline_checked": self._nft is not None and self._nft.deadline_checked,
         }
-

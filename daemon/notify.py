@@ -87,6 +87,7 @@ MESSAGE_IDS: dict[str, str] = {
     "EveryNodeUnhealthy": "baf572615f494c65a60a9ae73a56b2ef",
     "WeightChanged": "6ffb16fdb6ce4f1ca5b43d0d1a9ea29f",
     "KernelRestoreFailed": "827e7df3e6ec43f5a73fcc822ca2dbdd",
+    "MetricsUnavailable": "1af957746e3c490c815e3bc732db4d08",
 }
 
 EVENT_PRIORITY: dict[type, int] = {

@@ -55,7 +55,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lbd.daemon import control, healthlink
+from lbd.daemon import control, healthlink, metrics_http
 from lbd.daemon.config import CLUSTER_MAC_MODES, DaemonConfig, load_config, load_keyring
 from lbd.daemon.effects import EffectsMixin
 from lbd.daemon.healthlink import HealthLink
@@ -70,6 +70,7 @@ from lbd.daemon.notify import (
     Notifier,
     describe_loop_error,
 )
+from lbd.daemon.snapshot import Tally
 from lbd.daemon.statedir import (
     StartupError,
     acquire_lock,
@@ -102,7 +103,8 @@ RESTART_KEYS = ("cluster", "interface", "address", "vips", "node_id", "buckets",
                 "quorum", "timers", "timer_profile", "group", "port", "multicast",
                 "mac_mode", "cluster_mac", "balance", "prefix4", "prefix6", "control_socket",
                 "state_dir", "bootstrap_expect", "checks", "track_interface", "agent",
-                "check_user", "check_allow_root", "all_unhealthy")  # fmt: skip
+                "check_user", "check_allow_root", "all_unhealthy",
+                "metrics_listen")  # fmt: skip
 # A problem that lasts (a stranger's datagrams, a mismatched peer) is logged again at
 # most this often, with what was heard since.
 PROBLEM_LOG_EVERY = 30.0
@@ -124,6 +126,8 @@ class Service(EffectsMixin):
         self.notifier = notifier
         self.ready = False
         self.started_at = time.monotonic()
+        self.tally = Tally()  # what happened, beside the core's counters (snapshot.py)
+        self._metrics: metrics_http.MetricsServer | None = None
         self.core: Node
         self.driver: Driver
         self._lock_fd: int | None = None
@@ -259,6 +263,7 @@ class Service(EffectsMixin):
         if healthlink.wanted(self):  # checks, tracked interfaces, the load agent
             self.healthlink = HealthLink(self)
             await self.healthlink.start()
+        self._metrics = await metrics_http.serve(self)
 
     async def _stop(self) -> None:
         """Undo in the safe order; every step is attempted even if one fails."""
@@ -277,6 +282,8 @@ class Service(EffectsMixin):
                 self.hbfilter.remove()
         if self._control is not None:
             await self._control.close()
+        if self._metrics is not None:
+            await self._metrics.close()
         # Owner table first (nothing claimed), then the VIPs, then, only once the
         # VIPs are gone, the guard: a VIP without any table would accept everyone.
         nft = self._nft

@@ -86,6 +86,7 @@ def apply_worker() -> dict[str, Any]:
                     stats = dp.last_apply_stats
                     assert stats is not None
                     times.append(stats.seconds * 1000)
+                assert stats is not None
                 key = f"B{buckets}_{name}" + ("_noguard" if guard_period else "")
                 results[key] = {
                     "median_ms": round(statistics.median(times), 3),

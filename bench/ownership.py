@@ -171,7 +171,8 @@ def loop_lag(runs: int, nodes: int = 256, buckets: int = 65536) -> list[dict[str
             ownership.clear_cache()
             shell.done = loop.create_future()
             shell.build_table(ev.BuildTable(members, buckets, 0))
-            return await shell.done
+            await shell.done
+            return None
 
         rows: list[dict[str, object]] = []
         for where, build in (("event loop", on_loop), ("table thread", in_thread)):

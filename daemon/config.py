@@ -40,6 +40,9 @@ from lbd.protocol.messages import MAX_NODES, MAX_WEIGHT, NODE_ID_PATTERN
 from lbd.protocol.wire import KEY_LEN, Keyring
 
 DEFAULT_CONFIG_PATH = "/etc/lbd/lbd.toml"
+MAC_MODES = ("shared", "multicast", "flood")
+CLUSTER_MAC_MODES = ("multicast", "flood")
+"""Modes where every node keeps its own MAC and the VIPs resolve to a cluster MAC."""
 TIMER_FIELDS = ("interval", "dead_after", "lease", "join_holddown", "startup_wait",
                 "leave_timeout", "apply_margin")  # fmt: skip
 
@@ -98,10 +101,14 @@ class DaemonConfig:
     mac_mode: str = "shared"
     """"shared": every node wears one unicast MAC (hub, or a switch set to flood it).
     "multicast": nodes keep their own MACs; the VIPs resolve (ARP/ND) to a multicast
-    cluster MAC that any learning switch floods to every port (lbd.netcfg.macmode)."""
+    cluster MAC that any learning switch floods to every port (lbd.netcfg.macmode).
+    "flood": the same with a unicast cluster MAC that no frame is ever sent from, so
+    switches flood it as unknown and routers accept it (no static ARP/ND needed)."""
     cluster_mac: str | None = None
     """shared: optional unicast MAC set on the interface (else the site provides one).
-    multicast: the cluster MAC (group bit set); default derived from ``cluster``."""
+    multicast: the cluster MAC (group bit set); flood: the cluster MAC (unicast, best
+    locally administered: first octet x2, x6, xA or xE). Default derived from
+    ``cluster``."""
     balance: tuple[str, ...] = ("all",)
     """Traffic shared out: "all" or tokens like "tcp/80", "udp/53", "icmp"."""
     prefix4: int = 32
@@ -131,11 +138,13 @@ class DaemonConfig:
 
     def effective_cluster_mac(self) -> str | None:
         """The MAC the VIPs resolve to: in multicast mode ``cluster_mac`` or the one
-        derived from the cluster name; in shared mode ``cluster_mac`` (may be None)."""
-        if self.mac_mode == "multicast":
+        derived from the cluster name (flood likewise); in shared mode ``cluster_mac``
+        (may be None)."""
+        if self.mac_mode in CLUSTER_MAC_MODES:
             from lbd.netcfg.macmode import derive_cluster_mac  # noqa: PLC0415
 
-            return (self.cluster_mac or derive_cluster_mac(self.cluster)).lower()
+            return (self.cluster_mac or derive_cluster_mac(self.cluster,
+                                                           self.mac_mode)).lower()
         return self.cluster_mac
 
     def core_config(self) -> CoreConfig:
@@ -356,8 +365,9 @@ def _check_values(p: Path, cfg: DaemonConfig) -> None:
     if cfg.cluster_mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}",
                                                         cfg.cluster_mac):
         raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac!r} is not a MAC address")
-    if cfg.mac_mode not in ("shared", "multicast"):
-        raise ConfigFileError(p, "mac_mode", f'{cfg.mac_mode!r} is not "shared" or "multicast"')
+    if cfg.mac_mode not in MAC_MODES:
+        raise ConfigFileError(p, "mac_mode", f'{cfg.mac_mode!r} is not "shared", "multicast" '
+                              'or "flood"')
     if cfg.cluster_mac is not None:
         # I/G bit: bit 0 of the first octet. A switch floods a group MAC and never
         # learns it; an interface cannot wear one (the kernel refuses it).
@@ -371,6 +381,12 @@ def _check_values(p: Path, cfg: DaemonConfig) -> None:
         if cfg.mac_mode == "shared" and is_group:
             raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac} is a multicast MAC; "
                                   'an interface cannot wear it (use mac_mode = "multicast")')
+        if cfg.mac_mode == "flood" and is_group:
+            raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac} is a multicast MAC; "
+                                  'mac_mode = "flood" needs a unicast MAC (first octet even, '
+                                  'e.g. 02:6c:...) or mac_mode = "multicast"')
+        if cfg.mac_mode == "flood" and cfg.cluster_mac.strip("0:") == "":
+            raise ConfigFileError(p, "cluster_mac", "00:00:00:00:00:00 cannot be a cluster MAC")
     from lbd.netcfg.ruleset import Balance  # noqa: PLC0415 - only to validate the tokens
 
     try:

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The core believes the node holds its VIPs on an interface that is up, with the shared
-MAC (shared mode) or in the cluster-MAC group with the ``lbd_mac`` rules (multicast),
+MAC (shared mode) or with the cluster MAC on its filter and the ``lbd_mac`` rules
+(multicast, flood),
 with lbd's sysctls and nft tables. ``ip addr del``, ``ifdown``/``ifup`` (IPv6
 addresses go with ``keep_addr_on_down=0``), a network manager, ``nft flush ruleset``
 or a sysctl reset can change that under the daemon. :class:`KernelWatch` notices:
@@ -24,8 +25,9 @@ socket lost events (ENOBUFS). Then:
   takes slices back. A fault back ``FLAP_LIMIT`` times in ``FLAP_WINDOW`` holds the drain
   until ``FLAP_HOLD`` has passed without it.
 * **Fixed in place**, on the loop within milliseconds: our tables deleted or changed by
-  another process (written again), the cluster-MAC group left (joined again), a new
-  own MAC in multicast mode (ND rules rewritten); sysctls by the link helper.
+  another process (written again), the cluster MAC gone from the interface's filter
+  (added again), a new
+  own MAC in multicast or flood mode (ND rules rewritten); sysctls by the link helper.
 * **A fix that fails** drains the node, is a line in ``lbd-cli status`` and STATUS=,
   and is retried every ``RETRY_PERIOD``.
 * **One journal entry per fault** with its MESSAGE_ID (VipRemoved, LinkDown,
@@ -45,9 +47,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lbd.daemon.config import CLUSTER_MAC_MODES
 from lbd.daemon.notify import ERR, NOTICE, WARNING
 from lbd.netcfg import netlink as nl
-from lbd.netcfg.macmode import mc_membership
 from lbd.protocol.errors import LbdError
 
 if TYPE_CHECKING:
@@ -103,7 +105,7 @@ class KernelWatch:
         self.interface = cfg.interface
         self.index = service.ifindex
         self.vips = sorted({str(ipaddress.ip_address(v)) for v in cfg.vips})
-        self.shared_mac = (None if cfg.mac_mode == "multicast"
+        self.shared_mac = (None if cfg.mac_mode in CLUSTER_MAC_MODES
                            else (cfg.effective_cluster_mac() or "").lower() or None)
         self.faults: dict[str, Fault] = {}
         self._history: dict[str, list[float]] = {}
@@ -431,8 +433,10 @@ class KernelWatch:
             link = None
         sysctls = self.svc._link.sysctls_now() if self.svc._link is not None else {}
         macmode = self.svc._macmode
-        joined = (mc_membership(self.interface, macmode.cluster_mac)[1]
-                  if macmode is not None else None)
+        try:
+            joined = macmode.joined() if macmode is not None else None
+        except LbdError:
+            joined = None
         return Snapshot(addresses, link, sysctls, joined)
 
     def _check(self, snap: Snapshot) -> None:
@@ -451,5 +455,5 @@ class KernelWatch:
                 self._clear(f"sysctl {name}")
         macmode = self.svc._macmode
         if snap.group_joined is False and macmode is not None:
-            self._fix_now("group", "ClusterMacLeft", f"{self.interface} left the cluster MAC "
-                          f"group {macmode.cluster_mac}", "joined again", "macmode")
+            self._fix_now("group", "ClusterMacLeft", f"{self.interface}'s filter lost the "
+                          f"cluster MAC {macmode.cluster_mac}", "added again", "macmode")

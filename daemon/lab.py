@@ -1,21 +1,23 @@
 """``lbd lab``: a whole lbd cluster on this machine, a real failure, measured.
 
     lbd lab [--nodes 3] [--fail kill|stop|linkdown|partition|service]
-            [--profile default|fast] [--json]
+            [--profile default|fast] [--switch] [--mac-mode shared|multicast|flood] [--json]
 
-Builds a hub test bed of network namespaces (prefix ``lbdlab-``; leftovers of an
-earlier run are removed first), starts a real lbd daemon in every node with a generated
-config and key, an echo service on the VIP (TCP 80, UDP 53) in every node, and a client
-namespace that opens a new TCP connection and sends a UDP query every 4 ms from 64
-source addresses, plus one long-lived connection per node. It shows the per-node share
-of new connections as bars, the membership (as ``lbd-cli members``) and a progress
+Builds a hub test bed of network namespaces (prefix ``lbdlab-``; leftovers of an earlier
+run are removed first; ``--switch``: an ordinary learning switch instead of the hub,
+where ``--mac-mode shared`` starves most clients and ``flood`` or ``multicast`` serve
+them all: README, "Switched networks"), starts a real lbd daemon in every node with a
+generated config and key, an echo service on the VIP (TCP 80, UDP 53) in every node, and
+a client namespace that opens a new TCP connection and sends a UDP query every 4 ms from
+64 source addresses, plus one long-lived connection per node. It shows the per-node
+share of new connections as bars, the membership (as ``lbd-cli members``) and a progress
 line; then fails one node (``kill``: SIGKILL of its daemon; ``stop``: SIGSTOP;
 ``linkdown``: host death; ``partition``: its heartbeats dropped; ``service``: its echo
 service killed while lbd lives: every daemon then runs a ``[[check]]`` of its echo
 service, and the node drains on the failing check), shows the others absorbing its
-slices, brings it back, shows it rejoin, and reports the client-visible
-outage, duplicate answers (from a packet capture) and broken connections. ``--json``
-prints only the measured figures. Ctrl-C, SIGTERM or any error tears everything down.
+slices, brings it back, shows it rejoin, and reports the client-visible outage,
+duplicate answers (from a packet capture) and broken connections. ``--json`` prints only
+the measured figures. Ctrl-C, SIGTERM or any error tears everything down.
 
 The bed and cluster harness are lbd.testbed's (bed.py, cluster.py), shared with the
 namespace tests: the lab runs from an installed lbd.
@@ -38,6 +40,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from lbd.daemon.config import MAC_MODES, DaemonConfig
 from lbd.daemon.ctl import format_members
 from lbd.testbed import metrics
 from lbd.testbed.bed import Bed
@@ -51,11 +54,14 @@ SERVICE_CHECK = ('\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:80"\ninterval = 0
 BAR_WIDTH = 40
 PHASE_SECONDS = 2.5
 EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
+DEFAULT_MAC_MODE = DaemonConfig().mac_mode
 
 
-def lab_bed(nodes: int) -> Bed:
-    """A Bed whose namespaces are called lbdlab-* (Bed itself insists on lbdt-*)."""
-    bed = Bed("lbdt-lab-", nodes=nodes, add_vip=False)
+def lab_bed(nodes: int, *, switch: bool = False, mac_mode: str = DEFAULT_MAC_MODE) -> Bed:
+    """A Bed whose namespaces are called lbdlab-* (Bed itself insists on lbdt-*): a hub
+    or a learning switch; the nodes wear one MAC in shared mode, their own otherwise."""
+    bed = Bed("lbdt-lab-", nodes=nodes, add_vip=False, switch=switch,
+              unique_macs=mac_mode != "shared")
     bed.prefix = PREFIX
     bed.hub, bed.router, bed.client = f"{PREFIX}hub", f"{PREFIX}r", f"{PREFIX}c"
     bed.nodes = [dataclasses.replace(n, name=f"{PREFIX}n{n.index}") for n in bed.nodes]
@@ -136,11 +142,13 @@ class Lab:
 
     def run(self) -> dict[str, Any]:
         args = self.args
-        self.bed = lab_bed(args.nodes)
+        self.bed = lab_bed(args.nodes, switch=args.switch, mac_mode=args.mac_mode)
         self.bed.build()
-        cluster_class = CheckedCluster if args.fail == "service" else LbdCluster
-        self.cluster = cluster_class(self.bed, self.workdir / "cluster",
-                                     profile=args.profile, buckets=1024)
+        extra = f'\nmac_mode = "{args.mac_mode}"\n'
+        if args.fail == "service":
+            extra += SERVICE_CHECK
+        self.cluster = ConfiguredCluster(self.bed, self.workdir / "cluster", extra,
+                                         profile=args.profile, buckets=1024)
         everyone = list(range(args.nodes))
         self.cluster.start_all()
         self.services: dict[int, Any] = {}
@@ -183,9 +191,13 @@ class Lab:
         # A host that died, or a service killed under its connections, breaks them.
         down = {name} if args.fail in ("linkdown", "service") else set()
         failover = metrics.outage(record, fault, name, horizon=back - fault)
+        summary = metrics.summary(record)
         return {
             "nodes": args.nodes,
             "profile": args.profile,
+            "network": "learning switch" if args.switch else "hub",
+            "mac_mode": args.mac_mode,
+            "served_pct": round(100 * summary["tcp_ok"] / max(1, summary["tcp_attempts"]), 1),
             "fail": args.fail,
             "victim": name,
             **failover,
@@ -203,7 +215,7 @@ class Lab:
             "longest_handoff_gap_ms": round(1000 * max(metrics.failure_bursts(record),
                                                        default=0.0)),
             "converged_after": self.cluster.converged(everyone) is not None,
-            **{k: v for k, v in metrics.summary(record).items() if k != "long_lived"},
+            **{k: v for k, v in summary.items() if k != "long_lived"},
         }
 
     def inject(self, victim: int) -> float:
@@ -246,12 +258,18 @@ class Lab:
             self.bed.teardown()
 
 
-class CheckedCluster(LbdCluster):
-    """The harness's cluster with the echo service's check in every config."""
+class ConfiguredCluster(LbdCluster):
+    """The harness's cluster with ``text`` (TOML: the MAC mode, the echo service's
+    check) added to every node's config, also when a node is started again."""
+
+    def __init__(self, bed: Bed, workdir: Path, text: str, **kw: Any) -> None:
+        super().__init__(bed, workdir, **kw)
+        self.text = text
 
     def config(self, index: int, **extra: str) -> Path:
         path = super().config(index, **extra)
-        path.write_text(path.read_text() + SERVICE_CHECK)
+        body, timers = path.read_text().split("\n[timers]", 1)
+        path.write_text(body + self.text + "\n[timers]" + timers)
         return path
 
 
@@ -261,7 +279,9 @@ def render(figures: dict[str, Any]) -> str:
     return "\n".join([
         "",
         f"lbd lab result ({figures['nodes']} nodes, {figures['profile']} timers, "
-        f"{figures['fail']} {figures['victim']}):",
+        f"{figures['fail']} {figures['victim']}; {figures['network']}, mac_mode "
+        f"{figures['mac_mode']}):",
+        f"  new connections served  {figures['served_pct']} % of {figures['tcp_attempts']}",
         f"  client-visible outage   {figures['outage_ms']} ms for the "
         f"{figures['affected_sources']} affected client sources "
         f"(all served again after {figures['served_again_ms']} ms)",
@@ -273,6 +293,10 @@ def render(figures: dict[str, Any]) -> str:
         f" ({figures['long_lived_connections']} long-lived)",
         f"  rejoin                  agreed after {figures['rejoin_agreed_ms']} ms",
         f"  verdict                 {'OK' if ok else 'VIOLATION'}",
+        *([f"  hint                    {figures['served_pct']} % served: the switch learnt "
+           "the shared MAC on one port; try --mac-mode flood"]
+          if figures["mac_mode"] == "shared" and figures["network"] != "hub"
+          and figures["served_pct"] < 90 else []),
     ])
 
 
@@ -287,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="2..16")
     parser.add_argument("--fail", choices=FAULTS, default="kill")
     parser.add_argument("--profile", choices=("default", "fast"), default="default")
+    parser.add_argument("--switch", action="store_true",
+                        help="an ordinary learning switch instead of a hub")
+    parser.add_argument("--mac-mode", choices=MAC_MODES, default=DEFAULT_MAC_MODE,
+                        help=f"the daemons' mac_mode (default {DEFAULT_MAC_MODE})")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

@@ -8,7 +8,7 @@ Start-up, in this order (each step fails closed):
    the host refuses to start instead of fighting over the tables;
 2. ``NftDataplane.install()``: the guard drops NEW connections to the VIPs and the
    owner table holds nothing, so the node is closed *before* it holds a VIP;
-3. with ``mac_mode = "multicast"``: ``MacMode.apply()`` (join the cluster MAC, the
+3. with ``mac_mode = "multicast"`` or ``"flood"``: ``MacMode.apply()`` (join the cluster MAC, the
    persistent ``lbd_mac`` tables: ARP/ND rewrite, silent on ARP/NS until chosen as
    responder; recorded in ``state_dir/macmode.json``), so the VIP never resolves
    to a node's own MAC; then ``LinkSetup.apply()``, run in a child process
@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from lbd.daemon import control, healthlink, metrics_http
-from lbd.daemon.config import DaemonConfig, load_config, load_keyring
+from lbd.daemon.config import CLUSTER_MAC_MODES, DaemonConfig, load_config, load_keyring
 from lbd.daemon.effects import EffectsMixin
 from lbd.daemon.healthlink import HealthLink
 from lbd.daemon.heartbeat import StampedReader, heartbeat_socket
@@ -195,7 +195,7 @@ class Service(EffectsMixin):
             self.sink.emit(WARNING, "this nft cannot give the kernel a lease's absolute "
                            "deadline: leases rest on their relative timeout alone, which "
                            "a paused daemon can stretch", "LeaseDeadlineUnchecked")
-        multicast = cfg.mac_mode == "multicast"
+        multicast = cfg.mac_mode in CLUSTER_MAC_MODES  # multicast or flood: own MACs kept
         cluster_mac = cfg.effective_cluster_mac()
         if multicast and cluster_mac is not None:
             self._macmode = MacMode(cfg.interface, list(cfg.vips), cluster_mac,
@@ -236,7 +236,7 @@ class Service(EffectsMixin):
             raise StartupError(f"control socket {cfg.control_socket}: {exc.strerror}") from None
         incarnation = next_incarnation(state_dir)
         self.sink.context["NODE"] = self.node_id
-        mode = (f"multicast cluster MAC {cluster_mac}" if multicast
+        mode = (f"{cfg.mac_mode} cluster MAC {cluster_mac}" if multicast
                 else f"shared MAC {cluster_mac or '(as configured)'}")
         self.sink.emit(INFO, f"rules installed on {cfg.interface} for "
                        f"{', '.join(cfg.vips)} ({mode}); joining cluster {cfg.cluster!r} as "

@@ -1,4 +1,4 @@
-"""Multicast cluster-MAC mode: lbd on an ordinary learning switch.
+"""Cluster-MAC modes (multicast, flood): lbd on an ordinary learning switch.
 
 Theory of operation
 -------------------
@@ -21,11 +21,28 @@ group MAC, e.g. NLB's IGMP-mode style 01:00:5e:7f:xx:yy; then switches that snoo
 MAC forward it only where 239.255.xx.yy was joined: that needs joins, which lbd does
 not send.)
 
+``mac_mode = "flood"`` (the LARTC page's "send address and listen address", Windows
+NLB's unicast mode with MaskSourceMAC) uses a locally administered **unicast**
+cluster MAC instead, default ``02:6c:`` + 4 bytes of the same digest. No frame ever
+carries it as its Ethernet source (every node sends from its own MAC, and an egress
+rule drops any frame that would), so a learning switch never learns it and floods
+frames to it to every port like an unknown unicast MAC; and routers, which may refuse
+a multicast MAC in an ARP reply (RFC 1812 section 3.3.2), accept it like any unicast
+MAC. Unlike NLB's unicast mode, the nodes keep their own MACs on the interface, so
+they still reach each other and the router by their own addresses (NLB's nodes, all
+wearing the cluster MAC, cannot). Differences from multicast mode below: the filter
+list, and a ``netdev lbd_mac`` table instead of the prerouting ``pkttype`` rule.
+
 On each node, ``MacMode.apply()``:
 
-* joins the cluster MAC on the interface (``ip maddr add`` equivalent: the
-  SIOCADDMULTI ioctl; netlink has no call for it) so that a real NIC's filter
-  passes those frames;
+* puts the cluster MAC on the interface's receive filter so that a real NIC passes
+  those frames (netcfg/macfilter.py: ``ip maddr add`` for a group MAC; for a unicast
+  one ``bridge fdb add MAC dev IF self permanent``, the unicast list);
+* flood only, ``netdev lbd_mac``: ``ingress`` sets ``meta pkttype set host`` on
+  frames to the cluster MAC (``eth_type_trans`` marks them PACKET_OTHERHOST, which
+  IPv4, IPv6 and ARP drop before any inet/arp hook: checked, a ping to the VIP fails
+  without it); ``egress`` drops, and counts, any frame with the cluster MAC as its
+  Ethernet source;
 * installs the persistent tables ``arp lbd_mac`` and ``inet lbd_mac``:
 
   - ``inet lbd_mac pre`` (prerouting, priority -190): frames to the cluster MAC arrive
@@ -75,7 +92,6 @@ deletes both tables and leaves the MAC group, as recorded in the JSON state file
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import ipaddress
 import logging
@@ -86,6 +102,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lbd.netcfg import macfilter
+from lbd.netcfg.macfilter import (  # noqa: F401 - mc_membership: re-exported
+    MacFilterError,
+    interface_mac,
+    is_group_mac,
+    mac_bytes,
+    mc_membership,
+)
 from lbd.netcfg.nft import NftError, claim_persistent, new_context
 from lbd.netcfg.statefile import RecordError, load_record, save_record
 from lbd.protocol.errors import LbdError
@@ -94,12 +118,10 @@ log = logging.getLogger("lbd.netcfg.macmode")
 
 TABLE = "lbd_mac"
 PRE_PRIORITY = -190  # after conntrack (-200), before lbd's owner table (-180)
+INGRESS_PRIORITY = -500  # before any other ingress chain looks at the frame
+FAMILIES = ("inet", "arp", "netdev")
 ANCHOR_BUCKET = 0
 STATE_VERSION = 1
-SIOCADDMULTI = 0x8931
-SIOCDELMULTI = 0x8932
-SIOCGIFHWADDR = 0x8927
-IFREQ_SIZE = 40
 _MAC_SALT = b"lbd cluster mac\0"
 
 
@@ -107,25 +129,19 @@ class MacModeError(LbdError):
     """The multicast cluster MAC could not be set up or undone."""
 
 
-def derive_cluster_mac(cluster: str) -> str:
-    """03:00:5e + 3 bytes of SHA-256 of the cluster name (see module doc)."""
-    tail = hashlib.sha256(_MAC_SALT + cluster.encode()).digest()[:3]
-    return ":".join(f"{b:02x}" for b in (0x03, 0x00, 0x5E, *tail))
+def derive_cluster_mac(cluster: str, mode: str = "multicast") -> str:
+    """multicast: 03:00:5e + 3 bytes of SHA-256 of the cluster name; flood: 02:6c + 4
+    bytes (a locally administered unicast MAC; see module doc)."""
+    digest = hashlib.sha256(_MAC_SALT + cluster.encode()).digest()
+    head = (0x02, 0x6C, *digest[:4]) if mode == "flood" else (0x03, 0x00, 0x5E, *digest[:3])
+    return ":".join(f"{b:02x}" for b in head)
 
 
-def mac_bytes(mac: str) -> bytes:
-    parts = mac.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"{mac!r} is not a MAC address")
-    return bytes(int(p, 16) for p in parts)
-
-
-def is_group_mac(mac: str) -> bool:
-    """True for multicast/broadcast MACs (I/G bit set)."""
-    return bool(mac_bytes(mac)[0] & 1)
-
-
-def _ones_sum(data: bytes) -> int:
+def ones_sum(data: bytes) -> int:
+    """The 16-bit one's-complement sum of ``data`` (padded to even length), as in the
+    Internet checksum (RFC 1071): the checksum is its complement."""
+    if len(data) % 2:
+        data += b"\0"
     total = int(sum(struct.unpack(f"!{len(data) // 2}H", data)))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
@@ -135,7 +151,7 @@ def _ones_sum(data: bytes) -> int:
 def nd_compensation(own_mac: str, cluster_mac: str) -> int:
     """The 16-bit word that keeps the ICMPv6 checksum valid when the TLLA option
     changes from ``own_mac`` to ``cluster_mac`` (one's-complement old - new)."""
-    old, new = _ones_sum(mac_bytes(own_mac)), _ones_sum(mac_bytes(cluster_mac))
+    old, new = ones_sum(mac_bytes(own_mac)), ones_sum(mac_bytes(cluster_mac))
     diff = old + (0xFFFF - new)  # one's-complement subtraction
     while diff > 0xFFFF:
         diff = (diff & 0xFFFF) + (diff >> 16)
@@ -153,19 +169,27 @@ class MacModeSpec:
     vips6: tuple[str, ...]
     table: str = TABLE
 
+    @property
+    def flood(self) -> bool:
+        """A unicast cluster MAC (``mac_mode = "flood"``), not a multicast one."""
+        return not is_group_mac(self.cluster_mac)
+
     @classmethod
     def build(cls, interface: str, cluster_mac: str, own_mac: str,
               vips: Sequence[str]) -> MacModeSpec:
+        """The mode follows the MAC: a group MAC is multicast mode, a unicast one flood."""
         v4: list[str] = []
         v6: list[str] = []
         for vip in vips:
             addr = ipaddress.ip_interface(vip).ip
             (v4 if addr.version == 4 else v6).append(str(addr))
-        if not is_group_mac(cluster_mac):
-            raise ValueError(f"cluster MAC {cluster_mac} has no group bit: switches would "
-                             "learn it on one port")
         if is_group_mac(own_mac):
             raise ValueError(f"{interface} has a group MAC {own_mac}")
+        if own_mac.lower() == cluster_mac.lower():
+            # E.g. left over from shared mode: every frame would then come FROM the
+            # cluster MAC and switches would learn it on one port.
+            raise ValueError(f"{interface} wears the cluster MAC {cluster_mac} as its own; "
+                             "this mode needs every node's own MAC on the interface")
         return cls(interface, cluster_mac.lower(), own_mac.lower(),
                    tuple(dict.fromkeys(v4)), tuple(dict.fromkeys(v6)))
 
@@ -192,8 +216,12 @@ def table_commands(spec: MacModeSpec) -> list[str]:
         f"add chain {inet} out {{ type filter hook output priority 0; policy accept; }}",
         f"flush chain {inet} pre",
         f"flush chain {inet} out",
-        f"add rule {inet} pre iifname {ifn} ether daddr {mac} meta pkttype set host",
     ]
+    if spec.flood:
+        cmds += flood_commands(spec)
+    else:
+        cmds.append(f"add rule {inet} pre iifname {ifn} ether daddr {mac} "
+                    "meta pkttype set host")
     comp = nd_compensation(spec.own_mac, spec.cluster_mac)
     for vip in spec.vips6:
         target = _hex(ipaddress.IPv6Address(vip).packed)
@@ -231,8 +259,28 @@ def table_commands(spec: MacModeSpec) -> list[str]:
     return cmds
 
 
+def flood_commands(spec: MacModeSpec) -> list[str]:
+    """The ``netdev`` table of flood mode (module doc): frames TO the unicast cluster
+    MAC become the node's own at ingress, before IPv4/IPv6/ARP drop them as
+    PACKET_OTHERHOST (an inet prerouting rule would come too late); and a frame FROM
+    the cluster MAC never leaves (egress: nothing lbd does sends one; this makes it a
+    guarantee, counted)."""
+    ifn, mac, t = f'"{spec.interface}"', spec.cluster_mac, f"netdev {spec.table}"
+    return [
+        f"add table {t}",
+        f"add chain {t} ingress {{ type filter hook ingress device {ifn} priority "
+        f"{INGRESS_PRIORITY}; policy accept; }}",
+        f"add chain {t} egress {{ type filter hook egress device {ifn} priority 0; "
+        "policy accept; }",
+        f"flush chain {t} ingress",
+        f"flush chain {t} egress",
+        f"add rule {t} ingress ether daddr {mac} meta pkttype set host",
+        f"add rule {t} egress ether saddr {mac} counter drop",
+    ]
+
+
 def _families(spec: MacModeSpec) -> list[str]:
-    return ["inet", *(["arp"] if spec.vips4 else [])]
+    return ["inet", *(["arp"] if spec.vips4 else []), *(["netdev"] if spec.flood else [])]
 
 
 def answer_commands(spec: MacModeSpec, lease_ms: int | None) -> list[str]:
@@ -244,6 +292,8 @@ def answer_commands(spec: MacModeSpec, lease_ms: int | None) -> list[str]:
     elem = f'"{spec.interface}"'
     cmds = []
     for family in _families(spec):
+        if family == "netdev":
+            continue  # no responder set there: flood mode's ingress/egress rules only
         t = f"{family} {spec.table}"
         cmds += [f"add element {t} answer {{ {elem} }}", f"delete element {t} answer {{ {elem} }}"]
         if lease_ms is not None:
@@ -254,61 +304,9 @@ def answer_commands(spec: MacModeSpec, lease_ms: int | None) -> list[str]:
 def remove_commands(table: str = TABLE) -> list[str]:
     """Delete both tables; "add" first so an absent table is no error."""
     cmds = []
-    for family in ("inet", "arp"):
+    for family in FAMILIES:
         cmds += [f"add table {family} {table}", f"delete table {family} {table}"]
     return cmds
-
-
-# ------------------------------------------------------------------ kernel
-
-
-def _ifreq(interface: str, mac: str) -> bytes:
-    name = interface.encode()
-    if not 0 < len(name) < 16:
-        raise MacModeError(f"bad interface name {interface!r}")
-    # struct ifreq: ifr_name[16], then ifr_hwaddr (sa_family AF_UNSPEC, sa_data).
-    return struct.pack("16sH6s", name, 0, mac_bytes(mac)).ljust(IFREQ_SIZE, b"\0")
-
-
-def mc_membership(interface: str, mac: str) -> tuple[bool, bool]:
-    """(listed, global) for ``mac`` on ``interface`` per /proc/net/dev_mcast, which
-    follows the caller's network namespace. "global" means an ``ip maddr add``-style
-    (ioctl) membership, the kind lbd adds and removes."""
-    want = mac_bytes(mac).hex()
-    try:
-        lines = Path("/proc/net/dev_mcast").read_text().splitlines()
-    except OSError:
-        return False, False
-    for line in lines:
-        cols = line.split()
-        if len(cols) == 5 and cols[1] == interface and cols[4] == want:
-            return True, cols[3] != "0"
-    return False, False
-
-
-def mc_join(interface: str, mac: str, *, leave: bool = False) -> None:
-    """``ip maddr add|del MAC dev IF`` through the SIOCADDMULTI/SIOCDELMULTI ioctl."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            fcntl.ioctl(sock.fileno(), SIOCDELMULTI if leave else SIOCADDMULTI,
-                        _ifreq(interface, mac))
-        except OSError as exc:
-            what = "leave" if leave else "join"
-            raise MacModeError(f"{interface}: cannot {what} {mac}: {exc.strerror}") from None
-
-
-def interface_mac(interface: str) -> str:
-    """The interface's MAC via SIOCGIFHWADDR (the caller's namespace; no netlink library)."""
-    name = interface.encode()
-    if not 0 < len(name) < 16:
-        raise MacModeError(f"bad interface name {interface!r}")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR,
-                                struct.pack("16s", name).ljust(IFREQ_SIZE, b"\0"))
-        except OSError as exc:
-            raise MacModeError(f"interface {interface!r}: {exc.strerror}") from None
-    return ":".join(f"{b:02x}" for b in ifreq[18:24])
 
 
 class MacMode:
@@ -399,13 +397,12 @@ class MacMode:
                                                                   self.cluster_mac):
             self._leave(state)  # a previous run's group on another interface/MAC
         if state["maddr"] is None:
-            _listed, is_global = mc_membership(self.interface, self.cluster_mac)
             state["maddr"] = {"interface": self.interface, "mac": self.cluster_mac,
-                              "added": not is_global}
+                              "added": not macfilter.listed(self.interface, self.cluster_mac)}
         state["tables"] = self.table
         self._save(state)  # write-ahead: a crash from here on is restorable
-        if not mc_membership(self.interface, self.cluster_mac)[1]:
-            mc_join(self.interface, self.cluster_mac)
+        if not macfilter.listed(self.interface, self.cluster_mac):
+            macfilter.join(self.interface, self.cluster_mac)
         if self.persist:
             self._context()
             try:
@@ -414,6 +411,9 @@ class MacMode:
                      for family in _families(self.spec)])
             except NftError as exc:
                 raise MacModeError(str(exc)) from None
+        if not self.spec.flood:  # a flood-mode run's table, before the mode changed
+            with contextlib.suppress(MacModeError):
+                self._run([f"delete table netdev {self.table}"])
         self._run(self._table_commands(self.spec))
         self.answering = False
 
@@ -429,9 +429,13 @@ class MacMode:
                 self.spec = MacModeSpec.build(self.interface, self.cluster_mac, own, self.vips)
             except ValueError as exc:
                 raise MacModeError(str(exc)) from None
-        if not mc_membership(self.interface, self.cluster_mac)[1]:
-            mc_join(self.interface, self.cluster_mac)
+        if not self.joined():
+            macfilter.join(self.interface, self.cluster_mac)
         self.reassert()
+
+    def joined(self) -> bool:
+        """Whether the interface's filter holds the cluster MAC (macfilter.py)."""
+        return macfilter.listed(self.interface, self.cluster_mac)
 
     def reassert(self) -> None:
         """Write both tables again now (someone deleted or changed them). The responder
@@ -461,7 +465,7 @@ class MacMode:
         failures = []
         if state["tables"] and self.persist:
             # No "add table" first: a persistent table (ours, or an orphan) refuses it.
-            for family in ("inet", "arp"):
+            for family in FAMILIES:
                 try:
                     self._run([f"delete table {family} {state['tables']}"])
                 except MacModeError as exc:
@@ -478,7 +482,7 @@ class MacMode:
                 failures.append(str(exc))
         try:
             self._leave(state)
-        except MacModeError as exc:
+        except (MacModeError, MacFilterError) as exc:
             failures.append(str(exc))
         self.answering = False
         if failures:
@@ -493,7 +497,7 @@ class MacMode:
         entry = state["maddr"]
         if entry is None:
             return
-        if entry["added"] and mc_membership(entry["interface"], entry["mac"])[1]:
-            mc_join(entry["interface"], entry["mac"], leave=True)
+        if entry["added"] and macfilter.listed(entry["interface"], entry["mac"]):
+            macfilter.join(entry["interface"], entry["mac"], leave=True)
         state["maddr"] = None
         self._save(state)

@@ -17,8 +17,11 @@ Every frame for the shared MAC reaches every node, as on a real hub.
 default ageing 300 s, unknown unicast and multicast flooded, optionally IGMP/MLD
 snooping with ``mcast_snooping=True`` and a querier with ``mcast_querier=True``), and
 ``unique_macs=True`` gives node i its own MAC ``node_mac(i)`` (02:00:00:00:01:<11+i>)
-instead of the shared one: the topology of lbd's multicast cluster-MAC mode. Both
-default off, so the hub bed is unchanged. Veths are created
+instead of the shared one: the topology of lbd's cluster-MAC modes (multicast,
+flood). ``vlan=10`` puts the LAN on a VLAN: the nodes' and the router's addresses
+(and the VIPs) go on the sub-interface ``eth0.10`` over eth0 (``NodeNs.iface``,
+``Bed.lan_iface``), the switch carries the tagged frames. All default off, so the hub
+bed is unchanged. Veths are created
 from inside the namespaces (``ip -n NS link add ... peer ... netns OTHER``) and sysctls
 are written by processes running inside the namespace, because /proc/sys/net follows
 the caller's namespace.
@@ -142,8 +145,10 @@ class Bed(TrafficMixin):
         mcast_snooping: bool = False,
         mcast_querier: bool = False,
         unique_macs: bool = False,
+        vlan: int | None = None,
     ) -> None:
-        """``switch``/``mcast_snooping``/``mcast_querier``/``unique_macs``: see module doc."""
+        """``switch``/``mcast_snooping``/``mcast_querier``/``unique_macs``/``vlan``: see
+        module doc."""
         if not prefix.startswith("lbdt-"):
             raise ValueError(f"bed prefixes start with 'lbdt-', got {prefix!r}")
         if not 1 <= nodes <= MAX_NODES:
@@ -159,12 +164,17 @@ class Bed(TrafficMixin):
         self.mcast_snooping = mcast_snooping
         self.mcast_querier = mcast_querier
         self.unique_macs = unique_macs
+        if vlan is not None and not 1 <= vlan <= 4094:
+            raise ValueError(f"vlan must be in 1..4094, got {vlan}")
+        self.vlan = vlan
+        self.lan_iface = f"eth0.{vlan}" if vlan is not None else "eth0"
+        """The interface of the nodes and of the router's LAN side."""
         self.hub = f"{prefix}hub"
         self.router = f"{prefix}r"
         self.client = f"{prefix}c"
         self.nodes = [
             NodeNs(f"{prefix}n{i}", i, f"192.0.2.{11 + i}", f"2001:db8:1::{11 + i}",
-                   mac=node_mac(i) if unique_macs else shared_mac)
+                   iface=self.lan_iface, mac=node_mac(i) if unique_macs else shared_mac)
             for i in range(nodes)
         ]
         self._procs: list[subprocess.Popen[Any]] = []
@@ -306,15 +316,17 @@ class Bed(TrafficMixin):
                 "net.ipv6.conf.eth1.accept_dad": 0,
             },
         )
+        lan = self._add_vlan(r)
         self._batch(
             r,
             [
                 "link set lo up",
-                f"addr add {ROUTER_LAN4}/24 dev eth0",
-                f"addr add {ROUTER_LAN6}/64 dev eth0 nodad",
+                f"addr add {ROUTER_LAN4}/24 dev {lan}",
+                f"addr add {ROUTER_LAN6}/64 dev {lan} nodad",
                 f"addr add {ROUTER_WAN4}/24 dev eth1",
                 f"addr add {ROUTER_WAN6}/64 dev eth1 nodad",
                 "link set eth0 up",
+                f"link set {lan} up",
                 "link set eth1 up",
                 f"route add {CLIENT_NET4} via {CLIENT4}",
                 f"route add {CLIENT_NET6} via {CLIENT6}",
@@ -361,29 +373,45 @@ class Bed(TrafficMixin):
                 "net.ipv6.conf.eth0.keep_addr_on_down": 1,
             },
         )
+        self._batch(node.name, [f"link set eth0 address {node.mac}"])
+        lan = self._add_vlan(node.name)
         lines = [
             "link set lo up",
-            f"link set eth0 address {node.mac}",
-            f"addr add {node.addr4}/24 dev eth0",
-            f"addr add {node.addr6}/64 dev eth0 nodad",
+            f"addr add {node.addr4}/24 dev {lan}",
+            f"addr add {node.addr6}/64 dev {lan} nodad",
         ]
         if self.add_vip:
             # /32 and /128 so the node's own address stays primary; the v6 VIP is
             # deprecated (preferred_lft 0) so it is never picked as a source address.
             lines += [
-                f"addr add {self.vip4}/32 dev eth0",
-                f"addr add {self.vip6}/128 dev eth0 nodad preferred_lft 0",
+                f"addr add {self.vip4}/32 dev {lan}",
+                f"addr add {self.vip6}/128 dev {lan} nodad preferred_lft 0",
             ]
         lines += [
             "link set eth0 up",
+            f"link set {lan} up",
             f"route add default via {ROUTER_LAN4}",
             f"route add ::/0 via {ROUTER_LAN6}",
         ]
         self._batch(node.name, lines)
 
+    def _add_vlan(self, ns: str) -> str:
+        """With ``vlan``: eth0.<id> over eth0 (down; eth0's MAC), its IPv6 sysctls as
+        eth0's. Returns the LAN interface's name."""
+        if self.vlan is None:
+            return "eth0"
+        lan = self.lan_iface
+        self._batch(ns, [f"link add link eth0 name {lan} type vlan id {self.vlan}"])
+        # A dotted interface name: sysctl keys with "/" as the separator.
+        self.set_sysctls(ns, {f"net/ipv6/conf/{lan}/{key}": self.read_sysctl(
+            ns, f"net/ipv6/conf/eth0/{key}") for key in ("addr_gen_mode", "accept_dad",
+                                                        "keep_addr_on_down")})
+        return lan
+
     def _wait_links_up(self) -> None:
-        checks = [(n.name, "eth0") for n in self.nodes]
-        checks += [(self.router, "eth0"), (self.router, "eth1"), (self.client, "eth0")]
+        checks = [(n.name, n.iface) for n in self.nodes]
+        checks += [(self.router, self.lan_iface), (self.router, "eth1"),
+                   (self.client, "eth0")]
 
         def all_up() -> bool:
             for ns, dev in checks:

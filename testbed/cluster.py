@@ -72,7 +72,7 @@ class LbdCluster:
         node = self.bed.nodes[index]
         lines = {
             "cluster": '"lbd-lab"',
-            "interface": '"eth0"',
+            "interface": f'"{self.bed.lan_iface}"',
             "vips": f'["{self.bed.vip4}"]',
             "key_file": f'"{self.key}"',
             "node_id": f'"{self.node_id(index)}"',

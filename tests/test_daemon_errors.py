@@ -25,6 +25,7 @@ from lbd.daemon.config import (
 )
 from lbd.daemon.notify import ERR, MESSAGE_IDS
 from lbd.daemon.service import Service
+from lbd.daemon.statedir import acquire_lock
 
 
 class FakeSink:
@@ -212,7 +213,7 @@ def test_service_run_exits_1_and_still_cleans_up_after_a_callback_error(
     assert stopped == [0]  # cleanup ran, and no watchdog ping during it
     assert [entry[2] for entry in sink.entries] == ["InternalError"]
     assert sink.pings_at_emit[0] >= 1 and len(notifier.pings) == sink.pings_at_emit[0]
-    service_module.acquire_lock(tmp_path)  # the lock was released (no "already running")
+    acquire_lock(tmp_path)  # the lock was released (no "already running")
 
 
 def test_cli_run_turns_an_unforeseen_exception_into_one_line_and_exit_1(
@@ -303,10 +304,10 @@ def test_a_failed_persist_closes_the_owner_table_and_stops_with_1(tmp_path: Path
             done.set()
 
         service._finish = finish  # type: ignore[method-assign]
-        service.transmit = sent.append  # type: ignore[method-assign]
+        service.transmit = sent.append  # type: ignore[method-assign, assignment]
         step = [ev.PersistBase(("a", "b"), 2), ev.Transmit(b"heartbeat")]
         core = SimpleNamespace(events=list, actions=lambda: step)
-        service.driver = Driver(core, service)  # type: ignore[arg-type]
+        service.driver = Driver(core, service)
         assert service.driver.process()  # the persist runs in a thread; the rest waits
         assert service.driver.persisting and sent == []
         await asyncio.wait_for(done.wait(), 5)

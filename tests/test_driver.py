@@ -15,6 +15,7 @@ from lbd.protocol import events as ev
 from lbd.protocol.config import CoreConfig
 from lbd.protocol.driver import Datagram, Driver
 from lbd.protocol.membership import Node
+from lbd.protocol.ownership import MemberWeights, Owners
 from lbd.protocol.wire import Codec, Keyring
 
 BASE = ev.PersistBase(("a", "b"), 2)
@@ -29,6 +30,7 @@ class ScriptedCore:
     timer: float | None = None
     quiet: float | None = None
     left: bool = False
+    tables: list[tuple[MemberWeights, Owners, float]] = field(default_factory=list)
     _events: list[ev.Event] = field(default_factory=list)
     _actions: list[ev.Action] = field(default_factory=list)
 
@@ -58,6 +60,9 @@ class ScriptedCore:
     def quiet_until(self) -> float | None:
         return self.quiet
 
+    def table_built(self, weights: MemberWeights, owners: Owners, now: float) -> None:
+        self.tables.append((weights, owners, now))
+
 
 @dataclass
 class Recorder:
@@ -82,6 +87,9 @@ class Recorder:
 
     def transmit(self, data: bytes) -> None:
         self.done.append(data)
+
+    def build_table(self, action: ev.BuildTable) -> None:
+        self.done.append(action)
 
 
 def driven(**effects: object) -> tuple[ScriptedCore, Recorder, Driver]:

@@ -2,7 +2,8 @@
 healthconfig.py): config, rise/fall, real http/tcp/exec runs on 127.0.0.1, the agent.
 
 Exec tests need root (they run programs as the ``lbd-check`` user, created here if
-missing) and put their scripts in a root-owned 0755 directory under /tmp.
+missing) and put their scripts in a root-owned 0755 directory under /tmp: they are
+marked ``root``, which ``make check`` leaves out.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ LIMIT = 10.0  # every scenario, bounded
 
 
 def run(coro: Awaitable[T], limit: float = LIMIT) -> T:
-    return asyncio.run(asyncio.wait_for(coro, limit))  # type: ignore[arg-type]
+    return asyncio.run(asyncio.wait_for(coro, limit))
 
 
 def cfg_with(**keys: Any) -> DaemonConfig:
@@ -197,6 +198,7 @@ def test_bad_values_name_their_key(keys: dict[str, Any], key: str, words: str) -
     assert words in text, text
 
 
+@pytest.mark.root
 def test_missing_check_user_refused_only_with_exec(scripts: Path) -> None:
     prog = script(scripts, "ok", "#!/bin/sh\nexit 0\n")
     cfg_with(check_user="lbd-no-such-user", check=[WEB], agent={"tcp": "h:1"})
@@ -208,6 +210,7 @@ def test_missing_check_user_refused_only_with_exec(scripts: Path) -> None:
                 "lbd-no-such-user") in text
 
 
+@pytest.mark.root
 def test_root_check_user_needs_allow(scripts: Path) -> None:
     prog = script(scripts, "ok", "#!/bin/sh\nexit 0\n")
     check = [{"name": "x", "exec": [str(prog)]}]
@@ -217,6 +220,7 @@ def test_root_check_user_needs_allow(scripts: Path) -> None:
     assert cfg_with(check_user="root", check=[WEB]).check_user == "root"  # no exec: unused
 
 
+@pytest.mark.root
 def test_exec_script_security(scripts: Path) -> None:
     def refused(path: Path | str) -> str:
         return error_of(check=[{"name": "s", "exec": [str(path), "--quick"]}])
@@ -458,6 +462,7 @@ def test_runs_start_interval_apart() -> None:
 # ------------------------------------------------------------------ exec
 
 
+@pytest.mark.root
 def test_exec_check_pass_fail_output_user_and_env(scripts: Path,
                                                   check_user: pwd.struct_passwd) -> None:
     ok = script(scripts, "ok", "#!/bin/sh\necho all good\nexit 0\n")
@@ -479,12 +484,14 @@ def test_exec_check_pass_fail_output_user_and_env(scripts: Path,
     assert r_who.output == (f"{check_user.pw_uid} {check_user.pw_gid} [] / {env}"), r_who
 
 
+@pytest.mark.root
 def test_exec_that_cannot_start_fails_with_the_reason(check_user: pwd.struct_passwd) -> None:
     result = run(checks.run_exec(("/nonexistent/prog",), 1.0, "x", check_user))
     assert (result.ok, result.reason) == (False, "cannot run /nonexistent/prog: "
                                           "no such file or directory")
 
 
+@pytest.mark.root
 def test_exec_timeout_kills_the_child_and_its_group_without_blocking_the_loop(
         scripts: Path, check_user: pwd.struct_passwd) -> None:
     hang = script(scripts, "hang", "#!/bin/sh\nsleep 30 &\necho $!\nwait\n")
@@ -536,6 +543,7 @@ def _running(path: Path) -> list[int]:
     return sorted(pid for pid, (ours, group) in stats.items() if ours or group in leaders)
 
 
+@pytest.mark.root
 def test_stop_kills_and_reaps_a_running_exec(scripts: Path) -> None:
     hang = script(scripts, "hang", "#!/bin/sh\nsleep 30\n")
     cfg = cfg_with(check=[{"name": "hang", "exec": [str(hang)], "interval": 60,
@@ -565,6 +573,7 @@ def test_stop_kills_and_reaps_a_running_exec(scripts: Path) -> None:
         for p in found if alive(p)]
 
 
+@pytest.mark.root
 def test_monitor_exec_check_keeps_the_output_for_status(scripts: Path) -> None:
     prog = script(scripts, "sick", "#!/bin/sh\necho 'HTTP 500 from backend'\nexit 1\n")
     cfg = cfg_with(check=[{"name": "app", "exec": [str(prog)], "interval": 5,
@@ -727,6 +736,7 @@ def test_agent_words_in_the_monitor() -> None:
     assert drains[-1] == (False, "agent says '80%'")
 
 
+@pytest.mark.root
 def test_agent_over_tcp_and_exec(scripts: Path) -> None:
     prog = script(scripts, "agent", "#!/bin/sh\necho 'noise' >&2\necho '75%'\n")
 

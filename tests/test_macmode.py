@@ -1,5 +1,6 @@
-"""Multicast cluster-MAC mode without a kernel: MAC derivation, the checksum-neutral
-ND option rewrite, the nft text, the config keys (mac_mode, cluster_mac)."""
+"""Cluster-MAC modes (multicast, flood) without a kernel: MAC derivation, the
+checksum-neutral ND option rewrite, the nft text, the config keys (mac_mode,
+cluster_mac)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lbd.daemon.config import ConfigFileError, DaemonConfig, parse_config
+from lbd.netcfg.macfilter import is_group_mac, mac_bytes
 from lbd.netcfg.macmode import (
     MacMode,
     MacModeSpec,
     answer_commands,
     derive_cluster_mac,
-    is_group_mac,
-    mac_bytes,
     nd_compensation,
+    ones_sum,
     remove_commands,
     table_commands,
 )
@@ -39,12 +40,7 @@ def test_derived_mac_is_group_local_stable_and_per_cluster() -> None:
 
 
 def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return ~ones_sum(data) & 0xFFFF
 
 
 def _icmp6_ok(src: str, dst: str, icmp: bytes) -> bool:
@@ -103,12 +99,48 @@ def test_no_arp_table_without_an_ipv4_vip_and_answer_text() -> None:
     cmds = answer_commands(spec, 560)
     assert cmds[-1] == 'add element inet lbd_mac answer { "eth1" timeout 560ms }'
     assert len(answer_commands(spec, None)) == 2  # add + delete: withdrawn
-    assert remove_commands()[-1] == "delete table arp lbd_mac"
+    assert "delete table arp lbd_mac" in remove_commands()
+    assert remove_commands()[-1] == "delete table netdev lbd_mac"
 
 
-def test_spec_refuses_a_unicast_cluster_mac() -> None:
-    with pytest.raises(ValueError, match="group bit"):
-        MacModeSpec.build("eth0", "02:00:5e:00:01:64", "02:00:00:00:01:0b", ["192.0.2.100"])
+def test_flood_mac_is_unicast_local_stable_and_per_cluster() -> None:
+    mac = derive_cluster_mac("web", "flood")
+    assert mac == derive_cluster_mac("web", "flood") != derive_cluster_mac("dns", "flood")
+    assert mac.startswith("02:6c:")
+    first = mac_bytes(mac)[0]
+    assert not first & 1 and first & 2  # unicast, locally administered
+
+
+def test_flood_table_text() -> None:
+    cmac, own = "02:6c:11:22:33:44", "02:00:00:00:01:0b"
+    spec = MacModeSpec.build("eth0.10", cmac, own, ["192.0.2.100", VIP6])
+    assert spec.flood
+    cmds = table_commands(spec)
+    text = "\n".join(cmds)
+    # Frames TO the cluster MAC made the node's own at ingress (not prerouting: IP
+    # drops PACKET_OTHERHOST before it), frames FROM it never sent.
+    assert ('add chain netdev lbd_mac ingress { type filter hook ingress device "eth0.10" '
+            "priority -500; policy accept; }") in cmds
+    assert f"add rule netdev lbd_mac ingress ether daddr {cmac} meta pkttype set host" in cmds
+    assert f"add rule netdev lbd_mac egress ether saddr {cmac} counter drop" in cmds
+    assert not any(c.startswith("add rule inet") and "pkttype" in c for c in cmds)
+    # The same ARP/ND rewrite and single responder as multicast mode.
+    assert f"arp saddr ip {{ 192.0.2.100 }} arp saddr ether set {cmac}" in text
+    assert "iifname != @answer drop" in text
+    assert f"@th,48,16 set {nd_compensation(own, cmac)}" in text
+    assert "flush chain netdev lbd_mac ingress" in text
+    assert not any("netdev" in c for c in answer_commands(spec, 100))
+    assert [f for f in ("inet", "arp", "netdev") if f"add table {f} lbd_mac" in text] == [
+        "inet", "arp", "netdev"]
+    multicast = table_commands(MacModeSpec.build("eth0", "03:00:5e:11:22:33", own, [VIP6]))
+    assert not any("netdev" in c for c in multicast)
+
+
+def test_spec_refuses_the_interface_wearing_the_cluster_mac() -> None:
+    with pytest.raises(ValueError, match="wears the cluster MAC"):
+        MacModeSpec.build("eth0", "02:6c:00:00:01:64", "02:6C:00:00:01:64", ["192.0.2.100"])
+    with pytest.raises(ValueError, match="group MAC"):
+        MacModeSpec.build("eth0", "02:6c:00:00:01:64", "03:00:00:00:01:64", ["192.0.2.100"])
 
 
 def test_restore_with_nothing_recorded_is_a_no_op(tmp_path: Path) -> None:
@@ -128,11 +160,19 @@ def test_config_mac_mode_default_and_validation() -> None:
     assert cfg.effective_cluster_mac() == "03:00:5e:00:00:01"
     assert DaemonConfig(cluster_mac="02:00:5e:00:01:64").effective_cluster_mac() == (
         "02:00:5e:00:01:64")
+    cfg = parse_config({**base, "mac_mode": "flood", "cluster": "web"})
+    assert cfg.effective_cluster_mac() == derive_cluster_mac("web", "flood")
+    assert dict(cfg.agreed_shared())["cluster_mac"] == derive_cluster_mac("web", "flood")
+    cfg = parse_config({**base, "mac_mode": "flood", "cluster_mac": "02:6C:00:00:00:01"})
+    assert cfg.effective_cluster_mac() == "02:6c:00:00:00:01"
     bad = [
         ({"mac_mode": "hub"}, "mac_mode"),
         ({"mac_mode": "multicast", "cluster_mac": "02:00:5e:00:01:64"}, "unicast MAC"),
         ({"mac_mode": "multicast", "cluster_mac": "ff:ff:ff:ff:ff:ff"}, "broadcast"),
         ({"cluster_mac": "03:00:5e:00:00:01"}, "multicast MAC"),
+        ({"mac_mode": "flood", "cluster_mac": "03:00:5e:00:00:01"}, "needs a unicast MAC"),
+        ({"mac_mode": "flood", "cluster_mac": "00:00:00:00:00:00"}, "cannot be a cluster"),
+        ({"mac_mode": "flud"}, '"shared", "multicast" or "flood"'),
     ]
     for extra, words in bad:
         with pytest.raises(ConfigFileError, match=words):

@@ -49,6 +49,7 @@ def test_spec_validation() -> None:
     s = spec()
     assert (s.vips4, s.vips6) == (("192.0.2.100",), ("2001:db8:1::100",))
     assert s.families == ("ipv4", "ipv6")
+    kw: dict[str, Any]
     for kw in (
         {"vips": []},
         {"vips": ["nonsense"]},
@@ -216,17 +217,17 @@ def test_apply_is_one_incremental_transaction(fake: FakeNft) -> None:
 def test_a_big_claim_comes_in_chunks_but_a_release_at_once(fake: FakeNft) -> None:
     dp = NftDataplane(VIPS, 4096, 0x1BD, claim_chunk=1000)
     dp.install()
-    dp.apply(range(2500), 500)
+    dp.apply(frozenset(range(2500)), 500)
     assert dp.owned == set(range(1000)) and dp.pending == set(range(1000, 2500))
     assert dp.last_apply_stats is not None and dp.last_apply_stats.pending == 1500
     # The next apply (the same target, or a newer one) carries on from the kernel's state.
-    dp.apply(range(2500), 500)
+    dp.apply(frozenset(range(2500)), 500)
     assert dp.owned == set(range(2000)) and len(dp.pending) == 500
     # A release goes whole in the first transaction, whatever the claim still waiting.
-    dp.apply(range(3000, 4096), 500)
+    dp.apply(frozenset(range(3000, 4096)), 500)
     assert dp.owned == set(range(3000, 4000)) and dp.pending == set(range(4000, 4096))
     assert "flush set inet lbd owned" in fake.calls[-1]
-    dp.apply(range(3000, 4096), 500)
+    dp.apply(frozenset(range(3000, 4096)), 500)
     assert dp.owned == set(range(3000, 4096)) and dp.pending == set()
     with pytest.raises(ValueError, match="claim_chunk"):
         NftDataplane(VIPS, 16, 1, claim_chunk=0)
@@ -271,7 +272,7 @@ def test_argument_checks(fake: FakeNft) -> None:
     dp = NftDataplane(VIPS, 16, 1)
     dp.install()
     np = pytest.importorskip("numpy")
-    dp.apply(frozenset(np.arange(3, dtype=np.int64).tolist()) | {np.int64(5)}, 499.9)
+    dp.apply(frozenset(np.arange(3, dtype=np.int64).tolist()) | {np.int64(5)}, 499.9)  # type: ignore[arg-type]  # a float
     assert dp.owned == {0, 1, 2, 5}
     assert "timeout 499ms" in fake.calls[-1]  # rounded down: shorter is safe
     with pytest.raises(TypeError):

@@ -26,7 +26,8 @@ M32 = np.uint64(0xFFFFFFFF)
 def fmix32(z: np.ndarray) -> np.ndarray:
     for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
         z = ((z ^ (z >> np.uint64(shift))) * np.uint64(multiplier)) & M32
-    return z ^ (z >> np.uint64(16))
+    mixed: np.ndarray = z ^ (z >> np.uint64(16))
+    return mixed
 
 
 def reference_owners(members: list[tuple[str, int]], buckets: int, seed: int) -> np.ndarray:

@@ -529,6 +529,7 @@ def _run_batch(seeds: list[tuple[int, str]]) -> list[str]:
     return failures
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_random_schedules_with_mistakes() -> None:
     """Mistakes mixed with faults over seeds 0..LBD_SIM_MISTAKES (fast timers) and a

@@ -19,7 +19,7 @@ import pytest
 from simschedules import run_random_schedule
 
 from lbd.protocol import events as ev
-from lbd.protocol import nodestate
+from lbd.protocol import nodestate, ownership
 from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, QuorumMode, Timers
 from lbd.protocol.driver import Driver
 from lbd.protocol.jhash import bucket_of
@@ -394,6 +394,7 @@ def test_clock_skew_is_modelled() -> None:
     assert len(rates) == 3 and all(0.99 <= r <= 1.01 for r in rates)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sixty_four_nodes_converge_and_survive_a_crash() -> None:
     cluster = start(64, seed=17, buckets=1024)
@@ -467,6 +468,7 @@ def _run_batch(seeds: range) -> list[str]:
     return failures
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_random_fault_schedules() -> None:
     """Thousands of seeded schedules (LBD_SIM_SCHEDULES), on both cores."""
@@ -540,6 +542,7 @@ def test_a_base_write_in_progress_when_its_node_crashes_is_lost() -> None:
     assert node.persisted_base[0] == ("n0", "n1", "n2", "n3")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_random_schedules_with_a_slow_disk() -> None:
     """Random fault (and mistake) schedules with base writes that take up to an
@@ -564,7 +567,7 @@ def test_a_view_waits_for_its_table_and_failover_still_completes(
     table is back (no core builds one of several members itself): the survivors of
     a crash take the dead node's slices anyway, later by at most the build."""
     builds: list[int] = []
-    build = nodestate.compute_owners
+    build = ownership.compute_owners
 
     def in_step(weights: MemberWeights, buckets: int, seed: int) -> Owners:
         assert len(weights) == 1, f"a core built the table of {weights} in its step"
@@ -600,6 +603,7 @@ def test_a_node_waiting_for_a_table_stops_supporting_a_peer_it_declared_dead() -
     run_random_schedule(30012, FAST, table_delay=SLOW_TABLES, mistakes=True)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_random_schedules_with_tables_built_elsewhere() -> None:
     """Random fault (and mistake) schedules with ownership tables that come back up

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import os
 import random
 import re
 from collections.abc import Callable
@@ -66,15 +67,22 @@ NEW_KEY = bytes(range(200, 232))
 CLUSTER = "test-cluster"
 ALL_PARAMS = bytes(range(4 * len(FIELDS)))  # every digest of today's parameters
 
+
+def examples(full: int) -> int:
+    """``full`` times LBD_FUZZ_SCALE (default 1; ``make check`` runs a tenth: the same
+    derandomized examples, cut short)."""
+    return max(20, round(full * float(os.environ.get("LBD_FUZZ_SCALE", "1"))))
+
+
 # Reproducible in CI: the same examples every run, no example database.
 FUZZ = settings(
-    max_examples=2000,
+    max_examples=examples(2000),
     deadline=None,
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-ROUND_TRIP = settings(FUZZ, max_examples=300)
+ROUND_TRIP = settings(FUZZ, max_examples=examples(300))
 
 
 def counting_nonces() -> Callable[[int], bytes]:
@@ -751,7 +759,7 @@ def test_a_heartbeat_of_64_nodes_fits_one_frame(in_view: int, base: str) -> None
         assert len(datagram) == heartbeat_size_bound(64)  # the bound is reached
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=examples(200))
 @given(st.integers(1, 64), st.data())
 def test_any_split_of_64_nodes_fits_one_frame(nodes: int, data: st.DataObject) -> None:
     message = worst_case_heartbeat(nodes, data.draw(st.integers(1, nodes)), "all")
@@ -963,7 +971,7 @@ SWAPS: list[tuple[str, Any]] = [
 ]
 
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=examples(500))
 @given(heartbeats(max_members=6), st.lists(st.sampled_from(SWAPS), max_size=2))
 def test_seal_never_sends_something_else(message: Heartbeat, swaps: list[tuple[str, Any]]) -> None:
     """Whatever the message, seal() refuses it or sends exactly it: no value is

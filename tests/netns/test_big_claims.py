@@ -41,7 +41,7 @@ MAX_APPLY_MS = 60.0
 @pytest.mark.parametrize(("profile", "buckets"), [("fast", 16384), ("default", 65536)])
 def test_big_claims_come_in_parts_and_fail_over_cleanly(
     bed: Callable[..., Bed], tmp_path: Path, profile: str, buckets: int,
-    record_property: pytest.RecordProperty,
+    record_property: Callable[[str, object], None],
 ) -> None:
     with cluster_run(bed, tmp_path, profile=profile, buckets=buckets) as run:
         cluster = run.cluster

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -113,7 +113,7 @@ def test_a_late_transaction_cannot_stretch_the_lease(lbed: Bed, agents: list[Age
 
 @pytest.mark.parametrize("profile", ["fast", "default"])
 def test_a_65536_bucket_claim_ends_on_the_cores_deadline(
-    lbed: Bed, profile: str, record_property: pytest.RecordProperty
+    lbed: Bed, profile: str, record_property: Callable[[str, object], None]
 ) -> None:
     """The issue's worst case: a claim of every one of 65536 buckets is one transaction
     of hundreds of ms, so its relative timeout starts that much after the core
@@ -142,7 +142,7 @@ def test_a_65536_bucket_claim_ends_on_the_cores_deadline(
 
 
 def test_sigkill_fails_closed_within_milliseconds(
-    lbed: Bed, agents: list[AgentClient], record_property: pytest.RecordProperty
+    lbed: Bed, agents: list[AgentClient], record_property: Callable[[str, object], None]
 ) -> None:
     subject = lbed.nodes[0].name
     agents[0].apply(range(BUCKETS), 10_000)

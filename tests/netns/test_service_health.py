@@ -209,9 +209,9 @@ def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster, *,
             wait_for(vips_added, 30.0, what="the daemons to add the VIP")
             time.sleep(1.0)  # a claim would come within a heartbeat or two: none may
 
-            def answered() -> list[Any] | None:  # a loaded machine may miss one query
+            def answered() -> list[Any]:  # a loaded machine may miss one query
                 answers = [cluster.query(i, "status") for i in range(3)]
-                return answers if all(answers) else None
+                return answers if all(answers) else []
 
             statuses = wait_for(answered, 10.0, what="every daemon to answer status")
             assert [s["slices"] for s in statuses] == [0, 0, 0], statuses

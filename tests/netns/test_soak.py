@@ -17,11 +17,14 @@ import pytest
 
 from lbd.testbed import soak
 from lbd.testbed.bed import list_netns
+from lbd.testbed.soak_faults import KINDS
+from lbd.testbed.soak_report import render
 
 SEED = 20260611
 DURATION = 50
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_soak_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "soak.json"
@@ -31,7 +34,7 @@ def test_soak_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     printed = capsys.readouterr()
     report = json.loads(out.read_text())
     assert json.loads(printed.out) == report
-    print(soak.render(report))
+    print(render(report))
     assert code == 0, (report["violations"], report["stuck"], report["daemon_errors"])
 
     # The report's shape.
@@ -41,7 +44,7 @@ def test_soak_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
                 "violations", "ok", "daemon_errors", "daemons_started"):
         assert key in report, key
     assert report["seed"] == SEED and report["nodes"] == 3 and report["profile"] == "fast"
-    assert set(report["faults"]) == set(soak.KINDS) == set(report["per_kind"])
+    assert set(report["faults"]) == set(KINDS) == set(report["per_kind"])
     for row in report["per_kind"].values():
         assert set(row) >= {"count", "worst_outage_ms", "median_outage_ms", "failed",
                             "unserved_sources", "worst_agreed_ms"}, row

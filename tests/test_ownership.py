@@ -9,9 +9,11 @@ import os
 import random
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from lbd.protocol import ownership
 from lbd.protocol.errors import ConfigError
@@ -43,7 +45,7 @@ GOLDEN_CLUSTERS = {
 }
 
 
-def digest(owners: np.ndarray) -> str:
+def digest(owners: NDArray[Any]) -> str:
     return hashlib.sha256(owners.astype("<i2").tobytes()).hexdigest()
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numpy.typing import NDArray
 
 from lbd.protocol import ownership
 from lbd.protocol.messages import MAX_NODES, MAX_WEIGHT
@@ -23,14 +25,14 @@ from lbd.protocol.ownership import NO_OWNER, compute_owners
 M32 = np.uint64(0xFFFFFFFF)
 
 
-def fmix32(z: np.ndarray) -> np.ndarray:
+def fmix32(z: NDArray[np.uint64]) -> NDArray[np.uint64]:
     for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
         z = ((z ^ (z >> np.uint64(shift))) * np.uint64(multiplier)) & M32
-    mixed: np.ndarray = z ^ (z >> np.uint64(16))
+    mixed: NDArray[np.uint64] = z ^ (z >> np.uint64(16))
     return mixed
 
 
-def reference_owners(members: list[tuple[str, int]], buckets: int, seed: int) -> np.ndarray:
+def reference_owners(members: list[tuple[str, int]], buckets: int, seed: int) -> NDArray[Any]:
     table = ownership._neg_log_table()
     bucket_mix = fmix32(np.arange(buckets, dtype=np.uint64))
     owners = np.full(buckets, NO_OWNER, dtype=np.int16)

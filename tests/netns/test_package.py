@@ -47,13 +47,21 @@ DEBIAN_VERSIONS = {"pyroute2": "0.7.2", "msgpack": "1.0.3", "cryptography": "38.
                    "numpy": "1.24.2"}  # fmt: skip
 
 
-def sh(*argv: str, timeout: float = 120.0, check: bool = True, env: dict[str, str] | None = None,
-       cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                         env=env, cwd=cwd)
+def sh(
+    *argv: str,
+    timeout: float = 120.0,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, env=env, cwd=cwd
+    )
     if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {out.returncode}\n"
-                             f"stdout: {out.stdout[-3000:]}\nstderr: {out.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(argv)} exited {out.returncode}\n"
+            f"stdout: {out.stdout[-3000:]}\nstderr: {out.stderr[-3000:]}"
+        )
     return out
 
 
@@ -84,9 +92,12 @@ def namespace() -> Iterator[str]:
     ns = f"lbdt-package-{secrets.token_hex(2)}-n0"
     sh("ip", "netns", "add", ns)
     try:
-        for cmd in (("link", "add", "lbdt0", "type", "veth", "peer", "name", "lbdt1"),
-                    ("addr", "add", "192.0.2.11/24", "dev", "lbdt0"),
-                    ("link", "set", "lbdt1", "up"), ("link", "set", "lbdt0", "up")):
+        for cmd in (
+            ("link", "add", "lbdt0", "type", "veth", "peer", "name", "lbdt1"),
+            ("addr", "add", "192.0.2.11/24", "dev", "lbdt0"),
+            ("link", "set", "lbdt1", "up"),
+            ("link", "set", "lbdt0", "up"),
+        ):
             sh("ip", "-n", ns, *cmd)
         yield ns
     finally:
@@ -98,8 +109,10 @@ def package(tmp_path: Path) -> Iterator[tuple[Path, dict[str, float]]]:
     """Build the .deb; purge it afterwards whatever happened (and the group, if the
     package created it: that is the test cleaning up after itself)."""
     if installed():
-        pytest.fail("the lbd package is already installed here; this test installs and "
-                    "purges its own (dpkg --purge lbd first)")
+        pytest.fail(
+            "the lbd package is already installed here; this test installs and "
+            "purges its own (dpkg --purge lbd first)"
+        )
     for path in (ETC, STATE):
         if path.exists():
             pytest.fail(f"{path} exists; this test purges the package, which removes it")
@@ -122,12 +135,20 @@ def package(tmp_path: Path) -> Iterator[tuple[Path, dict[str, float]]]:
 
 @pytest.mark.timeout(1200)
 def test_package_installs_runs_removes_and_purges(
-        package: tuple[Path, dict[str, float]], namespace: str, tmp_path: Path) -> None:
+    package: tuple[Path, dict[str, float]], namespace: str, tmp_path: Path
+) -> None:
     deb, figures = package
     fields = sh("dpkg-deb", "-f", str(deb), "Architecture", "Depends", "Recommends").stdout
     assert "Architecture: all" in fields and "Recommends: tcpdump" in fields, fields
-    for dep in ("python3-nftables", "python3-msgpack", "python3-cryptography",
-                "python3-numpy", "python3-pyroute2", "nftables", "iproute2"):
+    for dep in (
+        "python3-nftables",
+        "python3-msgpack",
+        "python3-cryptography",
+        "python3-numpy",
+        "python3-pyroute2",
+        "nftables",
+        "iproute2",
+    ):
         assert dep in fields, fields
     contents = sh("dpkg-deb", "-c", str(deb)).stdout
     modules = [ln for ln in contents.splitlines() if "/dist-packages/lbd/" in ln]
@@ -151,11 +172,14 @@ def test_package_installs_runs_removes_and_purges(
     assert WANTS.is_symlink() and WANTS.resolve() == UNIT.resolve()  # enabled
 
     # The installed code runs on Debian's own libraries, from /usr/lib/python3.
-    probe = ("import importlib.metadata as m, lbd.daemon.cli as c; print(c.__file__); "
-             "print(' '.join(f'{n}={m.version(n)}' for n in "
-             f"{sorted(DEBIAN_VERSIONS)!r}))")
-    where, versions = sh("/usr/bin/python3", "-c", probe, env=CLEAN_ENV,
-                         cwd=tmp_path).stdout.split("\n")[:2]
+    probe = (
+        "import importlib.metadata as m, lbd.daemon.cli as c; print(c.__file__); "
+        "print(' '.join(f'{n}={m.version(n)}' for n in "
+        f"{sorted(DEBIAN_VERSIONS)!r}))"
+    )
+    where, versions = sh("/usr/bin/python3", "-c", probe, env=CLEAN_ENV, cwd=tmp_path).stdout.split(
+        "\n"
+    )[:2]
     assert where == "/usr/lib/python3/dist-packages/lbd/daemon/cli.py"
     assert versions == " ".join(f"{n}={DEBIAN_VERSIONS[n]}" for n in sorted(DEBIAN_VERSIONS))
 
@@ -164,15 +188,39 @@ def test_package_installs_runs_removes_and_purges(
     (ETC / "lbd.toml").write_text(example.replace('interface = "eth0"', 'interface = "lbdt0"'))
     sh("/usr/bin/lbd", "keygen", "/etc/lbd/cluster.key", env=CLEAN_ENV, cwd=tmp_path)
     assert stat.S_IMODE((ETC / "cluster.key").stat().st_mode) == 0o600
-    checked = sh("ip", "netns", "exec", namespace, "/usr/bin/lbd", "check-config",
-                 env=CLEAN_ENV, cwd=tmp_path).stdout
+    checked = sh(
+        "ip",
+        "netns",
+        "exec",
+        namespace,
+        "/usr/bin/lbd",
+        "check-config",
+        env=CLEAN_ENV,
+        cwd=tmp_path,
+    ).stdout
     assert "/etc/lbd/lbd.toml: ok: cluster 'lbd'" in checked, checked
     assert "at 192.0.2.11 on lbdt0, VIPs 192.0.2.100" in checked, checked
-    bad = sh("/usr/bin/lbd", "check-config", "--config", str(tmp_path / "missing.toml"),
-             env=CLEAN_ENV, cwd=tmp_path, check=False)
+    bad = sh(
+        "/usr/bin/lbd",
+        "check-config",
+        "--config",
+        str(tmp_path / "missing.toml"),
+        env=CLEAN_ENV,
+        cwd=tmp_path,
+        check=False,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
-    assert sh("/usr/bin/lbd-cli", "--socket", str(tmp_path / "none.sock"), "status",
-              env=CLEAN_ENV, check=False).returncode == 1
+    assert (
+        sh(
+            "/usr/bin/lbd-cli",
+            "--socket",
+            str(tmp_path / "none.sock"),
+            "status",
+            env=CLEAN_ENV,
+            check=False,
+        ).returncode
+        == 1
+    )
 
     # A real 3-node cluster in namespaces, from the installed files.
     lab = sh("/usr/bin/lbd", "lab", "--json", env=CLEAN_ENV, cwd=tmp_path, timeout=600)
@@ -196,7 +244,12 @@ def test_package_installs_runs_removes_and_purges(
     assert not ETC.exists() and not STATE.exists()
     assert not WANTS.is_symlink()  # enablement forgotten
     assert has_group("lbd")  # kept, as Debian does with system groups
-    print(f"\npackage: {deb.stat().st_size} bytes, " + ", ".join(
-        f"{k} {v:.1f}" for k, v in figures.items()) + "; lab: " + ", ".join(
-        f"{k} {result.get(k)}" for k in ("outage_ms", "served_again_ms", "duplicate_synacks",
-                                         "broken_connections")))
+    print(
+        f"\npackage: {deb.stat().st_size} bytes, "
+        + ", ".join(f"{k} {v:.1f}" for k, v in figures.items())
+        + "; lab: "
+        + ", ".join(
+            f"{k} {result.get(k)}"
+            for k in ("outage_ms", "served_again_ms", "duplicate_synacks", "broken_connections")
+        )
+    )

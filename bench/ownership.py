@@ -125,8 +125,9 @@ class _TableShell(EffectsMixin):
         self.done: asyncio.Future[None] | None = None
         self.driver = self  # type: ignore[assignment]
 
-    def table_built(self, weights: ownership.MemberWeights, owners: ownership.Owners,
-                    now: float) -> bool:
+    def table_built(
+        self, weights: ownership.MemberWeights, owners: ownership.Owners, now: float
+    ) -> bool:
         assert self.done is not None
         self.done.set_result(None)
         return False  # "stopped": no _stepped() of a real Service
@@ -177,14 +178,19 @@ def loop_lag(runs: int, nodes: int = 256, buckets: int = 65536) -> list[dict[str
         rows: list[dict[str, object]] = []
         for where, build in (("event loop", on_loop), ("table thread", in_thread)):
             samples = [await _lag_while(build, 0.002) for _ in range(runs)]
-            rows.append({
-                "built_in": where, "nodes": nodes, "buckets": buckets,
-                "distinct_weights": nodes,
-                "build_ms": round(statistics.median(r["build_ms"] for r in samples), 1),
-                "max_tick_lag_ms": round(max(r["max_lag_ms"] for r in samples), 1),
-                "median_max_tick_lag_ms": round(
-                    statistics.median(r["max_lag_ms"] for r in samples), 1),
-            })
+            rows.append(
+                {
+                    "built_in": where,
+                    "nodes": nodes,
+                    "buckets": buckets,
+                    "distinct_weights": nodes,
+                    "build_ms": round(statistics.median(r["build_ms"] for r in samples), 1),
+                    "max_tick_lag_ms": round(max(r["max_lag_ms"] for r in samples), 1),
+                    "median_max_tick_lag_ms": round(
+                        statistics.median(r["max_lag_ms"] for r in samples), 1
+                    ),
+                }
+            )
         return rows
 
     return asyncio.run(measure())
@@ -245,8 +251,9 @@ def main() -> None:
     print_table("Equal weights (build: median ms, cache cleared)", report["equal_weights"])
     print_table("Distinct weights (B=65536)", report["mixed_weights"])
     print_table("Balance over random node IDs (equal weights)", report["random_ids"])
-    print_table("Loop lag of a 2 ms tick during a build (N=256, all weights distinct)",
-                report["loop_lag"])
+    print_table(
+        "Loop lag of a 2 ms tick during a build (N=256, all weights distinct)", report["loop_lag"]
+    )
 
 
 if __name__ == "__main__":

@@ -62,14 +62,18 @@ def label(result: dict[str, Any]) -> str:
 
 
 def fault_name(result: dict[str, Any]) -> str:
-    return {"kill": "daemon SIGKILL", "hostdeath": "host death",
-            "service": "service killed"}.get(
-        result.get("fault", "kill"), str(result.get("fault")))
+    return {"kill": "daemon SIGKILL", "hostdeath": "host death", "service": "service killed"}.get(
+        result.get("fault", "kill"), str(result.get("fault"))
+    )
 
 
-def failover_png(results: list[dict[str, Any]], path: Path, title: str = (
-        "Failover after a node failure: lbd vs keepalived (VRRP), 3 nodes, same bed, "
-        "same load")) -> None:
+def failover_png(
+    results: list[dict[str, Any]],
+    path: Path,
+    title: str = (
+        "Failover after a node failure: lbd vs keepalived (VRRP), 3 nodes, same bed, same load"
+    ),
+) -> None:
     rows = [r for r in results if r.get("outages_ms")]
     fig, ax = plt.subplots(figsize=(max(9, 1.7 * len(rows)), 5.4), dpi=110)
     data = [r["outages_ms"] for r in rows]
@@ -80,11 +84,19 @@ def failover_png(results: list[dict[str, Any]], path: Path, title: str = (
         xs = [i + rng.uniform(-0.15, 0.15) for _ in values]
         ax.scatter(xs, values, s=16, alpha=0.75, color=colour, zorder=3)
         o = row["outage_ms"]
-        ax.annotate(f"p50 {o['p50']:.0f}\np99 {o['p99']:.0f} ms", (i, max(values)),
-                    xytext=(0, 8), textcoords="offset points", ha="center", fontsize=8)
-    ax.set_xticks(range(1, len(rows) + 1),
-                  [f"{label(r)}\n{fault_name(r)}, n={len(r['outages_ms'])}" for r in rows],
-                  fontsize=8)
+        ax.annotate(
+            f"p50 {o['p50']:.0f}\np99 {o['p99']:.0f} ms",
+            (i, max(values)),
+            xytext=(0, 8),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
+    ax.set_xticks(
+        range(1, len(rows) + 1),
+        [f"{label(r)}\n{fault_name(r)}, n={len(r['outages_ms'])}" for r in rows],
+        fontsize=8,
+    )
     ax.set_yscale("log")
     ax.set_ylim(30, 10000)
     ax.set_ylabel("client-visible outage (ms, log scale)")
@@ -97,8 +109,9 @@ def failover_png(results: list[dict[str, Any]], path: Path, title: str = (
 
 def share_png(results: list[dict[str, Any]], path: Path) -> None:
     rows = [r for r in results if r.get("timeline")]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 2.3 * len(rows)), dpi=110,
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(9, 2.3 * len(rows)), dpi=110, sharex=True, squeeze=False
+    )
     for ax, row in zip(axes[:, 0], rows, strict=True):
         tl = row["timeline"]
         step, t0 = tl["step_s"], tl["t0_s"]
@@ -107,43 +120,75 @@ def share_png(results: list[dict[str, Any]], path: Path) -> None:
         bottom = [0] * count
         for n, (name, counts) in enumerate(tl["nodes"].items()):
             short = name.rsplit("-", 1)[-1]
-            ax.bar(xs, counts, width=step, bottom=bottom, label=short,
-                   color=NODE_COLOURS[n % len(NODE_COLOURS)], linewidth=0)
+            ax.bar(
+                xs,
+                counts,
+                width=step,
+                bottom=bottom,
+                label=short,
+                color=NODE_COLOURS[n % len(NODE_COLOURS)],
+                linewidth=0,
+            )
             bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
-        ax.bar(xs, tl["failed"], width=step, bottom=bottom, label="failed",
-               color=FAIL_COLOUR, alpha=0.6, linewidth=0)
+        ax.bar(
+            xs,
+            tl["failed"],
+            width=step,
+            bottom=bottom,
+            label="failed",
+            color=FAIL_COLOUR,
+            alpha=0.6,
+            linewidth=0,
+        )
         ax.axvline(0, color="black", linestyle="--", linewidth=1)
-        ax.set_title(f"{label(row).replace(chr(10), ' ')}: {fault_name(row)} of "
-                     f"{'n1' if row['system'] == 'lbd' else 'the master n0'} at t = 0",
-                     fontsize=9)
+        ax.set_title(
+            f"{label(row).replace(chr(10), ' ')}: {fault_name(row)} of "
+            f"{'n1' if row['system'] == 'lbd' else 'the master n0'} at t = 0",
+            fontsize=9,
+        )
         ax.set_ylabel(f"new conns\nper {step * 1000:.0f} ms", fontsize=8)
         ax.set_ylim(0, max(b + f for b, f in zip(bottom, tl["failed"], strict=True)) * 1.1)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
-    axes[-1, 0].set_xlabel("time relative to the failure (s); connections counted when they "
-                           "complete, a failed one when its 0.25 s connect timeout expires",
-                           fontsize=8)
+    axes[-1, 0].set_xlabel(
+        "time relative to the failure (s); connections counted when they "
+        "complete, a failed one when its 0.25 s connect timeout expires",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lbd", type=Path, default=OUT / "failover_lab.json")
-    parser.add_argument("--lbd-hostdeath", type=Path, default=OUT / "failover_lab_hostdeath.json",
-                        help="optional: failover_lab.py --fault hostdeath (outages only)")
+    parser.add_argument(
+        "--lbd-hostdeath",
+        type=Path,
+        default=OUT / "failover_lab_hostdeath.json",
+        help="optional: failover_lab.py --fault hostdeath (outages only)",
+    )
     parser.add_argument("--keepalived", type=Path, default=OUT / "keepalived_lab.json")
-    parser.add_argument("--lbd-service", type=Path, default=OUT / "failover_lab_service.json",
-                        help="optional: failover_lab.py --fault service")
-    parser.add_argument("--keepalived-service", type=Path,
-                        default=OUT / "keepalived_lab_service.json",
-                        help="optional: keepalived_lab.py --fault service")
+    parser.add_argument(
+        "--lbd-service",
+        type=Path,
+        default=OUT / "failover_lab_service.json",
+        help="optional: failover_lab.py --fault service",
+    )
+    parser.add_argument(
+        "--keepalived-service",
+        type=Path,
+        default=OUT / "keepalived_lab_service.json",
+        help="optional: keepalived_lab.py --fault service",
+    )
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
     args = parser.parse_args(argv)
     results = load(args.lbd) + load(args.keepalived)
-    service = [r for f in (args.lbd_service, args.keepalived_service) if f.exists()
-               for r in load(f)]
+    service = [
+        r for f in (args.lbd_service, args.keepalived_service) if f.exists() for r in load(f)
+    ]
     if not results and not service:
         print("plots: no results to plot", file=sys.stderr)
         return 1
@@ -151,17 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         extra = load(args.lbd_hostdeath) if args.lbd_hostdeath.exists() else []
         # Longest heartbeat first; at equal interval lbd, then keepalived, side by side.
-        ordered = sorted(results + extra, key=lambda r: (
-            -r["interval_ms"], r["system"] != "lbd", r.get("fault", "")))
+        ordered = sorted(
+            results + extra,
+            key=lambda r: (-r["interval_ms"], r["system"] != "lbd", r.get("fault", "")),
+        )
         failover_png(ordered, args.docs / "failover.png")
-        share_png(sorted(results, key=lambda r: (r["system"] != "lbd", -r["interval_ms"])),
-                  args.docs / "share.png")
+        share_png(
+            sorted(results, key=lambda r: (r["system"] != "lbd", -r["interval_ms"])),
+            args.docs / "share.png",
+        )
         print(f"wrote {args.docs / 'failover.png'} and {args.docs / 'share.png'}")
     if service:  # lbd first, then keepalived, longest advertisement first
-        failover_png(sorted(service, key=lambda r: (r["system"] != "lbd", -r["interval_ms"])),
-                     args.docs / "service.png",
-                     "Service killed, daemon and host up: lbd [[check]] vs keepalived "
-                     "vrrp_script (same check), 3 nodes, same bed, same load")
+        failover_png(
+            sorted(service, key=lambda r: (r["system"] != "lbd", -r["interval_ms"])),
+            args.docs / "service.png",
+            "Service killed, daemon and host up: lbd [[check]] vs keepalived "
+            "vrrp_script (same check), 3 nodes, same bed, same load",
+        )
         print(f"wrote {args.docs / 'service.png'}")
     return 0
 

@@ -129,8 +129,10 @@ def main() -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{'members':>7} {'bytes':>6} {'worst':>6} {'sealed/s':>10} {'opened/s':>10}"
-              f" {'open µs':>8}")
+        print(
+            f"{'members':>7} {'bytes':>6} {'worst':>6} {'sealed/s':>10} {'opened/s':>10}"
+            f" {'open µs':>8}"
+        )
         for r in results:
             print(
                 f"{r['view_members']:>7} {r['datagram_bytes']:>6} {r['worst_case_bytes']:>6}"
@@ -139,8 +141,10 @@ def main() -> int:
         verdict = "met" if report["goal_met"] else "NOT met"
         print(f"goal ≥ {GOAL_OPENED_PER_S_3:,} opened/s with 3 members: {verdict}")
         verdict = "met" if report["goal_one_frame_up_to_64_members_met"] else "NOT met"
-        print(f"goal: any heartbeat of ≤ {GOAL_ONE_FRAME_UP_TO} members in one frame"
-              f" (worst {worst_64} ≤ {FRAME_PAYLOAD} bytes): {verdict}")
+        print(
+            f"goal: any heartbeat of ≤ {GOAL_ONE_FRAME_UP_TO} members in one frame"
+            f" (worst {worst_64} ≤ {FRAME_PAYLOAD} bytes): {verdict}"
+        )
     return 0
 
 

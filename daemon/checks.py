@@ -90,8 +90,10 @@ async def _http(url: str) -> Result:
     reader, writer = await _connect(host, port)
     try:
         name = f"[{host}]" if ":" in host else host
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: {name}:{port}\r\nUser-Agent: lbd-check"
-                     "\r\nConnection: close\r\n\r\n".encode("latin-1", "replace"))
+        writer.write(
+            f"GET {path} HTTP/1.0\r\nHost: {name}:{port}\r\nUser-Agent: lbd-check"
+            "\r\nConnection: close\r\n\r\n".encode("latin-1", "replace")
+        )
         await writer.drain()
         try:
             line = await reader.readline()
@@ -147,9 +149,15 @@ async def _end(proc: asyncio.subprocess.Process) -> None:
                 await proc.wait()
 
 
-async def run_exec(argv: tuple[str, ...], seconds: float, name: str,
-                   account: pwd.struct_passwd | None, *, stderr: bool = True,
-                   started: Callable[[int], None] | None = None) -> Result:
+async def run_exec(
+    argv: tuple[str, ...],
+    seconds: float,
+    name: str,
+    account: pwd.struct_passwd | None,
+    *,
+    stderr: bool = True,
+    started: Callable[[int], None] | None = None,
+) -> Result:
     """Run ``argv`` as ``account`` (None: as ourselves) for at most ``seconds``.
 
     Pass = exit status 0. ``stderr`` False drops stderr (the agent's answer is stdout
@@ -160,10 +168,18 @@ async def run_exec(argv: tuple[str, ...], seconds: float, name: str,
     ids: dict[str, object] = {}
     if account is not None:
         ids = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-    spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT if stderr else asyncio.subprocess.DEVNULL,
-        env=exec_env(name), cwd="/", start_new_session=True, **ids))  # type: ignore[arg-type]
+    spawn = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT if stderr else asyncio.subprocess.DEVNULL,
+            env=exec_env(name),
+            cwd="/",
+            start_new_session=True,
+            **ids,  # type: ignore[arg-type]
+        )
+    )
     try:
         proc = await asyncio.shield(spawn)
     except OSError as exc:
@@ -206,8 +222,13 @@ async def run_exec(argv: tuple[str, ...], seconds: float, name: str,
     return Result(status == 0, f"exit status {status}", latency, _clip(output))
 
 
-def probe_for(kind: str, target: str | tuple[str, ...], timeout: float, name: str,
-              account: pwd.struct_passwd | None) -> Callable[[], Awaitable[Result]]:
+def probe_for(
+    kind: str,
+    target: str | tuple[str, ...],
+    timeout: float,
+    name: str,
+    account: pwd.struct_passwd | None,
+) -> Callable[[], Awaitable[Result]]:
     """The bounded run of one check."""
     if isinstance(target, tuple):  # exec
         return lambda: run_exec(target, timeout, name, account)

@@ -64,8 +64,16 @@ def _run(args: argparse.Namespace) -> int:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
-    service = Service(cfg, path, keyring, node_id=node_id, ifindex=ifindex, address=address,
-                      sink=sink, notifier=Notifier())
+    service = Service(
+        cfg,
+        path,
+        keyring,
+        node_id=node_id,
+        ifindex=ifindex,
+        address=address,
+        sink=sink,
+        notifier=Notifier(),
+    )
     try:
         code = asyncio.run(service.run())
     except ConfigFileError as exc:  # a state file the operator must look at
@@ -89,11 +97,16 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     cfg, keyring, node_id, _ifindex, address = _prepare(Path(args.config))
-    rotation = (f" (also accepts {keyring.previous_fingerprint.hex()})"
-                if keyring.previous_fingerprint is not None else "")
-    print(f"{args.config}: ok: cluster {cfg.cluster!r}, node {node_id} at {address} on "
-          f"{cfg.interface}, VIPs {', '.join(cfg.vips)}, {cfg.buckets} buckets, "
-          f"timers {cfg.timer_profile}, key {keyring.current_fingerprint.hex()}{rotation}")
+    rotation = (
+        f" (also accepts {keyring.previous_fingerprint.hex()})"
+        if keyring.previous_fingerprint is not None
+        else ""
+    )
+    print(
+        f"{args.config}: ok: cluster {cfg.cluster!r}, node {node_id} at {address} on "
+        f"{cfg.interface}, VIPs {', '.join(cfg.vips)}, {cfg.buckets} buckets, "
+        f"timers {cfg.timer_profile}, key {keyring.current_fingerprint.hex()}{rotation}"
+    )
     return EXIT_OK
 
 
@@ -101,11 +114,16 @@ def _keygen(args: argparse.Namespace) -> int:
     step = next((s for s in ROTATION_STEPS if getattr(args, s)), None)
     done = write_key(args.path, step=step, force=args.force)
     ring = load_keyring(args.path)
-    print(f"{args.path}: {done}; seals with {ring.current_fingerprint.hex()}"
-          + (f", also accepts {ring.previous_fingerprint.hex()}"
-             if ring.previous_fingerprint is not None else "")
-          + ". Copy it to every node and reload each (systemctl reload lbd) before the "
-            "next step.")
+    print(
+        f"{args.path}: {done}; seals with {ring.current_fingerprint.hex()}"
+        + (
+            f", also accepts {ring.previous_fingerprint.hex()}"
+            if ring.previous_fingerprint is not None
+            else ""
+        )
+        + ". Copy it to every node and reload each (systemctl reload lbd) before the "
+        "next step."
+    )
     return EXIT_OK
 
 
@@ -121,17 +139,23 @@ def parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="write a new random cluster key")
     keygen.add_argument("path")
     how = keygen.add_mutually_exclusive_group()
-    how.add_argument("--add", action="store_true",
-                     help="rotation step 1: also accept a new key, still seal with the old")
-    how.add_argument("--promote", action="store_true",
-                     help="rotation step 2: seal with the new key, still accept the old")
-    how.add_argument("--retire", action="store_true",
-                     help="rotation step 3: drop the old key")
+    how.add_argument(
+        "--add",
+        action="store_true",
+        help="rotation step 1: also accept a new key, still seal with the old",
+    )
+    how.add_argument(
+        "--promote",
+        action="store_true",
+        help="rotation step 2: seal with the new key, still accept the old",
+    )
+    how.add_argument("--retire", action="store_true", help="rotation step 3: drop the old key")
     how.add_argument("--force", action="store_true", help="replace an existing file")
     keygen.set_defaults(func=_keygen)
     # Listed for --help only: main() hands `lbd lab ...` to the lab's own parser.
-    sub.add_parser("lab", help="a live cluster in network namespaces on this machine "
-                               "(lbd lab --help)")
+    sub.add_parser(
+        "lab", help="a live cluster in network namespaces on this machine (lbd lab --help)"
+    )
     return top
 
 

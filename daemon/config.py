@@ -143,8 +143,7 @@ class DaemonConfig:
         if self.mac_mode in CLUSTER_MAC_MODES:
             from lbd.netcfg.macmode import derive_cluster_mac  # noqa: PLC0415
 
-            return (self.cluster_mac or derive_cluster_mac(self.cluster,
-                                                           self.mac_mode)).lower()
+            return (self.cluster_mac or derive_cluster_mac(self.cluster, self.mac_mode)).lower()
         return self.cluster_mac
 
     def core_config(self) -> CoreConfig:
@@ -156,10 +155,14 @@ class DaemonConfig:
         """Canonical text of the daemon's settings every node must share (params.py):
         equal settings spelt differently ("192.0.2.1/32", "192.0.2.1") digest alike."""
         vips = sorted(str(ipaddress.ip_interface(v)) for v in self.vips)
-        return (("prefix4", str(self.prefix4)), ("prefix6", str(self.prefix6)),
-                ("balance", ",".join(sorted(t.strip().lower() for t in self.balance))),
-                ("vips", ",".join(vips)), ("mac_mode", self.mac_mode),
-                ("cluster_mac", self.effective_cluster_mac() or ""))
+        return (
+            ("prefix4", str(self.prefix4)),
+            ("prefix6", str(self.prefix6)),
+            ("balance", ",".join(sorted(t.strip().lower() for t in self.balance))),
+            ("vips", ",".join(vips)),
+            ("mac_mode", self.mac_mode),
+            ("cluster_mac", self.effective_cluster_mac() or ""),
+        )
 
 
 def _expect(path: Path, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -190,11 +193,12 @@ def _ipv4(path: Path, key: str, text: str) -> str:
 def _parse_timers(path: Path, raw: Any) -> tuple[str, Timers]:
     if isinstance(raw, str):
         raw = {"profile": raw}
-    _expect(path, "timers", raw, dict, 'a profile name or a [timers] table')
+    _expect(path, "timers", raw, dict, "a profile name or a [timers] table")
     profile = raw.get("profile", "default")
     if profile not in PROFILES:
-        raise ConfigFileError(path, "timers.profile",
-                              f"{profile!r} is not one of {', '.join(sorted(PROFILES))}")
+        raise ConfigFileError(
+            path, "timers.profile", f"{profile!r} is not one of {', '.join(sorted(PROFILES))}"
+        )
     overrides: dict[str, float] = {}
     for name, value in raw.items():
         if name == "profile":
@@ -226,8 +230,12 @@ def _canonical_vip(path: Path, text: str) -> str:
         raise ConfigFileError(path, "vips", f"{text!r} is not an IP address") from None
     addr = iface.ip
     if iface.network.prefixlen != addr.max_prefixlen:
-        raise ConfigFileError(path, "vips", f"{text!r} has a /{iface.network.prefixlen} "
-                              f"prefix; a VIP is one address: write '{addr}'")
+        raise ConfigFileError(
+            path,
+            "vips",
+            f"{text!r} has a /{iface.network.prefixlen} "
+            f"prefix; a VIP is one address: write '{addr}'",
+        )
     # Addresses no node could serve a connection on: the kernel drops such packets
     # as martians or never hands them to TCP as a local unicast destination.
     if addr.is_unspecified:
@@ -270,8 +278,12 @@ def check_vips_against_address(path: str | Path, vips: tuple[str, ...], address:
     own = ipaddress.ip_address(address)
     for vip in vips:
         if ipaddress.ip_interface(vip).ip == own:
-            raise ConfigFileError(path, "vips", f"{vip} is this node's own address; a VIP "
-                                  "must be an extra address that no node uses as its own")
+            raise ConfigFileError(
+                path,
+                "vips",
+                f"{vip} is this node's own address; a VIP "
+                "must be an extra address that no node uses as its own",
+            )
 
 
 def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> DaemonConfig:
@@ -288,8 +300,7 @@ def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> DaemonC
             values["timer_profile"], values["timers"] = _parse_timers(p, raw)
         elif key in ("vips", "peers", "balance"):
             values[key] = _string_list(p, key, raw)
-        elif key in ("weight", "buckets", "seed", "port", "prefix4", "prefix6",
-                     "bootstrap_expect"):
+        elif key in ("weight", "buckets", "seed", "port", "prefix4", "prefix6", "bootstrap_expect"):
             values[key] = _expect(p, key, raw, int, "an integer")
         elif key in ("draining", "multicast", "check_allow_root"):
             values[key] = _expect(p, key, raw, bool, "true or false")
@@ -335,15 +346,20 @@ def _check_values(p: Path, cfg: DaemonConfig) -> None:
     claim = cfg.buckets * CLAIM_SECONDS_PER_BUCKET
     if claim > cfg.timers.lease / 2:
         most = int(cfg.timers.lease / 2 / CLAIM_SECONDS_PER_BUCKET)
-        raise ConfigFileError(p, "buckets", f"{cfg.buckets} is too many for a "
-                              f"{cfg.timers.lease * 1000:.0f} ms lease: claiming them all "
-                              f"takes ~{claim * 1000:.0f} ms, more than half the lease "
-                              f"(use at most {most} buckets, or longer timers)")
+        raise ConfigFileError(
+            p,
+            "buckets",
+            f"{cfg.buckets} is too many for a "
+            f"{cfg.timers.lease * 1000:.0f} ms lease: claiming them all "
+            f"takes ~{claim * 1000:.0f} ms, more than half the lease "
+            f"(use at most {most} buckets, or longer timers)",
+        )
     if not cfg.cluster or len(cfg.cluster.encode()) > 64:
         raise ConfigFileError(p, "cluster", "must be 1..64 bytes")
     if cfg.all_unhealthy not in ("serve", "close"):
-        raise ConfigFileError(p, "all_unhealthy",
-                              f'{cfg.all_unhealthy!r} is not "serve" or "close"')
+        raise ConfigFileError(
+            p, "all_unhealthy", f'{cfg.all_unhealthy!r} is not "serve" or "close"'
+        )
     if cfg.quorum not in ("majority", "none"):
         raise ConfigFileError(p, "quorum", f'{cfg.quorum!r} is not "majority" or "none"')
     if cfg.address is not None:
@@ -353,38 +369,57 @@ def _check_values(p: Path, cfg: DaemonConfig) -> None:
         raise ConfigFileError(p, "group", f"{group} is not a multicast address")
     for peer in cfg.peers:
         if _ipv4(p, "peers", peer) in cfg.vips:  # a peer's own address
-            raise ConfigFileError(p, "vips", f"{peer} is also listed in peers; a VIP must "
-                                  "be an extra address that no node uses as its own")
+            raise ConfigFileError(
+                p,
+                "vips",
+                f"{peer} is also listed in peers; a VIP must "
+                "be an extra address that no node uses as its own",
+            )
     if not cfg.multicast and not cfg.peers:
         raise ConfigFileError(p, "multicast", "false needs a non-empty peers list")
     if cfg.node_id is not None and not NODE_ID_PATTERN.fullmatch(cfg.node_id):
-        raise ConfigFileError(p, "node_id",
-                              f"{cfg.node_id!r} must match [A-Za-z0-9][A-Za-z0-9._:-]{{0,63}}")
+        raise ConfigFileError(
+            p, "node_id", f"{cfg.node_id!r} must match [A-Za-z0-9][A-Za-z0-9._:-]{{0,63}}"
+        )
     if not cfg.interface or len(cfg.interface) > 15 or "/" in cfg.interface:
         raise ConfigFileError(p, "interface", f"{cfg.interface!r} is not an interface name")
-    if cfg.cluster_mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}",
-                                                        cfg.cluster_mac):
+    if cfg.cluster_mac is not None and not re.fullmatch(
+        r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", cfg.cluster_mac
+    ):
         raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac!r} is not a MAC address")
     if cfg.mac_mode not in MAC_MODES:
-        raise ConfigFileError(p, "mac_mode", f'{cfg.mac_mode!r} is not "shared", "multicast" '
-                              'or "flood"')
+        raise ConfigFileError(
+            p, "mac_mode", f'{cfg.mac_mode!r} is not "shared", "multicast" or "flood"'
+        )
     if cfg.cluster_mac is not None:
         # I/G bit: bit 0 of the first octet. A switch floods a group MAC and never
         # learns it; an interface cannot wear one (the kernel refuses it).
         is_group = bool(int(cfg.cluster_mac[:2], 16) & 1)
         if cfg.mac_mode == "multicast" and not is_group:
-            raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac} is a unicast MAC; "
-                                  'mac_mode = "multicast" needs a group MAC (first octet '
-                                  "odd, e.g. 03:00:5e:...)")
+            raise ConfigFileError(
+                p,
+                "cluster_mac",
+                f"{cfg.cluster_mac} is a unicast MAC; "
+                'mac_mode = "multicast" needs a group MAC (first octet '
+                "odd, e.g. 03:00:5e:...)",
+            )
         if cfg.mac_mode == "multicast" and cfg.cluster_mac.lower() == "ff:ff:ff:ff:ff:ff":
             raise ConfigFileError(p, "cluster_mac", "the broadcast MAC cannot be a cluster MAC")
         if cfg.mac_mode == "shared" and is_group:
-            raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac} is a multicast MAC; "
-                                  'an interface cannot wear it (use mac_mode = "multicast")')
+            raise ConfigFileError(
+                p,
+                "cluster_mac",
+                f"{cfg.cluster_mac} is a multicast MAC; "
+                'an interface cannot wear it (use mac_mode = "multicast")',
+            )
         if cfg.mac_mode == "flood" and is_group:
-            raise ConfigFileError(p, "cluster_mac", f"{cfg.cluster_mac} is a multicast MAC; "
-                                  'mac_mode = "flood" needs a unicast MAC (first octet even, '
-                                  'e.g. 02:6c:...) or mac_mode = "multicast"')
+            raise ConfigFileError(
+                p,
+                "cluster_mac",
+                f"{cfg.cluster_mac} is a multicast MAC; "
+                'mac_mode = "flood" needs a unicast MAC (first octet even, '
+                'e.g. 02:6c:...) or mac_mode = "multicast"',
+            )
         if cfg.mac_mode == "flood" and cfg.cluster_mac.strip("0:") == "":
             raise ConfigFileError(p, "cluster_mac", "00:00:00:00:00:00 cannot be a cluster MAC")
     from lbd.netcfg.ruleset import Balance  # noqa: PLC0415 - only to validate the tokens
@@ -407,13 +442,15 @@ def metrics_address(text: str, path: str | Path = "<config>") -> tuple[str, int]
     key = "metrics_listen"
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
-        raise ConfigFileError(path, key, f"{text!r} is not HOST:PORT (e.g. "
-                              '"127.0.0.1:9477" or "[::1]:9477")')
+        raise ConfigFileError(
+            path, key, f'{text!r} is not HOST:PORT (e.g. "127.0.0.1:9477" or "[::1]:9477")'
+        )
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ConfigFileError(path, key, f"{text!r}: write an IPv6 host in brackets, "
-                              f'e.g. "[{host}]:{port_text}"')
+        raise ConfigFileError(
+            path, key, f'{text!r}: write an IPv6 host in brackets, e.g. "[{host}]:{port_text}"'
+        )
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigFileError(path, key, f"{port_text!r} is not a port (1..65535)")
     if host == "localhost":
@@ -421,12 +458,15 @@ def metrics_address(text: str, path: str | Path = "<config>") -> tuple[str, int]
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigFileError(path, key, f"{host!r} is not an IP address (or "
-                              "localhost)") from None
+        raise ConfigFileError(path, key, f"{host!r} is not an IP address (or localhost)") from None
     if not addr.is_loopback:
-        raise ConfigFileError(path, key, f"{addr} is not a loopback address: metrics are "
-                              "served on this host only (127.0.0.1 or ::1), having no TLS "
-                              "or authentication")
+        raise ConfigFileError(
+            path,
+            key,
+            f"{addr} is not a loopback address: metrics are "
+            "served on this host only (127.0.0.1 or ::1), having no TLS "
+            "or authentication",
+        )
     return str(addr), int(port_text)
 
 
@@ -455,14 +495,18 @@ def load_keyring(path: str | Path) -> Keyring:
         st = p.stat()
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise ConfigFileError(p, None, "key file does not exist (create one: lbd keygen "
-                              f"{p})") from None
+        raise ConfigFileError(
+            p, None, f"key file does not exist (create one: lbd keygen {p})"
+        ) from None
     except OSError as exc:
         raise ConfigFileError(p, None, f"cannot read key file: {exc.strerror}") from None
     if st.st_mode & 0o077:
         raise ConfigFileError(
-            p, None, f"key file is accessible by group or others (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}")
+            p,
+            None,
+            f"key file is accessible by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}",
+        )
     if len(raw) == KEY_LEN and not _looks_hex(raw):
         return Keyring(raw)
     try:
@@ -508,16 +552,22 @@ def write_key(path: str | Path, *, step: str | None = None, force: bool = False)
     p = Path(path)
     if step is None:
         if p.exists() and not force:
-            raise ConfigFileError(p, None, "exists; rotate it with --add, --promote and "
-                                  "--retire, or replace it with --force")
+            raise ConfigFileError(
+                p,
+                None,
+                "exists; rotate it with --add, --promote and --retire, or replace it with --force",
+            )
         lines = [os.urandom(KEY_LEN).hex()]
         done = "wrote a new cluster key"
     else:
         ring = load_keyring(p)
         if step == "add":
             if ring.previous is not None:
-                raise ConfigFileError(p, None, "already holds two keys: finish that rotation "
-                                      "first (--promote, then --retire)")
+                raise ConfigFileError(
+                    p,
+                    None,
+                    "already holds two keys: finish that rotation first (--promote, then --retire)",
+                )
             lines = [ring.current.hex(), os.urandom(KEY_LEN).hex()]
             done = "added a new key (accepted, not yet used to seal)"
         elif step == "promote":
@@ -567,8 +617,7 @@ def default_node_id(machine_id: str | Path = "/etc/machine-id") -> str:
     raise ConfigError("no usable node ID: set node_id in the config")
 
 
-def resolve_address(interface: str, address: str | None,
-                    path: str | Path) -> tuple[int, str]:
+def resolve_address(interface: str, address: str | None, path: str | Path) -> tuple[int, str]:
     """(interface index, own IPv4 address); errors name the config key.
 
     Runs pyroute2 in this process: the daemon calls it through
@@ -589,10 +638,8 @@ def resolve_address(interface: str, address: str | None,
                 present.append(str(msg.get_attr("IFA_ADDRESS")))
     if address is not None:
         if address not in present:
-            raise ConfigFileError(path, "address",
-                                  f"{address} is not configured on {interface}")
+            raise ConfigFileError(path, "address", f"{address} is not configured on {interface}")
         return index, address
     if not present:
-        raise ConfigFileError(path, "address",
-                              f"{interface} has no IPv4 address; set address")
+        raise ConfigFileError(path, "address", f"{interface} has no IPv4 address; set address")
     return index, present[0]

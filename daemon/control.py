@@ -151,7 +151,8 @@ class ControlServer:
         old_umask = os.umask(0o117)  # never world-accessible, not even for a moment
         try:
             self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=MAX_REQUEST)
+                self._serve, path=str(self.path), limit=MAX_REQUEST
+            )
         finally:
             os.umask(old_umask)
         try:
@@ -197,8 +198,7 @@ class ControlServer:
             except Exception as exc:  # a bug in a handler must not kill the daemon
                 log.exception("control request %r failed", line[:200])
                 response = {"ok": False, "error": f"internal error: {exc!r}"}
-            text = (await asyncio.to_thread(json.dumps, response) if slow
-                    else json.dumps(response))
+            text = await asyncio.to_thread(json.dumps, response) if slow else json.dumps(response)
             writer.write(text.encode() + b"\n")
             # A client that never reads must not hold the answer's buffer for ever.
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)

@@ -43,14 +43,17 @@ def request(path: str, payload: dict[str, Any], timeout: float = TIMEOUT) -> Any
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
     except PermissionError:
-        raise CtlError(f"permission denied on {path} (root or group lbd needed)",
-                       EXIT_UNREACHABLE) from None
+        raise CtlError(
+            f"permission denied on {path} (root or group lbd needed)", EXIT_UNREACHABLE
+        ) from None
     except (FileNotFoundError, ConnectionRefusedError):
-        raise CtlError(f"cannot reach lbd at {path} (is the daemon running?)",
-                       EXIT_UNREACHABLE) from None
+        raise CtlError(
+            f"cannot reach lbd at {path} (is the daemon running?)", EXIT_UNREACHABLE
+        ) from None
     except OSError as exc:
-        raise CtlError(f"cannot talk to lbd at {path}: {exc.strerror or exc}",
-                       EXIT_UNREACHABLE) from None
+        raise CtlError(
+            f"cannot talk to lbd at {path}: {exc.strerror or exc}", EXIT_UNREACHABLE
+        ) from None
     try:
         answer = json.loads(b"".join(chunks))
     except ValueError:
@@ -72,8 +75,8 @@ def format_members(rows: list[dict[str, Any]]) -> str:
     used = 2 + sum(w + 1 for _, w in fixed)
     id_width = max(7, min(max((len(r["node_id"]) for r in rows), default=7), WIDTH - used))
     header = f"  {'NODE':<{id_width}} " + " ".join(
-        f"{name:>{w}}" if name not in ("ADDRESS", "STATE") else f"{name:<{w}}"
-        for name, w in fixed)
+        f"{name:>{w}}" if name not in ("ADDRESS", "STATE") else f"{name:<{w}}" for name, w in fixed
+    )
     lines = [header.rstrip()]
     for r in rows:
         heard = "-" if r.get("last_heard_ms") is None else f"{r['last_heard_ms']}ms"
@@ -83,17 +86,24 @@ def format_members(rows: list[dict[str, Any]]) -> str:
             f"{'*' if r.get('is_self') else ' '} {_clip(r['node_id'], id_width):<{id_width}} "
             f"{_clip(str(r['address']), 15):<15} {r['state']:<8} {r['slices']:>6} "
             f"{r['share']:>5.1f}% {r['weight']:>6} {heard:>7} "
-            f"{_clip(str(r['incarnation']), 13):>13}".rstrip())
+            f"{_clip(str(r['incarnation']), 13):>13}".rstrip()
+        )
     for r in rows:
         if r.get("health", "ok") != "ok":
             lines.append(_clip(f"  {r['node_id']} is {r['health']}", WIDTH))
         if r.get("mismatch"):
-            lines.append(_clip(f"  {r['node_id']} is not admitted: it differs in "
-                               f"{', '.join(r['mismatch'])}", WIDTH))
+            lines.append(
+                _clip(
+                    f"  {r['node_id']} is not admitted: it differs in {', '.join(r['mismatch'])}",
+                    WIDTH,
+                )
+            )
     keys = {r.get("key") for r in rows if r.get("key")}
     if len(keys) > 1:  # a key rotation under way: who seals with which key
-        lines.append("  sealing keys: " + ", ".join(
-            f"{r['node_id']} {r['key']}" for r in rows if r.get("key")))
+        lines.append(
+            "  sealing keys: "
+            + ", ".join(f"{r['node_id']} {r['key']}" for r in rows if r.get("key"))
+        )
     return "\n".join(lines)
 
 
@@ -119,8 +129,9 @@ def format_status(s: dict[str, Any]) -> str:
     ]
     keys = s.get("keys")
     if keys:
-        lines.append(f"keys        seals with {keys['seals']}, accepts "
-                     f"{', '.join(keys['accepts'])}")
+        lines.append(
+            f"keys        seals with {keys['seals']}, accepts {', '.join(keys['accepts'])}"
+        )
     lines += _health_lines(s.get("health"))
     lines += [f"PROBLEM     {problem}" for problem in s.get("problems", [])]
     return "\n".join(lines)
@@ -130,22 +141,31 @@ def _health_lines(health: dict[str, Any] | None) -> list[str]:
     """One line per check, tracked interface and the agent, then each one's output."""
     if not health:
         return []
-    lines = [f"health      {'healthy' if health['healthy'] else 'UNHEALTHY'}"
-             f"{' (serving anyway: every node is unhealthy)' if health['serving_anyway'] else ''}"]
+    lines = [
+        f"health      {'healthy' if health['healthy'] else 'UNHEALTHY'}"
+        f"{' (serving anyway: every node is unhealthy)' if health['serving_anyway'] else ''}"
+    ]
     for c in health["checks"]:
         latency = "" if c.get("latency_ms") is None else f" in {c['latency_ms']} ms"
         said = f": {c['reason']}" if c.get("reason") else ""
         extra = f", weight {c['weight']}" if c["kind"] == "agent" and "weight" in c else ""
-        lines.append(_clip(f"  {c['kind']:<9} {c['name']:<12} {c['state']}"
-                           f"{extra} (last {c.get('result') or 'none'}{said}{latency})", WIDTH))
+        lines.append(
+            _clip(
+                f"  {c['kind']:<9} {c['name']:<12} {c['state']}"
+                f"{extra} (last {c.get('result') or 'none'}{said}{latency})",
+                WIDTH,
+            )
+        )
         if c.get("output"):
             lines.append(_clip(f"            output: {' '.join(c['output'].split())}", WIDTH))
     return lines
 
 
 def format_table(t: dict[str, Any]) -> str:
-    lines = [f"view {t['view']}, {t['buckets']} buckets"
-             f"{'' if t['converged'] else ' (not converged: this is the target)'}"]
+    lines = [
+        f"view {t['view']}, {t['buckets']} buckets"
+        f"{'' if t['converged'] else ' (not converged: this is the target)'}"
+    ]
     for node, runs in t["ranges"].items():
         text = " ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
         head = f"{node} ({t['counts'][node]}): "
@@ -187,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(result))
     elif args.cmd == "owner":
         held = "held here" if result["held_here"] else "not held here"
-        print(f"{result['address']}: bucket {result['bucket']}, owner {result['owner']} "
-              f"(view {result['view']}, {held})")
+        print(
+            f"{result['address']}: bucket {result['bucket']}, owner {result['owner']} "
+            f"(view {result['view']}, {held})"
+        )
     else:
         print("draining" if result["draining"] else "not draining")
     if args.cmd == "status" and not (result["converged"] and result["quorum"]):

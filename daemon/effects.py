@@ -96,9 +96,18 @@ class EffectsMixin:
         """Written in a thread (fsync must not stall the loop); the driver holds
         everything after it (the claim and the heartbeat that advertise the base)
         until ``_persisted``."""
-        future = asyncio.get_running_loop().run_in_executor(None, functools.partial(
-            save_quorum_base, self._state_dir, action.base, action.epoch,
-            action.previous, params=action.params, credentials=action.credentials))
+        future = asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(
+                save_quorum_base,
+                self._state_dir,
+                action.base,
+                action.epoch,
+                action.previous,
+                params=action.params,
+                credentials=action.credentials,
+            ),
+        )
         future.add_done_callback(self._persisted)
 
     def _persisted(self, future: asyncio.Future[None]) -> None:
@@ -116,8 +125,12 @@ class EffectsMixin:
         restart on an older base than the peers confirmed could make this node a
         stale quorum (S1). The driver already dropped what waited."""
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        self.sink.emit(ERR, f"cannot store the quorum base in {self._state_dir}: {reason}; "
-                       "stopping (a restart must not forget it)", "PersistFailed")
+        self.sink.emit(
+            ERR,
+            f"cannot store the quorum base in {self._state_dir}: {reason}; "
+            "stopping (a restart must not forget it)",
+            "PersistFailed",
+        )
         if self._nft is not None:
             self._nft.close()  # the owner table goes with our netlink socket: closed
             self._nft = None
@@ -140,8 +153,7 @@ class EffectsMixin:
             # A lease already over is no lease: owned buckets without one accept nothing.
             self._nft.apply(action.owned, lease_ms or None, until_ns=until_ns)
         except (LbdError, ValueError) as exc:
-            self.sink.emit(ERR, f"kernel refused the ruleset, stopping: {exc}",
-                           "KernelApplyFailed")
+            self.sink.emit(ERR, f"kernel refused the ruleset, stopping: {exc}", "KernelApplyFailed")
             # The owner table goes with our netlink socket; the guard keeps us closed.
             self._nft.close()
             self._nft = None
@@ -176,8 +188,10 @@ class EffectsMixin:
             self._macmode.answer(lease_ms)
         except LbdError as exc:
             if self._answer_errors % 1000 == 0:
-                self.sink.emit(ERR, f"cannot update the ARP/ND responder: {exc} "
-                               f"({self._answer_errors + 1} so far)")
+                self.sink.emit(
+                    ERR,
+                    f"cannot update the ARP/ND responder: {exc} ({self._answer_errors + 1} so far)",
+                )
             self._answer_errors += 1
 
     def build_table(self, action: ev.BuildTable) -> None:
@@ -194,7 +208,8 @@ class EffectsMixin:
             return
         self._table_building = True
         future = asyncio.get_running_loop().run_in_executor(
-            self._table_thread, compute_owners, action.weights, action.buckets, action.seed)
+            self._table_thread, compute_owners, action.weights, action.buckets, action.seed
+        )
         future.add_done_callback(functools.partial(self._table_built, action))
 
     def _table_built(self, action: ev.BuildTable, future: asyncio.Future[Owners]) -> None:
@@ -218,9 +233,12 @@ class EffectsMixin:
                 # Heartbeats are lossy by design; a full buffer or a down link must
                 # not stop the loop. Log the first and then every 1000th failure.
                 if self._send_errors % 1000 == 0:
-                    self.sink.emit(WARNING, f"heartbeat to {target} not sent: "
-                                   f"{errno.errorcode.get(exc.errno or 0, exc)} "
-                                   f"({self._send_errors + 1} so far)")
+                    self.sink.emit(
+                        WARNING,
+                        f"heartbeat to {target} not sent: "
+                        f"{errno.errorcode.get(exc.errno or 0, exc)} "
+                        f"({self._send_errors + 1} so far)",
+                    )
                 self._send_errors += 1
 
     def kernel_stats(self) -> dict[str, Any]:
@@ -229,8 +247,10 @@ class EffectsMixin:
         return {
             "applies": tally.applies,
             "mean_apply_ms": round(1000 * tally.apply_seconds / tally.applies, 3)
-            if tally.applies else None,
-            "last_apply_ms": None if tally.apply_last is None
+            if tally.applies
+            else None,
+            "last_apply_ms": None
+            if tally.apply_last is None
             else round(1000 * tally.apply_last, 3),
             "max_apply_ms": round(1000 * tally.apply_max, 3),
             "apply_seconds": tally.histogram(),

@@ -67,12 +67,16 @@ class _Run:
 
     def row(self, name: str, state: str) -> dict[str, Any]:
         last = self.last
-        return {"name": name, "kind": self.kind, "state": state,
-                "result": None if last is None else ("pass" if last.ok else "fail"),
-                "reason": "" if last is None else last.reason,
-                "latency_ms": None if last is None else round(last.latency * 1000, 1),
-                "output": "" if last is None else last.output,
-                "since": self.since}
+        return {
+            "name": name,
+            "kind": self.kind,
+            "state": state,
+            "result": None if last is None else ("pass" if last.ok else "fail"),
+            "reason": "" if last is None else last.reason,
+            "latency_ms": None if last is None else round(last.latency * 1000, 1),
+            "output": "" if last is None else last.output,
+            "since": self.since,
+        }
 
 
 def describe(result: Result) -> str:
@@ -83,18 +87,24 @@ def describe(result: Result) -> str:
 class HealthMonitor:
     """The checks, tracked interfaces and the load agent of one daemon (module doc)."""
 
-    def __init__(self, cfg: DaemonConfig, *, on_change: ChangeCallback | None = None,
-                 on_weight: WeightCallback | None = None,
-                 on_drain: DrainCallback | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 sysfs: str = checks.SYSFS_NET) -> None:
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        *,
+        on_change: ChangeCallback | None = None,
+        on_weight: WeightCallback | None = None,
+        on_drain: DrainCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sysfs: str = checks.SYSFS_NET,
+    ) -> None:
         self.cfg = cfg
         self._on_change, self._on_weight, self._on_drain = on_change, on_weight, on_drain
         self._clock = clock
         self._sysfs = sysfs
         now = clock()
-        self._checks = {s.name: (s, RiseFall(s.rise, s.fall, now), _Run(s.kind, since=now))
-                        for s in cfg.checks}
+        self._checks = {
+            s.name: (s, RiseFall(s.rise, s.fall, now), _Run(s.kind, since=now)) for s in cfg.checks
+        }
         self._links = {name: _Run("interface", since=now) for name in cfg.track_interface}
         self._up = dict.fromkeys(cfg.track_interface, False)
         self._load = LoadState(cfg.weight)
@@ -107,8 +117,9 @@ class HealthMonitor:
 
     @property
     def reasons(self) -> frozenset[str]:
-        found = {f"check {name}" for name, (_, state, _) in self._checks.items()
-                 if not state.healthy}
+        found = {
+            f"check {name}" for name, (_, state, _) in self._checks.items() if not state.healthy
+        }
         found |= {f"interface {name}" for name, up in self._up.items() if not up}
         if self._load.down:
             found.add("agent down")
@@ -116,8 +127,7 @@ class HealthMonitor:
 
     @property
     def drain_reasons(self) -> frozenset[str]:
-        return frozenset({"agent"}) if self._load.drain or self._load.weight == 0 \
-            else frozenset()
+        return frozenset({"agent"}) if self._load.drain or self._load.weight == 0 else frozenset()
 
     @property
     def healthy(self) -> bool:
@@ -136,8 +146,7 @@ class HealthMonitor:
         rows = []
         for name, (spec, state, run) in self._checks.items():
             row = run.row(name, "healthy" if state.healthy else "unhealthy")
-            row.update(passes=state.passes, fails=state.fails, rise=spec.rise,
-                       fall=spec.fall)
+            row.update(passes=state.passes, fails=state.fails, rise=spec.rise, fall=spec.fall)
             rows.append(row)
         for name, run in self._links.items():
             rows.append(run.row(name, "up" if self._up[name] else "down"))
@@ -157,7 +166,8 @@ class HealthMonitor:
             return
         self._started = True
         if any(s.kind == "exec" for s in self.cfg.checks) or (
-                self.cfg.agent is not None and self.cfg.agent.kind == "exec"):
+            self.cfg.agent is not None and self.cfg.agent.kind == "exec"
+        ):
             try:  # refused at load time if missing; gone since: the runs fail, saying so
                 self._account = pwd.getpwnam(self.cfg.check_user)
             except KeyError:
@@ -189,7 +199,8 @@ class HealthMonitor:
             callback(*args)
         except Exception as exc:  # the checks must go on
             asyncio.get_running_loop().call_exception_handler(
-                {"message": f"health callback {callback!r} failed", "exception": exc})
+                {"message": f"health callback {callback!r} failed", "exception": exc}
+            )
 
     async def _guarded(self, probe: Callable[[], Awaitable[Result]]) -> Result:
         try:
@@ -202,8 +213,7 @@ class HealthMonitor:
             account = self._account
             if spec.kind == "exec" and account is None:
                 return _failed(f"check user {self.cfg.check_user!r} does not exist")
-            return checks.probe_for(spec.kind, spec.target, spec.timeout, spec.name,
-                                    account)()
+            return checks.probe_for(spec.kind, spec.target, spec.timeout, spec.name, account)()
 
         async def run() -> None:
             self.record(spec.name, await self._guarded(probe))
@@ -239,8 +249,7 @@ class HealthMonitor:
                 return checks.bounded(spec.timeout, checks.read_line_tcp(spec.target))
             if self._account is None:
                 return _failed(f"check user {self.cfg.check_user!r} does not exist")
-            return checks.run_exec(spec.target, spec.timeout, "agent", self._account,
-                                   stderr=False)
+            return checks.run_exec(spec.target, spec.timeout, "agent", self._account, stderr=False)
 
         async def run() -> None:
             self.agent_result(await self._guarded(probe))
@@ -257,8 +266,9 @@ class HealthMonitor:
             line = result.output.splitlines()[0] if result.output else ""
             answer = parse_agent_line(line)
             if answer is None:
-                result = Result(False, f"no usable answer in {line[:64]!r}",
-                                result.latency, result.output)
+                result = Result(
+                    False, f"no usable answer in {line[:64]!r}", result.latency, result.output
+                )
         run.last = result
         if answer is None:
             return  # a failing agent changes nothing
@@ -269,8 +279,12 @@ class HealthMonitor:
             self._emit_weight()
         if self._load.down != down:
             run.since = now
-            self._call(self._on_change, "agent", not self._load.down,
-                       f"agent says {'down' if self._load.down else 'up'}")
+            self._call(
+                self._on_change,
+                "agent",
+                not self._load.down,
+                f"agent says {'down' if self._load.down else 'up'}",
+            )
         if bool(self.drain_reasons) != drain:
             run.since = now
             self._call(self._on_drain, not drain, f"agent says {result.output!r}")
@@ -281,4 +295,3 @@ class HealthMonitor:
 
 async def _failed(reason: str) -> Result:
     return Result(False, reason, 0.0)
-

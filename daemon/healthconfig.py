@@ -79,14 +79,14 @@ def _count(key: str, value: Any) -> int:
 
 
 def split_host_port(text: str) -> tuple[str, int]:
-    """"127.0.0.1:80", "[::1]:80" or "name:80" -> (host, port); ValueError says why."""
+    """ "127.0.0.1:80", "[::1]:80" or "name:80" -> (host, port); ValueError says why."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"{text!r} is not host:port (e.g. \"127.0.0.1:80\", \"[::1]:80\")")
+        raise ValueError(f'{text!r} is not host:port (e.g. "127.0.0.1:80", "[::1]:80")')
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. \"[::1]:80\"")
+        raise ValueError(f'{text!r}: write an IPv6 address in brackets, e.g. "[::1]:80"')
     port = int(port_text)
     if not host or not 1 <= port <= 65535:
         raise ValueError(f"{text!r} is not host:port with a port in 1..65535")
@@ -96,12 +96,17 @@ def split_host_port(text: str) -> tuple[str, int]:
 def _target(key: str, kind: str, value: Any) -> str | tuple[str, ...]:
     if kind == "exec":
         if isinstance(value, str):
-            raise ConfigError('expected a list ["/path/to/program", "arg", ...] (no shell '
-                              "runs it)", key=key)
-        if not isinstance(value, list) or not value or not all(
-                isinstance(item, str) for item in value):
-            raise ConfigError('expected a non-empty list of strings ["/path/to/program", '
-                              '"arg", ...]', key=key)
+            raise ConfigError(
+                'expected a list ["/path/to/program", "arg", ...] (no shell runs it)', key=key
+            )
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(item, str) for item in value)
+        ):
+            raise ConfigError(
+                'expected a non-empty list of strings ["/path/to/program", "arg", ...]', key=key
+            )
         if not os.path.isabs(value[0]):
             raise ConfigError(f"{value[0]!r} is not an absolute path", key=key)
         if any("\0" in item for item in value):
@@ -123,8 +128,10 @@ def parse_url(url: str) -> tuple[str, int, str]:
     """(host, port, path) of an http:// URL; ValueError says why not."""
     parts = urlsplit(url)
     if parts.scheme != "http":
-        raise ValueError(f"{url!r}: only http:// URLs (for HTTPS use an exec check, e.g. "
-                         '["/usr/bin/curl", "-fsS", "-o", "/dev/null", URL])')
+        raise ValueError(
+            f"{url!r}: only http:// URLs (for HTTPS use an exec check, e.g. "
+            '["/usr/bin/curl", "-fsS", "-o", "/dev/null", URL])'
+        )
     try:
         port = parts.port or 80
     except ValueError:
@@ -139,19 +146,21 @@ def parse_url(url: str) -> tuple[str, int, str]:
     return parts.hostname, port, path
 
 
-def _timing(prefix: str, table: dict[str, Any], defaults: dict[str, float]
-            ) -> tuple[float, float]:
+def _timing(prefix: str, table: dict[str, Any], defaults: dict[str, float]) -> tuple[float, float]:
     interval = _number(f"{prefix}.interval", table.get("interval", defaults["interval"]))
     if not 0 < interval <= MAX_INTERVAL:
-        raise ConfigError(f"{interval:g} is out of range (0, {MAX_INTERVAL:g}] seconds",
-                          key=f"{prefix}.interval")
+        raise ConfigError(
+            f"{interval:g} is out of range (0, {MAX_INTERVAL:g}] seconds", key=f"{prefix}.interval"
+        )
     if "timeout" in table:
         timeout = _number(f"{prefix}.timeout", table["timeout"])
     else:  # the default, but always shorter than the interval
         timeout = min(defaults["timeout"], interval / 2)
     if not 0 < timeout < interval:
-        raise ConfigError(f"{timeout:g} must be above 0 and below the interval "
-                          f"({interval:g} s)", key=f"{prefix}.timeout")
+        raise ConfigError(
+            f"{timeout:g} must be above 0 and below the interval ({interval:g} s)",
+            key=f"{prefix}.timeout",
+        )
     return interval, timeout
 
 
@@ -172,24 +181,34 @@ def parse_checks(raw: Any) -> tuple[CheckSpec, ...]:
         prefix = f"check[{number}]"
         name = table.get("name")
         if not isinstance(name, str) or not CHECK_NAME.fullmatch(name):
-            problem = ("is missing" if name is None else
-                       f"{name!r} must match [A-Za-z0-9_.-]{{1,32}}")
+            problem = (
+                "is missing" if name is None else f"{name!r} must match [A-Za-z0-9_.-]{{1,32}}"
+            )
             raise ConfigError(problem, key=f"{prefix}.name")
         prefix = f"check[{name}]"
         if any(s.name == name for s in specs):
             raise ConfigError("is used by two checks", key=f"{prefix}.name")
         for key in table:
             if key == "track_interface":
-                raise ConfigError("is a top-level key: put it above the first [[check]] "
-                                  "or other [table]", key=f"{prefix}.{key}")
+                raise ConfigError(
+                    "is a top-level key: put it above the first [[check]] or other [table]",
+                    key=f"{prefix}.{key}",
+                )
             if key not in ("name", *KINDS, *CHECK_DEFAULTS):
                 raise ConfigError("unknown key", key=f"{prefix}.{key}")
         kind = _kind(prefix, table, KINDS)
         interval, timeout = _timing(prefix, table, CHECK_DEFAULTS)
-        specs.append(CheckSpec(
-            name, kind, _target(f"{prefix}.{kind}", kind, table[kind]), interval, timeout,
-            _count(f"{prefix}.rise", table.get("rise", CHECK_DEFAULTS["rise"])),
-            _count(f"{prefix}.fall", table.get("fall", CHECK_DEFAULTS["fall"]))))
+        specs.append(
+            CheckSpec(
+                name,
+                kind,
+                _target(f"{prefix}.{kind}", kind, table[kind]),
+                interval,
+                timeout,
+                _count(f"{prefix}.rise", table.get("rise", CHECK_DEFAULTS["rise"])),
+                _count(f"{prefix}.fall", table.get("fall", CHECK_DEFAULTS["fall"])),
+            )
+        )
     return tuple(specs)
 
 
@@ -225,12 +244,16 @@ def check_account(user: str, allow_root: bool) -> pwd.struct_passwd:
     try:
         account = pwd.getpwnam(user)
     except KeyError:
-        raise ConfigError(f"user {user!r} does not exist; create it: {CREATE_USER} {user}",
-                          key="check_user") from None
+        raise ConfigError(
+            f"user {user!r} does not exist; create it: {CREATE_USER} {user}", key="check_user"
+        ) from None
     if account.pw_uid == 0 and not allow_root:
-        raise ConfigError(f"{user!r} is root: exec checks would run with every right; use "
-                          f"an unprivileged user ({CREATE_USER} {CHECK_USER}) or set "
-                          "check_allow_root = true", key="check_user")
+        raise ConfigError(
+            f"{user!r} is root: exec checks would run with every right; use "
+            f"an unprivileged user ({CREATE_USER} {CHECK_USER}) or set "
+            "check_allow_root = true",
+            key="check_user",
+        )
     return account
 
 
@@ -274,8 +297,11 @@ def check_script(key: str, program: str, account: pwd.struct_passwd) -> None:
         raise ConfigError(f"{program} is not executable by {account.pw_name}", key=key)
     problem = _writable_by_others(st)
     if problem:
-        raise ConfigError(f"{program} {problem}: anyone who can change it runs code "
-                          "as the check user; make it root's, mode 0755", key=key)
+        raise ConfigError(
+            f"{program} {problem}: anyone who can change it runs code "
+            "as the check user; make it root's, mode 0755",
+            key=key,
+        )
     dirs: list[str] = []
     for path in (program, real):
         parent = os.path.dirname(os.path.normpath(path))
@@ -292,13 +318,17 @@ def check_script(key: str, program: str, account: pwd.struct_passwd) -> None:
             raise ConfigError(f"{directory}: {exc.strerror}", key=key) from None
         problem = _writable_by_others(st)
         if problem:
-            raise ConfigError(f"directory {directory} (above {program}) {problem}: the "
-                              "program could be replaced; use a directory only root can "
-                              "write", key=key)
+            raise ConfigError(
+                f"directory {directory} (above {program}) {problem}: the "
+                "program could be replaced; use a directory only root can "
+                "write",
+                key=key,
+            )
 
 
-def check_exec_security(checks: tuple[CheckSpec, ...], agent: AgentSpec | None,
-                        user: str, allow_root: bool) -> None:
+def check_exec_security(
+    checks: tuple[CheckSpec, ...], agent: AgentSpec | None, user: str, allow_root: bool
+) -> None:
     """Host checks of every exec check and agent (nothing to do without one)."""
     programs = [(f"check[{c.name}].exec", c.target) for c in checks if c.kind == "exec"]
     if agent is not None and agent.kind == "exec":

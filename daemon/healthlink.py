@@ -44,8 +44,7 @@ if TYPE_CHECKING:
 
 HEALTH_REASON = "health"
 AGENT_REASON = "agent"
-_FLAGS = (("check ", HEALTH_CHECK), ("interface ", HEALTH_INTERFACE),
-          ("agent down", HEALTH_AGENT))
+_FLAGS = (("check ", HEALTH_CHECK), ("interface ", HEALTH_INTERFACE), ("agent down", HEALTH_AGENT))
 
 
 def health_flags(reasons: frozenset[str]) -> int:
@@ -68,8 +67,9 @@ class HealthLink:
 
     def __init__(self, svc: Service) -> None:
         self.svc = svc
-        self.monitor = HealthMonitor(svc.config, on_change=self._changed,
-                                     on_weight=self._weight, on_drain=self._agent_drain)
+        self.monitor = HealthMonitor(
+            svc.config, on_change=self._changed, on_weight=self._weight, on_drain=self._agent_drain
+        )
         self.proven = False
         """Healthy at least once since start: only then may it serve while unhealthy."""
         self.serving_anyway = False
@@ -87,18 +87,24 @@ class HealthLink:
 
     def _changed(self, subject: str, healthy: bool, detail: str) -> None:
         if healthy:
-            self.svc.sink.emit(NOTICE, f"{subject} recovered ({detail})", "CheckRecovered",
-                               {"SUBJECT": subject})
+            self.svc.sink.emit(
+                NOTICE, f"{subject} recovered ({detail})", "CheckRecovered", {"SUBJECT": subject}
+            )
         else:
-            self.svc.sink.emit(WARNING, f"{subject} failed: {detail}", "CheckFailed",
-                               {"SUBJECT": subject, "DETAIL": detail})
+            self.svc.sink.emit(
+                WARNING,
+                f"{subject} failed: {detail}",
+                "CheckFailed",
+                {"SUBJECT": subject, "DETAIL": detail},
+            )
         self.update(f"{subject} {'recovered' if healthy else 'failed'}")
 
     def _weight(self, weight: int) -> None:
         if weight < 1:
             return  # 0 % is the drain reason "agent" (_agent_drain), not a weight
-        self.svc.sink.emit(INFO, f"agent: effective weight {weight}", "WeightChanged",
-                           {"WEIGHT": str(weight)})
+        self.svc.sink.emit(
+            INFO, f"agent: effective weight {weight}", "WeightChanged", {"WEIGHT": str(weight)}
+        )
         self.svc.core.set_weight(weight, time.monotonic())
         self.svc._process()
 
@@ -121,18 +127,26 @@ class HealthLink:
             if flags != core.health:
                 core.set_health(flags, time.monotonic())
                 svc._process()
-            anyway = (bool(flags) and self.proven and svc.config.all_unhealthy == "serve"
-                      and core.every_member_unhealthy())
+            anyway = (
+                bool(flags)
+                and self.proven
+                and svc.config.all_unhealthy == "serve"
+                and core.every_member_unhealthy()
+            )
             if anyway != self.serving_anyway:
                 self.serving_anyway = anyway
                 if anyway:
-                    svc.sink.emit(ERR, "every node of the view is unhealthy: serving anyway "
-                                  "rather than refusing the whole VIP (all_unhealthy = "
-                                  f"\"serve\"); here: {', '.join(sorted(reasons))}",
-                                  "EveryNodeUnhealthy")
+                    svc.sink.emit(
+                        ERR,
+                        "every node of the view is unhealthy: serving anyway "
+                        "rather than refusing the whole VIP (all_unhealthy = "
+                        f'"serve"); here: {", ".join(sorted(reasons))}',
+                        "EveryNodeUnhealthy",
+                    )
                 else:
-                    svc.sink.emit(NOTICE, "not every node is unhealthy any more",
-                                  "EveryNodeUnhealthy")
+                    svc.sink.emit(
+                        NOTICE, "not every node is unhealthy any more", "EveryNodeUnhealthy"
+                    )
             text = ", ".join(sorted(reasons)) or why
             svc.set_draining(bool(flags) and not anyway, text, reason=HEALTH_REASON)
         finally:
@@ -145,12 +159,16 @@ class HealthLink:
 
     def problems(self) -> list[str]:
         if self.serving_anyway:
-            return ["every node is unhealthy: serving anyway (all_unhealthy = \"serve\")"]
+            return ['every node is unhealthy: serving anyway (all_unhealthy = "serve")']
         if self.monitor.reasons:
             return [f"unhealthy, not serving: {', '.join(sorted(self.monitor.reasons))}"]
         return []
 
     def status(self) -> dict[str, Any]:
-        return {"healthy": self.monitor.healthy, "reasons": sorted(self.monitor.reasons),
-                "serving_anyway": self.serving_anyway, "weight": self.monitor.weight,
-                "checks": self.monitor.status()}
+        return {
+            "healthy": self.monitor.healthy,
+            "reasons": sorted(self.monitor.reasons),
+            "serving_anyway": self.serving_anyway,
+            "weight": self.monitor.weight,
+            "checks": self.monitor.status(),
+        }

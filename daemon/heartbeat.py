@@ -67,8 +67,9 @@ class HeartbeatSocketError(LbdError):
 
 def heartbeat_socket(cfg: DaemonConfig, ifindex: int, address: str) -> socket.socket:
     """UDP socket on the group port, joined on the interface, sending from ``address``."""
-    sock = socket.socket(socket.AF_INET,
-                         socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    sock = socket.socket(
+        socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    )
     try:
         # Never SO_REUSEADDR/SO_REUSEPORT: the port must not be shared (module doc).
         sock.bind(("0.0.0.0", cfg.port))  # noqa: S104 - group and unicast peers both arrive
@@ -92,14 +93,13 @@ def heartbeat_socket(cfg: DaemonConfig, ifindex: int, address: str) -> socket.so
         if exc.errno == errno.EADDRINUSE:
             raise HeartbeatSocketError(
                 f"heartbeat port {cfg.port}/udp is already in use by another process "
-                f"(ss -ulpn 'sport = :{cfg.port}' names it); lbd never shares it") from None
-        raise HeartbeatSocketError(
-            f"heartbeat socket on port {cfg.port}: {exc.strerror}") from None
+                f"(ss -ulpn 'sport = :{cfg.port}' names it); lbd never shares it"
+            ) from None
+        raise HeartbeatSocketError(f"heartbeat socket on port {cfg.port}: {exc.strerror}") from None
     return sock
 
 
-def send_from(sock: socket.socket, address: str, target: tuple[str, int],
-              data: bytes) -> None:
+def send_from(sock: socket.socket, address: str, target: tuple[str, int], data: bytes) -> None:
     """Send ``data`` with ``address`` as its source (IP_PKTINFO); raises OSError."""
     pktinfo = struct.pack("i4s4s", 0, socket.inet_aton(address), bytes(4))
     sock.sendmsg([data], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0, target)
@@ -141,11 +141,11 @@ class StampedReader:
                 if level != socket.SOL_SOCKET:
                     continue
                 if kind == SO_TIMESTAMPNS and trusted:
-                    seconds, nanoseconds = _TIMESPEC.unpack(payload[:_TIMESPEC.size])
+                    seconds, nanoseconds = _TIMESPEC.unpack(payload[: _TIMESPEC.size])
                     stamp = seconds + nanoseconds * 1e-9 - offset + STAMP_TOLERANCE
                     arrived = min(now, stamp)
                 elif kind == SO_RXQ_OVFL and len(payload) >= _DROPS.size:
-                    drops = _DROPS.unpack(payload[:_DROPS.size])[0]
+                    drops = _DROPS.unpack(payload[: _DROPS.size])[0]
             batch.append((data, source[0], arrived))
         if drops != self.drops:  # the kernel's counter only grows (it may wrap)
             self.drops = drops

@@ -105,8 +105,11 @@ class KernelWatch:
         self.interface = cfg.interface
         self.index = service.ifindex
         self.vips = sorted({str(ipaddress.ip_address(v)) for v in cfg.vips})
-        self.shared_mac = (None if cfg.mac_mode in CLUSTER_MAC_MODES
-                           else (cfg.effective_cluster_mac() or "").lower() or None)
+        self.shared_mac = (
+            None
+            if cfg.mac_mode in CLUSTER_MAC_MODES
+            else (cfg.effective_cluster_mac() or "").lower() or None
+        )
         self.faults: dict[str, Fault] = {}
         self._history: dict[str, list[float]] = {}
         self._hold: dict[str, tuple[float, str]] = {}
@@ -124,8 +127,9 @@ class KernelWatch:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._rtnl = nl.open_socket(nl.NETLINK_ROUTE, nl.RTMGRP_LINK | nl.RTMGRP_IPV4_IFADDR
-                                    | nl.RTMGRP_IPV6_IFADDR)
+        self._rtnl = nl.open_socket(
+            nl.NETLINK_ROUTE, nl.RTMGRP_LINK | nl.RTMGRP_IPV4_IFADDR | nl.RTMGRP_IPV6_IFADDR
+        )
         loop.add_reader(self._rtnl.fileno(), self._on_route)
         nft, mac = self.svc._nft, self.svc._macmode
         if nft is not None and not nft.persistent:
@@ -187,14 +191,23 @@ class KernelWatch:
         if event.new:
             self._clear(f"vip {event.address}")
         else:
-            self._raise(f"vip {event.address}", "VipRemoved",
-                        f"VIP {event.address} missing on {self.interface}", drain=True,
-                        fix="link")
+            self._raise(
+                f"vip {event.address}",
+                "VipRemoved",
+                f"VIP {event.address} missing on {self.interface}",
+                drain=True,
+                fix="link",
+            )
 
     def _on_link(self, event: nl.LinkEvent) -> None:
         if not event.new:
-            self._raise("link", "LinkDown", f"{self.interface} was deleted (restart lbd once "
-                        "it is back)", drain=True, fix=None)
+            self._raise(
+                "link",
+                "LinkDown",
+                f"{self.interface} was deleted (restart lbd once it is back)",
+                drain=True,
+                fix=None,
+            )
         elif not event.up:
             self._raise("link", "LinkDown", f"{self.interface} is down", drain=True, fix=None)
         elif self._clear("link"):
@@ -203,14 +216,23 @@ class KernelWatch:
             return
         macmode = self.svc._macmode
         if self.shared_mac is not None and event.mac != self.shared_mac:
-            self._raise("mac", "MacChanged", f"{self.interface} has MAC {event.mac}, not the "
-                        f"cluster MAC {self.shared_mac}", drain=True, fix="link")
+            self._raise(
+                "mac",
+                "MacChanged",
+                f"{self.interface} has MAC {event.mac}, not the cluster MAC {self.shared_mac}",
+                drain=True,
+                fix="link",
+            )
         elif self.shared_mac is not None:
             self._clear("mac")
-        elif (macmode is not None and macmode.spec is not None
-              and event.mac != macmode.spec.own_mac):
-            self._fix_now("mac", "MacChanged", f"{self.interface} MAC changed to {event.mac}",
-                          "lbd_mac rules rewritten for it", "macmode")
+        elif macmode is not None and macmode.spec is not None and event.mac != macmode.spec.own_mac:
+            self._fix_now(
+                "mac",
+                "MacChanged",
+                f"{self.interface} MAC changed to {event.mac}",
+                "lbd_mac rules rewritten for it",
+                "macmode",
+            )
 
     def _on_nft(self) -> None:
         """Changes to our non-persistent tables by another process: write them again."""
@@ -224,9 +246,13 @@ class KernelWatch:
                     continue
                 # The end of a transaction: was it ours? (By netlink port; by process
                 # ID only if our ports are unknown, which a PID namespace would break.)
-                foreign = ([e for e in self._pending if e.portid not in self._ports]
-                           if self._ports else [] if event.pid == os.getpid()
-                           else self._pending)
+                foreign = (
+                    [e for e in self._pending if e.portid not in self._ports]
+                    if self._ports
+                    else []
+                    if event.pid == os.getpid()
+                    else self._pending
+                )
                 self._pending = []
                 if foreign:
                     self._reassert(foreign, f"{event.process} (pid {event.pid})")
@@ -240,8 +266,9 @@ class KernelWatch:
         what = ", ".join(sorted({f"{e.what.lower()} in {e.family} {e.table}" for e in events}))
         what = f"{what or 'changes to lbd tables'} by {who}"
         if len(self._reasserts) > REASSERT_LIMIT:
-            self._raise("tables", "TablesChanged", f"{what}, over and over", drain=True,
-                        fix="tables")
+            self._raise(
+                "tables", "TablesChanged", f"{what}, over and over", drain=True, fix="tables"
+            )
             self._failed(self.faults["tables"], "not fighting: retrying later")
         else:
             self._fix_now("tables", "TablesChanged", what, "tables written again", "tables")
@@ -269,9 +296,12 @@ class KernelWatch:
         start = time.perf_counter()
         error = self._run_fix(name)
         if error is None:
-            self.svc.sink.emit(WARNING, f"{what}: {action} in "
-                               f"{(time.perf_counter() - start) * 1000:.1f} ms", kind,
-                               {"KERNEL_FAULT": key})
+            self.svc.sink.emit(
+                WARNING,
+                f"{what}: {action} in {(time.perf_counter() - start) * 1000:.1f} ms",
+                kind,
+                {"KERNEL_FAULT": key},
+            )
         elif key not in self.faults:
             self._raise(key, kind, what, drain=True, fix=name)
             self._failed(self.faults[key], error)
@@ -290,8 +320,9 @@ class KernelWatch:
             does += "; putting it back" if drain else "putting it back"
         elif fix is None:
             does += " until it is fixed"
-        self.svc.sink.emit(ERR if drain else WARNING, f"{text}: {does}", kind,
-                           {"KERNEL_FAULT": key})
+        self.svc.sink.emit(
+            ERR if drain else WARNING, f"{text}: {does}", kind, {"KERNEL_FAULT": key}
+        )
         if fix == "link":
             self._audit_soon()
 
@@ -304,19 +335,30 @@ class KernelWatch:
             self._hold[key] = (now + FLAP_HOLD, fault.text)
             self._arm(FLAP_HOLD)
         self._settle()
-        state = ("; still draining (" + ", ".join(sorted(self.svc.drain_reasons)) + ")"
-                 if self.svc.core.draining else "; taking new connections" if fault.drain
-                 else "")
-        self.svc.sink.emit(NOTICE, f"{fault.text}: fixed after "
-                           f"{(now - fault.since) * 1000:.0f} ms{state}",
-                           "KernelStateRestored", {"KERNEL_FAULT": key})
+        state = (
+            "; still draining (" + ", ".join(sorted(self.svc.drain_reasons)) + ")"
+            if self.svc.core.draining
+            else "; taking new connections"
+            if fault.drain
+            else ""
+        )
+        self.svc.sink.emit(
+            NOTICE,
+            f"{fault.text}: fixed after {(now - fault.since) * 1000:.0f} ms{state}",
+            "KernelStateRestored",
+            {"KERNEL_FAULT": key},
+        )
         return True
 
     def _failed(self, fault: Fault, error: str) -> None:
         """A fix failed: drain, retry every RETRY_PERIOD; logged once per fault."""
         if fault.failed is None:
-            self.svc.sink.emit(ERR, f"{fault.text}: cannot fix it: {error}; draining, "
-                               f"retrying every {RETRY_PERIOD:.0f} s", "KernelRestoreFailed")
+            self.svc.sink.emit(
+                ERR,
+                f"{fault.text}: cannot fix it: {error}; draining, "
+                f"retrying every {RETRY_PERIOD:.0f} s",
+                "KernelRestoreFailed",
+            )
         fault.failed, fault.retry_at = error, self._clock() + RETRY_PERIOD
 
     def _settle(self) -> None:
@@ -325,16 +367,18 @@ class KernelWatch:
         self._hold = {k: v for k, v in self._hold.items() if v[0] > now}
         reasons, problems = {}, {}
         for key, f in self.faults.items():
-            state = (f"; cannot fix it: {f.failed}" if f.failed else
-                     "; being put back" if f.fix else "")
+            state = (
+                f"; cannot fix it: {f.failed}" if f.failed else "; being put back" if f.fix else ""
+            )
             problems[f"kernel: {key}"] = f"{f.text}{state}" + ("; draining" if f.drain else "")
             if f.drain or f.failed:
                 reasons[f"kernel: {key}"] = f.text
         for key, (until, text) in self._hold.items():
             if key not in self.faults:
                 n = len(self._history.get(key, []))
-                problems[f"kernel: {key}"] = (f"{text} {n} times in {FLAP_WINDOW:.0f} s: "
-                                              f"draining {until - now:.0f} s more")
+                problems[f"kernel: {key}"] = (
+                    f"{text} {n} times in {FLAP_WINDOW:.0f} s: draining {until - now:.0f} s more"
+                )
                 reasons[f"kernel: {key}"] = text
         svc = self.svc
         for reason in [r for r in svc.drain_reasons if r.startswith("kernel: ")]:
@@ -404,8 +448,16 @@ class KernelWatch:
                 self._settle()
         finally:
             self._task = None
-            self._arm(min([AUDIT_PERIOD] + [max(0.05, f.retry_at - self._clock())
-                                             for f in self.faults.values() if f.failed]))
+            self._arm(
+                min(
+                    [AUDIT_PERIOD]
+                    + [
+                        max(0.05, f.retry_at - self._clock())
+                        for f in self.faults.values()
+                        if f.failed
+                    ]
+                )
+            )
 
     async def _put_vips_back(self, keys: list[str]) -> str | None:
         """Re-add missing VIPs ("vip ADDRESS" faults) over netlink in milliseconds: the
@@ -449,11 +501,21 @@ class KernelWatch:
         for key, (value, want) in snap.sysctls.items():
             name = key.replace("/", ".")
             if value is not None and value != want:
-                self._raise(f"sysctl {name}", "SysctlChanged",
-                            f"sysctl {name} is {value}, lbd sets {want}", drain=False, fix="link")
+                self._raise(
+                    f"sysctl {name}",
+                    "SysctlChanged",
+                    f"sysctl {name} is {value}, lbd sets {want}",
+                    drain=False,
+                    fix="link",
+                )
             else:
                 self._clear(f"sysctl {name}")
         macmode = self.svc._macmode
         if snap.group_joined is False and macmode is not None:
-            self._fix_now("group", "ClusterMacLeft", f"{self.interface}'s filter lost the "
-                          f"cluster MAC {macmode.cluster_mac}", "added again", "macmode")
+            self._fix_now(
+                "group",
+                "ClusterMacLeft",
+                f"{self.interface}'s filter lost the cluster MAC {macmode.cluster_mac}",
+                "added again",
+                "macmode",
+            )

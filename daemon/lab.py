@@ -49,8 +49,10 @@ from lbd.testbed.cluster import CONVERGE_TIMEOUT, Capture, ClientLoad, LbdCluste
 PREFIX = "lbdlab-"
 FAULTS = ("kill", "stop", "linkdown", "partition", "service")
 # --fail service: each node checks its own echo service (README, "Service health").
-SERVICE_CHECK = ('\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:80"\ninterval = 0.2\n'
-                 "timeout = 0.1\nrise = 2\nfall = 2\n")
+SERVICE_CHECK = (
+    '\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:80"\ninterval = 0.2\n'
+    "timeout = 0.1\nrise = 2\nfall = 2\n"
+)
 BAR_WIDTH = 40
 PHASE_SECONDS = 2.5
 EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
@@ -60,8 +62,9 @@ DEFAULT_MAC_MODE = DaemonConfig().mac_mode
 def lab_bed(nodes: int, *, switch: bool = False, mac_mode: str = DEFAULT_MAC_MODE) -> Bed:
     """A Bed whose namespaces are called lbdlab-* (Bed itself insists on lbdt-*): a hub
     or a learning switch; the nodes wear one MAC in shared mode, their own otherwise."""
-    bed = Bed("lbdt-lab-", nodes=nodes, add_vip=False, switch=switch,
-              unique_macs=mac_mode != "shared")
+    bed = Bed(
+        "lbdt-lab-", nodes=nodes, add_vip=False, switch=switch, unique_macs=mac_mode != "shared"
+    )
     bed.prefix = PREFIX
     bed.hub, bed.router, bed.client = f"{PREFIX}hub", f"{PREFIX}r", f"{PREFIX}c"
     bed.nodes = [dataclasses.replace(n, name=f"{PREFIX}n{n.index}") for n in bed.nodes]
@@ -75,8 +78,14 @@ class Screen:
         self.quiet = quiet
         self.tty = sys.stdout.isatty()
 
-    def show(self, phase: str, names: list[str], progress: list[dict[str, Any]],
-             members: str, started: float) -> None:
+    def show(
+        self,
+        phase: str,
+        names: list[str],
+        progress: list[dict[str, Any]],
+        members: str,
+        started: float,
+    ) -> None:
         if self.quiet:
             return
         recent = progress[-4:]  # the last second
@@ -91,13 +100,17 @@ class Screen:
             bar = "#" * round(share * BAR_WIDTH)
             lines.append(f"  {name:<12} {bar:<{BAR_WIDTH}} {100 * share:5.1f}%")
         share = fails / total if total else 0.0
-        lines.append(f"  {'(no answer)':<12} {'!' * round(share * BAR_WIDTH):<{BAR_WIDTH}} "
-                     f"{100 * share:5.1f}%")
+        lines.append(
+            f"  {'(no answer)':<12} {'!' * round(share * BAR_WIDTH):<{BAR_WIDTH}} "
+            f"{100 * share:5.1f}%"
+        )
         lines += ["", members, ""]
         dup = sum(line["dup"] for line in progress)
         broken = progress[-1]["broken"] if progress else 0
-        lines.append(f"[{time.monotonic() - started:6.1f}s] {total * 1.0:.0f} conn/s, "
-                     f"duplicate UDP answers {dup}, broken long-lived {broken}")
+        lines.append(
+            f"[{time.monotonic() - started:6.1f}s] {total * 1.0:.0f} conn/s, "
+            f"duplicate UDP answers {dup}, broken long-lived {broken}"
+        )
         text = "\n".join(lines)
         print(("\033[H\033[2J" if self.tty else "\n") + text, flush=True)
 
@@ -147,20 +160,25 @@ class Lab:
         extra = f'\nmac_mode = "{args.mac_mode}"\n'
         if args.fail == "service":
             extra += SERVICE_CHECK
-        self.cluster = ConfiguredCluster(self.bed, self.workdir / "cluster", extra,
-                                         profile=args.profile, buckets=1024)
+        self.cluster = ConfiguredCluster(
+            self.bed, self.workdir / "cluster", extra, profile=args.profile, buckets=1024
+        )
         everyone = list(range(args.nodes))
         self.cluster.start_all()
         self.services: dict[int, Any] = {}
         if args.fail == "service":
             # The daemons add the VIP at start; nobody claims before its check rose.
-            self.bed.wait_for(lambda: all(
-                self.bed.vip4 in self.bed.run(n.name, "ip", "-4", "addr").stdout
-                for n in self.bed.nodes), 10.0)
-            self.services = dict(enumerate(self.bed.start_echo(
-                addrs=[self.bed.vip4, "127.0.0.1"])))
-        self.cluster.wait_converged(everyone, what="the cluster to form",
-                                    check=lambda s: all(v > 0 for v in s.values()))
+            self.bed.wait_for(
+                lambda: all(
+                    self.bed.vip4 in self.bed.run(n.name, "ip", "-4", "addr").stdout
+                    for n in self.bed.nodes
+                ),
+                10.0,
+            )
+            self.services = dict(enumerate(self.bed.start_echo(addrs=[self.bed.vip4, "127.0.0.1"])))
+        self.cluster.wait_converged(
+            everyone, what="the cluster to form", check=lambda s: all(v > 0 for v in s.values())
+        )
         if args.fail != "service":
             self.bed.start_echo(addrs=[self.bed.vip4])
         self.capture = Capture(self.bed, self.workdir)
@@ -172,16 +190,19 @@ class Lab:
         survivors = [i for i in everyone if i != victim]
         fault = self.inject(victim)
         if args.fail == "service":  # it stays a member, draining
-            absorbed = self.converge(everyone, f"service of {name} killed: it drains",
-                                     check=lambda s: s[f"node{victim}"] == 0)
+            absorbed = self.converge(
+                everyone,
+                f"service of {name} killed: it drains",
+                check=lambda s: s[f"node{victim}"] == 0,
+            )
         else:
-            absorbed = self.converge(survivors,
-                                     f"{args.fail} {name}: survivors absorb its slices")
+            absorbed = self.converge(survivors, f"{args.fail} {name}: survivors absorb its slices")
         self.watch(f"{name} is down: the survivors serve its slices", PHASE_SECONDS)
         back = time.monotonic()
         self.recover(victim)
-        rejoined = self.converge(everyone, f"{name} is back: rejoining",
-                                 check=lambda s: s[f"node{victim}"] > 0)
+        rejoined = self.converge(
+            everyone, f"{name} is back: rejoining", check=lambda s: s[f"node{victim}"] > 0
+        )
         self.watch(f"{name} rejoined: slices handed back", PHASE_SECONDS)
 
         record = self.load.stop()
@@ -207,13 +228,18 @@ class Lab:
             "duplicate_udp_answers": report.duplicate_udp_answers,
             "duplicate_udp_answers_client": metrics.udp_duplicates(record),
             "broken_connections": len(metrics.broken(record, down)),
-            "broken_on_failed_host": len(metrics.broken(record)) - len(
-                metrics.broken(record, down)),
+            "broken_on_failed_host": len(metrics.broken(record))
+            - len(metrics.broken(record, down)),
             "long_lived_connections": len(record["conns"]),
-            "captured": {"syns": report.syns, "synacks": report.synacks,
-                         "udp_queries": report.udp_queries, "udp_answers": report.udp_answers},
-            "longest_handoff_gap_ms": round(1000 * max(metrics.failure_bursts(record),
-                                                       default=0.0)),
+            "captured": {
+                "syns": report.syns,
+                "synacks": report.synacks,
+                "udp_queries": report.udp_queries,
+                "udp_answers": report.udp_answers,
+            },
+            "longest_handoff_gap_ms": round(
+                1000 * max(metrics.failure_bursts(record), default=0.0)
+            ),
             "converged_after": self.cluster.converged(everyone) is not None,
             **{k: v for k, v in summary.items() if k != "long_lived"},
         }
@@ -243,7 +269,8 @@ class Lab:
             self.cluster.link_up(victim)
         elif fail == "service":
             self.services[victim] = self.bed.start_echo(
-                nodes=[victim], addrs=[self.bed.vip4, "127.0.0.1"])[0]
+                nodes=[victim], addrs=[self.bed.vip4, "127.0.0.1"]
+            )[0]
         else:
             self.cluster.heal(victim)
 
@@ -274,30 +301,42 @@ class ConfiguredCluster(LbdCluster):
 
 
 def render(figures: dict[str, Any]) -> str:
-    ok = (figures["duplicate_synacks"] + figures["duplicate_udp_answers"]
-          + figures["duplicate_udp_answers_client"] + figures["broken_connections"]) == 0
-    return "\n".join([
-        "",
-        f"lbd lab result ({figures['nodes']} nodes, {figures['profile']} timers, "
-        f"{figures['fail']} {figures['victim']}; {figures['network']}, mac_mode "
-        f"{figures['mac_mode']}):",
-        f"  new connections served  {figures['served_pct']} % of {figures['tcp_attempts']}",
-        f"  client-visible outage   {figures['outage_ms']} ms for the "
-        f"{figures['affected_sources']} affected client sources "
-        f"(all served again after {figures['served_again_ms']} ms)",
-        f"  absorbed by             {', '.join(sorted(figures['absorbed_by']))}",
-        f"  duplicate answers       {figures['duplicate_synacks']} SYN|ACK, "
-        f"{figures['duplicate_udp_answers']} UDP (of {figures['captured']['synacks']} "
-        f"and {figures['captured']['udp_answers']} captured)",
-        f"  broken connections      {figures['broken_connections']} on nodes that stayed up"
-        f" ({figures['long_lived_connections']} long-lived)",
-        f"  rejoin                  agreed after {figures['rejoin_agreed_ms']} ms",
-        f"  verdict                 {'OK' if ok else 'VIOLATION'}",
-        *([f"  hint                    {figures['served_pct']} % served: the switch learnt "
-           "the shared MAC on one port; try --mac-mode flood"]
-          if figures["mac_mode"] == "shared" and figures["network"] != "hub"
-          and figures["served_pct"] < 90 else []),
-    ])
+    ok = (
+        figures["duplicate_synacks"]
+        + figures["duplicate_udp_answers"]
+        + figures["duplicate_udp_answers_client"]
+        + figures["broken_connections"]
+    ) == 0
+    return "\n".join(
+        [
+            "",
+            f"lbd lab result ({figures['nodes']} nodes, {figures['profile']} timers, "
+            f"{figures['fail']} {figures['victim']}; {figures['network']}, mac_mode "
+            f"{figures['mac_mode']}):",
+            f"  new connections served  {figures['served_pct']} % of {figures['tcp_attempts']}",
+            f"  client-visible outage   {figures['outage_ms']} ms for the "
+            f"{figures['affected_sources']} affected client sources "
+            f"(all served again after {figures['served_again_ms']} ms)",
+            f"  absorbed by             {', '.join(sorted(figures['absorbed_by']))}",
+            f"  duplicate answers       {figures['duplicate_synacks']} SYN|ACK, "
+            f"{figures['duplicate_udp_answers']} UDP (of {figures['captured']['synacks']} "
+            f"and {figures['captured']['udp_answers']} captured)",
+            f"  broken connections      {figures['broken_connections']} on nodes that stayed up"
+            f" ({figures['long_lived_connections']} long-lived)",
+            f"  rejoin                  agreed after {figures['rejoin_agreed_ms']} ms",
+            f"  verdict                 {'OK' if ok else 'VIOLATION'}",
+            *(
+                [
+                    f"  hint                    {figures['served_pct']} % served: "
+                    "the switch learnt the shared MAC on one port; try --mac-mode flood"
+                ]
+                if figures["mac_mode"] == "shared"
+                and figures["network"] != "hub"
+                and figures["served_pct"] < 90
+                else []
+            ),
+        ]
+    )
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -305,16 +344,22 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lbd lab", description="a live lbd cluster "
-                                     "in network namespaces, one failure, measured")
-    parser.add_argument("--nodes", type=int, default=3, choices=range(2, 17),
-                        metavar="2..16")
+    parser = argparse.ArgumentParser(
+        prog="lbd lab",
+        description="a live lbd cluster in network namespaces, one failure, measured",
+    )
+    parser.add_argument("--nodes", type=int, default=3, choices=range(2, 17), metavar="2..16")
     parser.add_argument("--fail", choices=FAULTS, default="kill")
     parser.add_argument("--profile", choices=("default", "fast"), default="default")
-    parser.add_argument("--switch", action="store_true",
-                        help="an ordinary learning switch instead of a hub")
-    parser.add_argument("--mac-mode", choices=MAC_MODES, default=DEFAULT_MAC_MODE,
-                        help=f"the daemons' mac_mode (default {DEFAULT_MAC_MODE})")
+    parser.add_argument(
+        "--switch", action="store_true", help="an ordinary learning switch instead of a hub"
+    )
+    parser.add_argument(
+        "--mac-mode",
+        choices=MAC_MODES,
+        default=DEFAULT_MAC_MODE,
+        help=f"the daemons' mac_mode (default {DEFAULT_MAC_MODE})",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

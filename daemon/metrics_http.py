@@ -79,7 +79,8 @@ class MetricsServer:
     async def start(self) -> None:
         """Listen; raises OSError (address in use, not local, ...)."""
         self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, limit=MAX_HEAD, reuse_address=True)
+            self._serve, self.host, self.port, limit=MAX_HEAD, reuse_address=True
+        )
         if self.port == 0:  # tests: the port the kernel chose
             self.port = self._server.sockets[0].getsockname()[1]
 
@@ -147,15 +148,28 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str] | None:
     return parts[0], parts[1]
 
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           500: "Internal Server Error"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+}
 
 
-async def _send(writer: asyncio.StreamWriter, status: int, body: str, *,
-                content_type: str = "text/plain; charset=utf-8", extra: str = "",
-                head_only: bool = False) -> None:
+async def _send(
+    writer: asyncio.StreamWriter,
+    status: int,
+    body: str,
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    extra: str = "",
+    head_only: bool = False,
+) -> None:
     data = body.encode()
-    head = (f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: close\r\n{extra}\r\n")
+    head = (
+        f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n{extra}\r\n"
+    )
     writer.write(head.encode() + (b"" if head_only else data))
     await writer.drain()

@@ -109,63 +109,89 @@ def describe(event: ev.Event) -> tuple[str, dict[str, str]]:
     match event:
         case ev.MemberJoined(node_id, incarnation) | ev.MemberRestarted(node_id, incarnation):
             verb = "joined" if isinstance(event, ev.MemberJoined) else "restarted"
-            return (f"member {node_id} {verb} (incarnation {incarnation})",
-                    {"PEER": node_id, "INCARNATION": str(incarnation)})
+            return (
+                f"member {node_id} {verb} (incarnation {incarnation})",
+                {"PEER": node_id, "INCARNATION": str(incarnation)},
+            )
         case ev.MemberSuspected(node_id, silent) | ev.MemberDead(node_id, silent):
             verb = "suspected" if isinstance(event, ev.MemberSuspected) else "declared dead"
-            return (f"member {node_id} {verb} after {silent * 1000:.0f} ms",
-                    {"PEER": node_id, "SILENT_MS": f"{silent * 1000:.0f}"})
+            return (
+                f"member {node_id} {verb} after {silent * 1000:.0f} ms",
+                {"PEER": node_id, "SILENT_MS": f"{silent * 1000:.0f}"},
+            )
         case ev.MemberLeft(node_id):
             return f"member {node_id} left the cluster", {"PEER": node_id}
         case ev.ViewChanged(members, digest):
-            return (f"view {digest} adopted: {', '.join(members)}",
-                    {"MEMBERS": " ".join(members), "NEW_VIEW": digest})
+            return (
+                f"view {digest} adopted: {', '.join(members)}",
+                {"MEMBERS": " ".join(members), "NEW_VIEW": digest},
+            )
         case ev.ViewAgreed(members, digest, owned):
-            return (f"view {digest} agreed by all {len(members)} members; own {owned} slices",
-                    {"MEMBERS": " ".join(members), "NEW_VIEW": digest})
+            return (
+                f"view {digest} agreed by all {len(members)} members; own {owned} slices",
+                {"MEMBERS": " ".join(members), "NEW_VIEW": digest},
+            )
         case ev.BucketsReleased(count, owned):
             return f"released {count} slices, holding {owned}", {"COUNT": str(count)}
         case ev.BucketsGained(count, owned):
             return f"gained {count} slices, holding {owned}", {"COUNT": str(count)}
         case ev.QuorumLost(heard, of):
-            return (f"quorum lost: hear {heard} of {of}; lease will lapse",
-                    {"HEARD": str(heard), "OF": str(of)})
+            return (
+                f"quorum lost: hear {heard} of {of}; lease will lapse",
+                {"HEARD": str(heard), "OF": str(of)},
+            )
         case ev.QuorumRegained(heard, of):
             return f"quorum regained: hear {heard} of {of}", {"HEARD": str(heard), "OF": str(of)}
         case ev.LeaseLapsed(dropped):
             return (f"lease lapsed: dropped all {dropped} slices", {"COUNT": str(dropped)})
         case ev.DuplicateNodeId(node_id, incarnation, "", peer, ours):
-            return (f"node ID {node_id} is also used by another process (peer {peer} lists it "
-                    f"with incarnation {incarnation}; ours {ours}): serving nothing while it "
-                    "speaks; give each node its own node_id (cloned /etc/machine-id?)",
-                    {"PEER": node_id, "INCARNATION": str(incarnation), "OTHER_ADDRESS": peer})
+            return (
+                f"node ID {node_id} is also used by another process (peer {peer} lists it "
+                f"with incarnation {incarnation}; ours {ours}): serving nothing while it "
+                "speaks; give each node its own node_id (cloned /etc/machine-id?)",
+                {"PEER": node_id, "INCARNATION": str(incarnation), "OTHER_ADDRESS": peer},
+            )
         case ev.DuplicateNodeId(node_id, incarnation, address, "", ours):
-            return (f"node ID {node_id} is also used by the process at {address} "
-                    f"(incarnation {incarnation}; ours {ours}): serving nothing while both "
-                    "speak; give each node its own node_id (cloned /etc/machine-id?)",
-                    {"PEER": node_id, "INCARNATION": str(incarnation), "OTHER_ADDRESS": address})
+            return (
+                f"node ID {node_id} is also used by the process at {address} "
+                f"(incarnation {incarnation}; ours {ours}): serving nothing while both "
+                "speak; give each node its own node_id (cloned /etc/machine-id?)",
+                {"PEER": node_id, "INCARNATION": str(incarnation), "OTHER_ADDRESS": address},
+            )
         case ev.DuplicateNodeId(node_id, incarnation, address, also_at, ours):
-            return (f"node ID {node_id} is used by two processes: at {also_at} (incarnation "
-                    f"{ours}) and at {address} (incarnation {incarnation}); fix node_id",
-                    {"PEER": node_id, "INCARNATION": str(incarnation), "OTHER_ADDRESS": address})
+            return (
+                f"node ID {node_id} is used by two processes: at {also_at} (incarnation "
+                f"{ours}) and at {address} (incarnation {incarnation}); fix node_id",
+                {"PEER": node_id, "INCARNATION": str(incarnation), "OTHER_ADDRESS": address},
+            )
         case ev.StrangerHeard(address, reason):
-            return (f"hearing datagrams from {address} that fail {reason}",
-                    {"OTHER_ADDRESS": address})
+            return (
+                f"hearing datagrams from {address} that fail {reason}",
+                {"OTHER_ADDRESS": address},
+            )
         case ev.ParameterMismatch(node_id, address, ()):
-            return (f"node {node_id} at {address} now agrees on every parameter",
-                    {"PEER": node_id, "OTHER_ADDRESS": address})
+            return (
+                f"node {node_id} at {address} now agrees on every parameter",
+                {"PEER": node_id, "OTHER_ADDRESS": address},
+            )
         case ev.ParameterMismatch(node_id, address, fields):
-            return (f"node {node_id} at {address} disagrees on {', '.join(fields)}: not "
-                    "admitted (every node must have the same value; fix one config)",
-                    {"PEER": node_id, "OTHER_ADDRESS": address, "FIELDS": " ".join(fields)})
+            return (
+                f"node {node_id} at {address} disagrees on {', '.join(fields)}: not "
+                "admitted (every node must have the same value; fix one config)",
+                {"PEER": node_id, "OTHER_ADDRESS": address, "FIELDS": " ".join(fields)},
+            )
         case ev.MemberRefused(node_id, limit):
-            return (f"node {node_id} not admitted: the view holds {limit} members, the most "
-                    "allowed", {"PEER": node_id})
+            return (
+                f"node {node_id} not admitted: the view holds {limit} members, the most allowed",
+                {"PEER": node_id},
+            )
         case ev.LeftCluster(node_id):
             return f"node {node_id} left the cluster gracefully", {}
         case ev.BaseChanged(base, epoch):
-            return (f"quorum base {epoch}: {', '.join(base) or '(none)'}",
-                    {"BASE": " ".join(base), "EPOCH": str(epoch)})
+            return (
+                f"quorum base {epoch}: {', '.join(base) or '(none)'}",
+                {"BASE": " ".join(base), "EPOCH": str(epoch)},
+            )
     return repr(event), {}
 
 
@@ -194,8 +220,11 @@ def describe_loop_error(context: Mapping[str, object]) -> tuple[str, str]:
     if isinstance(exc, BaseException):
         what = f"{type(exc).__name__}: {exc}"
         frames = traceback.extract_tb(exc.__traceback__)
-        where = (f"{frames[-1].name} at {Path(frames[-1].filename).name}:"
-                 f"{frames[-1].lineno}" if frames else "the event loop")
+        where = (
+            f"{frames[-1].name} at {Path(frames[-1].filename).name}:{frames[-1].lineno}"
+            if frames
+            else "the event loop"
+        )
         detail = "".join(traceback.format_exception(exc))
     else:
         what, where, detail = str(context.get("message", "unknown error")), "asyncio", ""
@@ -211,8 +240,13 @@ def encode_journal(fields: Mapping[str, str | bytes]) -> bytes:
     """One native-protocol datagram for ``fields`` (names upper-case, validated)."""
     out = bytearray()
     for name, value in fields.items():
-        if not name or not name.replace("_", "A").isalnum() or not name.isupper() \
-                or name[0] == "_" or name[0].isdigit():
+        if (
+            not name
+            or not name.replace("_", "A").isalnum()
+            or not name.isupper()
+            or name[0] == "_"
+            or name[0].isdigit()
+        ):
             raise ValueError(f"bad journal field name {name!r}")
         data = value.encode() if isinstance(value, str) else value
         if b"\n" in data:
@@ -236,7 +270,7 @@ def decode_journal(datagram: bytes) -> dict[str, bytes]:
             name = line
             (size,) = struct.unpack_from("<Q", datagram, end + 1)
             start = end + 9
-            value = datagram[start:start + size]
+            value = datagram[start : start + size]
             pos = start + size + 1
         fields[name.decode()] = value
     return fields
@@ -263,7 +297,8 @@ class Notifier:
             # Non-blocking: a full receive queue drops a message instead of
             # stalling the event loop that keeps the heartbeats going.
             self._sock = socket.socket(
-                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
 
     def watchdog_interval(self) -> float | None:
         """Seconds between WATCHDOG=1 pings (half the timeout), or None."""
@@ -330,16 +365,25 @@ class LogSink:
             # Non-blocking, as for sd_notify: a stuck journal must not stall the loop
             # (an entry that cannot be queued goes to stderr instead).
             self._sock = socket.socket(
-                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         self.context: dict[str, str] = {}
         """Fields added to every entry (NODE=...)."""
 
-    def emit(self, priority: int, message: str, kind: str | None = None,
-             fields: Mapping[str, str] | None = None) -> None:
+    def emit(
+        self,
+        priority: int,
+        message: str,
+        kind: str | None = None,
+        fields: Mapping[str, str] | None = None,
+    ) -> None:
         extra = {**self.context, **(fields or {})}
         if self._sock is not None and self.journal_path is not None:
-            entry: dict[str, str | bytes] = {"MESSAGE": message, "PRIORITY": str(priority),
-                                             "SYSLOG_IDENTIFIER": IDENTIFIER}
+            entry: dict[str, str | bytes] = {
+                "MESSAGE": message,
+                "PRIORITY": str(priority),
+                "SYSLOG_IDENTIFIER": IDENTIFIER,
+            }
             if kind is not None:
                 entry["LBD_EVENT"] = kind
                 if kind in MESSAGE_IDS:
@@ -351,7 +395,8 @@ class LogSink:
             except (OSError, ValueError):
                 pass  # journal unavailable or entry too large: fall back to stderr
         level = {ERR: "error", WARNING: "warning", NOTICE: "notice", INFO: "info"}.get(
-            priority, "debug")
+            priority, "debug"
+        )
         with contextlib.suppress(OSError):
             sys.stderr.write(f"lbd: {level}: {message}\n")
             sys.stderr.flush()
@@ -375,9 +420,15 @@ class SinkHandler(logging.Handler):
         self.sink = sink
 
     def emit(self, record: logging.LogRecord) -> None:
-        priority = (ERR if record.levelno >= logging.ERROR else
-                    WARNING if record.levelno >= logging.WARNING else
-                    INFO if record.levelno >= logging.INFO else DEBUG)
+        priority = (
+            ERR
+            if record.levelno >= logging.ERROR
+            else WARNING
+            if record.levelno >= logging.WARNING
+            else INFO
+            if record.levelno >= logging.INFO
+            else DEBUG
+        )
         try:
             message = record.getMessage()
         except (TypeError, ValueError):

@@ -113,9 +113,18 @@ PROBLEM_LOG_EVERY = 30.0
 class Service(EffectsMixin):
     """One running daemon. ``await run()`` returns the process exit code."""
 
-    def __init__(self, cfg: DaemonConfig, config_path: Path, keyring: Keyring, *,
-                 node_id: str, ifindex: int, address: str, sink: LogSink,
-                 notifier: Notifier) -> None:
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        config_path: Path,
+        keyring: Keyring,
+        *,
+        node_id: str,
+        ifindex: int,
+        address: str,
+        sink: LogSink,
+        notifier: Notifier,
+    ) -> None:
         self.config = cfg
         self.config_path = config_path
         self.keyring = keyring
@@ -182,33 +191,53 @@ class Service(EffectsMixin):
         # First, before anything touches the kernel: a corrupt record stops us here.
         base, epoch, previous = load_quorum_base(state_dir)
         base_params, base_credentials = load_base_agreement(state_dir)
-        self._nft = NftDataplane(list(cfg.vips), cfg.buckets, cfg.seed, prefix4=cfg.prefix4,
-                                 prefix6=cfg.prefix6, balance=list(cfg.balance),
-                                 guard_period=GUARD_PERIOD, persist=True,
-                                 claim_chunk=CLAIM_CHUNK)
+        self._nft = NftDataplane(
+            list(cfg.vips),
+            cfg.buckets,
+            cfg.seed,
+            prefix4=cfg.prefix4,
+            prefix6=cfg.prefix6,
+            balance=list(cfg.balance),
+            guard_period=GUARD_PERIOD,
+            persist=True,
+            claim_chunk=CLAIM_CHUNK,
+        )
         try:
             self._nft.install()
         except LbdError as exc:
             self._nft = None
             raise StartupError(f"cannot install the nftables rules: {exc}") from None
         if not self._nft.deadline_checked:
-            self.sink.emit(WARNING, "this nft cannot give the kernel a lease's absolute "
-                           "deadline: leases rest on their relative timeout alone, which "
-                           "a paused daemon can stretch", "LeaseDeadlineUnchecked")
+            self.sink.emit(
+                WARNING,
+                "this nft cannot give the kernel a lease's absolute "
+                "deadline: leases rest on their relative timeout alone, which "
+                "a paused daemon can stretch",
+                "LeaseDeadlineUnchecked",
+            )
         multicast = cfg.mac_mode in CLUSTER_MAC_MODES  # multicast or flood: own MACs kept
         cluster_mac = cfg.effective_cluster_mac()
         if multicast and cluster_mac is not None:
-            self._macmode = MacMode(cfg.interface, list(cfg.vips), cluster_mac,
-                                    state_file=state_dir / "macmode.json", persist=True)
+            self._macmode = MacMode(
+                cfg.interface,
+                list(cfg.vips),
+                cluster_mac,
+                state_file=state_dir / "macmode.json",
+                persist=True,
+            )
             try:
                 await asyncio.to_thread(self._macmode.apply)
             except LbdError as exc:
-                raise StartupError(f"cannot set up cluster MAC {cluster_mac} on "
-                                   f"{cfg.interface}: {exc}") from None
+                raise StartupError(
+                    f"cannot set up cluster MAC {cluster_mac} on {cfg.interface}: {exc}"
+                ) from None
         # In multicast mode the node keeps its own MAC (no shared-MAC IPv6 sysctls).
-        self._link = LinkProcess(cfg.interface, list(cfg.vips),
-                                 cluster_mac=None if multicast else cluster_mac,
-                                 state_file=state_dir / "link.json")
+        self._link = LinkProcess(
+            cfg.interface,
+            list(cfg.vips),
+            cluster_mac=None if multicast else cluster_mac,
+            state_file=state_dir / "link.json",
+        )
         try:
             # A child process (pyroute2 stays out of the daemon); waited for off the loop.
             await asyncio.to_thread(self._link.apply)
@@ -217,8 +246,9 @@ class Service(EffectsMixin):
         # Heartbeats only from the segment or the peers, of a valid size, before the
         # socket exists (netcfg/hbfilter.py; an owner table, gone with the process).
         try:
-            hbfilter = HeartbeatFilter(cfg.interface, cfg.port,
-                                       interface_networks(self.ifindex), cfg.peers)
+            hbfilter = HeartbeatFilter(
+                cfg.interface, cfg.port, interface_networks(self.ifindex), cfg.peers
+            )
             hbfilter.install()
         except (LbdError, OSError, ValueError) as exc:
             raise StartupError(f"cannot install the heartbeat filter: {exc}") from None
@@ -229,28 +259,45 @@ class Service(EffectsMixin):
             raise StartupError(str(exc)) from None
         self._reader = StampedReader(self._sock)
         self._control = control.ControlServer(
-            cfg.control_socket, lambda request: control.dispatch(self, request))
+            cfg.control_socket, lambda request: control.dispatch(self, request)
+        )
         try:
             await self._control.start()
         except OSError as exc:
             raise StartupError(f"control socket {cfg.control_socket}: {exc.strerror}") from None
         incarnation = next_incarnation(state_dir)
         self.sink.context["NODE"] = self.node_id
-        mode = (f"{cfg.mac_mode} cluster MAC {cluster_mac}" if multicast
-                else f"shared MAC {cluster_mac or '(as configured)'}")
-        self.sink.emit(INFO, f"rules installed on {cfg.interface} for "
-                       f"{', '.join(cfg.vips)} ({mode}); joining cluster {cfg.cluster!r} as "
-                       f"{self.node_id} from {self.address} (incarnation {incarnation})",
-                       "Started")
+        mode = (
+            f"{cfg.mac_mode} cluster MAC {cluster_mac}"
+            if multicast
+            else f"shared MAC {cluster_mac or '(as configured)'}"
+        )
+        self.sink.emit(
+            INFO,
+            f"rules installed on {cfg.interface} for "
+            f"{', '.join(cfg.vips)} ({mode}); joining cluster {cfg.cluster!r} as "
+            f"{self.node_id} from {self.address} (incarnation {incarnation})",
+            "Started",
+        )
         now = time.monotonic()
         self._state_dir = state_dir
         # The core knows this node by its 4-byte wire ID; names are for people.
-        self.core = Node(cfg.core_config(), Codec(cfg.cluster, self.keyring),
-                         wire_id(self.node_id),
-                         incarnation, now, weight=cfg.weight, draining=cfg.draining,
-                         base=base, epoch=epoch, previous_base=previous, name=self.node_id,
-                         base_params=base_params, base_credentials=base_credentials,
-                         defer_tables=True)  # built in a thread (effects.build_table)
+        self.core = Node(
+            cfg.core_config(),
+            Codec(cfg.cluster, self.keyring),
+            wire_id(self.node_id),
+            incarnation,
+            now,
+            weight=cfg.weight,
+            draining=cfg.draining,
+            base=base,
+            epoch=epoch,
+            previous_base=previous,
+            name=self.node_id,
+            base_params=base_params,
+            base_credentials=base_credentials,
+            defer_tables=True,
+        )  # built in a thread (effects.build_table)
         self.driver = Driver(self.core, self)
         self._process()
         self.drain_reasons = {"operator"} if cfg.draining else set()
@@ -347,8 +394,9 @@ class Service(EffectsMixin):
         if self.driver.feed(batch, timer_due):
             self._stepped()
 
-    def set_draining(self, draining: bool, why: str, reason: str = "operator",
-                     log: bool = True) -> None:
+    def set_draining(
+        self, draining: bool, why: str, reason: str = "operator", log: bool = True
+    ) -> None:
         """Add or end one drain ``reason``; the node drains while any holds, so an
         operator's undrain never ends a kernel fault's drain, nor the reverse."""
         if draining:
@@ -382,9 +430,13 @@ class Service(EffectsMixin):
         if ring.fingerprints != self.keyring.fingerprints:
             self.keyring = ring
             self.core.set_codec(Codec(old.cluster, ring))
-            self.sink.emit(NOTICE, "keys reloaded: sealing with "
-                           f"{ring.current_fingerprint.hex()}, accepting "
-                           f"{', '.join(fp.hex() for fp in ring.fingerprints)}", "Reloaded")
+            self.sink.emit(
+                NOTICE,
+                "keys reloaded: sealing with "
+                f"{ring.current_fingerprint.hex()}, accepting "
+                f"{', '.join(fp.hex() for fp in ring.fingerprints)}",
+                "Reloaded",
+            )
         now = time.monotonic()
         if new.weight != old.weight and self.healthlink is not None:
             self.healthlink.monitor.set_weight(new.weight)  # scaled by the agent
@@ -420,8 +472,15 @@ class Service(EffectsMixin):
             self.notifier.ready(self._status_text())
         else:
             # Formatted only when one of its inputs changed (most steps change none).
-            key = (self._leaving, core.quorum_ok, core.draining, core.agreed,
-                   len(core.held), core.view, tuple(self.problems(time.monotonic())))
+            key = (
+                self._leaving,
+                core.quorum_ok,
+                core.draining,
+                core.agreed,
+                len(core.held),
+                core.view,
+                tuple(self.problems(time.monotonic())),
+            )
             if key != self._status_key:
                 self._status_key = key
                 self.notifier.status(self._status_text())
@@ -465,11 +524,18 @@ class Service(EffectsMixin):
         now = time.monotonic()
         if dropped > logged and now - at >= DROP_LOG_EVERY:
             self._drops_logged = (dropped, now)
-            self.sink.emit(WARNING, f"dropped {dropped - logged} bad datagrams (total: "
-                           f"{c.malformed} malformed, {c.forged} forged, {c.replayed} "
-                           "replayed)", "DatagramsDropped",
-                           {"MALFORMED": str(c.malformed), "FORGED": str(c.forged),
-                            "REPLAYED": str(c.replayed)})
+            self.sink.emit(
+                WARNING,
+                f"dropped {dropped - logged} bad datagrams (total: "
+                f"{c.malformed} malformed, {c.forged} forged, {c.replayed} "
+                "replayed)",
+                "DatagramsDropped",
+                {
+                    "MALFORMED": str(c.malformed),
+                    "FORGED": str(c.forged),
+                    "REPLAYED": str(c.replayed),
+                },
+            )
 
     def _log_lasting_problems(self) -> None:
         """Strangers we keep hearing are logged again, rate-limited (the core reports
@@ -481,9 +547,13 @@ class Service(EffectsMixin):
                 self._problems_logged[address] = (now, count)  # the core's event said it
             elif count > logged and now - at >= PROBLEM_LOG_EVERY:
                 self._problems_logged[address] = (now, count)
-                self.sink.emit(ERR, f"hearing {count - logged} more datagrams from {address} "
-                               f"that fail {reason} ({count} so far)", "StrangerHeard",
-                               {"OTHER_ADDRESS": address, "COUNT": str(count)})
+                self.sink.emit(
+                    ERR,
+                    f"hearing {count - logged} more datagrams from {address} "
+                    f"that fail {reason} ({count} so far)",
+                    "StrangerHeard",
+                    {"OTHER_ADDRESS": address, "COUNT": str(count)},
+                )
 
     def problems(self, now: float) -> list[str]:
         """The core's problems, then the shell's (kernel state: kernelwatch.py)."""
@@ -501,8 +571,10 @@ class Service(EffectsMixin):
         if not core.quorum_ok:
             return f"no quorum: view {core.digest()}, serving nothing soon"
         state = "draining" if core.draining else "serving" if core.agreed else "joining"
-        return (f"{state} {len(core.held)}/{core.config.buckets} slices, view "
-                f"{core.digest()} ({len(core.view)} members)")
+        return (
+            f"{state} {len(core.held)}/{core.config.buckets} slices, view "
+            f"{core.digest()} ({len(core.view)} members)"
+        )
 
     def _watchdog(self) -> None:
         if getattr(self, "_loop_failed", False):  # set by _on_loop_error; no attr before

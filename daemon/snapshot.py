@@ -87,22 +87,34 @@ class Tally:
         for count in self.apply_counts:
             total += count
             cumulative.append(total)
-        return {"le": list(APPLY_BUCKETS), "counts": cumulative, "count": self.applies,
-                "sum": self.apply_seconds}
+        return {
+            "le": list(APPLY_BUCKETS),
+            "counts": cumulative,
+            "count": self.applies,
+            "sum": self.apply_seconds,
+        }
 
     def events(self) -> dict[str, int]:
-        return {"slices_gained": self.slices_gained, "slices_released": self.slices_released,
-                "members_lost": self.members_lost, "members_joined": self.members_joined,
-                "members_left": self.members_left, "quorum_losses": self.quorum_losses,
-                "lease_lapses": self.lease_lapses}
+        return {
+            "slices_gained": self.slices_gained,
+            "slices_released": self.slices_released,
+            "members_lost": self.members_lost,
+            "members_joined": self.members_joined,
+            "members_left": self.members_left,
+            "quorum_losses": self.quorum_losses,
+            "lease_lapses": self.lease_lapses,
+        }
 
 
 _MEMBER_FIELDS = tuple(f.name for f in fields(MemberInfo))
 
 
 def build_info() -> dict[str, str]:
-    return {"version": lbd.__version__, "python": platform.python_version(),
-            "wire_version": str(WIRE_VERSION)}
+    return {
+        "version": lbd.__version__,
+        "python": platform.python_version(),
+        "wire_version": str(WIRE_VERSION),
+    }
 
 
 def member_rows(service: Service, now: float) -> list[dict[str, Any]]:
@@ -149,8 +161,10 @@ def take(service: Service, now: float) -> dict[str, Any]:
         "events": tally.events(),
         "members": member_rows(service, now),
         "problems": service.problems(now),  # the core's, then the shell's
-        "keys": {"seals": service.keyring.current_fingerprint.hex(),
-                 "accepts": [fp.hex() for fp in service.keyring.fingerprints]},
+        "keys": {
+            "seals": service.keyring.current_fingerprint.hex(),
+            "accepts": [fp.hex() for fp in service.keyring.fingerprints],
+        },
         "kernel": service.kernel_stats(),
         # Datagrams to the heartbeat port the kernel dropped (netcfg/hbfilter.py).
         "heartbeat_filter": service.hbfilter.counters() if service.hbfilter else {},

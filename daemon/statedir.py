@@ -34,8 +34,9 @@ def acquire_lock(state_dir: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise StartupError(f"another lbd is already running here (pid {holder} holds "
-                           f"{path})") from None
+        raise StartupError(
+            f"another lbd is already running here (pid {holder} holds {path})"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -59,8 +60,7 @@ def _node_ids(value: object) -> tuple[str, ...] | None:
     """The wire IDs of a stored base. Records written before wire IDs hold node names:
     they are mapped to the names' wire IDs (sorted again, as bases are)."""
     if isinstance(value, list) and all(isinstance(member, str) for member in value):
-        return tuple(sorted({m if WIRE_ID_PATTERN.fullmatch(m) else wire_id(m)
-                             for m in value}))
+        return tuple(sorted({m if WIRE_ID_PATTERN.fullmatch(m) else wire_id(m) for m in value}))
     return None
 
 
@@ -73,30 +73,53 @@ def load_quorum_base(state_dir: Path) -> tuple[tuple[str, ...], int, tuple[str, 
     except RecordError as exc:
         # Never a silent first start: this node may belong to a live cluster whose
         # base it no longer knows. The operator decides (see README "State files").
-        raise ConfigFileError(path, None, f"corrupt quorum base ({exc}); if this node's "
-                              "cluster state is lost, delete the file: the node then starts "
-                              "as a new node and joins through bootstrap") from None
+        raise ConfigFileError(
+            path,
+            None,
+            f"corrupt quorum base ({exc}); if this node's "
+            "cluster state is lost, delete the file: the node then starts "
+            "as a new node and joins through bootstrap",
+        ) from None
     if saved is not None:
         base, epoch = _node_ids(saved.get("base")), saved.get("epoch")
         previous = saved.get("previous")
-        if base is not None and isinstance(epoch, int) and (
-                previous is None or _node_ids(previous) is not None):
+        if (
+            base is not None
+            and isinstance(epoch, int)
+            and (previous is None or _node_ids(previous) is not None)
+        ):
             return base, epoch, None if previous is None else _node_ids(previous)
-        raise ConfigFileError(path, None, "corrupt quorum base (fields of the wrong type); "
-                              "if this node's cluster state is lost, delete the file: the "
-                              "node then starts as a new node and joins through bootstrap")
+        raise ConfigFileError(
+            path,
+            None,
+            "corrupt quorum base (fields of the wrong type); "
+            "if this node's cluster state is lost, delete the file: the "
+            "node then starts as a new node and joins through bootstrap",
+        )
     return (), 0, None
 
 
-def save_quorum_base(state_dir: Path, base: tuple[str, ...], epoch: int,
-                     previous: tuple[str, ...] | None, *, params: bytes | None = None,
-                     credentials: bytes | None = None) -> None:
+def save_quorum_base(
+    state_dir: Path,
+    base: tuple[str, ...],
+    epoch: int,
+    previous: tuple[str, ...] | None,
+    *,
+    params: bytes | None = None,
+    credentials: bytes | None = None,
+) -> None:
     """Atomic and durable: a restart must never see half a base, nor an older one."""
-    save_record(state_dir / "quorum-base.json",
-                {"version": 1, "base": list(base), "epoch": epoch,
-                 "previous": None if previous is None else list(previous),
-                 "params": None if params is None else params.hex(),
-                 "credentials": None if credentials is None else credentials.hex()})
+    save_record(
+        state_dir / "quorum-base.json",
+        {
+            "version": 1,
+            "base": list(base),
+            "epoch": epoch,
+            "previous": None if previous is None else list(previous),
+            "params": None if params is None else params.hex(),
+            "credentials": None if credentials is None else credentials.hex(),
+        },
+    )
 
 
 def load_base_agreement(state_dir: Path) -> tuple[bytes | None, bytes | None]:

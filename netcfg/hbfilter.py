@@ -116,24 +116,38 @@ class FilterSpec:
     counters: tuple[str, ...] = field(default=COUNTERS)
 
     @classmethod
-    def build(cls, interface: str, port: int, segment: Iterable[str | ipaddress.IPv4Network],
-              peers: Iterable[str], **kw: Any) -> FilterSpec:
+    def build(
+        cls,
+        interface: str,
+        port: int,
+        segment: Iterable[str | ipaddress.IPv4Network],
+        peers: Iterable[str],
+        **kw: Any,
+    ) -> FilterSpec:
         """Normalise and validate (ValueError on a bad value)."""
-        spec = cls(interface, port, _networks(segment),
-                   tuple(sorted({ipaddress.IPv4Address(p) for p in peers})), **kw)
+        spec = cls(
+            interface,
+            port,
+            _networks(segment),
+            tuple(sorted({ipaddress.IPv4Address(p) for p in peers})),
+            **kw,
+        )
         spec.validate()
         return spec
 
     def validate(self) -> None:
         # An interface name goes into a quoted string: keep it to what Linux allows.
-        if not (0 < len(self.interface) < 16
-                and all(c.isalnum() or c in "-_.@:" for c in self.interface)):
+        if not (
+            0 < len(self.interface) < 16
+            and all(c.isalnum() or c in "-_.@:" for c in self.interface)
+        ):
             raise ValueError(f"bad interface name {self.interface!r}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be in 1..65535, not {self.port}")
         if not 1 <= self.min_size <= self.max_size <= 65535 - UDP_HEADER:
-            raise ValueError(f"datagram sizes {self.min_size}..{self.max_size} are not "
-                             "a valid UDP payload range")
+            raise ValueError(
+                f"datagram sizes {self.min_size}..{self.max_size} are not a valid UDP payload range"
+            )
         if not self.table.replace("_", "").isalnum():
             raise ValueError(f"bad table name {self.table!r}")
 
@@ -181,9 +195,14 @@ def filter_commands(spec: FilterSpec) -> list[str]:
 class HeartbeatFilter:
     """The ``inet lbd_hb`` table of one daemon. Keep the object for the daemon's life."""
 
-    def __init__(self, interface: str, port: int,
-                 segment: Iterable[str | ipaddress.IPv4Network], peers: Iterable[str] = (),
-                 **kw: Any) -> None:
+    def __init__(
+        self,
+        interface: str,
+        port: int,
+        segment: Iterable[str | ipaddress.IPv4Network],
+        peers: Iterable[str] = (),
+        **kw: Any,
+    ) -> None:
         self.spec = FilterSpec.build(interface, port, segment, peers, **kw)
         self._nft: Any = None
 
@@ -215,15 +234,23 @@ class HeartbeatFilter:
         makes this fail with EPERM."""
         self._run(filter_commands(self.spec))
 
-    def update(self, *, segment: Iterable[str | ipaddress.IPv4Network] | None = None,
-               peers: Iterable[str] | None = None) -> None:
+    def update(
+        self,
+        *,
+        segment: Iterable[str | ipaddress.IPv4Network] | None = None,
+        peers: Iterable[str] | None = None,
+    ) -> None:
         """Replace the segment and/or peers (one transaction; unchanged: nothing sent)."""
         new = FilterSpec.build(
-            self.spec.interface, self.spec.port,
+            self.spec.interface,
+            self.spec.port,
             self.spec.segment if segment is None else segment,
             map(str, self.spec.peers) if peers is None else peers,
-            min_size=self.spec.min_size, max_size=self.spec.max_size,
-            table=self.spec.table, priority=self.spec.priority)
+            min_size=self.spec.min_size,
+            max_size=self.spec.max_size,
+            table=self.spec.table,
+            priority=self.spec.priority,
+        )
         if new == self.spec:
             return
         if self._nft is not None:
@@ -252,8 +279,12 @@ class HeartbeatFilter:
         if self._nft is None:
             return
         try:
-            self._run([f"add table inet {self.spec.table} {{ flags owner; }}",
-                       f"delete table inet {self.spec.table}"])
+            self._run(
+                [
+                    f"add table inet {self.spec.table} {{ flags owner; }}",
+                    f"delete table inet {self.spec.table}",
+                ]
+            )
         finally:
             self._nft = None  # the kernel drops the table with the socket in any case
 
@@ -284,12 +315,16 @@ def interface_networks(ifindex: int) -> list[ipaddress.IPv4Network]:
     ``IFA_ADDRESS``). Raises OSError if netlink fails.
     """
     found: list[ipaddress.IPv4Network] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       socket.NETLINK_ROUTE) as sock:
+    with socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+    ) as sock:
         sock.bind((0, 0))
-        sock.send(_NLMSG.pack(_NLMSG.size + _IFADDRMSG.size, _RTM_GETADDR,
-                              _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
-                  + _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0))
+        sock.send(
+            _NLMSG.pack(
+                _NLMSG.size + _IFADDRMSG.size, _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0
+            )
+            + _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+        )
         while True:
             data = sock.recv(1 << 16)
             if not data:
@@ -303,7 +338,7 @@ def interface_networks(ifindex: int) -> list[ipaddress.IPv4Network]:
                     code = -struct.unpack_from("=i", data, at + _NLMSG.size)[0]
                     raise OSError(code, f"netlink address dump: {os.strerror(code)}")
                 if kind == _RTM_NEWADDR:
-                    net = _address_network(data[at + _NLMSG.size:at + length], ifindex)
+                    net = _address_network(data[at + _NLMSG.size : at + length], ifindex)
                     if net is not None:
                         found.append(net)
                 at += _align(length)
@@ -319,7 +354,7 @@ def _address_network(body: bytes, ifindex: int) -> ipaddress.IPv4Network | None:
         length, kind = _RTATTR.unpack_from(body, at)
         if length < _RTATTR.size:
             break
-        attrs[kind] = body[at + _RTATTR.size:at + length]
+        attrs[kind] = body[at + _RTATTR.size : at + length]
         at += _align(length)
     raw = attrs.get(_IFA_ADDRESS) or attrs.get(_IFA_LOCAL)
     if raw is None or len(raw) != 4:

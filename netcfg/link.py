@@ -229,8 +229,7 @@ class LinkSetup:
             except RecordError as exc:
                 raise LinkError(f"{self.interface}: {exc}") from None
             if loaded is not None:
-                state.update({k: loaded[k] for k in ("sysctls", "addresses", "mac")
-                              if k in loaded})
+                state.update({k: loaded[k] for k in ("sysctls", "addresses", "mac") if k in loaded})
         self._state = state
         return state
 
@@ -359,8 +358,12 @@ class LinkSetup:
             # valid_lft, while 0.7.2 (Debian 12) drops them and takes its
             # IFA_CACHEINFO from cacheinfo={"preferred", "valid"} only (else the
             # address is added preferred for ever). Checked on both versions.
-            kwargs.update(flags=IFA_F_NODAD, preferred_lft=0, valid_lft=INFINITY_LFT,
-                          cacheinfo={"preferred": 0, "valid": INFINITY_LFT})
+            kwargs.update(
+                flags=IFA_F_NODAD,
+                preferred_lft=0,
+                valid_lft=INFINITY_LFT,
+                cacheinfo={"preferred": 0, "valid": INFINITY_LFT},
+            )
         try:
             ipr.addr("add", **kwargs)
         except NetlinkError as exc:

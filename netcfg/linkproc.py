@@ -46,20 +46,28 @@ class LinkProcessError(LbdError):
 def call(request: dict[str, Any], timeout: float = TIMEOUT) -> Any:
     """Run one request in a child process; its result, or the error it reported."""
     try:
-        done = subprocess.run([sys.executable, "-m", "lbd.netcfg.linkproc"],
-                              input=json.dumps(request), capture_output=True, text=True,
-                              timeout=timeout, check=False, close_fds=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "lbd.netcfg.linkproc"],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            close_fds=True,
+        )
     except subprocess.TimeoutExpired:
-        raise LinkProcessError(f"link helper ({request['op']}) did not finish within "
-                               f"{timeout:.0f} s") from None
+        raise LinkProcessError(
+            f"link helper ({request['op']}) did not finish within {timeout:.0f} s"
+        ) from None
     except OSError as exc:
         raise LinkProcessError(f"cannot start the link helper: {exc.strerror}") from None
     try:
         answer = json.loads(done.stdout)
     except ValueError:
         detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LinkProcessError(f"link helper ({request['op']}) failed with exit code "
-                               f"{done.returncode}: {detail}") from None
+        raise LinkProcessError(
+            f"link helper ({request['op']}) failed with exit code {done.returncode}: {detail}"
+        ) from None
     error = answer.get("error")
     if error is None:
         return answer.get("result")
@@ -72,19 +80,30 @@ def call(request: dict[str, Any], timeout: float = TIMEOUT) -> Any:
 
 def resolve_address(interface: str, address: str | None, path: str | Path) -> tuple[int, str]:
     """(interface index, own IPv4 address), as ``lbd.daemon.config.resolve_address``."""
-    index, found = call({"op": "resolve", "interface": interface, "address": address,
-                         "path": str(path)})
+    index, found = call(
+        {"op": "resolve", "interface": interface, "address": address, "path": str(path)}
+    )
     return int(index), str(found)
 
 
 class LinkProcess:
     """``LinkSetup``'s apply/restore, each run in a child process (same arguments)."""
 
-    def __init__(self, interface: str, vips: Sequence[str], *, cluster_mac: str | None,
-                 state_file: str | Path) -> None:
+    def __init__(
+        self,
+        interface: str,
+        vips: Sequence[str],
+        *,
+        cluster_mac: str | None,
+        state_file: str | Path,
+    ) -> None:
         self.state_file = Path(state_file)
-        self.params = {"interface": interface, "vips": list(vips), "cluster_mac": cluster_mac,
-                       "state_file": str(state_file)}
+        self.params = {
+            "interface": interface,
+            "vips": list(vips),
+            "cluster_mac": cluster_mac,
+            "state_file": str(state_file),
+        }
 
     def add_vip(self, index: int, address: str) -> bool:
         """Put one VIP back at once, over netlink from this process (no child, no
@@ -119,11 +138,15 @@ class LinkProcess:
         sysctls = record.get("sysctls") if record else None
         if not isinstance(sysctls, dict):
             return {}
-        return {str(key): str(entry["set"]) for key, entry in sysctls.items()
-                if isinstance(entry, dict) and "set" in entry}
+        return {
+            str(key): str(entry["set"])
+            for key, entry in sysctls.items()
+            if isinstance(entry, dict) and "set" in entry
+        }
 
 
 # ---------------------------------------------------------------- child side
+
 
 def _serve(request: dict[str, Any]) -> Any:
     from lbd.daemon.config import resolve_address as resolve  # noqa: PLC0415
@@ -134,8 +157,12 @@ def _serve(request: dict[str, Any]) -> Any:
         return list(resolve(request["interface"], request["address"], request["path"]))
     if op not in ("apply", "restore"):
         raise LinkProcessError(f"unknown link helper request {op!r}")
-    setup = LinkSetup(request["interface"], request["vips"], cluster_mac=request["cluster_mac"],
-                      state_file=request["state_file"])
+    setup = LinkSetup(
+        request["interface"],
+        request["vips"],
+        cluster_mac=request["cluster_mac"],
+        state_file=request["state_file"],
+    )
     getattr(setup, op)()
     return None
 

@@ -70,8 +70,9 @@ def interface_mac(interface: str) -> str:
     name = _name(interface)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
-            ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR,
-                                struct.pack("16s", name).ljust(IFREQ_SIZE, b"\0"))
+            ifreq = fcntl.ioctl(
+                sock.fileno(), SIOCGIFHWADDR, struct.pack("16s", name).ljust(IFREQ_SIZE, b"\0")
+            )
         except OSError as exc:
             raise MacFilterError(f"interface {interface!r}: {exc.strerror}") from None
     return ":".join(f"{b:02x}" for b in ifreq[18:24])
@@ -121,8 +122,9 @@ def _index(interface: str) -> int:
 def uc_listed(interface: str, mac: str) -> bool:
     """Whether ``mac`` is a permanent ``self`` entry of ``interface`` (its unicast list)."""
     index, want = _index(interface), mac_bytes(mac)
-    request = nl._message(RTM_GETNEIGH, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, 1,
-                          _NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0, 0, 0))
+    request = nl._message(
+        RTM_GETNEIGH, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, 1, _NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0, 0, 0)
+    )
     try:
         answer = nl._request(nl.NETLINK_ROUTE, request)
     except (nl.NetlinkError, OSError) as exc:
@@ -131,8 +133,12 @@ def uc_listed(interface: str, mac: str) -> bool:
         if mtype != RTM_NEWNEIGH or len(payload) < _NDMSG.size:
             continue
         _fam, _p1, _p2, ifindex, state, flags, _type = _NDMSG.unpack_from(payload)
-        if (ifindex == index and flags & NTF_SELF and state & NUD_PERMANENT
-                and nl.attributes(payload, _NDMSG.size).get(NDA_LLADDR) == want):
+        if (
+            ifindex == index
+            and flags & NTF_SELF
+            and state & NUD_PERMANENT
+            and nl.attributes(payload, _NDMSG.size).get(NDA_LLADDR) == want
+        ):
             return True
     return False
 
@@ -140,16 +146,19 @@ def uc_listed(interface: str, mac: str) -> bool:
 def uc_join(interface: str, mac: str, *, leave: bool = False) -> None:
     """``bridge fdb add|del MAC dev IF self permanent`` over rtnetlink."""
     index = _index(interface)
-    body = (_NDMSG.pack(AF_BRIDGE, 0, 0, index, NUD_PERMANENT, NTF_SELF, 0)
-            + nl._attr(NDA_LLADDR, mac_bytes(mac)))
+    body = _NDMSG.pack(AF_BRIDGE, 0, 0, index, NUD_PERMANENT, NTF_SELF, 0) + nl._attr(
+        NDA_LLADDR, mac_bytes(mac)
+    )
     flags = nl.NLM_F_REQUEST | nl.NLM_F_ACK | (0 if leave else nl.NLM_F_CREATE)
     try:
-        nl._request(nl.NETLINK_ROUTE, nl._message(RTM_DELNEIGH if leave else RTM_NEWNEIGH,
-                                                  flags, 1, body))
+        nl._request(
+            nl.NETLINK_ROUTE, nl._message(RTM_DELNEIGH if leave else RTM_NEWNEIGH, flags, 1, body)
+        )
     except (nl.NetlinkError, OSError) as exc:
         what = "remove" if leave else "add"
-        raise MacFilterError(f"{interface}: cannot {what} {mac} as a unicast filter "
-                             f"entry: {exc}") from None
+        raise MacFilterError(
+            f"{interface}: cannot {what} {mac} as a unicast filter entry: {exc}"
+        ) from None
 
 
 # ------------------------------------------------------------ either

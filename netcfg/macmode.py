@@ -175,8 +175,9 @@ class MacModeSpec:
         return not is_group_mac(self.cluster_mac)
 
     @classmethod
-    def build(cls, interface: str, cluster_mac: str, own_mac: str,
-              vips: Sequence[str]) -> MacModeSpec:
+    def build(
+        cls, interface: str, cluster_mac: str, own_mac: str, vips: Sequence[str]
+    ) -> MacModeSpec:
         """The mode follows the MAC: a group MAC is multicast mode, a unicast one flood."""
         v4: list[str] = []
         v6: list[str] = []
@@ -188,10 +189,17 @@ class MacModeSpec:
         if own_mac.lower() == cluster_mac.lower():
             # E.g. left over from shared mode: every frame would then come FROM the
             # cluster MAC and switches would learn it on one port.
-            raise ValueError(f"{interface} wears the cluster MAC {cluster_mac} as its own; "
-                             "this mode needs every node's own MAC on the interface")
-        return cls(interface, cluster_mac.lower(), own_mac.lower(),
-                   tuple(dict.fromkeys(v4)), tuple(dict.fromkeys(v6)))
+            raise ValueError(
+                f"{interface} wears the cluster MAC {cluster_mac} as its own; "
+                "this mode needs every node's own MAC on the interface"
+            )
+        return cls(
+            interface,
+            cluster_mac.lower(),
+            own_mac.lower(),
+            tuple(dict.fromkeys(v4)),
+            tuple(dict.fromkeys(v6)),
+        )
 
 
 def _hex(data: bytes) -> str:
@@ -220,26 +228,31 @@ def table_commands(spec: MacModeSpec) -> list[str]:
     if spec.flood:
         cmds += flood_commands(spec)
     else:
-        cmds.append(f"add rule {inet} pre iifname {ifn} ether daddr {mac} "
-                    "meta pkttype set host")
+        cmds.append(f"add rule {inet} pre iifname {ifn} ether daddr {mac} meta pkttype set host")
     comp = nd_compensation(spec.own_mac, spec.cluster_mac)
     for vip in spec.vips6:
         target = _hex(ipaddress.IPv6Address(vip).packed)
         # NS for a VIP: only the designated responder lets it in (offset 64: target).
-        cmds.append(f"add rule {inet} pre iifname {ifn} icmpv6 type nd-neighbor-solicit "
-                    f"@th,64,128 {target} iifname != @answer drop")
+        cmds.append(
+            f"add rule {inet} pre iifname {ifn} icmpv6 type nd-neighbor-solicit "
+            f"@th,64,128 {target} iifname != @answer drop"
+        )
         # NA for a VIP carrying our own MAC in its first option (TLLA: type 2, len 1).
         # Both NA and NS have reserved bits at offset 48..63 and the first option at
         # byte 24; own and cluster MAC are fixed, so `comp` is exact (module doc).
         own, new = _hex(mac_bytes(spec.own_mac)), _hex(mac_bytes(mac))
         rewrite = f"@th,48,16 0 @th,208,48 set {new} @th,48,16 set {comp}"
-        cmds.append(f"add rule {inet} out oifname {ifn} icmpv6 type nd-neighbor-advert "
-                    f"@th,64,128 {target} @th,192,16 0x0201 @th,208,48 {own} {rewrite}")
+        cmds.append(
+            f"add rule {inet} out oifname {ifn} icmpv6 type nd-neighbor-advert "
+            f"@th,64,128 {target} @th,192,16 0x0201 @th,208,48 {own} {rewrite}"
+        )
         # NS sent FROM a VIP (Linux solicits with the source of the packet that needs
         # the neighbour, e.g. a reply from the VIP): its SLLA option (type 1) would
         # teach the router VIP -> our own MAC. IPv6 has no arp_announce: rewrite it.
-        cmds.append(f"add rule {inet} out oifname {ifn} icmpv6 type nd-neighbor-solicit "
-                    f"ip6 saddr {vip} @th,192,16 0x0101 @th,208,48 {own} {rewrite}")
+        cmds.append(
+            f"add rule {inet} out oifname {ifn} icmpv6 type nd-neighbor-solicit "
+            f"ip6 saddr {vip} @th,192,16 0x0101 @th,208,48 {own} {rewrite}"
+        )
     if spec.vips4:
         arp = f"arp {spec.table}"
         vips = "{ " + ", ".join(spec.vips4) + " }"
@@ -312,9 +325,16 @@ def remove_commands(table: str = TABLE) -> list[str]:
 class MacMode:
     """Apply/undo multicast cluster-MAC mode on one interface; see module doc."""
 
-    def __init__(self, interface: str, vips: Sequence[str], cluster_mac: str, *,
-                 state_file: str | Path | None = None, table: str = TABLE,
-                 persist: bool = False) -> None:
+    def __init__(
+        self,
+        interface: str,
+        vips: Sequence[str],
+        cluster_mac: str,
+        *,
+        state_file: str | Path | None = None,
+        table: str = TABLE,
+        persist: bool = False,
+    ) -> None:
         """``persist``: owner + persist tables where the kernel can (module doc);
         ``persistent`` then says whether they are."""
         self.interface = interface
@@ -393,12 +413,14 @@ class MacMode:
             raise MacModeError(str(exc)) from None
         state = self._load()
         old = state["maddr"]
-        if old is not None and (old["interface"], old["mac"]) != (self.interface,
-                                                                  self.cluster_mac):
+        if old is not None and (old["interface"], old["mac"]) != (self.interface, self.cluster_mac):
             self._leave(state)  # a previous run's group on another interface/MAC
         if state["maddr"] is None:
-            state["maddr"] = {"interface": self.interface, "mac": self.cluster_mac,
-                              "added": not macfilter.listed(self.interface, self.cluster_mac)}
+            state["maddr"] = {
+                "interface": self.interface,
+                "mac": self.cluster_mac,
+                "added": not macfilter.listed(self.interface, self.cluster_mac),
+            }
         state["tables"] = self.table
         self._save(state)  # write-ahead: a crash from here on is restorable
         if not macfilter.listed(self.interface, self.cluster_mac):
@@ -407,8 +429,11 @@ class MacMode:
             self._context()
             try:
                 self.persistent = self._sock is not None and all(
-                    [claim_persistent(self._sock, family, self.table)
-                     for family in _families(self.spec)])
+                    [
+                        claim_persistent(self._sock, family, self.table)
+                        for family in _families(self.spec)
+                    ]
+                )
             except NftError as exc:
                 raise MacModeError(str(exc)) from None
         if not self.spec.flood:  # a flood-mode run's table, before the mode changed

@@ -137,7 +137,7 @@ def messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
         length, mtype, flags, _seq, portid = _HDR.unpack_from(data, offset)
         if length < _HDR.size or offset + length > len(data):
             return  # truncated: what was complete has been returned
-        yield mtype, flags, portid, data[offset + _HDR.size:offset + length]
+        yield mtype, flags, portid, data[offset + _HDR.size : offset + length]
         offset += (length + 3) & ~3
 
 
@@ -148,7 +148,7 @@ def attributes(data: bytes, offset: int = 0) -> dict[int, bytes]:
         length, atype = _ATTR.unpack_from(data, offset)
         if length < _ATTR.size or offset + length > len(data):
             break
-        found.setdefault(atype & 0x3FFF, data[offset + _ATTR.size:offset + length])
+        found.setdefault(atype & 0x3FFF, data[offset + _ATTR.size : offset + length])
         offset += (length + 3) & ~3
     return found
 
@@ -184,8 +184,15 @@ def parse_route(data: bytes) -> list[AddrEvent | LinkEvent]:
         elif mtype in (RTM_NEWLINK, RTM_DELLINK) and len(payload) >= _IFINFO.size:
             _family, _pad, _type, index, flags, _change = _IFINFO.unpack_from(payload)
             attrs = attributes(payload, _IFINFO.size)
-            out.append(LinkEvent(mtype == RTM_NEWLINK, index, flags,
-                                 _text(attrs.get(IFLA_IFNAME)), _mac(attrs.get(IFLA_ADDRESS))))
+            out.append(
+                LinkEvent(
+                    mtype == RTM_NEWLINK,
+                    index,
+                    flags,
+                    _text(attrs.get(IFLA_IFNAME)),
+                    _mac(attrs.get(IFLA_ADDRESS)),
+                )
+            )
     return out
 
 
@@ -200,11 +207,21 @@ def parse_nft(data: bytes) -> list[NftEvent | NftGeneration]:
         kind = mtype & 0xFF
         if kind == NFT_MSG_NEWGEN:
             pid = attrs.get(NFTA_GEN_PROC_PID, b"")
-            out.append(NftGeneration(struct.unpack("!I", pid)[0] if len(pid) == 4 else 0,
-                                     _text(attrs.get(NFTA_GEN_PROC_NAME)) or "?"))
+            out.append(
+                NftGeneration(
+                    struct.unpack("!I", pid)[0] if len(pid) == 4 else 0,
+                    _text(attrs.get(NFTA_GEN_PROC_NAME)) or "?",
+                )
+            )
         elif kind in NFT_TABLE_MESSAGES and 1 in attrs:
-            out.append(NftEvent(NFT_TABLE_MESSAGES[kind], FAMILY_NAME.get(family, str(family)),
-                                _text(attrs[1]) or "", portid))
+            out.append(
+                NftEvent(
+                    NFT_TABLE_MESSAGES[kind],
+                    FAMILY_NAME.get(family, str(family)),
+                    _text(attrs[1]) or "",
+                    portid,
+                )
+            )
     return out
 
 
@@ -214,12 +231,15 @@ def parse_nft(data: bytes) -> list[NftEvent | NftGeneration]:
 def open_socket(protocol: int, groups: int = 0, rcvbuf: int = 1 << 20) -> socket.socket:
     """A non-blocking, close-on-exec netlink socket subscribed to ``groups``."""
     try:
-        sock = socket.socket(socket.AF_NETLINK,
-                             socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                             protocol)
+        sock = socket.socket(
+            socket.AF_NETLINK,
+            socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            protocol,
+        )
     except OSError as exc:
-        raise NetlinkError(f"cannot open a netlink socket: {exc.strerror}",
-                           exc.errno or 0) from None
+        raise NetlinkError(
+            f"cannot open a netlink socket: {exc.strerror}", exc.errno or 0
+        ) from None
     try:
         try:  # room for a burst (a flush of a big ruleset); FORCE needs CAP_NET_ADMIN
             sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
@@ -228,8 +248,9 @@ def open_socket(protocol: int, groups: int = 0, rcvbuf: int = 1 << 20) -> socket
         sock.bind((0, groups))
     except OSError as exc:
         sock.close()
-        raise NetlinkError(f"cannot subscribe to netlink groups {groups:#x}: {exc.strerror}",
-                           exc.errno or 0) from None
+        raise NetlinkError(
+            f"cannot subscribe to netlink groups {groups:#x}: {exc.strerror}", exc.errno or 0
+        ) from None
     return sock
 
 
@@ -244,8 +265,7 @@ def _attr(atype: int, value: bytes) -> bytes:
 
 def _request(protocol: int, request: bytes, timeout: float = 2.0) -> list[tuple[int, bytes]]:
     """Send one request on a fresh socket; (type, payload) of the answer up to DONE."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       protocol) as sock:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol) as sock:
         sock.settimeout(timeout)
         sock.bind((0, 0))
         sock.send(request)
@@ -270,8 +290,9 @@ def _request(protocol: int, request: bytes, timeout: float = 2.0) -> list[tuple[
 
 def dump_addresses(index: int) -> set[str]:
     """The addresses on interface ``index`` now (blocking: call it off the loop)."""
-    request = _message(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1,
-                       _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+    request = _message(
+        RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    )
     found = set()
     for mtype, payload in _request(NETLINK_ROUTE, request):
         if mtype == RTM_NEWADDR:
@@ -293,8 +314,11 @@ def add_vip(index: int, address: str) -> bool:
         attrs = _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
     else:
         head = _IFADDR.pack(socket.AF_INET6, 128, IFA_F_NODAD, 0, index)
-        attrs = (_attr(IFA_ADDRESS, packed) + _attr(IFA_FLAGS, struct.pack("=I", IFA_F_NODAD))
-                 + _attr(IFA_CACHEINFO, struct.pack("=IIII", 0, INFINITY_LFT, 0, 0)))
+        attrs = (
+            _attr(IFA_ADDRESS, packed)
+            + _attr(IFA_FLAGS, struct.pack("=I", IFA_F_NODAD))
+            + _attr(IFA_CACHEINFO, struct.pack("=IIII", 0, INFINITY_LFT, 0, 0))
+        )
     flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
     try:
         _request(NETLINK_ROUTE, _message(RTM_NEWADDR, flags, 1, head + attrs))
@@ -324,8 +348,9 @@ def get_link(index: int) -> LinkEvent | None:
 # ---------------------------------------------------------------- nf_tables batches
 
 
-def table_message(op: int, family: str, name: str, flags: int | None = None, *,
-                  seq: int = 1) -> bytes:
+def table_message(
+    op: int, family: str, name: str, flags: int | None = None, *, seq: int = 1
+) -> bytes:
     """A NEWTABLE (created if absent)/DELTABLE message for ``family`` table ``name``."""
     body = _NFGEN.pack(NFPROTO[family], 0, 0) + _attr(NFTA_TABLE_NAME, name.encode() + b"\0")
     if flags is not None:
@@ -337,8 +362,11 @@ def table_message(op: int, family: str, name: str, flags: int | None = None, *,
 def table_batch(parts: list[bytes], seq: int) -> bytes:
     """``parts`` (each from :func:`table_message`) as ONE nf_tables transaction."""
     begin = _NFGEN.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
-    return (_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, begin) + b"".join(parts)
-            + _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + len(parts) + 1, begin))
+    return (
+        _message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, begin)
+        + b"".join(parts)
+        + _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + len(parts) + 1, begin)
+    )
 
 
 def exchange(sock: socket.socket, request: bytes, acks: int, timeout: float = 2.0) -> list[int]:

@@ -125,8 +125,7 @@ def new_context() -> tuple[Any, socket.socket | None]:
     try:
         import nftables  # noqa: PLC0415 - Debian's binding, only on real nodes
     except ImportError as exc:
-        raise NftError("the nftables Python binding is missing (Debian: python3-nftables)"
-                       ) from exc
+        raise NftError("the nftables Python binding is missing (Debian: python3-nftables)") from exc
     before = _netfilter_fds()
     ctx = nftables.Nftables()
     added = _netfilter_fds() - before
@@ -148,8 +147,10 @@ def claim_persistent(sock: socket.socket, family: str, name: str) -> bool:
 
     def batch(*parts: tuple[int, int | None]) -> list[int]:
         seq = next(_SEQ)
-        msgs = [nl.table_message(op, family, name, fl, seq=seq + 1 + i)
-                for i, (op, fl) in enumerate(parts)]
+        msgs = [
+            nl.table_message(op, family, name, fl, seq=seq + 1 + i)
+            for i, (op, fl) in enumerate(parts)
+        ]
         try:
             return nl.exchange(sock, nl.table_batch(msgs, seq), len(msgs))
         except (OSError, nl.NetlinkError) as exc:
@@ -314,8 +315,7 @@ class NftDataplane:
         target = frozenset(operator.index(b) for b in owned)
         bad = [b for b in target if not 0 <= b < self.spec.buckets]
         if bad:
-            raise ValueError(
-                f"buckets out of range 0..{self.spec.buckets - 1}: {sorted(bad)[:5]}")
+            raise ValueError(f"buckets out of range 0..{self.spec.buckets - 1}: {sorted(bad)[:5]}")
         if isinstance(owned, frozenset):  # immutable: safe to know again by identity
             self._checked = (owned, target)
         return target
@@ -336,14 +336,14 @@ class NftDataplane:
         and the copy deleted.
         """
         if not self.persist:
-            self._run(guard_commands(self.spec) + owner_table_commands(self.spec,
-                                                                       self._installed))
+            self._run(guard_commands(self.spec) + owner_table_commands(self.spec, self._installed))
         else:
             boot = replace(self.spec, guard_table=f"{self.spec.guard_table}_boot")
             self._run(guard_commands(boot) + owner_table_commands(self.spec, self._installed))
             self._context()
             self.persistent = self._sock is not None and claim_persistent(
-                self._sock, "inet", self.spec.guard_table)
+                self._sock, "inet", self.spec.guard_table
+            )
             self._run([*self._guard_commands(), f"delete table inet {boot.guard_table}"])
         self._installed = True
         self._owned, self._queue = frozenset(), ()
@@ -363,8 +363,11 @@ class NftDataplane:
             self._run(live_commands(self.spec, False))
         # nft lists the constant as a local date in whole seconds: 512 ns is the epoch.
         epoch = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(0))
-        return len(rules) == 1 and {"match": {"op": "<", "left": {"meta": {"key": "time"}},
-                                              "right": epoch}} in rules[0]["expr"]
+        return (
+            len(rules) == 1
+            and {"match": {"op": "<", "left": {"meta": {"key": "time"}}, "right": epoch}}
+            in rules[0]["expr"]
+        )
 
     def _chain_objects(self, chain: str) -> list[dict[str, Any]]:
         rc, out, err = self._context().cmd(f"list chain inet {self.spec.table} {chain}")
@@ -375,8 +378,7 @@ class NftDataplane:
         except (ValueError, KeyError, TypeError) as exc:
             raise NftError(f"unreadable listing of chain {chain}: {exc}") from None
 
-    def apply(self, owned: Set[int], lease_ms: int | None, *,
-              until_ns: int | None = None) -> None:
+    def apply(self, owned: Set[int], lease_ms: int | None, *, until_ns: int | None = None) -> None:
         """Make the kernel hold exactly ``owned`` and a lease of ``lease_ms`` (None: none).
 
         ``until_ns`` is the same lease's end on the wall clock (``time.time_ns()``),

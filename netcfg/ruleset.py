@@ -363,8 +363,9 @@ PROBE_NS = _NS_STEP
 the wrapping arithmetic above can express, and which never matches a packet."""
 
 
-def lease_commands(spec: RulesetSpec, lease_ms: int | None,
-                   until_ns: int | None = None) -> list[str]:
+def lease_commands(
+    spec: RulesetSpec, lease_ms: int | None, until_ns: int | None = None
+) -> list[str]:
     """Refresh (or drop) the lease atomically: the relative timeout of the lease
     elements and, with ``until_ns``, the absolute deadline of ``live``.
 

@@ -81,8 +81,16 @@ class Clash:
 class Gate:
     """The admission checks of one node (see the module doc)."""
 
-    def __init__(self, node_id: str, incarnation: int, params: bytes, hold: float,
-                 events: list[ev.Event], *, name: str = "") -> None:
+    def __init__(
+        self,
+        node_id: str,
+        incarnation: int,
+        params: bytes,
+        hold: float,
+        events: list[ev.Event],
+        *,
+        name: str = "",
+    ) -> None:
         self.node_id = node_id
         self.name = name
         self.incarnation = incarnation
@@ -129,8 +137,7 @@ class Gate:
             if known is None and len(self.mismatched) >= MAX_MISMATCHED:
                 oldest = min(self.mismatched.values(), key=lambda m: m.last_heard)
                 del self.mismatched[oldest.node_id]
-            self.mismatched[sender] = Mismatch(sender, address, incarnation, fields, 1, now,
-                                               name)
+            self.mismatched[sender] = Mismatch(sender, address, incarnation, fields, 1, now, name)
             self._events.append(ev.ParameterMismatch(sender, address, fields))
             return False
         known.count += 1
@@ -144,8 +151,9 @@ class Gate:
         """A datagram with our node ID: our own echo, a clone's, or one of a node whose
         name shares our wire ID (``name`` differs from ours)."""
         if incarnation != self.incarnation or (name and self.name and name != self.name):
-            self._clash(address, incarnation, now, direct=True,
-                        other_name=name if name != self.name else "")
+            self._clash(
+                address, incarnation, now, direct=True, other_name=name if name != self.name else ""
+            )
             if self.outgrown < incarnation < self.incarnation and self.clash is not None:
                 # We are the newer process beside a live older one: the clone (a
                 # restart never hears its previous run). Out for good, until the
@@ -159,26 +167,35 @@ class Gate:
         it hears another process that uses our ID."""
         self._clash(address, incarnation, now, direct=False)
 
-    def stale_sender(self, sender: str, incarnation: int, address: str, current: str,
-                     current_incarnation: int) -> None:
+    def stale_sender(
+        self, sender: str, incarnation: int, address: str, current: str, current_incarnation: int
+    ) -> None:
         """A peer's older incarnation still speaks from another address than its newer
         one: two processes share that ID. Reported once per pair of addresses."""
         key = (sender, address)
         if key in self._clashes_reported or len(self._clashes_reported) >= MAX_MISMATCHED:
             return
         self._clashes_reported.add(key)
-        self._events.append(ev.DuplicateNodeId(sender, incarnation, address, current,
-                                               current_incarnation))
+        self._events.append(
+            ev.DuplicateNodeId(sender, incarnation, address, current, current_incarnation)
+        )
 
-    def _clash(self, address: str, incarnation: int, now: float, *, direct: bool,
-               other_name: str = "") -> None:
+    def _clash(
+        self, address: str, incarnation: int, now: float, *, direct: bool, other_name: str = ""
+    ) -> None:
         if not other_name:  # a collision of two names is not fixed by a new incarnation
             self.newest_clone = max(self.newest_clone, incarnation)
         known = self.clash
         if known is None or now >= known.until:
-            self._events.append(ev.DuplicateNodeId(
-                self.node_id, incarnation, address if direct else "", "" if direct else address,
-                self.incarnation))
+            self._events.append(
+                ev.DuplicateNodeId(
+                    self.node_id,
+                    incarnation,
+                    address if direct else "",
+                    "" if direct else address,
+                    self.incarnation,
+                )
+            )
         elif known.direct and not direct:
             known.until = max(known.until, now + self._hold)  # keep naming the one we heard
             return
@@ -204,11 +221,9 @@ class Gate:
     # ------------------------------------------------------------- upkeep
 
     def forget_silent(self, now: float) -> None:
-        for address in [a for a, s in self.strangers.items()
-                        if now - s.last_heard > FORGET_AFTER]:
+        for address in [a for a, s in self.strangers.items() if now - s.last_heard > FORGET_AFTER]:
             del self.strangers[address]
-        for node_id in [n for n, m in self.mismatched.items()
-                        if now - m.last_heard > FORGET_AFTER]:
+        for node_id in [n for n, m in self.mismatched.items() if now - m.last_heard > FORGET_AFTER]:
             del self.mismatched[node_id]
         if self.clash is not None and now - self.clash.until > FORGET_AFTER:
             self.clash = None
@@ -216,35 +231,44 @@ class Gate:
     def heard_strangers(self, now: float, within: float) -> bool:
         """Whether any stranger or mismatched peer was heard in the last ``within``."""
         return any(now - s.last_heard <= within for s in self.strangers.values()) or any(
-            now - m.last_heard <= within for m in self.mismatched.values())
+            now - m.last_heard <= within for m in self.mismatched.values()
+        )
 
     def problems(self, now: float) -> list[str]:
         """One line per current admission problem, for ``lbd-cli status`` and STATUS."""
         lines = []
         if self.clashing(now) and self.clash is not None:
-            where = (f"the process at {self.clash.address}" if self.clash.direct else
-                     f"another process (peer {self.clash.address} lists it)")
+            where = (
+                f"the process at {self.clash.address}"
+                if self.clash.direct
+                else f"another process (peer {self.clash.address} lists it)"
+            )
             if self.clash.other_name:
                 lines.append(
                     f"node names {self.name} and {self.clash.other_name} (at "
                     f"{self.clash.address}) share the wire ID {self.node_id}: serving nothing "
-                    "while both speak; rename one")
+                    "while both speak; rename one"
+                )
             else:
-                how_long = ("until restarted (this process is the newer one)"
-                            if self.clash.until == math.inf else "while both speak")
+                how_long = (
+                    "until restarted (this process is the newer one)"
+                    if self.clash.until == math.inf
+                    else "while both speak"
+                )
                 lines.append(
                     f"node ID {self.name or self.node_id} is also used by {where} "
                     f"(incarnation {self.clash.incarnation}, this one {self.incarnation}): "
                     f"serving nothing {how_long}; give each node its own node_id "
-                    "(cloned /etc/machine-id?)")
+                    "(cloned /etc/machine-id?)"
+                )
         for m in sorted(self.mismatched.values(), key=lambda m: m.node_id):
             if now - m.last_heard <= REPORT_WITHIN:
                 lines.append(
                     f"node {m.name or m.node_id} at {m.address} disagrees on "
                     f"{', '.join(m.fields)}: "
-                    "not admitted (every node must have the same value)")
+                    "not admitted (every node must have the same value)"
+                )
         for s in sorted(self.strangers.values(), key=lambda s: s.address):
             if now - s.last_heard <= REPORT_WITHIN:
-                lines.append(f"hearing {s.count} datagrams from {s.address} that fail "
-                             f"{s.reason}")
+                lines.append(f"hearing {s.count} datagrams from {s.address} that fail {s.reason}")
         return lines

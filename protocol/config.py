@@ -88,12 +88,22 @@ class Timers:
         # below (nan lease: no S1 check at all). An hour bounds what the kernel's
         # lease timeout and the event loop's timers are ever asked to hold.
         may_be_zero = ("join_holddown", "apply_margin")
-        for name in ("interval", "dead_after", "lease", "join_holddown", "startup_wait",
-                     "leave_timeout", "apply_margin"):
+        for name in (
+            "interval",
+            "dead_after",
+            "lease",
+            "join_holddown",
+            "startup_wait",
+            "leave_timeout",
+            "apply_margin",
+        ):
             value = getattr(self, name)
             key = f"timers.{name}"
-            if (isinstance(value, bool) or not isinstance(value, int | float)
-                    or not math.isfinite(value)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
                 raise ConfigError(f"must be a finite number of seconds, not {value!r}", key=key)
             if value < 0 or (value == 0 and name not in may_be_zero):
                 need = "0 or more" if name in may_be_zero else "more than 0"
@@ -110,11 +120,13 @@ class Timers:
             raise ConfigError(
                 "is too long for timers.dead_after: need "
                 "lease*1.01 + apply_margin < dead_after*0.99, or a dead node's lease "
-                "could outlive its detection (S1)", key="timers.lease"
+                "could outlive its detection (S1)",
+                key="timers.lease",
             )
         if self.join_holddown + 2 * self.interval >= self.dead_after:
-            raise ConfigError("+ 2 intervals must be shorter than timers.dead_after",
-                              key="timers.join_holddown")
+            raise ConfigError(
+                "+ 2 intervals must be shorter than timers.dead_after", key="timers.join_holddown"
+            )
         if self.startup_wait < 2 * self.interval:
             raise ConfigError("must be at least 2 intervals", key="timers.startup_wait")
         return self
@@ -152,14 +164,15 @@ class CoreConfig:
 
     def validate(self) -> CoreConfig:
         # bool is an int subclass: True must not pass as one bucket.
-        for key, value, low, high in (("buckets", self.buckets, 1, 65536),
-                                      ("seed", self.seed, 0, 2**32 - 1)):
+        for key, value, low, high in (
+            ("buckets", self.buckets, 1, 65536),
+            ("seed", self.seed, 0, 2**32 - 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"must be an integer, not {value!r}", key=key)
             if not low <= value <= high:
                 raise ConfigError(f"must be between {low} and {high}, not {value}", key=key)
-        if (not isinstance(self.cluster, str) or not self.cluster
-                or len(self.cluster.encode()) > 64):
+        if not isinstance(self.cluster, str) or not self.cluster or len(self.cluster.encode()) > 64:
             raise ConfigError("name must be 1..64 bytes", key="cluster")
         if not isinstance(self.quorum, QuorumMode):
             raise ConfigError(f"must be a QuorumMode, not {self.quorum!r}", key="quorum")
@@ -176,13 +189,24 @@ class CoreConfig:
         t = self.timers
         values = {name: "" for name in FIELDS}
         values.update(self.shared)
-        values.update({
-            "protocol": PROTOCOL,
-            "buckets": str(self.buckets),
-            "seed": str(self.seed),
-            "quorum": self.quorum.value,
-            "timers": ",".join(repr(float(v)) for v in (
-                t.interval, t.dead_after, t.lease, t.join_holddown, t.startup_wait,
-                t.leave_timeout, t.apply_margin)),
-        })
+        values.update(
+            {
+                "protocol": PROTOCOL,
+                "buckets": str(self.buckets),
+                "seed": str(self.seed),
+                "quorum": self.quorum.value,
+                "timers": ",".join(
+                    repr(float(v))
+                    for v in (
+                        t.interval,
+                        t.dead_after,
+                        t.lease,
+                        t.join_holddown,
+                        t.startup_wait,
+                        t.leave_timeout,
+                        t.apply_margin,
+                    )
+                ),
+            }
+        )
         return values

@@ -90,4 +90,3 @@ class Keyring:
         # Never print key material, only the fingerprints.
         held = ", ".join(fp.hex() for fp in self._aead_by_fingerprint)
         return f"Keyring(current={self._current_fingerprint.hex()}, opens=[{held}])"
-

@@ -88,8 +88,9 @@ class Node(QuorumBase):
         if message is not None and self._take(message, address, now, self._last_key_id):
             self._step(now)
 
-    def receive_datagrams(self, batch: Iterable[tuple[bytes, str, float]],
-                          now: float | None = None) -> None:
+    def receive_datagrams(
+        self, batch: Iterable[tuple[bytes, str, float]], now: float | None = None
+    ) -> None:
         """Datagrams that waited in the socket (see ``quiet_until``), each with its
         arrival time, oldest first; then one step: at ``now`` if given (the caller's
         timer is due as well), else at the latest arrival. An arrival before the
@@ -121,18 +122,18 @@ class Node(QuorumBase):
             self._heard_peer = True  # a cluster we cannot read may be ours, misconfigured
         except VersionError as exc:
             self.counters.foreign_version += 1
-            self._gate.stranger(address, f"the version check ({exc}: another lbd release?)",
-                                now)
+            self._gate.stranger(address, f"the version check ({exc}: another lbd release?)", now)
             self._heard_peer = True
         except DecodeError:
             self.counters.malformed += 1
         else:
-            self._last_key_id = data[3:3 + FINGERPRINT_LEN]
+            self._last_key_id = data[3 : 3 + FINGERPRINT_LEN]
             return message
         return None
 
-    def _take(self, message: Heartbeat | Leave, address: str, now: float,
-              key_id: bytes = b"") -> bool:
+    def _take(
+        self, message: Heartbeat | Leave, address: str, now: float, key_id: bytes = b""
+    ) -> bool:
         """Record one message; whether it was accepted (and a step is due)."""
         if self._left:
             return False
@@ -140,24 +141,37 @@ class Node(QuorumBase):
             self.counters.own_echo += 1
             # A clone's first datagram changes what we advertise: step at once.
             was_clashing = self._clashing
-            self._gate.own_id_heard(message.incarnation, address, now,
-                                    message.name if isinstance(message, Heartbeat) else "")
+            self._gate.own_id_heard(
+                message.incarnation,
+                address,
+                now,
+                message.name if isinstance(message, Heartbeat) else "",
+            )
             return not was_clashing and self._gate.clashing(now)
         known = self._peers.get(message.sender)
-        if (known is not None and message.incarnation > known.incarnation
-                and address != known.address and not (known.left or known.declared_dead)
-                and now - known.last_heard < self.timers.dead_after):
+        if (
+            known is not None
+            and message.incarnation > known.incarnation
+            and address != known.address
+            and not (known.left or known.declared_dead)
+            and now - known.last_heard < self.timers.dead_after
+        ):
             # A restart speaks from the node's own address; a newer incarnation from
             # elsewhere while the one we know still speaks is a second process with
             # that ID (a clone). Taking it for a restart would hand the ID's slices
             # on while the first process may still hold them on a live lease: it
             # replaces nothing until the one we know falls silent for dead_after.
             self.counters.second_process += 1
-            self._gate.stale_sender(message.sender, message.incarnation, address,
-                                    known.address, known.incarnation)
+            self._gate.stale_sender(
+                message.sender, message.incarnation, address, known.address, known.incarnation
+            )
             return False
-        if (known is not None and isinstance(message, Heartbeat) and known.last_seq == message.seq
-                and known.incarnation == message.incarnation):
+        if (
+            known is not None
+            and isinstance(message, Heartbeat)
+            and known.last_seq == message.seq
+            and known.incarnation == message.incarnation
+        ):
             # The newest heartbeat again: with multicast and ``peers`` both, every
             # heartbeat arrives twice. Not a replay worth a warning; dropped all the same.
             self.counters.copies += 1
@@ -166,10 +180,14 @@ class Node(QuorumBase):
             self._replay.check(message.sender, message.incarnation, message.seq)
         except ReplayError:
             self.counters.replayed += 1
-            if (known is not None and message.incarnation < known.incarnation
-                    and address != known.address):
-                self._gate.stale_sender(message.sender, message.incarnation, address,
-                                        known.address, known.incarnation)
+            if (
+                known is not None
+                and message.incarnation < known.incarnation
+                and address != known.address
+            ):
+                self._gate.stale_sender(
+                    message.sender, message.incarnation, address, known.address, known.incarnation
+                )
             return False
         if isinstance(message, Heartbeat) and not self._gate.admits(message, address, now):
             self.counters.mismatched += 1
@@ -215,7 +233,8 @@ class Node(QuorumBase):
         for member in self._view:
             peer = self._peers.get(member.node_id)
             if member.node_id != self.node_id and (
-                    peer is None or peer.last_heartbeat is None or not peer.last_heartbeat.health):
+                peer is None or peer.last_heartbeat is None or not peer.last_heartbeat.health
+            ):
                 return False
         return True
 
@@ -254,8 +273,13 @@ class Node(QuorumBase):
             # old and the shrunk base still intersect. A node on an older view
             # keeps its base (shrinking a stale base is how split brains start).
             last = peer.last_heartbeat
-            if (self._agreed and last is not None and last.agreed and last.draining
-                    and peer.view_match):
+            if (
+                self._agreed
+                and last is not None
+                and last.agreed
+                and last.draining
+                and peer.view_match
+            ):
                 self._base = self._base - {peer.node_id}
                 self._epoch += 1
             self._events.append(ev.MemberLeft(peer.node_id))
@@ -264,8 +288,16 @@ class Node(QuorumBase):
         peer = self._peers.get(hb.sender)
         if peer is None or hb.incarnation > peer.incarnation:
             was_member = peer is not None and peer.in_view and not peer.left
-            peer = Peer(hb.sender, hb.incarnation, hb.weight, hb.draining, address,
-                        first_heard=now, last_heard=now, last_seq=hb.seq)
+            peer = Peer(
+                hb.sender,
+                hb.incarnation,
+                hb.weight,
+                hb.draining,
+                address,
+                first_heard=now,
+                last_heard=now,
+                last_seq=hb.seq,
+            )
             # A restart of a current member replaces it at once: its buckets stay
             # mapped to its ID and its old process (and kernel table) is gone.
             peer.in_view = was_member
@@ -314,7 +346,8 @@ class Node(QuorumBase):
             self._schedule_prompt(now)
         if self._view[0].node_id == hb.sender and peer.in_view:
             self._next_heartbeat = pacing.on_pacer_heartbeat(
-                now, self._last_sent, self._next_heartbeat, self.timers.interval)
+                now, self._last_sent, self._next_heartbeat, self.timers.interval
+            )
 
     def _schedule_prompt(self, now: float) -> None:
         at = max(now, self._last_sent + self.timers.prompt_gap)
@@ -354,7 +387,8 @@ class Node(QuorumBase):
         )
         lease = self._applied[1]
         if candidate is not None and (
-            lease is None or candidate < lease
+            lease is None
+            or candidate < lease
             or (candidate > lease and lease - now < self.timers.lease_refresh)
         ):
             lease = candidate
@@ -446,8 +480,11 @@ class Node(QuorumBase):
                 # heard us since we restarted: a live peer corrects that within an
                 # interval, replayed heartbeats of a dead member (captured before our
                 # restart) never do, so they never make it a member again.
-                eligible = (peer.deaf_since is None and now - peer.first_heard >= holddown
-                            and not peer.lists_stale_me)
+                eligible = (
+                    peer.deaf_since is None
+                    and now - peer.first_heard >= holddown
+                    and not peer.lists_stale_me
+                )
             if eligible and not peer.in_view and len(members) >= MAX_NODES:
                 # The view is full: ownership is defined for at most MAX_NODES members.
                 if not peer.refused:
@@ -498,17 +535,22 @@ class Node(QuorumBase):
             # already agreed a view with (released its slices for) joins at once:
             # waiting here left those slices unserved for ~1 s on every rejoin.
             return
-        if not self._base and (len(self._view) < self.config.bootstrap_expect
-                               or self._gate.heard_strangers(now, self.timers.dead_after)):
+        if not self._base and (
+            len(self._view) < self.config.bootstrap_expect
+            or self._gate.heard_strangers(now, self.timers.dead_after)
+        ):
             # A first start forms the cluster's first view only with this many members
             # (consul's bootstrap_expect), and never while it hears nodes it cannot
             # admit (a wrong key, other parameters): those may be the cluster it was
             # meant to join, and two such newcomers must not start one beside it.
             return
-        if not self._base and ((self._heard_peer and len(self._view) == 1) or any(
-            not p.in_view and not p.left and not p.declared_dead and p.deaf_since is None
-            for p in self._peers.values()
-        )):
+        if not self._base and (
+            (self._heard_peer and len(self._view) == 1)
+            or any(
+                not p.in_view and not p.left and not p.declared_dead and p.deaf_since is None
+                for p in self._peers.values()
+            )
+        ):
             # A newcomer never forms a view while a peer it hears is pending, and once
             # it has heard anyone it never starts a cluster of its own: two fresh nodes
             # that lose each other would otherwise both claim everything.
@@ -517,18 +559,40 @@ class Node(QuorumBase):
             return
         ids = frozenset(m.node_id for m in self._view)
         if self.config.quorum is QuorumMode.MAJORITY and not has_joint_quorum(
-                ids, self._bases(), self._tie_break(now)):
+            ids, self._bases(), self._tie_break(now)
+        ):
             return
-        saved = (self._base, self._epoch, self._prev_base, self._prev_epoch, self._base_params,
-                 self._base_credentials)
-        self._set_base(ids, 1 + max([self._epoch] + [
-            p.last_heartbeat.epoch for m in self._view
-            if (p := self._peers.get(m.node_id)) is not None and p.last_heartbeat is not None
-        ]))
+        saved = (
+            self._base,
+            self._epoch,
+            self._prev_base,
+            self._prev_epoch,
+            self._base_params,
+            self._base_credentials,
+        )
+        self._set_base(
+            ids,
+            1
+            + max(
+                [self._epoch]
+                + [
+                    p.last_heartbeat.epoch
+                    for m in self._view
+                    if (p := self._peers.get(m.node_id)) is not None
+                    and p.last_heartbeat is not None
+                ]
+            ),
+        )
         candidate = self._lease_candidate(now)
         if candidate is None or candidate <= now:
-            (self._base, self._epoch, self._prev_base, self._prev_epoch,
-             self._base_params, self._base_credentials) = saved
+            (
+                self._base,
+                self._epoch,
+                self._prev_base,
+                self._prev_epoch,
+                self._base_params,
+                self._base_credentials,
+            ) = saved
             return
         target = self._own_buckets()
         gained = len(target - self._held)
@@ -555,8 +619,9 @@ class Node(QuorumBase):
             self._prev_base = None
         for _ in range(LEAVE_COPIES if not self._gate.out_for_good() else 0):
             self._seq += 1
-            self._actions.append(ev.Transmit(self._codec.seal(
-                Leave(self.node_id, self.incarnation, self._seq))))
+            self._actions.append(
+                ev.Transmit(self._codec.seal(Leave(self.node_id, self.incarnation, self._seq)))
+            )
             self.counters.sent += 1
         self._left = True
         self._events.append(ev.LeftCluster(self.node_id))
@@ -583,20 +648,35 @@ class Node(QuorumBase):
             peer = self._peers.get(member.node_id)
             # in_view and not declared_dead: always so for a view member, except
             # while a new view waits for its table (a peer it drops is not supported).
-            supported = (peer is not None and peer.incarnation == member.incarnation
-                         and peer.deaf_since is None and peer.in_view
-                         and not peer.declared_dead and not peer.left)
+            supported = (
+                peer is not None
+                and peer.incarnation == member.incarnation
+                and peer.deaf_since is None
+                and peer.in_view
+                and not peer.declared_dead
+                and not peer.left
+            )
             acks.append(peer.last_seq if supported and peer is not None else 0)
         heartbeat = Heartbeat(
-            sender=self.node_id, incarnation=self.incarnation, seq=self._seq,
-            weight=self.weight, draining=self.advertised_draining, view=self._view,
-            acks=tuple(acks), agreed=self._agreed, held=len(self._held),
-            epoch=self._epoch, base=self._sorted_base(), params=self.params, name=self.name,
+            sender=self.node_id,
+            incarnation=self.incarnation,
+            seq=self._seq,
+            weight=self.weight,
+            draining=self.advertised_draining,
+            view=self._view,
+            acks=tuple(acks),
+            agreed=self._agreed,
+            held=len(self._held),
+            epoch=self._epoch,
+            base=self._sorted_base(),
+            params=self.params,
+            name=self.name,
             health=self.health,
         )
         self._actions.append(ev.Transmit(self._codec.seal(heartbeat)))
         self.counters.sent += 1
         self._last_sent = now
         self._next_heartbeat = pacing.after_send(
-            now, self._peers.get(self._view[0].node_id), self.timers.interval)
+            now, self._peers.get(self._view[0].node_id), self.timers.interval
+        )
         self._prompt_at = None

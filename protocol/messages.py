@@ -23,8 +23,7 @@ HEALTH_CHECK = 1  # a configured check fails
 HEALTH_INTERFACE = 2  # a tracked interface is down
 HEALTH_AGENT = 4  # the load agent said "down"
 HEALTH_MAX = HEALTH_CHECK | HEALTH_INTERFACE | HEALTH_AGENT
-_HEALTH_WORDS = ((HEALTH_CHECK, "check"), (HEALTH_INTERFACE, "interface"),
-                 (HEALTH_AGENT, "agent"))
+_HEALTH_WORDS = ((HEALTH_CHECK, "check"), (HEALTH_INTERFACE, "interface"), (HEALTH_AGENT, "agent"))
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 

@@ -101,16 +101,14 @@ class NodeState:
         self._self_cached: Member | None = None
         self._view: tuple[Member, ...] = (self._self_member(),)
         self._view_seen_equal: tuple[Member, ...] | None = None
-        self._listing: tuple[tuple[Member, ...] | None, int | None, int | None] = (
-            None, None, None)
+        self._listing: tuple[tuple[Member, ...] | None, int | None, int | None] = (None, None, None)
         self._digest: tuple[tuple[Member, ...] | None, str] = (None, "")
         self._sorted_base_of: tuple[frozenset[str] | None, tuple[str, ...]] = (None, ())
         self._barrier_seq = 1
         self._agreed = False
         self._base: frozenset[str] = frozenset(base)
         self._epoch = epoch
-        self._prev_base: frozenset[str] | None = (
-            frozenset(previous_base) if previous_base else None)
+        self._prev_base: frozenset[str] | None = frozenset(previous_base) if previous_base else None
         self._adopted_base = False
         # The parameter digests the base was agreed under (None: unknown, an older
         # record). Restarted with other parameters, this node may be the one mistaken
@@ -144,8 +142,9 @@ class NodeState:
         self._actions: list[ev.Action] = []
         self._events: list[ev.Event] = []
         self.params = digest_params(self.config.agreed_values())
-        self._gate = Gate(node_id, incarnation, self.params, self.timers.dead_after,
-                          self._events, name=name)
+        self._gate = Gate(
+            node_id, incarnation, self.params, self.timers.dead_after, self._events, name=name
+        )
         self._last_key_id = b""
         self._step(now)
 
@@ -190,16 +189,23 @@ class NodeState:
         """Until when the caller may leave arriving datagrams unread (then hand them
         to ``receive_datagrams`` with their arrival times), or None: read each one
         as it comes. Only while the cluster is settled (``pacing.py``)."""
-        if (self._left or self._leaving_since is not None or not self._agreed
-                or not self._quorum_ok or self._prev_base is not None
-                or self._prompt_at is not None
-                or not pacing.settled(self._peers.values(), self._epoch,
-                                      self._sorted_base())):
+        if (
+            self._left
+            or self._leaving_since is not None
+            or not self._agreed
+            or not self._quorum_ok
+            or self._prev_base is not None
+            or self._prompt_at is not None
+            or not pacing.settled(self._peers.values(), self._epoch, self._sorted_base())
+        ):
             return None
         pacer = self._view[0].node_id
-        until = pacing.quiet_until(self._next_heartbeat,
-                                   None if pacer == self.node_id else self._peers[pacer],
-                                   self.timers.interval, self._last_step)
+        until = pacing.quiet_until(
+            self._next_heartbeat,
+            None if pacer == self.node_id else self._peers[pacer],
+            self.timers.interval,
+            self._last_step,
+        )
         # A wake-up like get_timer's: woken a hair early, the heartbeat due then would
         # not be sent, and the same deadline would wake us again at once.
         return None if until is None else until + TIMER_SLACK
@@ -288,28 +294,49 @@ class NodeState:
         self._tables.pop(weights, None)
         self._tables[weights] = owners
         current = self._current_weights()
-        for old in [w for w in self._tables if w != current][:-TABLES_KEPT + 1 or None]:
+        for old in [w for w in self._tables if w != current][: -TABLES_KEPT + 1 or None]:
             del self._tables[old]
 
     def members(self, now: float) -> list[MemberInfo]:
         held = len(self._held)
-        me = MemberInfo(self.node_id, "self", self._self_state(), held,
-                        100.0 * held / self.config.buckets, self.weight, 0,
-                        self.incarnation, True, self._codec.keyring.current_fingerprint.hex(),
-                        name=self.name or self.node_id, health=health_words(self.health))
-        return member_rows(me, self._peers.values(), self._gate.mismatched.values(),
-                           buckets=self.config.buckets, interval=self.timers.interval, now=now)
+        me = MemberInfo(
+            self.node_id,
+            "self",
+            self._self_state(),
+            held,
+            100.0 * held / self.config.buckets,
+            self.weight,
+            0,
+            self.incarnation,
+            True,
+            self._codec.keyring.current_fingerprint.hex(),
+            name=self.name or self.node_id,
+            health=health_words(self.health),
+        )
+        return member_rows(
+            me,
+            self._peers.values(),
+            self._gate.mismatched.values(),
+            buckets=self.config.buckets,
+            interval=self.timers.interval,
+            now=now,
+        )
 
     def problems(self, now: float) -> list[str]:
         """Why this node does not (fully) take part, one line each (``lbd-cli status``,
         the systemd STATUS line): admission problems, and a bootstrap still waiting."""
         lines = self._gate.problems(now)
-        if (not self._base and not self._agreed and len(self._view) <
-                self.config.bootstrap_expect and now >= self._started + self.timers.startup_wait):
+        if (
+            not self._base
+            and not self._agreed
+            and len(self._view) < self.config.bootstrap_expect
+            and now >= self._started + self.timers.startup_wait
+        ):
             lines.append(
                 f"first start: waiting for bootstrap_expect = {self.config.bootstrap_expect} "
                 f"members to form the cluster, {len(self._view)} in view (a first start "
-                "never forms a cluster with fewer)")
+                "never forms a cluster with fewer)"
+            )
         return lines
 
     def name_of(self, node_id: str) -> str:
@@ -333,8 +360,7 @@ class NodeState:
         m = self._self_cached
         draining = self.advertised_draining
         if m is None or (m.weight, m.draining) != (self.weight, draining):
-            m = self._self_cached = Member(self.node_id, self.incarnation, self.weight,
-                                           draining)
+            m = self._self_cached = Member(self.node_id, self.incarnation, self.weight, draining)
         return m
 
     def _self_state(self) -> str:
@@ -363,8 +389,9 @@ class NodeState:
             if sent is not None and not peer.left:
                 anchors.append((sent, peer.node_id))
         tie_break = self._tie_break(now)
-        deadlines = [lease_deadline(anchors, base, lease, tie_break)
-                     for base in self._bases() if base]
+        deadlines = [
+            lease_deadline(anchors, base, lease, tie_break) for base in self._bases() if base
+        ]
         if any(d is None for d in deadlines):
             return None
         deadline = min(d for d in deadlines if d is not None)
@@ -374,9 +401,12 @@ class NodeState:
         """Digest of the cluster name and sealing key: what a base is agreed under.
         Asked on every step (the lease): hashed once per codec, which a rotation replaces."""
         if self._credentials[0] is not self._codec:
-            digest = hashlib.blake2b(self._codec.cluster_name.encode() + b"\x00"
-                                     + self._codec.keyring.current_fingerprint,
-                                     digest_size=8).digest()
+            digest = hashlib.blake2b(
+                self._codec.cluster_name.encode()
+                + b"\x00"
+                + self._codec.keyring.current_fingerprint,
+                digest_size=8,
+            ).digest()
             self._credentials = (self._codec, digest)
         return self._credentials[1]
 
@@ -387,8 +417,11 @@ class NodeState:
         the one its base was agreed under (the node that kept them is the right one)."""
         if self._base_params is not None and self._base_params != self.params:
             return False
-        return (self._base_credentials is None or self._base_credentials == self.credentials()
-                or not self._gate.heard_strangers(now, self.timers.dead_after))
+        return (
+            self._base_credentials is None
+            or self._base_credentials == self.credentials()
+            or not self._gate.heard_strangers(now, self.timers.dead_after)
+        )
 
     def _peers_on_our_view(self) -> list[Peer] | None:
         """The peer of every other member of our view, if each advertises exactly our
@@ -411,7 +444,8 @@ class NodeState:
         """Every other member of our view has agreed exactly our view."""
         peers = self._peers_on_our_view()
         return peers is not None and all(
-            p.last_heartbeat is not None and p.last_heartbeat.agreed for p in peers)
+            p.last_heartbeat is not None and p.last_heartbeat.agreed for p in peers
+        )
 
     def _admitted(self) -> bool:
         """The others already agreed a view with us (and released what we gain)."""

@@ -37,8 +37,9 @@ QUIET_SLACK = 0.05
 heartbeat is due (less than ``WAVE_SLACK``: it reads before its own timer)."""
 
 
-def on_pacer_heartbeat(now: float, last_sent: float, next_heartbeat: float,
-                       interval: float) -> float:
+def on_pacer_heartbeat(
+    now: float, last_sent: float, next_heartbeat: float, interval: float
+) -> float:
     """The next send time once the pacer's heartbeat is heard at ``now``."""
     if now - last_sent >= interval / 2:
         return min(next_heartbeat, now)  # answer the wave at once
@@ -59,15 +60,22 @@ def settled(peers: Iterable[Peer], epoch: int, base: tuple[str, ...]) -> bool:
         if peer.left or peer.declared_dead:
             continue
         hb = peer.last_heartbeat
-        if (hb is None or not hb.agreed or not peer.in_view or not peer.view_match
-                or peer.deaf_since is not None or peer.suspected
-                or (hb.epoch, hb.base) != (epoch, base)):
+        if (
+            hb is None
+            or not hb.agreed
+            or not peer.in_view
+            or not peer.view_match
+            or peer.deaf_since is not None
+            or peer.suspected
+            or (hb.epoch, hb.base) != (epoch, base)
+        ):
             return False
     return True
 
 
-def quiet_until(next_heartbeat: float, pacer: Peer | None, interval: float,
-                last_step: float) -> float | None:
+def quiet_until(
+    next_heartbeat: float, pacer: Peer | None, interval: float, last_step: float
+) -> float | None:
     """Until when a settled node may leave datagrams unread (``pacer`` None: we pace)."""
     until = next_heartbeat
     if pacer is not None:

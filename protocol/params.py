@@ -57,9 +57,11 @@ def digest_params(values: Mapping[str, str]) -> bytes:
     if missing:
         raise ConfigError(f"agreed parameter(s) not given: {', '.join(missing)}")
     return b"".join(
-        hashlib.blake2b(_DOMAIN + name.encode() + b"=" + values[name].encode(),
-                        digest_size=DIGEST_LEN).digest()
-        for name in FIELDS)
+        hashlib.blake2b(
+            _DOMAIN + name.encode() + b"=" + values[name].encode(), digest_size=DIGEST_LEN
+        ).digest()
+        for name in FIELDS
+    )
 
 
 def differing(ours: bytes, theirs: bytes) -> tuple[str, ...]:
@@ -67,7 +69,7 @@ def differing(ours: bytes, theirs: bytes) -> tuple[str, ...]:
     out = []
     for index in range(max(len(ours), len(theirs)) // DIGEST_LEN):
         at = index * DIGEST_LEN
-        if ours[at:at + DIGEST_LEN] != theirs[at:at + DIGEST_LEN]:
+        if ours[at : at + DIGEST_LEN] != theirs[at : at + DIGEST_LEN]:
             out.append(FIELDS[index] if index < len(FIELDS) else f"field #{index}")
     return tuple(out)
 

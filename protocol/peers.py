@@ -65,16 +65,19 @@ class Peer:
         # and a step builds no new objects for an unchanged view.
         m = self.cached_member
         if m is None or (m.incarnation, m.weight, m.draining) != (
-                self.incarnation, self.weight, self.draining):
-            m = self.cached_member = Member(self.node_id, self.incarnation, self.weight,
-                                            self.draining)
+            self.incarnation,
+            self.weight,
+            self.draining,
+        ):
+            m = self.cached_member = Member(
+                self.node_id, self.incarnation, self.weight, self.draining
+            )
         return m
 
     def silent_for(self, now: float) -> float:
         return now - self.last_heard
 
-    def observe(self, heartbeat: Heartbeat, my_place: int | None,
-                matches_my_view: bool) -> bool:
+    def observe(self, heartbeat: Heartbeat, my_place: int | None, matches_my_view: bool) -> bool:
         """Record a heartbeat (``my_place``: our index in its view if it lists us
         with our incarnation; ``matches_my_view``: it advertises exactly our view);
         return whether it lists us.

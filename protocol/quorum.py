@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
-def has_quorum(present: set[str] | frozenset[str], base: frozenset[str],
-               tie_break: bool = True) -> bool:
+def has_quorum(
+    present: set[str] | frozenset[str], base: frozenset[str], tie_break: bool = True
+) -> bool:
     """Majority of ``base``; an exact half wins only if it holds the smallest ID, and
     only with ``tie_break`` (a node whose base was agreed under other parameters than
     its own never wins by it: it may be the one mistaken node)."""
@@ -25,13 +26,15 @@ def has_quorum(present: set[str] | frozenset[str], base: frozenset[str],
     return tie_break and 2 * count == len(base) and min(base) in present
 
 
-def has_joint_quorum(present: set[str] | frozenset[str],
-                     bases: Iterable[frozenset[str]], tie_break: bool = True) -> bool:
+def has_joint_quorum(
+    present: set[str] | frozenset[str], bases: Iterable[frozenset[str]], tie_break: bool = True
+) -> bool:
     return all(has_quorum(present, base, tie_break) for base in bases)
 
 
-def lease_deadline(anchors: list[tuple[float, str]], base: frozenset[str],
-                   lease: float, tie_break: bool = True) -> float | None:
+def lease_deadline(
+    anchors: list[tuple[float, str]], base: frozenset[str], lease: float, tie_break: bool = True
+) -> float | None:
     """Latest deadline a quorum of ``base`` supports, or None.
 
     ``anchors`` are (local send time of the newest heartbeat of ours the node

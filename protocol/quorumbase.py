@@ -17,8 +17,7 @@ from lbd.protocol.quorum import has_quorum
 
 
 def _accepts_nothing(action: ev.Action) -> bool:
-    return isinstance(action, ev.ApplyKernel) and (
-        not action.owned or action.lease_until is None)
+    return isinstance(action, ev.ApplyKernel) and (not action.owned or action.lease_until is None)
 
 
 class QuorumBase(NodeState):
@@ -37,10 +36,15 @@ class QuorumBase(NodeState):
         # keep the previous base (and its quorum) alive forever.
         ours = (self._epoch, self._sorted_base())
         since = self._prev_epoch if self._lineage_of is previous else None
-        adopted = {p.node_id for p in self._peers.values()
-                   if (hb := p.last_heartbeat) is not None
-                   and ((hb.epoch, hb.base) >= ours or (since is not None
-                        and hb.epoch > since and hb.base in self._lineage))}
+        adopted = {
+            p.node_id
+            for p in self._peers.values()
+            if (hb := p.last_heartbeat) is not None
+            and (
+                (hb.epoch, hb.base) >= ours
+                or (since is not None and hb.epoch > since and hb.base in self._lineage)
+            )
+        }
         adopted.add(self.node_id)
         if has_quorum(adopted, previous):
             self._prev_base = None
@@ -61,8 +65,14 @@ class QuorumBase(NodeState):
         if ok == self._quorum_ok:
             return
         self._quorum_ok = ok
-        heard = sum(1 for p in self._peers.values()
-                    if p.node_id in self._base and not p.declared_dead and not p.left) + 1
+        heard = (
+            sum(
+                1
+                for p in self._peers.values()
+                if p.node_id in self._base and not p.declared_dead and not p.left
+            )
+            + 1
+        )
         event = ev.QuorumRegained if ok else ev.QuorumLost
         self._events.append(event(heard, len(self._base)))
 
@@ -80,7 +90,14 @@ class QuorumBase(NodeState):
         at = first_action
         while at < len(self._actions) and _accepts_nothing(self._actions[at]):
             at += 1
-        self._actions.insert(at, ev.PersistBase(
-            self._sorted_base(), self._epoch, previous, self._base_params,
-            self._base_credentials))
+        self._actions.insert(
+            at,
+            ev.PersistBase(
+                self._sorted_base(),
+                self._epoch,
+                previous,
+                self._base_params,
+                self._base_credentials,
+            ),
+        )
         self._events.append(ev.BaseChanged(self._sorted_base(), self._epoch, previous))

@@ -40,8 +40,15 @@ def view_digest(view: tuple[Member, ...]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
-def member_rows(me: MemberInfo, peers: Iterable[Peer], mismatched: Iterable[Mismatch], *,
-                buckets: int, interval: float, now: float) -> list[MemberInfo]:
+def member_rows(
+    me: MemberInfo,
+    peers: Iterable[Peer],
+    mismatched: Iterable[Mismatch],
+    *,
+    buckets: int,
+    interval: float,
+    now: float,
+) -> list[MemberInfo]:
     """Our own row and one per known peer, sorted by name. A peer's slices are what
     its last heartbeat says it holds, counted only while it is in our view. Peers whose
     parameters differ get a row in state "mismatch" (never admitted)."""
@@ -51,13 +58,22 @@ def member_rows(me: MemberInfo, peers: Iterable[Peer], mismatched: Iterable[Mism
         heartbeat = peer.last_heartbeat
         in_view = peer.in_view and not (peer.left or peer.declared_dead)
         slices = heartbeat.held if heartbeat is not None and in_view else 0
-        rows.append(MemberInfo(
-            peer.node_id, peer.address, peer.state(now, suspect_after).value, slices,
-            100.0 * slices / buckets, peer.weight,
-            round(1000 * peer.silent_for(now)), peer.incarnation, False, peer.key_id.hex(),
-            name=peer.name or peer.node_id,
-            health=health_words(heartbeat.health) if heartbeat is not None else "ok",
-        ))
+        rows.append(
+            MemberInfo(
+                peer.node_id,
+                peer.address,
+                peer.state(now, suspect_after).value,
+                slices,
+                100.0 * slices / buckets,
+                peer.weight,
+                round(1000 * peer.silent_for(now)),
+                peer.incarnation,
+                False,
+                peer.key_id.hex(),
+                name=peer.name or peer.node_id,
+                health=health_words(heartbeat.health) if heartbeat is not None else "ok",
+            )
+        )
     listed = {row.node_id: row for row in rows}
     for m in mismatched:
         known = listed.get(m.node_id)
@@ -65,8 +81,21 @@ def member_rows(me: MemberInfo, peers: Iterable[Peer], mismatched: Iterable[Mism
             continue  # the admitted incarnation is newer: the mismatch is history
         if known is not None:
             rows.remove(known)  # restarted with other parameters: not admitted now
-        rows.append(MemberInfo(m.node_id, m.address, "mismatch", 0, 0.0, 0,
-                               round(1000 * (now - m.last_heard)), m.incarnation,
-                               False, "", m.fields, m.name or m.node_id))
+        rows.append(
+            MemberInfo(
+                m.node_id,
+                m.address,
+                "mismatch",
+                0,
+                0.0,
+                0,
+                round(1000 * (now - m.last_heard)),
+                m.incarnation,
+                False,
+                "",
+                m.fields,
+                m.name or m.node_id,
+            )
+        )
     rows.sort(key=lambda r: (r.name or r.node_id, r.node_id))  # as people read them
     return rows

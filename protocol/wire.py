@@ -75,10 +75,26 @@ from lbd.protocol.wirebody import (
 )
 
 __all__ = [
-    "FINGERPRINT_LEN", "FRAME_PAYLOAD", "HEADER_LEN", "KEY_LEN", "MAGIC", "MAX_COUNTER",
-    "MAX_DATAGRAM", "MAX_HELD", "MAX_INCARNATION", "MAX_SEQ", "MIN_DATAGRAM", "NONCE_LEN",
-    "TAG_LEN", "WIRE_VERSION", "Codec", "Keyring", "NonceSource", "ReplayGuard",
-    "heartbeat_size_bound", "key_fingerprint",
+    "FINGERPRINT_LEN",
+    "FRAME_PAYLOAD",
+    "HEADER_LEN",
+    "KEY_LEN",
+    "MAGIC",
+    "MAX_COUNTER",
+    "MAX_DATAGRAM",
+    "MAX_HELD",
+    "MAX_INCARNATION",
+    "MAX_SEQ",
+    "MIN_DATAGRAM",
+    "NONCE_LEN",
+    "TAG_LEN",
+    "WIRE_VERSION",
+    "Codec",
+    "Keyring",
+    "NonceSource",
+    "ReplayGuard",
+    "heartbeat_size_bound",
+    "key_fingerprint",
 ]
 
 MAGIC = b"LB"
@@ -200,7 +216,8 @@ class Codec:
 def _unpack_body(plaintext: bytes) -> object:
     try:
         return msgpack.unpackb(
-            plaintext, raw=False, use_list=False, strict_map_key=True, **_BODY_LIMITS)
+            plaintext, raw=False, use_list=False, strict_map_key=True, **_BODY_LIMITS
+        )
     # ValueError covers ExtraData, FormatError, StackError and UnicodeDecodeError;
     # UnpackException covers OutOfData, which is not a ValueError.
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
@@ -224,8 +241,11 @@ def heartbeat_size_bound(
         raise ValueError(f"members must be an int in 1..{2 * MAX_NODES}")
     if type(name_len) is not int or not 0 <= name_len <= MAX_NODE_ID_LEN:
         raise ValueError(f"name_len must be an int in 0..{MAX_NODE_ID_LEN}")
-    if (type(params_len) is not int or not 0 < params_len <= MAX_FIELDS * DIGEST_LEN
-            or params_len % DIGEST_LEN):
+    if (
+        type(params_len) is not int
+        or not 0 < params_len <= MAX_FIELDS * DIGEST_LEN
+        or params_len % DIGEST_LEN
+    ):
         raise ValueError(f"params_len must be 1..{MAX_FIELDS} digests of {DIGEST_LEN} bytes")
     fixed = (
         1  # the array header (fixarray of 15)
@@ -253,8 +273,15 @@ def heartbeat_size_bound(
 
 def _uint_size(value: int) -> int:
     """Bytes of msgpack's shortest encoding of a non-negative int."""
-    return 1 if value < 0x80 else 2 if value < 2**8 else 3 if value < 2**16 else (
-        5 if value < 2**32 else 9)
+    return (
+        1
+        if value < 0x80
+        else 2
+        if value < 2**8
+        else 3
+        if value < 2**16
+        else (5 if value < 2**32 else 9)
+    )
 
 
 def _str_size(length: int) -> int:

@@ -61,8 +61,9 @@ _MEMBER_TAIL = struct.Struct(">HIH")  # incarnation (16 high + 32 low bits), wei
 _DRAINING_BIT = 0x8000
 _ACK_BYTES = 5
 _FEW_ACKS = 8  # up to this many, shifting the acks out of one int beats widening them
-_ACK_SHIFTS = tuple(tuple(range(8 * _ACK_BYTES * (n - 1), -1, -8 * _ACK_BYTES))
-                    for n in range(_FEW_ACKS + 1))
+_ACK_SHIFTS = tuple(
+    tuple(range(8 * _ACK_BYTES * (n - 1), -1, -8 * _ACK_BYTES)) for n in range(_FEW_ACKS + 1)
+)
 _INCARNATION_LOW = 0xFFFFFFFF
 
 
@@ -70,9 +71,11 @@ def widest_bins(in_view: int, outside: int) -> tuple[int, int, int]:
     """Bytes of the packed view, acks and base when the view holds ``in_view``
     members and the base ``outside`` more, every ID an 8-hex one."""
     wire_id_bytes = 1 + _WIRE_ID_BYTES
-    return (in_view * (wire_id_bytes + _MEMBER_TAIL.size),
-            in_view * _ACK_BYTES,
-            -(-in_view // 8) + outside * wire_id_bytes)
+    return (
+        in_view * (wire_id_bytes + _MEMBER_TAIL.size),
+        in_view * _ACK_BYTES,
+        -(-in_view // 8) + outside * wire_id_bytes,
+    )
 
 
 # A heartbeat's view and base travel as bins. In a settled cluster every heartbeat
@@ -137,9 +140,13 @@ def pack_view(view: tuple[Member, ...]) -> bytes:
         if type(draining) is not bool:
             raise _refuse("member draining must be a bool")
         parts.append(_pack_id(member.node_id, "member id"))
-        parts.append(_MEMBER_TAIL.pack(
-            incarnation >> 32, incarnation & _INCARNATION_LOW,
-            weight | (_DRAINING_BIT if draining else 0)))
+        parts.append(
+            _MEMBER_TAIL.pack(
+                incarnation >> 32,
+                incarnation & _INCARNATION_LOW,
+                weight | (_DRAINING_BIT if draining else 0),
+            )
+        )
     packed = b"".join(parts)
     remember(_PACKED_VIEWS, id(view), (view, packed))
     return packed
@@ -166,7 +173,12 @@ def pack_acks(acks: tuple[int, ...]) -> bytes:
     # The low 5 bytes of every 8: one slice assignment per byte column, not per ack.
     narrow = bytearray(_ACK_BYTES * len(acks))
     narrow[0::5], narrow[1::5], narrow[2::5], narrow[3::5], narrow[4::5] = (
-        wide[3::8], wide[4::8], wide[5::8], wide[6::8], wide[7::8])
+        wide[3::8],
+        wide[4::8],
+        wide[5::8],
+        wide[6::8],
+        wide[7::8],
+    )
     return bytes(narrow)
 
 
@@ -205,12 +217,12 @@ def _read_id(packed: bytes, at: int, what: str) -> tuple[str, int]:
         end = at + 1 + _WIRE_ID_BYTES
         if end > len(packed):
             raise DecodeError(f"{what} is cut short")
-        return packed[at + 1:end].hex(), end
+        return packed[at + 1 : end].hex(), end
     end = at + 1 + tag
     if tag > MAX_NODE_ID_LEN or end > len(packed):
         raise DecodeError(f"{what} is cut short or too long")
     try:
-        node_id = packed[at + 1:end].decode("ascii")
+        node_id = packed[at + 1 : end].decode("ascii")
     except UnicodeDecodeError:
         raise DecodeError(f"{what} is not ASCII") from None
     if not NODE_ID_PATTERN.fullmatch(node_id):
@@ -277,8 +289,11 @@ def _decode_base(packed: bytes, view: tuple[Member, ...]) -> tuple[str, ...]:
     padding = 8 * bitmap_len - len(view)
     if bitmap & ((1 << padding) - 1):
         raise DecodeError("base bitmap has a bit set past the view")
-    in_view = [member.node_id for place, member in enumerate(view)
-               if bitmap >> (8 * bitmap_len - 1 - place) & 1]
+    in_view = [
+        member.node_id
+        for place, member in enumerate(view)
+        if bitmap >> (8 * bitmap_len - 1 - place) & 1
+    ]
     view_ids = {member.node_id for member in view}
     outside: list[str] = []
     previous_id = ""
@@ -308,7 +323,11 @@ def unpack_acks(packed: bytes, count: int) -> tuple[int, ...]:
     # unpack them all at once: no Python loop over the acks.
     wide = bytearray(8 * count)
     wide[3::8], wide[4::8], wide[5::8], wide[6::8], wide[7::8] = (
-        packed[0::5], packed[1::5], packed[2::5], packed[3::5], packed[4::5])
+        packed[0::5],
+        packed[1::5],
+        packed[2::5],
+        packed[3::5],
+        packed[4::5],
+    )
     acks: tuple[int, ...] = _acks_struct(count).unpack(wide)
     return acks
-

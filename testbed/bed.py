@@ -173,8 +173,14 @@ class Bed(TrafficMixin):
         self.router = f"{prefix}r"
         self.client = f"{prefix}c"
         self.nodes = [
-            NodeNs(f"{prefix}n{i}", i, f"192.0.2.{11 + i}", f"2001:db8:1::{11 + i}",
-                   iface=self.lan_iface, mac=node_mac(i) if unique_macs else shared_mac)
+            NodeNs(
+                f"{prefix}n{i}",
+                i,
+                f"192.0.2.{11 + i}",
+                f"2001:db8:1::{11 + i}",
+                iface=self.lan_iface,
+                mac=node_mac(i) if unique_macs else shared_mac,
+            )
             for i in range(nodes)
         ]
         self._procs: list[subprocess.Popen[Any]] = []
@@ -282,8 +288,10 @@ class Bed(TrafficMixin):
         ports = [(f"p{n.index}", n.name) for n in self.nodes] + [("pr", self.router)]
         if self.switch:
             # A learning switch: default ageing (300 s), unknown unicast/multicast flooded.
-            bridge = (f"link add br0 type bridge stp_state 0 mcast_snooping "
-                      f"{int(self.mcast_snooping)} mcast_querier {int(self.mcast_querier)}")
+            bridge = (
+                f"link add br0 type bridge stp_state 0 mcast_snooping "
+                f"{int(self.mcast_snooping)} mcast_querier {int(self.mcast_querier)}"
+            )
             learning = "on"
         else:
             bridge = "link add br0 type bridge ageing_time 0 mcast_snooping 0 stp_state 0"
@@ -403,15 +411,18 @@ class Bed(TrafficMixin):
         lan = self.lan_iface
         self._batch(ns, [f"link add link eth0 name {lan} type vlan id {self.vlan}"])
         # A dotted interface name: sysctl keys with "/" as the separator.
-        self.set_sysctls(ns, {f"net/ipv6/conf/{lan}/{key}": self.read_sysctl(
-            ns, f"net/ipv6/conf/eth0/{key}") for key in ("addr_gen_mode", "accept_dad",
-                                                        "keep_addr_on_down")})
+        self.set_sysctls(
+            ns,
+            {
+                f"net/ipv6/conf/{lan}/{key}": self.read_sysctl(ns, f"net/ipv6/conf/eth0/{key}")
+                for key in ("addr_gen_mode", "accept_dad", "keep_addr_on_down")
+            },
+        )
         return lan
 
     def _wait_links_up(self) -> None:
         checks = [(n.name, n.iface) for n in self.nodes]
-        checks += [(self.router, self.lan_iface), (self.router, "eth1"),
-                   (self.client, "eth0")]
+        checks += [(self.router, self.lan_iface), (self.router, "eth1"), (self.client, "eth0")]
 
         def all_up() -> bool:
             for ns, dev in checks:

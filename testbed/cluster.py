@@ -44,8 +44,9 @@ STICKY_FIRST = 101  # long-lived connection candidates: 198.51.100.101..
 class LbdCluster:
     """Configs, daemons, lbd-cli queries and fault injection for one bed."""
 
-    def __init__(self, bed: Bed, workdir: Path, *, profile: str = "fast",
-                 buckets: int = 512) -> None:
+    def __init__(
+        self, bed: Bed, workdir: Path, *, profile: str = "fast", buckets: int = 512
+    ) -> None:
         self.bed = bed
         self.workdir = workdir
         self.profile = profile
@@ -88,8 +89,14 @@ class LbdCluster:
         path.write_text(text + f'\n[timers]\nprofile = "{profile}"\n')
         return path
 
-    def start(self, index: int, *, env: dict[str, str] | None = None,
-              profile: str | None = None, **extra: str) -> subprocess.Popen[Any]:
+    def start(
+        self,
+        index: int,
+        *,
+        env: dict[str, str] | None = None,
+        profile: str | None = None,
+        **extra: str,
+    ) -> subprocess.Popen[Any]:
         """Daemon ``index`` with config keys ``extra``; ``env`` is added to its environment;
         ``profile``: its own timer profile (default: the cluster's)."""
         if index in self.procs and self.procs[index].poll() is None:
@@ -99,8 +106,15 @@ class LbdCluster:
             kw["env"] = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         # Kept per node (not a config() argument: subclasses override config()).
         self.node_profiles[index] = profile or self.profile
-        proc = self.bed.python(self.bed.nodes[index].name, "-m", "lbd.daemon.cli", "run",
-                               "--config", str(self.config(index, **extra)), **kw)
+        proc = self.bed.python(
+            self.bed.nodes[index].name,
+            "-m",
+            "lbd.daemon.cli",
+            "run",
+            "--config",
+            str(self.config(index, **extra)),
+            **kw,
+        )
         self.procs[index] = proc
         return proc
 
@@ -131,9 +145,13 @@ class LbdCluster:
     # ------------------------------------------------------------ lbd-cli
 
     def cli(self, index: int, *args: str, timeout: float = 5.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "lbd.daemon.ctl", "--socket",
-                               str(self.sock(index)), *args],
-                              capture_output=True, text=True, check=False, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "lbd.daemon.ctl", "--socket", str(self.sock(index)), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
 
     def query(self, index: int, cmd: str, *args: str) -> Any:
         """lbd-cli --json CMD: the parsed answer, or None if the daemon did not answer."""
@@ -153,8 +171,7 @@ class LbdCluster:
             if not status or not rows or not status["converged"] or not status["quorum"]:
                 return None
             views.add(status["view"])
-            live = {r["node_id"]: r["slices"] for r in rows
-                    if r["state"] in ("active", "draining")}
+            live = {r["node_id"]: r["slices"] for r in rows if r["state"] in ("active", "draining")}
             if slices is None:
                 slices = live
             elif live != slices:
@@ -165,9 +182,13 @@ class LbdCluster:
             return None
         return slices
 
-    def wait_converged(self, indexes: list[int] | None = None,
-                       check: Callable[[dict[str, int]], bool] = lambda s: True,
-                       timeout: float = CONVERGE_TIMEOUT, what: str = "") -> dict[str, int]:
+    def wait_converged(
+        self,
+        indexes: list[int] | None = None,
+        check: Callable[[dict[str, int]], bool] = lambda s: True,
+        timeout: float = CONVERGE_TIMEOUT,
+        what: str = "",
+    ) -> dict[str, int]:
         """Wait until ``indexes`` (default: the running daemons) agree and ``check`` holds."""
         chosen = self.running() if indexes is None else indexes
 
@@ -215,8 +236,9 @@ class LbdCluster:
         self.signal(index, signal.SIGTERM)
         return self.procs[index].wait(timeout=timeout)
 
-    def restart(self, index: int, *, profile: str | None = None,
-                **extra: str) -> subprocess.Popen[Any]:
+    def restart(
+        self, index: int, *, profile: str | None = None, **extra: str
+    ) -> subprocess.Popen[Any]:
         """SIGTERM, wait, start again (with ``profile`` and config keys ``extra``)."""
         if self.procs[index].poll() is None:
             self.terminate(index)
@@ -240,11 +262,15 @@ class LbdCluster:
             raise ValueError(f"direction must be both, out or in, not {direction!r}")
         rules = []
         if direction in ("both", "in"):
-            rules.append(f"chain in {{\n type filter hook input priority -300\n"
-                         f" udp dport {HEARTBEAT_PORT} drop\n}}")
+            rules.append(
+                f"chain in {{\n type filter hook input priority -300\n"
+                f" udp dport {HEARTBEAT_PORT} drop\n}}"
+            )
         if direction in ("both", "out"):
-            rules.append(f"chain out {{\n type filter hook output priority -300\n"
-                         f" udp dport {HEARTBEAT_PORT} drop\n}}")
+            rules.append(
+                f"chain out {{\n type filter hook output priority -300\n"
+                f" udp dport {HEARTBEAT_PORT} drop\n}}"
+            )
         when = time.monotonic()
         self._nft(index, f"table inet {FAULT_TABLE} {{\n" + "\n".join(rules) + "\n}\n")
         return when
@@ -252,13 +278,17 @@ class LbdCluster:
     def loss(self, percent: int, indexes: list[int] | None = None) -> None:
         """Drop ``percent`` % of received heartbeats at random on the given nodes."""
         for index in indexes if indexes is not None else range(len(self.bed.nodes)):
-            self._nft(index, f"table inet {FAULT_TABLE} {{\nchain in {{\n type filter hook "
-                             f"input priority -300\n udp dport {HEARTBEAT_PORT} numgen random "
-                             f"mod 100 < {percent} drop\n}}\n}}\n")
+            self._nft(
+                index,
+                f"table inet {FAULT_TABLE} {{\nchain in {{\n type filter hook "
+                f"input priority -300\n udp dport {HEARTBEAT_PORT} numgen random "
+                f"mod 100 < {percent} drop\n}}\n}}\n",
+            )
 
     def heal(self, index: int) -> None:
-        self.bed.run(self.bed.nodes[index].name, "nft", "delete", "table", "inet", FAULT_TABLE,
-                     check=False)
+        self.bed.run(
+            self.bed.nodes[index].name, "nft", "delete", "table", "inet", FAULT_TABLE, check=False
+        )
 
 
 @dataclass
@@ -300,20 +330,46 @@ def holds_slices(index: int) -> Callable[[dict[str, int]], bool]:
 class ClientLoad:
     """lbd.testbed.load in the client namespace; ``stop()`` returns its record."""
 
-    def __init__(self, bed: Bed, workdir: Path, *, sources: int = LOAD_SOURCES,
-                 interval: float = 0.004, long_lived: int | None = None) -> None:
+    def __init__(
+        self,
+        bed: Bed,
+        workdir: Path,
+        *,
+        sources: int = LOAD_SOURCES,
+        interval: float = 0.004,
+        long_lived: int | None = None,
+    ) -> None:
         self.bed = bed
         self.out = workdir / f"load-{time.monotonic_ns()}.json"
         self.sources = sources4(sources)
         sticky = sources4(60, STICKY_FIRST)
         self.proc = bed.python(
-            bed.client, "-m", "lbd.testbed.load", "--vip", bed.vip4,
-            "--tcp-port", str(TCP_PORT), "--udp-port", str(UDP_PORT),
-            "--sources", ",".join(self.sources), "--sticky", ",".join(sticky),
-            "--nodes", str(long_lived if long_lived is not None else len(bed.nodes)),
-            "--interval", str(interval), "--out", str(self.out))
-        wait_for(lambda: "READY" in bed.output(self.proc) or self.proc.poll() is not None,
-                 15.0, 0.05, "client load to start")
+            bed.client,
+            "-m",
+            "lbd.testbed.load",
+            "--vip",
+            bed.vip4,
+            "--tcp-port",
+            str(TCP_PORT),
+            "--udp-port",
+            str(UDP_PORT),
+            "--sources",
+            ",".join(self.sources),
+            "--sticky",
+            ",".join(sticky),
+            "--nodes",
+            str(long_lived if long_lived is not None else len(bed.nodes)),
+            "--interval",
+            str(interval),
+            "--out",
+            str(self.out),
+        )
+        wait_for(
+            lambda: "READY" in bed.output(self.proc) or self.proc.poll() is not None,
+            15.0,
+            0.05,
+            "client load to start",
+        )
         if self.proc.poll() is not None:
             raise BedError(f"client load died: {bed.output(self.proc)}")
         line = next(x for x in bed.output(self.proc).splitlines() if x.startswith("READY"))
@@ -321,8 +377,9 @@ class ClientLoad:
 
     def progress(self) -> list[dict[str, Any]]:
         """Progress lines so far (each: answers per node in the last 0.25 s, failures...)."""
-        return [json.loads(x[2:]) for x in self.bed.output(self.proc).splitlines()
-                if x.startswith("P ")]
+        return [
+            json.loads(x[2:]) for x in self.bed.output(self.proc).splitlines() if x.startswith("P ")
+        ]
 
     def stop(self) -> dict[str, Any]:
         self.bed.stop(self.proc, signal.SIGTERM)
@@ -338,10 +395,27 @@ class Capture:
     def __init__(self, bed: Bed, workdir: Path) -> None:
         self.bed = bed
         self.path = workdir / f"client-{time.monotonic_ns()}.pcap"
-        self.proc = bed.popen(bed.client, "tcpdump", "-i", "eth0", "--immediate-mode", "-U",
-                              "-n", "-s", "128", "-w", str(self.path), "host", bed.vip4)
-        wait_for(lambda: "listening on" in bed.output(self.proc) or self.proc.poll() is not None,
-                 10.0, 0.05, "tcpdump to start")
+        self.proc = bed.popen(
+            bed.client,
+            "tcpdump",
+            "-i",
+            "eth0",
+            "--immediate-mode",
+            "-U",
+            "-n",
+            "-s",
+            "128",
+            "-w",
+            str(self.path),
+            "host",
+            bed.vip4,
+        )
+        wait_for(
+            lambda: "listening on" in bed.output(self.proc) or self.proc.poll() is not None,
+            10.0,
+            0.05,
+            "tcpdump to start",
+        )
         if self.proc.poll() is not None:
             raise BedError(f"tcpdump died: {bed.output(self.proc)}")
 

@@ -66,8 +66,11 @@ WRONG_KEY = bytes(range(100, 132))
 
 
 def _client_sample() -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
-    v4 = [ipaddress.ip_address(f"{net}.{host}")
-          for net in ("198.51.100", "203.0.113") for host in range(256)]
+    v4 = [
+        ipaddress.ip_address(f"{net}.{host}")
+        for net in ("198.51.100", "203.0.113")
+        for host in range(256)
+    ]
     rng = random.Random(0x5151)
     v6 = [ipaddress.ip_address((0x20010DB8 << 96) | rng.getrandbits(96)) for _ in range(128)]
     return tuple(v4 + v6)
@@ -82,16 +85,21 @@ Mapping = tuple[int, int, int, int]
 
 def kernel_mapping(config: CoreConfig) -> Mapping:
     shared = dict(config.shared)
-    return (config.buckets, config.seed, int(shared.get("prefix4") or 32),
-            int(shared.get("prefix6") or 128))
+    return (
+        config.buckets,
+        config.seed,
+        int(shared.get("prefix4") or 32),
+        int(shared.get("prefix6") or 128),
+    )
 
 
 @functools.lru_cache(maxsize=64)
 def client_buckets(mapping: Mapping) -> NDArray[np.int64]:
     """The bucket of every sampled client under ``mapping`` (the kernel-exact jhash)."""
     buckets, seed, prefix4, prefix6 = mapping
-    return np.array([bucket_of(a, buckets, seed, prefix4, prefix6) for a in CLIENTS],
-                    dtype=np.int64)
+    return np.array(
+        [bucket_of(a, buckets, seed, prefix4, prefix6) for a in CLIENTS], dtype=np.int64
+    )
 
 
 def accepted_clients(mapping: Mapping, accepted: frozenset[int]) -> NDArray[np.bool_]:
@@ -263,10 +271,16 @@ class Cluster:
 
     # ------------------------------------------------------------------ nodes
 
-    def add_node(self, name: str, weight: int = 100, *, config: CoreConfig | None = None,
-                 keyring: Keyring | None = None, node_id: str | None = None,
-                 base: tuple[tuple[str, ...], int, tuple[str, ...] | None] | None = None,
-                 ) -> SimNode:
+    def add_node(
+        self,
+        name: str,
+        weight: int = 100,
+        *,
+        config: CoreConfig | None = None,
+        keyring: Keyring | None = None,
+        node_id: str | None = None,
+        base: tuple[tuple[str, ...], int, tuple[str, ...] | None] | None = None,
+    ) -> SimNode:
         """Start (or restart) a node. ``config``/``keyring`` replace its files (by
         default a new node gets the cluster's); ``node_id`` another node's ID makes
         a clone; ``base`` replaces its persisted quorum base (a copied state dir)."""
@@ -297,13 +311,27 @@ class Cluster:
         nonce_rng = random.Random(self.rng.getrandbits(64))
         node.nonce = nonce_rng.randbytes
         base_ids, epoch, previous = node.persisted_base  # what the daemon keeps in its state dir
-        self.log.append((self.now, f"{name}: start, incarnation {node.incarnation}"
-                         + ("" if node.node_id == name else f", node ID {node.node_id}")))
-        node.core = Node(node.config, self._codec(node), node.node_id, node.incarnation,
-                         node.local(self.now), weight=weight, base=base_ids, epoch=epoch,
-                         previous_base=previous, base_params=node.persisted_params,
-                         base_credentials=node.persisted_credentials,
-                         defer_tables=self.table_delay[1] > 0)
+        self.log.append(
+            (
+                self.now,
+                f"{name}: start, incarnation {node.incarnation}"
+                + ("" if node.node_id == name else f", node ID {node.node_id}"),
+            )
+        )
+        node.core = Node(
+            node.config,
+            self._codec(node),
+            node.node_id,
+            node.incarnation,
+            node.local(self.now),
+            weight=weight,
+            base=base_ids,
+            epoch=epoch,
+            previous_base=previous,
+            base_params=node.persisted_params,
+            base_credentials=node.persisted_credentials,
+            defer_tables=self.table_delay[1] > 0,
+        )
         node.driver = Driver(node.core, _Effects(self, node))
         self._step(node)
         return node
@@ -311,8 +339,11 @@ class Cluster:
     def next_incarnation(self, node_id: str) -> int:
         """Above any incarnation of ``node_id`` used so far, the ones a core took on
         its own included (after a clone of its ID, ``membership._step``)."""
-        used = [n.core.incarnation for n in self.nodes.values()
-                if n.node_id == node_id and n.core is not None]
+        used = [
+            n.core.incarnation
+            for n in self.nodes.values()
+            if n.node_id == node_id and n.core is not None
+        ]
         incarnation = max([self.incarnations.get(node_id, 0), *used]) + 1
         self.incarnations[node_id] = incarnation
         return incarnation
@@ -386,8 +417,9 @@ class Cluster:
 
     # ----------------------------------------------------------------- engine
 
-    def _step(self, node: SimNode, batch: list[Datagram] | None = None,
-              timer_due: float | None = None) -> None:
+    def _step(
+        self, node: SimNode, batch: list[Datagram] | None = None, timer_due: float | None = None
+    ) -> None:
         """One input to the node's driver (what its socket held and/or its timer,
         or nothing after a direct core call), then its next wake-up."""
         assert node.driver is not None
@@ -507,18 +539,21 @@ class Cluster:
         if not mine:
             return
         for other in self.nodes.values():
-            if other is changed or (changed.vips and other.vips
-                                    and not changed.vips & other.vips):
+            if other is changed or (changed.vips and other.vips and not changed.vips & other.vips):
                 continue  # no VIP in common: no client can reach both
             theirs = other.accepting(self.now)
             if other.mapping == changed.mapping:
                 both = mine & theirs
                 if both:
-                    self._violated(f"{changed.name} and {other.name} both accept "
-                                   f"{len(both)} buckets (e.g. {min(both)})")
+                    self._violated(
+                        f"{changed.name} and {other.name} both accept "
+                        f"{len(both)} buckets (e.g. {min(both)})"
+                    )
             elif theirs:
-                clients = np.flatnonzero(accepted_clients(changed.mapping, mine)
-                                         & accepted_clients(other.mapping, theirs))
+                clients = np.flatnonzero(
+                    accepted_clients(changed.mapping, mine)
+                    & accepted_clients(other.mapping, theirs)
+                )
                 if len(clients):
                     client = int(clients[0])
                     self._violated(
@@ -526,7 +561,8 @@ class Cluster:
                         f"{len(CLIENTS)} sampled clients (e.g. {CLIENTS[client]}: bucket "
                         f"{client_buckets(changed.mapping)[client]} of {changed.mapping[0]} "
                         f"on {changed.name}, {client_buckets(other.mapping)[client]} of "
-                        f"{other.mapping[0]} on {other.name})")
+                        f"{other.mapping[0]} on {other.name})"
+                    )
 
     def _violated(self, what: str) -> None:
         message = f"seed {self.seed}: S1 violated at t={self.now:.4f}: {what}"
@@ -535,13 +571,15 @@ class Cluster:
 
     # -------------------------------------------------------------- analysis
 
-    def trail(self, names: list[str] | None = None, since: float = 0.0,
-              limit: int = 400) -> str:
+    def trail(self, names: list[str] | None = None, since: float = 0.0, limit: int = 400) -> str:
         """What happened to the nodes ``names`` (all by default) since ``since``: the
         operations done to them and their cores' events, oldest first."""
         wanted = set(self.nodes) if names is None else set(names)
-        lines = [(t, what) for t, what in self.log
-                 if t >= since and what.split(":", 1)[0] in wanted | {"net"}]
+        lines = [
+            (t, what)
+            for t, what in self.log
+            if t >= since and what.split(":", 1)[0] in wanted | {"net"}
+        ]
         for node in self.nodes.values():
             if node.name in wanted:
                 lines.extend((t, f"{node.name}: {e}") for t, e in node.events if t >= since)
@@ -594,8 +632,9 @@ class Cluster:
         if len(views) != 1:
             return False
         (view,) = views
-        return ({m.node_id for m in view} == {n.node_id for n in live}
-                and len(live) == len({n.node_id for n in live}))
+        return {m.node_id for m in view} == {n.node_id for n in live} and len(live) == len(
+            {n.node_id for n in live}
+        )
 
     def check_served_as_expected(self) -> None:
         """L1/L2 at rest: each bucket accepted by exactly its computed owner."""
@@ -604,8 +643,10 @@ class Cluster:
         mapping = kernel_mapping(self.config)
         for node in self.nodes.values():
             if node.mapping != mapping and node.accepting(self.now):
-                raise Violation(f"seed {self.seed}: {node.name} serves with another "
-                                f"mapping {node.mapping} than the cluster's {mapping}")
+                raise Violation(
+                    f"seed {self.seed}: {node.name} serves with another "
+                    f"mapping {node.mapping} than the cluster's {mapping}"
+                )
         served = self.served()
         for bucket in range(self.config.buckets):
             want = expected.get(bucket)
@@ -622,16 +663,23 @@ def settle(cluster: Cluster, limit: float = 6.0) -> None:
     while cluster.now < deadline:
         cluster.run_until(cluster.now + cluster.timers.interval)
         if cluster.converged():
-            cluster.run_until(cluster.now + 3 * (cluster.timers.interval
-                                                 + cluster.persist_delay[1]
-                                                 + cluster.table_delay[1]))
+            cluster.run_until(
+                cluster.now
+                + 3 * (cluster.timers.interval + cluster.persist_delay[1] + cluster.table_delay[1])
+            )
             cluster.check_served_as_expected()
             return
     raise AssertionError(f"no convergence within {limit}s:\n{cluster.trail(limit=60)}")
 
 
-def start(n: int, seed: int = 1, timers: Timers | None = None, *, buckets: int = 256,
-          config: CoreConfig | None = None) -> Cluster:
+def start(
+    n: int,
+    seed: int = 1,
+    timers: Timers | None = None,
+    *,
+    buckets: int = 256,
+    config: CoreConfig | None = None,
+) -> Cluster:
     """``n`` nodes n0..n{n-1} started together and settled."""
     cluster = Cluster(seed, timers or FAST_TIMERS, buckets=buckets, config=config)
     for i in range(n):

@@ -54,9 +54,11 @@ FAULTS = ("kill", "hostdeath", "service")
 # connect at once, so neither check ever waits for its timeout here.
 CHECK_INTERVAL, CHECK_RISE, CHECK_FALL = 1, 2, 2
 CHECK_TIMEOUT_LBD, CHECK_TIMEOUT_KEEPALIVED = 0.5, 1
-SERVICE_CHECK = (f'\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:{TCP_PORT}"\n'
-                 f"interval = {CHECK_INTERVAL}\ntimeout = {CHECK_TIMEOUT_LBD}\n"
-                 f"rise = {CHECK_RISE}\nfall = {CHECK_FALL}\n")
+SERVICE_CHECK = (
+    f'\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:{TCP_PORT}"\n'
+    f"interval = {CHECK_INTERVAL}\ntimeout = {CHECK_TIMEOUT_LBD}\n"
+    f"rise = {CHECK_RISE}\nfall = {CHECK_FALL}\n"
+)
 
 
 def start_services(bed: Bed, nodes: list[int] | None = None) -> dict[int, Any]:
@@ -104,14 +106,26 @@ def daemon_cost(pid: int, seconds: float) -> dict[str, float]:
     before, start = cpu_ticks(), time.monotonic()
     time.sleep(seconds)
     used = (cpu_ticks() - before) / CLK_TCK
-    rss_kb = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
-                  .splitlines() if line.startswith("VmRSS:"))
-    return {"cpu_percent": round(100 * used / (time.monotonic() - start), 2),
-            "rss_mb": round(rss_kb / 1024, 1)}
+    rss_kb = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
+    return {
+        "cpu_percent": round(100 * used / (time.monotonic() - start), 2),
+        "rss_mb": round(rss_kb / 1024, 1),
+    }
 
 
-def timeline(record: dict[str, Any], fault: float, *, before: float = 2.0, after: float = 5.0,
-             step: float = 0.1, until: float | None = None) -> dict[str, Any]:
+def timeline(
+    record: dict[str, Any],
+    fault: float,
+    *,
+    before: float = 2.0,
+    after: float = 5.0,
+    step: float = 0.1,
+    until: float | None = None,
+) -> dict[str, Any]:
     """Successful new connections per node (and failures) per ``step`` around ``fault``.
 
     Attempts completing at or after ``until`` (e.g. the next trial's fault) are left out.
@@ -129,24 +143,37 @@ def timeline(record: dict[str, Any], fault: float, *, before: float = 2.0, after
             nodes.setdefault(row[metrics.NAME], [0] * bins)[slot] += 1
         else:
             failed[slot] += 1
-    return {"step_s": step, "t0_s": -before, "nodes": dict(sorted(nodes.items())),
-            "failed": failed}
+    return {"step_s": step, "t0_s": -before, "nodes": dict(sorted(nodes.items())), "failed": failed}
 
 
-def run_profile(profile: str, trials: int, nodes: int, workdir: Path,
-                fault_kind: str = "kill", *, prefix: str = "lbdt-bench") -> dict[str, Any]:
+def run_profile(
+    profile: str,
+    trials: int,
+    nodes: int,
+    workdir: Path,
+    fault_kind: str = "kill",
+    *,
+    prefix: str = "lbdt-bench",
+) -> dict[str, Any]:
     interval = PROFILES[profile].interval
     everyone = list(range(nodes))
     service = fault_kind == "service"
     with Bed(f"{prefix}{profile[:4]}-", nodes=nodes, add_vip=False) as bed:
-        cluster = (CheckedCluster if service else LbdCluster)(bed, workdir / profile,
-                                                               profile=profile)
+        cluster = (CheckedCluster if service else LbdCluster)(
+            bed, workdir / profile, profile=profile
+        )
         try:
             cluster.start_all()
             services: dict[int, Any] = {}
             if service:  # nobody claims before its check rose: services first
-                wait_for(lambda: all(bed.vip4 in bed.run(n.name, "ip", "-4", "addr").stdout
-                                     for n in bed.nodes), 10.0, 0.1, "the daemons' VIP")
+                wait_for(
+                    lambda: all(
+                        bed.vip4 in bed.run(n.name, "ip", "-4", "addr").stdout for n in bed.nodes
+                    ),
+                    10.0,
+                    0.1,
+                    "the daemons' VIP",
+                )
                 services = start_services(bed)
             cluster.wait_converged(everyone, check=lambda s: all(v > 0 for v in s.values()))
             if not service:
@@ -199,8 +226,12 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path,
         "dead_after_ms": round(PROFILES[profile].dead_after * 1000),
         "trials": len(faults),
         "measured": len(outages),
-        "outage_ms": {"p50": percentile(outages, 50), "p99": percentile(outages, 99),
-                      "max": max(outages), "mean": round(statistics.fmean(outages), 1)},
+        "outage_ms": {
+            "p50": percentile(outages, 50),
+            "p99": percentile(outages, 99),
+            "max": max(outages),
+            "mean": round(statistics.fmean(outages), 1),
+        },
         "outages_ms": outages,
         "duplicate_synacks": report.duplicate_synacks,
         "duplicate_udp_answers": report.duplicate_udp_answers,
@@ -208,33 +239,53 @@ def run_profile(profile: str, trials: int, nodes: int, workdir: Path,
         # A killed service breaks its own connections; the other nodes' must survive.
         "broken_elsewhere": len(metrics.broken(record, failed)),
         "long_lived_connections": len(record["conns"]),
-        "check": ({"interval_s": CHECK_INTERVAL, "timeout_s": CHECK_TIMEOUT_LBD,
-                   "rise": CHECK_RISE, "fall": CHECK_FALL} if service else None),
+        "check": (
+            {
+                "interval_s": CHECK_INTERVAL,
+                "timeout_s": CHECK_TIMEOUT_LBD,
+                "rise": CHECK_RISE,
+                "fall": CHECK_FALL,
+            }
+            if service
+            else None
+        ),
         "daemon_cost_n3": cost,
-        "timeline": timeline(record, faults[0][0],
-                             until=faults[1][0] if len(faults) > 1 else None) if faults else None,
+        "timeline": timeline(record, faults[0][0], until=faults[1][0] if len(faults) > 1 else None)
+        if faults
+        else None,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--profiles", default="default,fast")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--fault", choices=FAULTS, default="kill")
-    parser.add_argument("--prefix", default="lbdt-bench",
-                        help="namespace name prefix (lbdt-...; its leftovers are deleted)")
+    parser.add_argument(
+        "--prefix",
+        default="lbdt-bench",
+        help="namespace name prefix (lbdt-...; its leftovers are deleted)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="lbd-bench-") as tmp:
         for profile in args.profiles.split(","):
-            results.append(run_profile(profile, args.trials, args.nodes, Path(tmp), args.fault,
-                                       prefix=args.prefix))
-    out = {"benchmark": "failover_lab", "nodes": args.nodes, "fault": args.fault,
-           "results": results}
+            results.append(
+                run_profile(
+                    profile, args.trials, args.nodes, Path(tmp), args.fault, prefix=args.prefix
+                )
+            )
+    out = {
+        "benchmark": "failover_lab",
+        "nodes": args.nodes,
+        "fault": args.fault,
+        "results": results,
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
@@ -243,12 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for r in results:
             o = r["outage_ms"]
-            print(f"{r['profile']:>8} ({r['fault']}): outage p50 {o['p50']} ms, "
-                  f"p99 {o['p99']} ms over {r['measured']} trials; "
-                  f"duplicates {r['duplicate_synacks']}+"
-                  f"{r['duplicate_udp_answers']}; broken {r['broken_connections']} "
-                  f"({r['broken_elsewhere']} elsewhere) of {r['long_lived_connections']} "
-                  f"long-lived; daemon {r['daemon_cost_n3']}")
+            print(
+                f"{r['profile']:>8} ({r['fault']}): outage p50 {o['p50']} ms, "
+                f"p99 {o['p99']} ms over {r['measured']} trials; "
+                f"duplicates {r['duplicate_synacks']}+"
+                f"{r['duplicate_udp_answers']}; broken {r['broken_connections']} "
+                f"({r['broken_elsewhere']} elsewhere) of {r['long_lived_connections']} "
+                f"long-lived; daemon {r['daemon_cost_n3']}"
+            )
     return 0
 
 

@@ -85,6 +85,7 @@ CHUNK = 32
 
 # ---------------------------------------------------------------- sender (attacker side)
 
+
 def _forged(rng: random.Random, size: int, fingerprint: bytes | None) -> bytes:
     fp = fingerprint if fingerprint is not None else rng.randbytes(4)
     return MAGIC + bytes((WIRE_VERSION,)) + fp + rng.randbytes(size - 7)
@@ -93,14 +94,26 @@ def _forged(rng: random.Random, size: int, fingerprint: bytes | None) -> bytes:
 def _raw_packet(payload: bytes, source: str, target: str, sport: int) -> bytes:
     """IPv4 + UDP headers (the kernel fills in the IP checksum and total length)."""
     ttl = 1 if ipaddress.IPv4Address(target).is_multicast else 64
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, ttl, socket.IPPROTO_UDP, 0,
-                     socket.inet_aton(source), socket.inet_aton(target))
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        0,
+        0,
+        0,
+        ttl,
+        socket.IPPROTO_UDP,
+        0,
+        socket.inet_aton(source),
+        socket.inet_aton(target),
+    )
     udp = struct.pack("!HHHH", sport, HEARTBEAT_PORT, 8 + len(payload), 0)  # no checksum
     return ip + udp + payload
 
 
-def payloads(kind: str, seed: int, targets: list[str], fingerprint: bytes | None,
-             source: str | None = None) -> list[tuple[bytes, str]]:
+def payloads(
+    kind: str, seed: int, targets: list[str], fingerprint: bytes | None, source: str | None = None
+) -> list[tuple[bytes, str]]:
     """(datagram, target) pairs; for ``spoofed`` the datagram is a whole IP packet, from
     ``source`` or else from random addresses of ``SPOOF_NET``."""
     rng = random.Random(seed)
@@ -113,19 +126,34 @@ def payloads(kind: str, seed: int, targets: list[str], fingerprint: bytes | None
             data = _forged(rng, MAX_DATAGRAM, None)
         elif kind == "badsize":
             # Too long or too short, each to every target (targets alternate with i).
-            data = _forged(rng, MAX_DATAGRAM + 1, None) if i // 2 % 2 else rng.randbytes(
-                MIN_DATAGRAM - 1)
+            data = (
+                _forged(rng, MAX_DATAGRAM + 1, None)
+                if i // 2 % 2
+                else rng.randbytes(MIN_DATAGRAM - 1)
+            )
         else:
             raise ValueError(f"unknown kind {kind!r}")
         if kind == "spoofed":
-            data = _raw_packet(data, source or f"{SPOOF_NET}{rng.randint(1, 254)}", target,
-                               rng.randint(1024, 65535))
+            data = _raw_packet(
+                data,
+                source or f"{SPOOF_NET}{rng.randint(1, 254)}",
+                target,
+                rng.randint(1024, 65535),
+            )
         pool.append((data, target))
     return pool
 
 
-def send(kind: str, targets: list[str], rate: float, duration: float, *, seed: int,
-         fingerprint: bytes | None = None, source: str | None = None) -> dict[str, Any]:
+def send(
+    kind: str,
+    targets: list[str],
+    rate: float,
+    duration: float,
+    *,
+    seed: int,
+    fingerprint: bytes | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
     """Flood for ``duration`` s at ``rate`` datagrams/s (0: unpaced); what was sent.
     Counts are whole multiples of ``CHUNK``."""
     duration = min(duration, MAX_STEP)
@@ -169,43 +197,95 @@ def send(kind: str, targets: list[str], rate: float, duration: float, *, seed: i
 
 # ---------------------------------------------------------------- the bed side
 
+
 class Attacker:
     """A namespace on the bed's hub with a segment address and no key."""
 
     def __init__(self, bed: Bed) -> None:
         self.bed = bed
         self.ns = f"{bed.prefix}x"  # torn down with the bed (same prefix)
-        subprocess.run(["ip", "netns", "add", self.ns], check=True, capture_output=True,
-                       timeout=10)
-        bed.run(bed.hub, "ip", "link", "add", "px", "type", "veth", "peer", "name", "eth0",
-                "netns", self.ns)
+        subprocess.run(["ip", "netns", "add", self.ns], check=True, capture_output=True, timeout=10)
+        bed.run(
+            bed.hub,
+            "ip",
+            "link",
+            "add",
+            "px",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            self.ns,
+        )
         bed.run(bed.hub, "ip", "link", "set", "px", "master", "br0")
-        bed.run(bed.hub, "ip", "link", "set", "dev", "px", "type", "bridge_slave", "learning",
-                "off", "flood", "on", "mcast_flood", "on")
+        bed.run(
+            bed.hub,
+            "ip",
+            "link",
+            "set",
+            "dev",
+            "px",
+            "type",
+            "bridge_slave",
+            "learning",
+            "off",
+            "flood",
+            "on",
+            "mcast_flood",
+            "on",
+        )
         bed.run(bed.hub, "ip", "link", "set", "px", "up")
         bed.set_sysctls(self.ns, {"net.ipv6.conf.all.disable_ipv6": 1})
-        for argv in (["link", "set", "lo", "up"], ["addr", "add", f"{ATTACKER}/24", "dev", "eth0"],
-                     ["link", "set", "eth0", "up"],
-                     ["route", "add", "224.0.0.0/4", "dev", "eth0"]):
+        for argv in (
+            ["link", "set", "lo", "up"],
+            ["addr", "add", f"{ATTACKER}/24", "dev", "eth0"],
+            ["link", "set", "eth0", "up"],
+            ["route", "add", "224.0.0.0/4", "dev", "eth0"],
+        ):
             bed.run(self.ns, "ip", *argv)
-        bed.wait_for(lambda: bed.run(self.ns, "cat", "/sys/class/net/eth0/operstate")
-                     .stdout.strip() == "up", 5.0)
+        bed.wait_for(
+            lambda: bed.run(self.ns, "cat", "/sys/class/net/eth0/operstate").stdout.strip() == "up",
+            5.0,
+        )
         # Resolve the node addresses now, not during the first timed step.
         for node in bed.nodes:
             bed.run(self.ns, "ping", "-c", "1", "-W", "1", node.addr4, check=False)
         bed.run(self.ns, "ping", "-c", "1", "-W", "1", ROUTER_LAN4, check=False)
 
-    def flood(self, kind: str, targets: list[str], rate: float, duration: float, *,
-              procs: int = 1, fingerprint: bytes | None = None,
-              source: str | None = None) -> dict[str, Any]:
+    def flood(
+        self,
+        kind: str,
+        targets: list[str],
+        rate: float,
+        duration: float,
+        *,
+        procs: int = 1,
+        fingerprint: bytes | None = None,
+        source: str | None = None,
+    ) -> dict[str, Any]:
         """``procs`` sender processes sharing ``rate``; their summed figures.
         ``source``: the spoofed source of ``kind = "spoofed"`` (default: random)."""
         share = rate / procs if rate > 0 else 0.0
-        request = {"kind": kind, "targets": targets, "rate": share, "duration": duration,
-                   "fingerprint": fingerprint.hex() if fingerprint else None, "source": source}
-        started = [self.bed.python(self.ns, "-m", "lbd.testbed.flood", "_send",
-                                   json.dumps({**request, "seed": random.getrandbits(32)}))
-                   for _ in range(procs)]
+        request = {
+            "kind": kind,
+            "targets": targets,
+            "rate": share,
+            "duration": duration,
+            "fingerprint": fingerprint.hex() if fingerprint else None,
+            "source": source,
+        }
+        started = [
+            self.bed.python(
+                self.ns,
+                "-m",
+                "lbd.testbed.flood",
+                "_send",
+                json.dumps({**request, "seed": random.getrandbits(32)}),
+            )
+            for _ in range(procs)
+        ]
         sent = errors = 0
         seconds = 0.0
         for proc in started:
@@ -221,8 +301,12 @@ class Attacker:
             sent += result["sent"]
             errors += result["errors"]
             seconds = max(seconds, result["seconds"])
-        return {"sent": sent, "errors": errors, "seconds": round(seconds, 3),
-                "rate": round(sent / seconds) if seconds else 0}
+        return {
+            "sent": sent,
+            "errors": errors,
+            "seconds": round(seconds, 3),
+            "rate": round(sent / seconds) if seconds else 0,
+        }
 
 
 def socket_drops(bed: Bed, index: int) -> int:
@@ -243,19 +327,21 @@ def snapshot(cluster: LbdCluster) -> list[dict[str, Any]]:
         status = cluster.query(index, "status") or {}
         counters = status.get("counters", {})
         hb_filter = status.get("heartbeat_filter", {})
-        nodes.append({
-            "forged": counters.get("forged", 0),
-            "malformed": counters.get("malformed", 0),
-            "foreign_version": counters.get("foreign_version", 0),
-            "accepted": counters.get("accepted", 0),
-            "sent": counters.get("sent", 0),
-            "view_changes": counters.get("view_changes", 0),
-            "filter_foreign": hb_filter.get("foreign", 0),
-            "filter_badlen": hb_filter.get("badlen", 0),
-            "filter_passed": hb_filter.get("passed", 0),
-            "socket_drops": socket_drops(cluster.bed, index),
-            "cpu_ticks": _cpu_ticks(cluster.procs[index].pid),
-        })
+        nodes.append(
+            {
+                "forged": counters.get("forged", 0),
+                "malformed": counters.get("malformed", 0),
+                "foreign_version": counters.get("foreign_version", 0),
+                "accepted": counters.get("accepted", 0),
+                "sent": counters.get("sent", 0),
+                "view_changes": counters.get("view_changes", 0),
+                "filter_foreign": hb_filter.get("foreign", 0),
+                "filter_badlen": hb_filter.get("badlen", 0),
+                "filter_passed": hb_filter.get("passed", 0),
+                "socket_drops": socket_drops(cluster.bed, index),
+                "cpu_ticks": _cpu_ticks(cluster.procs[index].pid),
+            }
+        )
     return nodes
 
 
@@ -272,8 +358,16 @@ def _delta(after: list[dict[str, Any]], before: list[dict[str, Any]]) -> list[di
     return [{key: a[key] - b[key] for key in a} for a, b in zip(after, before, strict=True)]
 
 
-def run(workdir: Path, *, kinds: list[str], rates: list[float], step: float,
-        profile: str = "fast", procs: int = 2, prefix: str = "lbdt-flood-") -> dict[str, Any]:
+def run(
+    workdir: Path,
+    *,
+    kinds: list[str],
+    rates: list[float],
+    step: float,
+    profile: str = "fast",
+    procs: int = 2,
+    prefix: str = "lbdt-flood-",
+) -> dict[str, Any]:
     """The whole benchmark in one bed; see the module docstring."""
     steps: list[dict[str, Any]] = []
     load_before = os.getloadavg()[0]
@@ -298,9 +392,14 @@ def run(workdir: Path, *, kinds: list[str], rates: list[float], step: float,
                         time.sleep(step)
                         sent = {"sent": 0, "errors": 0, "seconds": step, "rate": 0}
                     else:
-                        sent = attacker.flood(kind, targets, rate, step, procs=procs,
-                                              fingerprint=fingerprint if kind == "sniffed"
-                                              else None)
+                        sent = attacker.flood(
+                            kind,
+                            targets,
+                            rate,
+                            step,
+                            procs=procs,
+                            fingerprint=fingerprint if kind == "sniffed" else None,
+                        )
                     t1 = time.monotonic()
                     time.sleep(SETTLE)
                     delta = _delta(snapshot(cluster), before)
@@ -308,8 +407,15 @@ def run(workdir: Path, *, kinds: list[str], rates: list[float], step: float,
                     for node in delta:  # a daemon's CPU, in % of one core over the step
                         ticks = node.pop("cpu_ticks")
                         node["cpu_percent"] = round(100 * ticks / CLK_TCK / seconds, 1)
-                    steps.append({"kind": kind, "target_rate": rate, "window": [t0, t1 + SETTLE],
-                                  **sent, "nodes": delta})
+                    steps.append(
+                        {
+                            "kind": kind,
+                            "target_rate": rate,
+                            "window": [t0, t1 + SETTLE],
+                            **sent,
+                            "nodes": delta,
+                        }
+                    )
                     if sum(n["view_changes"] for n in delta):  # the cluster broke: enough
                         cluster.wait_converged(what="the cluster to recover")
                         break
@@ -323,23 +429,27 @@ def run(workdir: Path, *, kinds: list[str], rates: list[float], step: float,
     offset = time.time() - time.monotonic()
     for entry in steps:
         t0, t1 = entry.pop("window")
-        entry["failed_connections"] = sum(1 for row in record["tcp"]
-                                          if not row[NAME] and t0 <= row[START] < t1)
+        entry["failed_connections"] = sum(
+            1 for row in record["tcp"] if not row[NAME] and t0 <= row[START] < t1
+        )
         entry["connections"] = sum(1 for row in record["tcp"] if t0 <= row[START] < t1)
         window = [p for p in packets if t0 <= p.time - offset < t1]
-        entry["duplicate_answers"] = count_duplicates(window, {bed.vip4}, TCP_PORT,
-                                                      UDP_PORT).duplicates
+        entry["duplicate_answers"] = count_duplicates(
+            window, {bed.vip4}, TCP_PORT, UDP_PORT
+        ).duplicates
         entry["view_changes"] = sum(n["view_changes"] for n in entry["nodes"])
         entry["clean"] = entry["view_changes"] == 0 and entry["failed_connections"] == 0
-        entry["filter_drops"] = sum(n["filter_foreign"] + n["filter_badlen"]
-                                    for n in entry["nodes"])
+        entry["filter_drops"] = sum(
+            n["filter_foreign"] + n["filter_badlen"] for n in entry["nodes"]
+        )
         # Real heartbeats heard: what a node accepted over what the others sent (multicast).
         sent = sum(n["sent"] for n in entry["nodes"])
         for n in entry["nodes"]:
             others = sent - n["sent"]
             n["heard"] = round(n["accepted"] / others, 3) if others else None
-        entry["min_heard"] = min((n["heard"] for n in entry["nodes"] if n["heard"] is not None),
-                                 default=None)
+        entry["min_heard"] = min(
+            (n["heard"] for n in entry["nodes"] if n["heard"] is not None), default=None
+        )
     baseline = steps.pop(0)
     summary = {}
     for kind in kinds:
@@ -350,12 +460,21 @@ def run(workdir: Path, *, kinds: list[str], rates: list[float], step: float,
             "no_view_change_up_to": _up_to(ramp, lambda s: s["view_changes"] == 0),
             "view_changes_at": next((s["rate"] for s in ramp if s["view_changes"]), None),
         }
-    return {"benchmark": "flood", "profile": profile, "nodes": 3, "step_s": step,
-            "procs": procs, "max_datagram": MAX_DATAGRAM, "min_datagram": MIN_DATAGRAM,
-            # The bed shares the machine: its load says how much else was running.
-            "cpus": os.cpu_count(), "loadavg": [round(load_before, 2),
-                                                round(os.getloadavg()[0], 2)],
-            "baseline": baseline, "steps": steps, "summary": summary}
+    return {
+        "benchmark": "flood",
+        "profile": profile,
+        "nodes": 3,
+        "step_s": step,
+        "procs": procs,
+        "max_datagram": MAX_DATAGRAM,
+        "min_datagram": MIN_DATAGRAM,
+        # The bed shares the machine: its load says how much else was running.
+        "cpus": os.cpu_count(),
+        "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "baseline": baseline,
+        "steps": steps,
+        "summary": summary,
+    }
 
 
 def _up_to(ramp: list[dict[str, Any]], ok: Callable[[dict[str, Any]], bool]) -> int | None:
@@ -373,14 +492,29 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_send"]:
         r = json.loads(argv[1])
         fingerprint = bytes.fromhex(r["fingerprint"]) if r["fingerprint"] else None
-        print(json.dumps(send(r["kind"], r["targets"], r["rate"], r["duration"], seed=r["seed"],
-                              fingerprint=fingerprint, source=r["source"])))
+        print(
+            json.dumps(
+                send(
+                    r["kind"],
+                    r["targets"],
+                    r["rate"],
+                    r["duration"],
+                    seed=r["seed"],
+                    fingerprint=fingerprint,
+                    source=r["source"],
+                )
+            )
+        )
         return 0
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--rates", default=",".join(map(str, RATES)),
-                        help="datagrams/s per step, increasing; 0 = as fast as possible")
+    parser.add_argument(
+        "--rates",
+        default=",".join(map(str, RATES)),
+        help="datagrams/s per step, increasing; 0 = as fast as possible",
+    )
     parser.add_argument("--step", type=float, default=3.0, help="seconds of flood per step")
     parser.add_argument("--profile", choices=("fast", "default"), default="fast")
     parser.add_argument("--procs", type=int, default=2, help="sender processes")
@@ -393,8 +527,14 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
     with tempfile.TemporaryDirectory(prefix="lbd-flood-") as tmp:
-        out = run(Path(tmp), kinds=kinds, rates=[float(r) for r in args.rates.split(",")],
-                  step=min(args.step, MAX_STEP), profile=args.profile, procs=args.procs)
+        out = run(
+            Path(tmp),
+            kinds=kinds,
+            rates=[float(r) for r in args.rates.split(",")],
+            step=min(args.step, MAX_STEP),
+            profile=args.profile,
+            procs=args.procs,
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
@@ -403,20 +543,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for s in out["steps"]:
         n0 = s["nodes"][0]
-        print(f"{s['kind']:>8} {s['target_rate']:>7.0f}/s sent {s['rate']:>6}/s  filter drops "
-              f"{s['filter_drops']:>6}  node0: forged {n0['forged']:>6} socket drops "
-              f"{n0['socket_drops']:>6} cpu {n0['cpu_percent']:>4}%  heard {s['min_heard']}  vc "
-              f"{s['view_changes']}  failed {s['failed_connections']}/{s['connections']}  "
-              f"dup {s['duplicate_answers']}")
+        print(
+            f"{s['kind']:>8} {s['target_rate']:>7.0f}/s sent {s['rate']:>6}/s  filter drops "
+            f"{s['filter_drops']:>6}  node0: forged {n0['forged']:>6} socket drops "
+            f"{n0['socket_drops']:>6} cpu {n0['cpu_percent']:>4}%  heard {s['min_heard']}  vc "
+            f"{s['view_changes']}  failed {s['failed_connections']}/{s['connections']}  "
+            f"dup {s['duplicate_answers']}"
+        )
     b = out["baseline"]
     print(f"load average before/after {out['loadavg']} on {out['cpus']} CPUs")
-    print(f"baseline (no flood): view changes {b['view_changes']}, failed "
-          f"{b['failed_connections']}/{b['connections']}, dup {b['duplicate_answers']}")
+    print(
+        f"baseline (no flood): view changes {b['view_changes']}, failed "
+        f"{b['failed_connections']}/{b['connections']}, dup {b['duplicate_answers']}"
+    )
     for kind, figures in out["summary"].items():
-        print(f"{kind:>8}: clean up to {figures['clean_up_to']}/s, breaks at "
-              f"{figures['breaks_at']}/s; no view change up to "
-              f"{figures['no_view_change_up_to']}/s, view changes at "
-              f"{figures['view_changes_at']}/s")
+        print(
+            f"{kind:>8}: clean up to {figures['clean_up_to']}/s, breaks at "
+            f"{figures['breaks_at']}/s; no view change up to "
+            f"{figures['no_view_change_up_to']}/s, view changes at "
+            f"{figures['view_changes_at']}/s"
+        )
     return 0
 
 

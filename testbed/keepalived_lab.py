@@ -119,8 +119,7 @@ def process_tree(root: int) -> dict[int, str]:
 class KeepalivedCluster:
     """keepalived in every node of ``bed``: configs, start, crash, who holds the VIP."""
 
-    def __init__(self, bed: Bed, workdir: Path, advert_int: float, *,
-                 check: bool = False) -> None:
+    def __init__(self, bed: Bed, workdir: Path, advert_int: float, *, check: bool = False) -> None:
         self.bed = bed
         self.workdir = workdir
         self.advert_int = advert_int
@@ -174,8 +173,20 @@ class KeepalivedCluster:
         pidfiles = [self.workdir / f"{node.name}.pid", self.workdir / f"{node.name}.vrrp.pid"]
         for stale in pidfiles:  # a killed keepalived leaves them; it would refuse to start
             stale.unlink(missing_ok=True)
-        argv = [KEEPALIVED, "-n", "-l", "-D", "-G", "-P", "-f", str(conf),
-                "-p", str(pidfiles[0]), "-r", str(pidfiles[1])]
+        argv = [
+            KEEPALIVED,
+            "-n",
+            "-l",
+            "-D",
+            "-G",
+            "-P",
+            "-f",
+            str(conf),
+            "-p",
+            str(pidfiles[0]),
+            "-r",
+            str(pidfiles[1]),
+        ]
         proc: subprocess.Popen[Any] = self.bed.popen(node.name, *argv)
         self.procs[index] = proc
         return proc
@@ -205,8 +216,12 @@ class KeepalivedCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=5)
-        wait_for(lambda: all(gone(p, s) for p, s in tree.items()), 5.0, 0.02,
-                 "keepalived processes to die")
+        wait_for(
+            lambda: all(gone(p, s) for p, s in tree.items()),
+            5.0,
+            0.02,
+            "keepalived processes to die",
+        )
 
     def stop_all(self, timeout: float = 10.0) -> None:
         """SIGTERM every keepalived (a graceful stop removes its VIP); bounded."""
@@ -224,8 +239,9 @@ class KeepalivedCluster:
         """Indexes of the nodes that have the VIP configured on their interface."""
         found = []
         for node in self.bed.nodes:
-            out = self.bed.run(node.name, "ip", "-o", "-4", "addr", "show", "dev", node.iface,
-                               check=False)
+            out = self.bed.run(
+                node.name, "ip", "-o", "-4", "addr", "show", "dev", node.iface, check=False
+            )
             if f" {self.bed.vip4}/" in out.stdout:
                 found.append(node.index)
         return found
@@ -233,8 +249,9 @@ class KeepalivedCluster:
     def drop_vip(self, index: int) -> None:
         """Remove a VIP a killed keepalived left behind (it cannot clean up)."""
         node = self.bed.nodes[index]
-        self.bed.run(node.name, "ip", "addr", "del", f"{self.bed.vip4}/32", "dev", node.iface,
-                     check=False)
+        self.bed.run(
+            node.name, "ip", "addr", "del", f"{self.bed.vip4}/32", "dev", node.iface, check=False
+        )
 
     def served_by(self, index: int, sources: int = 8) -> bool:
         """Every probe source gets its TCP answer from node ``index``."""
@@ -244,8 +261,12 @@ class KeepalivedCluster:
     def wait_master(self, index: int, timeout: float = MASTER_TIMEOUT) -> None:
         """Until node ``index`` alone holds the VIP and the client reaches it."""
         try:
-            wait_for(lambda: self.holders() == [index] and self.served_by(index),
-                     timeout, 0.1, f"node {index} to be the VRRP master")
+            wait_for(
+                lambda: self.holders() == [index] and self.served_by(index),
+                timeout,
+                0.1,
+                f"node {index} to be the VRRP master",
+            )
         except TimeoutError:
             logs = {i: self.log(i)[-1500:] for i in self.procs}
             raise AssertionError(f"no master {index}: holders {self.holders()}\n{logs}") from None
@@ -313,13 +334,15 @@ def run_trial(ka: KeepalivedCluster, workdir: Path, fault_kind: str) -> dict[str
     }
 
 
-def run_config(advert_int: float, trials: int, workdir: Path, fault_kind: str,
-               prefix: str = "lbdt-kad-") -> dict[str, Any]:
+def run_config(
+    advert_int: float, trials: int, workdir: Path, fault_kind: str, prefix: str = "lbdt-kad-"
+) -> dict[str, Any]:
     """``trials`` master failures with ``advert_int``; summary figures."""
     rows: list[dict[str, Any]] = []
     with Bed(prefix, nodes=3, add_vip=False, unique_macs=True) as bed:
-        ka = KeepalivedCluster(bed, workdir / f"adv{advert_int}", advert_int,
-                               check=fault_kind == "service")
+        ka = KeepalivedCluster(
+            bed, workdir / f"adv{advert_int}", advert_int, check=fault_kind == "service"
+        )
         try:
             if ka.check:
                 ka.start_services()
@@ -332,9 +355,16 @@ def run_config(advert_int: float, trials: int, workdir: Path, fault_kind: str,
         finally:
             ka.stop_all()
     outages = [r["outage_ms"] for r in rows if r["outage_ms"] is not None]
-    summary = ({"p50": percentile(outages, 50), "p99": percentile(outages, 99),
-                "max": max(outages), "mean": round(statistics.fmean(outages), 1)}
-               if outages else None)
+    summary = (
+        {
+            "p50": percentile(outages, 50),
+            "p99": percentile(outages, 99),
+            "max": max(outages),
+            "mean": round(statistics.fmean(outages), 1),
+        }
+        if outages
+        else None
+    )
     return {
         "system": "keepalived",
         "profile": f"advert_int {advert_int:g}",
@@ -352,9 +382,18 @@ def run_config(advert_int: float, trials: int, workdir: Path, fault_kind: str,
         "broken_elsewhere": sum(r["broken_elsewhere"] for r in rows),
         "duplicate_synacks": sum(r["duplicate_synacks"] for r in rows),
         "duplicate_udp_answers": sum(r["duplicate_udp_answers"] for r in rows),
-        "check": ({"interval_s": CHECK_INTERVAL, "timeout_s": CHECK_TIMEOUT_KEEPALIVED,
-                   "rise": CHECK_RISE, "fall": CHECK_FALL, "script": CHECK_SCRIPT,
-                   "script_user": SCRIPT_USER} if fault_kind == "service" else None),
+        "check": (
+            {
+                "interval_s": CHECK_INTERVAL,
+                "timeout_s": CHECK_TIMEOUT_KEEPALIVED,
+                "rise": CHECK_RISE,
+                "fall": CHECK_FALL,
+                "script": CHECK_SCRIPT,
+                "script_user": SCRIPT_USER,
+            }
+            if fault_kind == "service"
+            else None
+        ),
         "new_masters": sorted({r["new_master"] for r in rows if r["new_master"]}),
         "split_brain_trials": sum(len(r["vip_holders_after"]) > 1 for r in rows),
         "timeline": rows[0]["timeline"] if rows else None,
@@ -363,13 +402,17 @@ def run_config(advert_int: float, trials: int, workdir: Path, fault_kind: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--advert", default="1,0.1", help="advert_int values (s), 0.01..255")
     parser.add_argument("--fault", choices=FAULTS, default="hostdeath")
-    parser.add_argument("--prefix", default="lbdt-kad-",
-                        help="namespace name prefix (lbdt-...; its leftovers are deleted)")
+    parser.add_argument(
+        "--prefix",
+        default="lbdt-kad-",
+        help="namespace name prefix (lbdt-...; its leftovers are deleted)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -378,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="lbd-kabench-") as tmp:
         for advert in args.advert.split(","):
-            results.append(run_config(float(advert), args.trials, Path(tmp), args.fault,
-                                      args.prefix))
+            results.append(
+                run_config(float(advert), args.trials, Path(tmp), args.fault, args.prefix)
+            )
     out = {"benchmark": "keepalived_lab", "nodes": 3, "fault": args.fault, "results": results}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -389,12 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for r in results:
             o = r["outage_ms"] or {}
-            print(f"keepalived {r['profile']} ({r['fault']}): outage p50 {o.get('p50')} ms, "
-                  f"p99 {o.get('p99')} ms over {r['measured']}/{r['trials']} trials; broken "
-                  f"{r['broken_connections']}/{r['long_lived_connections']} long-lived "
-                  f"({r['broken_elsewhere']} elsewhere); duplicates "
-                  f"{r['duplicate_synacks']}+{r['duplicate_udp_answers']}; split brain "
-                  f"{r['split_brain_trials']}")
+            print(
+                f"keepalived {r['profile']} ({r['fault']}): outage p50 {o.get('p50')} ms, "
+                f"p99 {o.get('p99')} ms over {r['measured']}/{r['trials']} trials; broken "
+                f"{r['broken_connections']}/{r['long_lived_connections']} long-lived "
+                f"({r['broken_elsewhere']} elsewhere); duplicates "
+                f"{r['duplicate_synacks']}+{r['duplicate_udp_answers']}; split brain "
+                f"{r['split_brain_trials']}"
+            )
     return 0
 
 

@@ -86,10 +86,14 @@ def main() -> None:
             continue
         kind = struct.unpack_from("!H", frame, 12)[0]
         if kind == ETH_P_ARP and frame[20:22] == b"\0\2" and frame[28:32] == t4:
-            found["arp"].append({"eth_src": mac_text(frame[6:12]),
-                                 "is_at": mac_text(frame[22:28])})
-        elif (kind == ETH_P_IPV6 and len(frame) >= 78 and frame[20] == 58
-              and frame[54] == 136 and frame[62:78] == t6):
+            found["arp"].append({"eth_src": mac_text(frame[6:12]), "is_at": mac_text(frame[22:28])})
+        elif (
+            kind == ETH_P_IPV6
+            and len(frame) >= 78
+            and frame[20] == 58
+            and frame[54] == 136
+            and frame[62:78] == t6
+        ):
             # Linux answers a unicast NS without a TLLA option (and without the
             # Override flag): the router keeps the MAC it has cached.
             tlla = frame[80:86] if len(frame) >= 86 and frame[78] == 2 else b""

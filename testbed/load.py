@@ -97,8 +97,9 @@ async def udp_query(rec: Record, index: int, args: argparse.Namespace) -> None:
         rec.window_dup += 1
 
 
-async def long_lived(conn: dict[str, Any], reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter, stall: float) -> None:
+async def long_lived(
+    conn: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stall: float
+) -> None:
     """Exchange a line every PING_EVERY until cancelled; record how it broke, if it did."""
     try:
         while True:
@@ -137,8 +138,14 @@ async def open_long_lived(args: argparse.Namespace) -> list[tuple[dict[str, Any]
             writer.close()
             continue
         names.add(name)
-        conn = {"source": src, "node": name, "opened_at": round(time.monotonic(), 6),
-                "exchanges": 0, "broken_at": None, "error": None}
+        conn = {
+            "source": src,
+            "node": name,
+            "opened_at": round(time.monotonic(), 6),
+            "exchanges": 0,
+            "broken_at": None,
+            "error": None,
+        }
         found.append((conn, reader, writer))
     return found
 
@@ -162,9 +169,13 @@ async def run(args: argparse.Namespace) -> Record:
     while not stop.is_set() and time.monotonic() - began < args.max_duration:
         now = time.monotonic()
         if now >= next_progress:
-            line = {"t": round(now, 3), "ok": dict(rec.window_ok), "fail": rec.window_fail,
-                    "dup": rec.window_dup, "broken": sum(c["broken_at"] is not None
-                                                         for c in rec.conns)}
+            line = {
+                "t": round(now, 3),
+                "ok": dict(rec.window_ok),
+                "fail": rec.window_fail,
+                "dup": rec.window_dup,
+                "broken": sum(c["broken_at"] is not None for c in rec.conns),
+            }
             print("P", json.dumps(line), flush=True)
             rec.window_ok.clear()
             rec.window_fail = rec.window_dup = 0
@@ -191,8 +202,9 @@ async def run(args: argparse.Namespace) -> Record:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vip", default="192.0.2.100")
     parser.add_argument("--tcp-port", type=int, default=80)
     parser.add_argument("--udp-port", type=int, default=53)
@@ -209,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = asyncio.run(run(args))
     tmp = f"{args.out}.{os.getpid()}"
     with open(tmp, "w") as fh:
-        json.dump({"sources": rec.sources, "tcp": rec.tcp, "udp": rec.udp,
-                   "conns": rec.conns}, fh)
+        json.dump({"sources": rec.sources, "tcp": rec.tcp, "udp": rec.udp, "conns": rec.conns}, fh)
     os.replace(tmp, args.out)
     return 0
 

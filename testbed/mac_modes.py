@@ -71,13 +71,20 @@ table arp lbdt_rfc1812 {
 
 
 def make_bed(network: str, mode: str) -> Bed:
-    return Bed(PREFIX, nodes=3, add_vip=False, switch=network != "hub",
-               unique_macs=mode != "shared", mcast_snooping=network == "snooping",
-               mcast_querier=network == "snooping")
+    return Bed(
+        PREFIX,
+        nodes=3,
+        add_vip=False,
+        switch=network != "hub",
+        unique_macs=mode != "shared",
+        mcast_snooping=network == "snooping",
+        mcast_querier=network == "snooping",
+    )
 
 
-def measure(network: str, mode: str, serve: float, workdir: Path,
-            profile: str = "default") -> dict[str, Any]:
+def measure(
+    network: str, mode: str, serve: float, workdir: Path, profile: str = "default"
+) -> dict[str, Any]:
     """One cell of the table (see the module doc)."""
     out: dict[str, Any] = {"network": network, "mode": mode}
     with make_bed(network, mode) as bed:
@@ -89,12 +96,23 @@ def measure(network: str, mode: str, serve: float, workdir: Path,
             for index in range(3):
                 cluster.start(index, mac_mode=f'"{mode}"')
             try:
-                cluster.wait_converged([0, 1, 2], check=lambda s: all(v > 0 for v in s.values()),
-                                       what="the cluster to form")
+                cluster.wait_converged(
+                    [0, 1, 2],
+                    check=lambda s: all(v > 0 for v in s.values()),
+                    what="the cluster to form",
+                )
             except AssertionError:  # e.g. heartbeats not carried: nothing to measure
-                return {**out, "formed": False, "served_pct": 0.0, "serving_nodes": 0,
-                        "duplicates": 0, "outage_ms": None, "served_after_pct": 0.0,
-                        "broken": 0, "syns_captured": 0}
+                return {
+                    **out,
+                    "formed": False,
+                    "served_pct": 0.0,
+                    "serving_nodes": 0,
+                    "duplicates": 0,
+                    "outage_ms": None,
+                    "served_after_pct": 0.0,
+                    "broken": 0,
+                    "syns_captured": 0,
+                }
             bed.start_echo(addrs=[bed.vip4])
             capture = Capture(bed, workdir)
             load = ClientLoad(bed, workdir)
@@ -125,37 +143,47 @@ def measure(network: str, mode: str, serve: float, workdir: Path,
     def pct(rows: list[list[Any]]) -> float:
         return round(100 * sum(1 for r in rows if r[metrics.NAME]) / max(1, len(rows)), 1)
 
-    out.update({
-        "served_pct": pct(before),
-        "serving_nodes": len({r[metrics.NAME] for r in before if r[metrics.NAME]}),
-        "duplicates": report.duplicate_synacks + report.duplicate_udp_answers,
-        "outage_ms": figures["outage_ms"] if figures["affected_sources"] else None,
-        "served_after_pct": pct(after),
-        "broken": len(metrics.broken(record, set())),
-        "syns_captured": report.syns,
-        "longest_gap_ms": round(1000 * max(metrics.failure_bursts(record), default=0.0)),
-        # Heartbeats are multicast too: a snooping switch that cuts them shows here.
-        "lease_lapses": logs.count("lease lapsed"),
-        "quorum_lost": logs.count("quorum lost"),
-    })
+    out.update(
+        {
+            "served_pct": pct(before),
+            "serving_nodes": len({r[metrics.NAME] for r in before if r[metrics.NAME]}),
+            "duplicates": report.duplicate_synacks + report.duplicate_udp_answers,
+            "outage_ms": figures["outage_ms"] if figures["affected_sources"] else None,
+            "served_after_pct": pct(after),
+            "broken": len(metrics.broken(record, set())),
+            "syns_captured": report.syns,
+            "longest_gap_ms": round(1000 * max(metrics.failure_bursts(record), default=0.0)),
+            # Heartbeats are multicast too: a snooping switch that cuts them shows here.
+            "lease_lapses": logs.count("lease lapsed"),
+            "quorum_lost": logs.count("quorum lost"),
+        }
+    )
     return out
 
 
 def works(cell: dict[str, Any]) -> bool:
     """Serves everyone, from every node, without duplicates, through a failover."""
-    return bool(cell["served_pct"] >= 95 and cell["serving_nodes"] == 3
-            and cell["duplicates"] == 0 and cell["served_after_pct"] >= 95)
+    return bool(
+        cell["served_pct"] >= 95
+        and cell["serving_nodes"] == 3
+        and cell["duplicates"] == 0
+        and cell["served_after_pct"] >= 95
+    )
 
 
 def table(cells: list[dict[str, Any]]) -> str:
-    lines = [f"{'mode':<10} {'network':<9} {'served':>7} {'nodes':>5} {'dup':>4} "
-             f"{'outage':>8} {'after':>7} {'broken':>6}  works"]
+    lines = [
+        f"{'mode':<10} {'network':<9} {'served':>7} {'nodes':>5} {'dup':>4} "
+        f"{'outage':>8} {'after':>7} {'broken':>6}  works"
+    ]
     for c in cells:
         outage = f"{c['outage_ms']:.0f} ms" if c["outage_ms"] is not None else "-"
-        lines.append(f"{c['mode']:<10} {c['network']:<9} {c['served_pct']:>6}% "
-                     f"{c['serving_nodes']:>5} {c['duplicates']:>4} {outage:>8} "
-                     f"{c['served_after_pct']:>6}% {c['broken']:>6}  "
-                     f"{'yes' if works(c) else 'NO'}")
+        lines.append(
+            f"{c['mode']:<10} {c['network']:<9} {c['served_pct']:>6}% "
+            f"{c['serving_nodes']:>5} {c['duplicates']:>4} {outage:>8} "
+            f"{c['served_after_pct']:>6}% {c['broken']:>6}  "
+            f"{'yes' if works(c) else 'NO'}"
+        )
     return "\n".join(lines)
 
 
@@ -180,8 +208,12 @@ def main() -> int:
                 cells.append(cell)
                 if not args.json:
                     print(table([cell]).splitlines()[1], flush=True)
-    result = {"profile": args.profile, "serve_s": args.serve, "cells": cells,
-              "works_on": {m: sum(works(c) for c in cells if c["mode"] == m) for m in modes}}
+    result = {
+        "profile": args.profile,
+        "serve_s": args.serve,
+        "cells": cells,
+        "works_on": {m: sum(works(c) for c in cells if c["mode"] == m) for m in modes},
+    }
     text = json.dumps(result, indent=2)
     if args.out is not None:
         args.out.write_text(text + "\n")

@@ -40,16 +40,26 @@ def owners_at(record: dict[str, Any], when: float, lookback: float = 2.0) -> dic
     return owners
 
 
-def outage(record: dict[str, Any], fault: float, node: str, *, horizon: float = 5.0,
-           lookback: float = 1.0, grace: float = 0.05) -> dict[str, Any]:
+def outage(
+    record: dict[str, Any],
+    fault: float,
+    node: str,
+    *,
+    horizon: float = 5.0,
+    lookback: float = 1.0,
+    grace: float = 0.05,
+) -> dict[str, Any]:
     """Outage figures for a fault on ``node`` at monotonic time ``fault``.
 
     ``absorbed_by`` counts who answered the affected sources from ``grace`` after the
     fault on (a killed daemon's kernel table outlives it by 11-17 ms).
     """
     affected = {s for s, n in owners_at(record, fault).items() if n == node}
-    times = sorted(r[END] for r in successes(record)
-                   if r[SOURCE] in affected and fault - lookback <= r[END] <= fault + horizon)
+    times = sorted(
+        r[END]
+        for r in successes(record)
+        if r[SOURCE] in affected and fault - lookback <= r[END] <= fault + horizon
+    )
     gap = max((b - a for a, b in itertools.pairwise(times)), default=None)
     first_after: dict[int, float] = {}
     for row in sorted(successes(record), key=lambda r: r[END]):
@@ -57,8 +67,11 @@ def outage(record: dict[str, Any], fault: float, node: str, *, horizon: float = 
             first_after[row[SOURCE]] = row[END]
     unserved = sorted(affected - set(first_after))
     served_again = max((t - fault for t in first_after.values()), default=None)
-    after = [r for r in record["tcp"]
-             if r[SOURCE] in affected and fault + grace <= r[START] <= fault + horizon]
+    after = [
+        r
+        for r in record["tcp"]
+        if r[SOURCE] in affected and fault + grace <= r[START] <= fault + horizon
+    ]
     new_owners = Counter(r[NAME] for r in after if r[NAME])
     return {
         "affected_sources": len(affected),
@@ -69,8 +82,9 @@ def outage(record: dict[str, Any], fault: float, node: str, *, horizon: float = 
     }
 
 
-def broken(record: dict[str, Any], excluded: set[str] | frozenset[str] = frozenset()) -> list[
-        dict[str, Any]]:
+def broken(
+    record: dict[str, Any], excluded: set[str] | frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
     """Long-lived connections that broke, on nodes not in ``excluded``."""
     return [c for c in record["conns"] if c["broken_at"] is not None and c["node"] not in excluded]
 
@@ -91,9 +105,15 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
         "udp_queries": len(record["udp"]),
         "udp_answered": sum(1 for r in record["udp"] if r[NAME]),
         "udp_duplicates": udp_duplicates(record),
-        "long_lived": [{"node": c["node"], "exchanges": c["exchanges"],
-                        "broken": c["broken_at"] is not None, "error": c["error"]}
-                       for c in record["conns"]],
+        "long_lived": [
+            {
+                "node": c["node"],
+                "exchanges": c["exchanges"],
+                "broken": c["broken_at"] is not None,
+                "error": c["error"],
+            }
+            for c in record["conns"]
+        ],
         "shares": dict(shares(record)),
     }
 

@@ -65,8 +65,7 @@ def serve(args: argparse.Namespace) -> None:
             req = json.loads(line)
             op = req["op"]
             if op == "apply":
-                dp.apply(frozenset(req["owned"]), req.get("lease_ms"),
-                         until_ns=req.get("until_ns"))
+                dp.apply(frozenset(req["owned"]), req.get("lease_ms"), until_ns=req.get("until_ns"))
                 stats = dp.last_apply_stats
                 answer({"ok": True, "stats": asdict(stats) if stats else None})
             elif op == "install":
@@ -167,10 +166,12 @@ class AgentClient:
             raise AgentError(f"{op} in {self.ns}: {reply.get('error')}", reply.get("type", ""))
         return reply
 
-    def apply(self, owned: Any, lease_ms: int | None = 5000,
-              until_ns: int | None = None) -> dict[str, Any]:
-        stats: dict[str, Any] = self.call("apply", owned=sorted(owned), lease_ms=lease_ms,
-                                          until_ns=until_ns)["stats"]
+    def apply(
+        self, owned: Any, lease_ms: int | None = 5000, until_ns: int | None = None
+    ) -> dict[str, Any]:
+        stats: dict[str, Any] = self.call(
+            "apply", owned=sorted(owned), lease_ms=lease_ms, until_ns=until_ns
+        )["stats"]
         return stats
 
     def ruleset(self) -> dict[str, list[dict[str, Any]]]:

@@ -151,4 +151,3 @@ def write_owner(prefix: str) -> None:
     tmp = OWNER_DIR / f".{prefix}.{os.getpid()}"
     tmp.write_text(json.dumps({"pid": os.getpid(), "start": _start_time(os.getpid())}))
     tmp.replace(OWNER_DIR / prefix)
-

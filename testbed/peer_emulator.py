@@ -78,8 +78,9 @@ class EmulatedShell:
         raise RuntimeError("emulated cores build their own tables (no defer_tables)")
 
 
-async def until_sigterm(sock: socket.socket, on_readable: Callable[[], None],
-                        start: Callable[[], None]) -> float:
+async def until_sigterm(
+    sock: socket.socket, on_readable: Callable[[], None], start: Callable[[], None]
+) -> float:
     """Read ``sock`` with ``on_readable``, call ``start``, run until SIGTERM; CPU seconds."""
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
@@ -107,8 +108,16 @@ class Emulator:
         now = time.monotonic()
         incarnation = time.time_ns() // 1_000_000
         self.codec = Codec(self.cfg.cluster, keyring)
-        self.cores = [Node(self.cfg.core_config(), Codec(self.cfg.cluster, keyring),
-                           f"{prefix}{i:02d}", incarnation, now) for i in range(count)]
+        self.cores = [
+            Node(
+                self.cfg.core_config(),
+                Codec(self.cfg.cluster, keyring),
+                f"{prefix}{i:02d}",
+                incarnation,
+                now,
+            )
+            for i in range(count)
+        ]
         self.drivers: list[Driver] = []
         for index, core in enumerate(self.cores):
             shell = EmulatedShell(self, index)
@@ -182,8 +191,7 @@ class Emulator:
             timer.cancel()
             self.timers[index] = None
         if deadline is not None:
-            self.timers[index] = asyncio.get_running_loop().call_at(
-                deadline, self.on_timer, index)
+            self.timers[index] = asyncio.get_running_loop().call_at(deadline, self.on_timer, index)
 
     def send(self, sender: int, data: bytes) -> None:
         self.stats["sent"] += send_from(self.sock, self.cfg, self.addresses[sender], data)
@@ -194,9 +202,13 @@ class Emulator:
 
     async def run(self) -> dict[str, object]:
         cpu_s = await until_sigterm(self.sock, self.on_readable, self.start)
-        return {**self.stats, "cores": len(self.cores),
-                "views": sorted({len(c.view) for c in self.cores}),
-                "agreed": sum(c.agreed for c in self.cores), "cpu_s": cpu_s}
+        return {
+            **self.stats,
+            "cores": len(self.cores),
+            "views": sorted({len(c.view) for c in self.cores}),
+            "agreed": sum(c.agreed for c in self.cores),
+            "cpu_s": cpu_s,
+        }
 
 
 class ScriptedPeers:
@@ -229,8 +241,8 @@ class ScriptedPeers:
         self.epoch = 1
         self.base = tuple(sorted(m.node_id for m in self.own))
         self.sock = heartbeat.heartbeat_socket(
-            self.cfg, socket.if_nametoindex(self.cfg.interface),
-            self.addresses[self.own[0].node_id])
+            self.cfg, socket.if_nametoindex(self.cfg.interface), self.addresses[self.own[0].node_id]
+        )
         self.reader = heartbeat.StampedReader(self.sock)
         self.next_sender = 0
         self.stats = {"received": 0, "sent": 0, "undecodable": 0}
@@ -277,34 +289,57 @@ class ScriptedPeers:
         self.next_sender = (self.next_sender + 1) % len(self.own)
         view = self.view(now)
         real_in_view = [self.real[m.node_id][0] for m in view if m.node_id in self.real]
-        acks = tuple(0 if m.node_id == sender.node_id else
-                     self.seqs[m.node_id] if m.node_id in self.seqs else
-                     self.real[m.node_id][0].seq for m in view)
+        acks = tuple(
+            0
+            if m.node_id == sender.node_id
+            else self.seqs[m.node_id]
+            if m.node_id in self.seqs
+            else self.real[m.node_id][0].seq
+            for m in view
+        )
         self.seqs[sender.node_id] += 1
         message = Heartbeat(
-            sender=sender.node_id, incarnation=sender.incarnation,
-            seq=self.seqs[sender.node_id], weight=sender.weight, draining=sender.draining,
-            view=view, acks=acks, agreed=all(hb.view == view for hb in real_in_view),
-            held=self.cfg.buckets // len(view), epoch=self.epoch, base=self.base,
-            params=self.params)
-        self.stats["sent"] += send_from(self.sock, self.cfg, self.addresses[sender.node_id],
-                                        self.codec.seal(message))
+            sender=sender.node_id,
+            incarnation=sender.incarnation,
+            seq=self.seqs[sender.node_id],
+            weight=sender.weight,
+            draining=sender.draining,
+            view=view,
+            acks=acks,
+            agreed=all(hb.view == view for hb in real_in_view),
+            held=self.cfg.buckets // len(view),
+            epoch=self.epoch,
+            base=self.base,
+            params=self.params,
+        )
+        self.stats["sent"] += send_from(
+            self.sock, self.cfg, self.addresses[sender.node_id], self.codec.seal(message)
+        )
 
     async def run(self) -> dict[str, object]:
         cpu_s = await until_sigterm(self.sock, self.on_readable, self.send_wave)
-        return {**self.stats, "peers": len(self.own), "real_nodes": len(self.real),
-                "epoch": self.epoch, "cpu_s": cpu_s}
+        return {
+            **self.stats,
+            "peers": len(self.own),
+            "real_nodes": len(self.real),
+            "epoch": self.epoch,
+            "cpu_s": cpu_s,
+        }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--first-address", required=True)
     parser.add_argument("--prefix", default="emu")
-    parser.add_argument("--scripted", action="store_true",
-                        help="scripted peers (see ScriptedPeers) instead of full cores")
+    parser.add_argument(
+        "--scripted",
+        action="store_true",
+        help="scripted peers (see ScriptedPeers) instead of full cores",
+    )
     args = parser.parse_args()
     kind = ScriptedPeers if args.scripted else Emulator
     emulator = kind(args.config, args.count, args.first_address, args.prefix)

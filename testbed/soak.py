@@ -164,8 +164,7 @@ class Soak(Injector, Accounting):
     def run(self) -> dict[str, Any]:
         args = self.args
         self.began = time.monotonic()
-        self.bed = Bed(f"lbdt-soak{secrets.token_hex(2)}-", nodes=args.nodes,
-                       add_vip=False)
+        self.bed = Bed(f"lbdt-soak{secrets.token_hex(2)}-", nodes=args.nodes, add_vip=False)
         self.bed.build()
         self.cluster = SoakCluster(self.bed, self.workdir / "cluster", profile=args.profile)
         self.journal = self.cluster.journal = Journal(self.workdir / "journal.sock")
@@ -174,8 +173,10 @@ class Soak(Injector, Accounting):
         self.bed.start_echo(addrs=[self.bed.vip4])
         self.start_segment()
         began = self.t0 = time.monotonic()
-        self.say(f"bed {self.bed.prefix} up, {args.nodes} nodes, {args.profile} timers, "
-                 f"seed {args.seed}: soaking for {args.duration:.0f} s")
+        self.say(
+            f"bed {self.bed.prefix} up, {args.nodes} nodes, {args.profile} timers, "
+            f"seed {args.seed}: soaking for {args.duration:.0f} s"
+        )
         aborted = None
         try:
             while time.monotonic() - began < args.duration:
@@ -224,17 +225,22 @@ class Soak(Injector, Accounting):
             seen[index] += 1
             path = target / f"node{index}-{seen[index]:03d}-pid{proc.pid}.log"
             path.write_text(self.bed.output(proc))
-        lines = [(t, f"{n:<6} {m}") for t, n, m in (self.journal.entries if self.journal
-                                                      else [])]
+        lines = [(t, f"{n:<6} {m}") for t, n, m in (self.journal.entries if self.journal else [])]
         for f in self.faults:
             lines.append((f.at, f"SOAK   {f.kind} node{f.node} injected"))
             if f.healed:
                 lines.append((f.healed, f"SOAK   {f.kind} node{f.node} healed"))
             if f.end:
-                lines.append((f.end, f"SOAK   {f.kind} node{f.node} window ends (agreed "
-                                     f"{f.agreed_ms} ms after the heal, +{SETTLE} s)"))
-        (target / "timeline.log").write_text("".join(
-            f"{t - self.t0:10.3f} {text}\n" for t, text in sorted(lines)))
+                lines.append(
+                    (
+                        f.end,
+                        f"SOAK   {f.kind} node{f.node} window ends (agreed "
+                        f"{f.agreed_ms} ms after the heal, +{SETTLE} s)",
+                    )
+                )
+        (target / "timeline.log").write_text(
+            "".join(f"{t - self.t0:10.3f} {text}\n" for t, text in sorted(lines))
+        )
 
     def teardown(self) -> None:
         for part in (self.load, self.capture):
@@ -251,7 +257,6 @@ class Soak(Injector, Accounting):
         if self.journal is not None:
             self.journal.close()
             self.journal = None
-
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -280,24 +285,41 @@ def parse_kinds(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=600.0,
-                        help="seconds of faults (default 600)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=600.0, help="seconds of faults (default 600)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="default: random (reported)")
     parser.add_argument("--nodes", type=int, default=3, choices=range(3, 9), metavar="3..8")
     parser.add_argument("--profile", choices=("fast", "default"), default="fast")
-    parser.add_argument("--segment", type=float, default=120.0,
-                        help="seconds per load/capture segment (default 120)")
-    parser.add_argument("--gap", type=parse_gap, default=(0.5, 3.0),
-                        help="MIN,MAX seconds between faults (default 0.5,3.0)")
-    parser.add_argument("--kinds", type=parse_kinds, default=KINDS,
-                        help="comma-separated fault kinds (default: all; leave and join "
-                             "go together)")
+    parser.add_argument(
+        "--segment",
+        type=float,
+        default=120.0,
+        help="seconds per load/capture segment (default 120)",
+    )
+    parser.add_argument(
+        "--gap",
+        type=parse_gap,
+        default=(0.5, 3.0),
+        help="MIN,MAX seconds between faults (default 0.5,3.0)",
+    )
+    parser.add_argument(
+        "--kinds",
+        type=parse_kinds,
+        default=KINDS,
+        help="comma-separated fault kinds (default: all; leave and join go together)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
-    parser.add_argument("--logs", type=Path, help="keep every daemon's log here (on a "
-                        "violation they are kept anyway, in a new /tmp directory)")
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        help="keep every daemon's log here (on a "
+        "violation they are kept anyway, in a new /tmp directory)",
+    )
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**32)
@@ -309,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     code = EXIT_OK
     try:
         report = soak.run()
-        code = (EXIT_ERROR if report["harness_error"] else
-                EXIT_OK if report["ok"] else EXIT_VIOLATION)
+        code = (
+            EXIT_ERROR if report["harness_error"] else EXIT_OK if report["ok"] else EXIT_VIOLATION
+        )
     except KeyboardInterrupt:
         print("soak: interrupted, tearing down", file=sys.stderr)
         code = EXIT_INTERRUPTED

@@ -19,13 +19,36 @@ from lbd.testbed.bed import Bed
 from lbd.testbed.cluster import CONVERGE_TIMEOUT, LbdCluster
 from lbd.testbed.sink import DatagramSink
 
-KINDS = ("crash", "hang", "link_flap", "partition_both", "partition_out", "partition_in",
-         "vip_removed", "nft_flush", "restart", "leave", "join", "drain")
-DOWN_KINDS = frozenset({"crash", "hang", "link_flap", "partition_both", "partition_out",
-                        "partition_in", "restart", "leave"})
+KINDS = (
+    "crash",
+    "hang",
+    "link_flap",
+    "partition_both",
+    "partition_out",
+    "partition_in",
+    "vip_removed",
+    "nft_flush",
+    "restart",
+    "leave",
+    "join",
+    "drain",
+)
+DOWN_KINDS = frozenset(
+    {
+        "crash",
+        "hang",
+        "link_flap",
+        "partition_both",
+        "partition_out",
+        "partition_in",
+        "restart",
+        "leave",
+    }
+)
 """Faults that take their node out of the cluster for a while (quorum accounting)."""
-AWAY_KINDS = frozenset({"crash", "link_flap", "partition_both", "partition_out",
-                        "partition_in", "restart", "leave"})
+AWAY_KINDS = frozenset(
+    {"crash", "link_flap", "partition_both", "partition_out", "partition_in", "restart", "leave"}
+)
 """A long-lived connection on a node hit by one of these during its life is not a
 survivor's (S3 covers nodes that stay up; a restart is a leave, which removes the VIP;
 a link flap is a host death). A hang, VIP removal, table flush or drain must break
@@ -56,8 +79,13 @@ class Journal(DatagramSink):
             fields = decode_journal(data)
         except (ValueError, IndexError):
             return
-        self.entries.append((arrived, fields.get("NODE", b"?").decode(errors="replace"),
-                             fields.get("MESSAGE", b"").decode(errors="replace")))
+        self.entries.append(
+            (
+                arrived,
+                fields.get("NODE", b"?").decode(errors="replace"),
+                fields.get("MESSAGE", b"").decode(errors="replace"),
+            )
+        )
 
     def tail(self, node: str, count: int = 40) -> list[str]:
         return [f"{t:.3f} {m}" for t, n, m in self.entries if n == node][-count:]
@@ -111,12 +139,19 @@ class Fault:
     figures: dict[str, Any] = field(default_factory=dict)
 
     def row(self, t0: float) -> dict[str, Any]:
-        return {"kind": self.kind, "node": self.node, "t_s": round(self.at - t0, 3),
-                "segment": self.segment, "hold_s": self.hold_s,
-                "healed_t_s": round(self.healed - t0, 3) if self.healed else None,
-                "absorbed_ms": self.absorbed_ms, "agreed_ms": self.agreed_ms,
-                "restored_ms": self.restored_ms, "notes": self.notes, **self.figures}
-
+        return {
+            "kind": self.kind,
+            "node": self.node,
+            "t_s": round(self.at - t0, 3),
+            "segment": self.segment,
+            "hold_s": self.hold_s,
+            "healed_t_s": round(self.healed - t0, 3) if self.healed else None,
+            "absorbed_ms": self.absorbed_ms,
+            "agreed_ms": self.agreed_ms,
+            "restored_ms": self.restored_ms,
+            "notes": self.notes,
+            **self.figures,
+        }
 
 
 class Injector:
@@ -167,11 +202,17 @@ class Injector:
         slices = self.cluster.converged(members)
         if slices is None:
             return False
-        return all((slices.get(self.cluster.node_id(i), 0) > 0) == holds
-                   for i, holds in want.items())
+        return all(
+            (slices.get(self.cluster.node_id(i), 0) > 0) == holds for i, holds in want.items()
+        )
 
-    def wait_agreed(self, fault: Fault, members: list[int] | None = None,
-                    want: dict[int, bool] | None = None, what: str = "") -> float:
+    def wait_agreed(
+        self,
+        fault: Fault,
+        members: list[int] | None = None,
+        want: dict[int, bool] | None = None,
+        what: str = "",
+    ) -> float:
         """Bounded wait for agreement; a node in a kernelwatch flap hold gets the hold's
         time too. Returns the time waited (s); raises Stuck after recording it."""
         members = self.up() if members is None else members
@@ -191,8 +232,10 @@ class Injector:
                     deadline = now + FLAP_HOLD_EXTRA
                     continue
                 self.record_stuck(fault, members, what)
-                raise Stuck(f"{fault.kind} node{fault.node}: {what or 'agreement'} not "
-                            f"reached in {now - start:.1f} s")
+                raise Stuck(
+                    f"{fault.kind} node{fault.node}: {what or 'agreement'} not "
+                    f"reached in {now - start:.1f} s"
+                )
             time.sleep(POLL)
 
     def flap_hold(self, members: list[int]) -> bool:
@@ -209,15 +252,23 @@ class Injector:
         assert self.cluster is not None
         states = {}
         for index in members:
-            states[f"node{index}"] = {"status": self.cluster.query(index, "status"),
-                                      "members": self.cluster.query(index, "members"),
-                                      "log_tail": self.cluster.log(index)[-3000:],
-                                      "journal_tail": (self.journal.tail(
-                                          self.cluster.node_id(index))
-                                          if self.journal else [])}
-        self.stuck.append({"fault": fault.kind, "node": fault.node,
-                           "t_s": round(fault.at - self.t0, 3), "what": what,
-                           "states": states})
+            states[f"node{index}"] = {
+                "status": self.cluster.query(index, "status"),
+                "members": self.cluster.query(index, "members"),
+                "log_tail": self.cluster.log(index)[-3000:],
+                "journal_tail": (
+                    self.journal.tail(self.cluster.node_id(index)) if self.journal else []
+                ),
+            }
+        self.stuck.append(
+            {
+                "fault": fault.kind,
+                "node": fault.node,
+                "t_s": round(fault.at - self.t0, 3),
+                "what": what,
+                "states": states,
+            }
+        )
 
     def node_run(self, index: int, *argv: str, check: bool = True) -> str:
         assert self.bed is not None
@@ -250,8 +301,11 @@ class Injector:
         key = {"vip_removed": "vip", "link_flap": "link"}.get(kind)
         if key is not None:  # kernelwatch holds a drain after 3 faults in 60 s: spread them
             now = time.monotonic()
-            fresh = [i for i in candidates if len([t for t in self.kernel_history.get(
-                (i, key), []) if now - t < 60.0]) < 2]
+            fresh = [
+                i
+                for i in candidates
+                if len([t for t in self.kernel_history.get((i, key), []) if now - t < 60.0]) < 2
+            ]
             candidates = fresh or candidates
         return self.rng.choice(candidates)
 
@@ -320,8 +374,11 @@ class Injector:
             out = cluster.cli(index, "drain")
             if out.returncode != 0:
                 fault.notes.append(f"lbd-cli drain exited {out.returncode}: {out.stderr}")
-            self.wait_agreed(fault, want={**{i: True for i in others}, index: False},
-                             what="the drained node to hold no slice")
+            self.wait_agreed(
+                fault,
+                want={**{i: True for i in others}, index: False},
+                what="the drained node to hold no slice",
+            )
             fault.absorbed_ms = round((time.monotonic() - fault.at) * 1000, 1)
             time.sleep(fault.hold_s)
             out = cluster.cli(index, "undrain")
@@ -343,8 +400,7 @@ class Injector:
         assert self.bed is not None
         deadline = fault.at + VIP_BACK_TIMEOUT
         while time.monotonic() < deadline:
-            out = self.node_run(index, "ip", "-4", "-o", "addr", "show", "dev", "eth0",
-                                check=False)
+            out = self.node_run(index, "ip", "-4", "-o", "addr", "show", "dev", "eth0", check=False)
             if f" {self.bed.vip4}/32 " in out:
                 return round((time.monotonic() - fault.at) * 1000, 1)
             time.sleep(0.02)
@@ -353,5 +409,6 @@ class Injector:
 
     def tables(self, index: int) -> set[str]:
         out = self.node_run(index, "nft", "list", "tables", check=False)
-        return {line.strip() for line in out.splitlines()
-                if line.strip() and "lbdfault" not in line}
+        return {
+            line.strip() for line in out.splitlines() if line.strip() and "lbdfault" not in line
+        }

@@ -23,8 +23,18 @@ from lbd.protocol.config import DEFAULT_TIMERS, FAST_TIMERS, CoreConfig, Timers
 from lbd.protocol.wire import Keyring
 from lbd.testbed.clustersim import WRONG_KEY, Cluster, Violation
 
-FAULTS = ("crash", "hang", "restart", "partition", "oneway", "loss", "join", "leave",
-          "drain", "weight")
+FAULTS = (
+    "crash",
+    "hang",
+    "restart",
+    "partition",
+    "oneway",
+    "loss",
+    "join",
+    "leave",
+    "drain",
+    "weight",
+)
 MISTAKES = ("mismatch", "wrong-key", "rotation", "botched-rotation", "clone")
 """Operators' mistakes (``mistakes=True``): a node (re)started with a parameter the
 others do not share, or with a wrong key or cluster name, and later restarted with
@@ -43,11 +53,17 @@ class ScheduleResult:
     settle_time: float
 
 
-def run_random_schedule(seed: int, timers: Timers, nodes: int | None = None,
-                        faults: int | None = None, buckets: int = 128, *,
-                        mistakes: bool = False,
-                        persist_delay: tuple[float, float] = (0.0, 0.0),
-                        table_delay: tuple[float, float] = (0.0, 0.0)) -> ScheduleResult:
+def run_random_schedule(
+    seed: int,
+    timers: Timers,
+    nodes: int | None = None,
+    faults: int | None = None,
+    buckets: int = 128,
+    *,
+    mistakes: bool = False,
+    persist_delay: tuple[float, float] = (0.0, 0.0),
+    table_delay: tuple[float, float] = (0.0, 0.0),
+) -> ScheduleResult:
     """One seeded random fault schedule; raises Violation on any S1/L1/L2 failure.
 
     ``mistakes``: operators' mistakes join the faults (``MISTAKES``) and a third of
@@ -57,12 +73,20 @@ def run_random_schedule(seed: int, timers: Timers, nodes: int | None = None,
     rng = random.Random(seed)
     n = nodes or rng.choice((2, 3, 3, 3, 4, 5, 7))
     if mistakes:
-        cluster, t, applied = _mistaken_schedule(seed, timers, n, faults, buckets=buckets,
-                                                  rng=rng, persist_delay=persist_delay,
-                                                  table_delay=table_delay)
+        cluster, t, applied = _mistaken_schedule(
+            seed,
+            timers,
+            n,
+            faults,
+            buckets=buckets,
+            rng=rng,
+            persist_delay=persist_delay,
+            table_delay=table_delay,
+        )
     else:
-        cluster = Cluster(seed, timers, buckets=buckets, persist_delay=persist_delay,
-                          table_delay=table_delay)
+        cluster = Cluster(
+            seed, timers, buckets=buckets, persist_delay=persist_delay, table_delay=table_delay
+        )
         interval = timers.interval
         names = [f"n{i:02d}" for i in range(n)]
         for name in names:
@@ -80,8 +104,9 @@ def run_random_schedule(seed: int, timers: Timers, nodes: int | None = None,
     return _heal_and_converge(cluster, rng, n, applied, t, mistakes=mistakes)
 
 
-def _heal_and_converge(cluster: Cluster, rng: random.Random, n: int, applied: list[str],
-                       t: float, *, mistakes: bool) -> ScheduleResult:
+def _heal_and_converge(
+    cluster: Cluster, rng: random.Random, n: int, applied: list[str], t: float, *, mistakes: bool
+) -> ScheduleResult:
     seed, timers = cluster.seed, cluster.timers
     interval = timers.interval
     cluster.run_until(t)
@@ -102,15 +127,22 @@ def _heal_and_converge(cluster: Cluster, rng: random.Random, n: int, applied: li
             # missed the agreement): the survivors cannot know they may serve. That
             # is unavailability by design (README, "Quorum"), never a safety issue.
             return ScheduleResult(seed, n, applied, cluster.kernel_changes, -1.0)
-        if (live and len(live) < cluster.config.bootstrap_expect
-                and not any(n.persisted_base[0] for n in cluster.nodes.values())):
+        if (
+            live
+            and len(live) < cluster.config.bootstrap_expect
+            and not any(n.persisted_base[0] for n in cluster.nodes.values())
+        ):
             # A node left before the first view formed: fewer remain than the first
             # start waits for (bootstrap_expect), by design.
             return ScheduleResult(seed, n, applied, cluster.kernel_changes, -1.0)
-        states = {n.name: (n.state, n.core.agreed if n.core else None,
-                           len(n.core.view) if n.core else 0) for n in cluster.nodes.values()}
-        raise Violation(f"seed {seed}: no convergence within {bound:.2f}s after healing "
-                        f"(faults {applied}): {states}")
+        states = {
+            n.name: (n.state, n.core.agreed if n.core else None, len(n.core.view) if n.core else 0)
+            for n in cluster.nodes.values()
+        }
+        raise Violation(
+            f"seed {seed}: no convergence within {bound:.2f}s after healing "
+            f"(faults {applied}): {states}"
+        )
     # Converged views claim at once; give the last barrier its round trip (each
     # of its three legs may wait for a base write).
     slowest = cluster.persist_delay[1] + cluster.table_delay[1]
@@ -124,8 +156,9 @@ def _pick(cluster: Cluster, rng: random.Random) -> str | None:
     return rng.choice(up) if up else None
 
 
-def _schedule_fault(cluster: Cluster, rng: random.Random, kind: str, t: float,
-                    extra: itertools.count[int]) -> None:
+def _schedule_fault(
+    cluster: Cluster, rng: random.Random, kind: str, t: float, extra: itertools.count[int]
+) -> None:
     interval = cluster.timers.interval
     later = t + rng.uniform(1, 15) * interval
 
@@ -144,8 +177,7 @@ def _schedule_fault(cluster: Cluster, rng: random.Random, kind: str, t: float,
         elif kind in ("partition", "oneway"):
             names = list(cluster.nodes)
             side = set(rng.sample(names, rng.randint(1, max(1, len(names) - 1))))
-            pairs = {(a, b) for a in names for b in names
-                     if a != b and (a in side) != (b in side)}
+            pairs = {(a, b) for a in names for b in names if a != b and (a in side) != (b in side)}
             if kind == "oneway":
                 pairs = {(a, b) for a, b in pairs if a in side}
             cluster.blocked |= pairs
@@ -161,8 +193,9 @@ def _schedule_fault(cluster: Cluster, rng: random.Random, kind: str, t: float,
             cluster.at(later + cluster.timers.leave_timeout, lambda: _mark_left(cluster, name))
         elif kind == "drain":
             cluster.act(name, lambda core, now: core.set_draining(True, now))
-            cluster.at(later, lambda: cluster.act(
-                name, lambda core, now: core.set_draining(False, now)))
+            cluster.at(
+                later, lambda: cluster.act(name, lambda core, now: core.set_draining(False, now))
+            )
         elif kind == "weight":
             weight = rng.choice((50, 100, 200))
             cluster.act(name, lambda core, now: core.set_weight(weight, now))
@@ -192,14 +225,22 @@ def _heal(cluster: Cluster, rng: random.Random, *, keep_one_down: bool = True) -
         elif node.core is not None and node.core.has_left:
             node.state = "left"
     crashed = [n.name for n in cluster.nodes.values() if n.state == "crashed"]
-    keep_down = (crashed[0] if keep_one_down and len(crashed) == 1
-                 and len(cluster.nodes) >= 3 and rng.random() < 0.5 else None)
+    keep_down = (
+        crashed[0]
+        if keep_one_down and len(crashed) == 1 and len(cluster.nodes) >= 3 and rng.random() < 0.5
+        else None
+    )
     for name in crashed:
         if name != keep_down:
             cluster.add_node(name)
     for node in cluster.nodes.values():
-        if node.state == "up" and node.core is not None and node.core.draining \
-                and not node.core.has_left and rng.random() < 0.5:
+        if (
+            node.state == "up"
+            and node.core is not None
+            and node.core.draining
+            and not node.core.has_left
+            and rng.random() < 0.5
+        ):
             cluster.act(node.name, lambda core, now: core.set_draining(False, now))
 
 
@@ -212,18 +253,26 @@ class _Plan:
     rotation_end: float = 0.0
 
 
-def _mistaken_schedule(seed: int, timers: Timers, n: int, faults: int | None, *,
-                       buckets: int, rng: random.Random,
-                       persist_delay: tuple[float, float],
-                       table_delay: tuple[float, float]) -> tuple[Cluster, float, list[str]]:
+def _mistaken_schedule(
+    seed: int,
+    timers: Timers,
+    n: int,
+    faults: int | None,
+    *,
+    buckets: int,
+    rng: random.Random,
+    persist_delay: tuple[float, float],
+    table_delay: tuple[float, float],
+) -> tuple[Cluster, float, list[str]]:
     """Start (a third of the time as a bootstrap race), then faults and mistakes mixed;
     returns the cluster, when to heal, and what was applied."""
     interval = timers.interval
     race = rng.random() < 1 / 3
     expect = rng.choice((2, n)) if race else 1
     config = CoreConfig(buckets=buckets, shared=SHARED, bootstrap_expect=expect)
-    cluster = Cluster(seed, timers, config=config, persist_delay=persist_delay,
-                      table_delay=table_delay)
+    cluster = Cluster(
+        seed, timers, config=config, persist_delay=persist_delay, table_delay=table_delay
+    )
     names = [f"n{i:02d}" for i in range(n)]
     applied: list[str] = []
     if race:
@@ -243,14 +292,16 @@ def _mistaken_schedule(seed: int, timers: Timers, n: int, faults: int | None, *,
         else:
             kind = rng.choice(FAULTS)
             _schedule_fault(cluster, rng, kind, t, plan.extra)
-            end = max(end, t + 16 * interval
-                      + (cluster.timers.leave_timeout if kind == "leave" else 0.0))
+            end = max(
+                end, t + 16 * interval + (cluster.timers.leave_timeout if kind == "leave" else 0.0)
+            )
         applied.append(kind)
     return cluster, max(t, end) + 30 * interval, applied
 
 
-def _start_race(cluster: Cluster, rng: random.Random, names: list[str], expect: int,
-                applied: list[str]) -> float:
+def _start_race(
+    cluster: Cluster, rng: random.Random, names: list[str], expect: int, applied: list[str]
+) -> float:
     """A fresh cluster (no persisted bases) started over three start-up waits, maybe
     with a partition among the first starters; returns when faults may begin.
 
@@ -287,13 +338,13 @@ def _wrong_config(config: CoreConfig, rng: random.Random) -> tuple[CoreConfig, s
     """``config`` with one agreed parameter changed, and which."""
     what = rng.choice(("buckets", "seed", "timers", "vips", "prefix4"))
     if what == "buckets":
-        wrong = replace(config, buckets=rng.choice(
-            [b for b in (64, 100, 256) if b != config.buckets]))
+        wrong = replace(
+            config, buckets=rng.choice([b for b in (64, 100, 256) if b != config.buckets])
+        )
     elif what == "seed":
         wrong = replace(config, seed=config.seed ^ rng.randrange(1, 2**32))
     elif what == "timers":
-        wrong = config.with_timers(DEFAULT_TIMERS if config.timers == FAST_TIMERS
-                                   else FAST_TIMERS)
+        wrong = config.with_timers(DEFAULT_TIMERS if config.timers == FAST_TIMERS else FAST_TIMERS)
     elif what == "vips":
         wrong = replace(config, shared=(("vips", "192.0.2.101/32"),))
     else:
@@ -301,22 +352,26 @@ def _wrong_config(config: CoreConfig, rng: random.Random) -> tuple[CoreConfig, s
     return wrong, what
 
 
-def _schedule_mistake(cluster: Cluster, rng: random.Random, kind: str, t: float,
-                      plan: _Plan) -> float:
+def _schedule_mistake(
+    cluster: Cluster, rng: random.Random, kind: str, t: float, plan: _Plan
+) -> float:
     """Schedule one mistake at ``t``; returns when its last step is done."""
     interval = cluster.timers.interval
     undo_at = t + rng.uniform(5, 40) * interval
     if kind == "mismatch":
         config, what = _wrong_config(cluster.config, rng)
-        return _mistaken_restart(cluster, rng, t, undo_at=undo_at, plan=plan, what=what,
-                                 config=config)
+        return _mistaken_restart(
+            cluster, rng, t, undo_at=undo_at, plan=plan, what=what, config=config
+        )
     if kind == "wrong-key":
         if rng.random() < 0.75:
-            return _mistaken_restart(cluster, rng, t, undo_at=undo_at, plan=plan, what="key",
-                                     keyring=Keyring(WRONG_KEY))
+            return _mistaken_restart(
+                cluster, rng, t, undo_at=undo_at, plan=plan, what="key", keyring=Keyring(WRONG_KEY)
+            )
         typo = replace(cluster.config, cluster=cluster.config.cluster + "-typo")
-        return _mistaken_restart(cluster, rng, t, undo_at=undo_at, plan=plan, what="cluster",
-                                 config=typo)
+        return _mistaken_restart(
+            cluster, rng, t, undo_at=undo_at, plan=plan, what="cluster", config=typo
+        )
     if kind in ("rotation", "botched-rotation"):
         return _schedule_rotation(cluster, rng, t, plan, botched=kind == "botched-rotation")
     assert kind == "clone"
@@ -340,18 +395,30 @@ def _schedule_mistake(cluster: Cluster, rng: random.Random, kind: str, t: float,
             cluster.blocked |= pairs
             cluster.log.append((cluster.now, f"net: {name} deaf until {blind_until:.4f}"))
             cluster.at(blind_until, lambda: cluster.blocked.difference_update(pairs))
-        cluster.add_node(twin, node_id=original.node_id, config=original.config,
-                         keyring=original.keyring,
-                         base=original.persisted_base if copy_state else ((), 0, None))
+        cluster.add_node(
+            twin,
+            node_id=original.node_id,
+            config=original.config,
+            keyring=original.keyring,
+            base=original.persisted_base if copy_state else ((), 0, None),
+        )
         cluster.at(undo_at, lambda: cluster.remove(twin))
 
     cluster.at(t, clone)
     return max(undo_at, blind_until)
 
 
-def _mistaken_restart(cluster: Cluster, rng: random.Random, t: float, *, undo_at: float,
-                      plan: _Plan, what: str, config: CoreConfig | None = None,
-                      keyring: Keyring | None = None) -> float:
+def _mistaken_restart(
+    cluster: Cluster,
+    rng: random.Random,
+    t: float,
+    *,
+    undo_at: float,
+    plan: _Plan,
+    what: str,
+    config: CoreConfig | None = None,
+    keyring: Keyring | None = None,
+) -> float:
     """A live node restarted (or, a third of the time, a new node started) with a
     wrong config or key file; at ``undo_at`` restarted with the right ones."""
     fresh = rng.random() < 1 / 3
@@ -386,8 +453,9 @@ def _mistaken_restart(cluster: Cluster, rng: random.Random, t: float, *, undo_at
     return undo_at + gap
 
 
-def _twin_mistake(cluster: Cluster, name: str, config: CoreConfig | None,
-                  keyring: Keyring | None) -> bool:
+def _twin_mistake(
+    cluster: Cluster, name: str, config: CoreConfig | None, keyring: Keyring | None
+) -> bool:
     """Whether starting ``name`` with these files would make it a second first start
     (no quorum base) sharing one mistake with a running first start."""
     node = cluster.nodes.get(name)
@@ -395,10 +463,16 @@ def _twin_mistake(cluster: Cluster, name: str, config: CoreConfig | None,
         return False
     config = config or (node.config if node is not None else None) or cluster.config
     keyring = keyring or (node.keyring if node is not None else None) or cluster.keyring
-    return any(other.name != name and other.mistaken and other.state in ("up", "hung")
-               and not other.persisted_base[0] and other.config == config
-               and other.keyring is not None and other.keyring.current == keyring.current
-               for other in cluster.nodes.values())
+    return any(
+        other.name != name
+        and other.mistaken
+        and other.state in ("up", "hung")
+        and not other.persisted_base[0]
+        and other.config == config
+        and other.keyring is not None
+        and other.keyring.current == keyring.current
+        for other in cluster.nodes.values()
+    )
 
 
 def _undo_mistake(cluster: Cluster, name: str) -> None:
@@ -418,8 +492,9 @@ def _undo_mistake(cluster: Cluster, name: str) -> None:
         cluster.add_node(name)
 
 
-def _schedule_rotation(cluster: Cluster, rng: random.Random, t: float, plan: _Plan, *,
-                       botched: bool) -> float:
+def _schedule_rotation(
+    cluster: Cluster, rng: random.Random, t: float, plan: _Plan, *, botched: bool
+) -> float:
     """A key rotation: each step copied to the nodes one by one, in random order and
     at random moments within the step's window, the next step only once every node
     has the previous one. ``botched``: one step skipped (mostly the first: sealing
@@ -450,8 +525,10 @@ def _schedule_rotation(cluster: Cluster, rng: random.Random, t: float, plan: _Pl
         names = [n.name for n in cluster.nodes.values() if n.state != "removed"]
         rng.shuffle(names)
         for name in names:
-            cluster.at(cluster.now + rng.uniform(0, window),
-                       functools.partial(_rekey_file, cluster, name, ring))
+            cluster.at(
+                cluster.now + rng.uniform(0, window),
+                functools.partial(_rekey_file, cluster, name, ring),
+            )
 
     cluster.at(starts[0], begin)
     return at

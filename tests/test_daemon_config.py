@@ -188,16 +188,28 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     unit = tmp_path / "lbd.service"
     unit.write_text(text)
     # The man pages it names ship with the package (docs/man), not installed here.
-    out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
-                         capture_output=True, text=True, check=False, timeout=60)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     pages = re.findall(r"man:([\w.-]+)\((\d)\)", text)
     assert len(pages) == 3, pages
     for name, section in pages:
         assert (REPO / "docs" / "man" / f"{name}.{section}").is_file(), name
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip() == "", out.stderr
-    for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes",
-                   "ProtectSystem=strict", "RuntimeDirectory=lbd", "ExecReload="):
+    for needle in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "RuntimeDirectory=lbd",
+        "ExecReload=",
+    ):
         assert needle in text
 
 
@@ -275,7 +287,8 @@ def test_cli_reports_a_nan_timer_in_one_line(
     conf.write_text('vips = ["192.0.2.100"]\n[timers]\nlease = nan\n')
     assert cli.main(["check-config", "--config", str(conf)]) == 2
     assert capsys.readouterr().err == (
-        f"lbd: {conf}: timers.lease: must be a finite number of seconds, not nan\n")
+        f"lbd: {conf}: timers.lease: must be a finite number of seconds, not nan\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -310,8 +323,10 @@ def test_config_error_without_key_is_unchanged() -> None:
 @pytest.mark.parametrize(
     ("vips", "words"),
     [
-        ('["192.0.2.100/24"]',
-         "'192.0.2.100/24' has a /24 prefix; a VIP is one address: write '192.0.2.100'"),
+        (
+            '["192.0.2.100/24"]',
+            "'192.0.2.100/24' has a /24 prefix; a VIP is one address: write '192.0.2.100'",
+        ),
         ('["2001:db8::100/64"]', "has a /64 prefix"),
         ('["192.0.2.0/24"]', "has a /24 prefix"),
         ('["192.0.2.100", "192.0.2.100"]', "192.0.2.100 is listed more than once"),
@@ -349,17 +364,25 @@ def test_vips_with_host_prefix_are_kept_as_plain_canonical_addresses() -> None:
 def test_vip_equal_to_the_explicit_address_or_a_peer_is_refused(tmp_path: Path) -> None:
     err = toml_error(tmp_path, 'vips = ["192.0.2.100", "192.0.2.11"]\naddress = "192.0.2.11"\n')
     assert err.key == "vips"
-    assert err.problem == ("192.0.2.11 is this node's own address; a VIP must be an extra "
-                           "address that no node uses as its own")
+    assert err.problem == (
+        "192.0.2.11 is this node's own address; a VIP must be an extra "
+        "address that no node uses as its own"
+    )
     err = toml_error(tmp_path, 'vips = ["192.0.2.100"]\npeers = ["192.0.2.12", "192.0.2.100"]\n')
     assert err.key == "vips"
     assert "192.0.2.100 is also listed in peers" in err.problem
 
 
-@pytest.mark.parametrize(("profile", "buckets", "refused"), [
-    ("fast", 65536, True), ("fast", 32768, True), ("fast", 16384, False),
-    ("default", 65536, False), ("fast", 4096, False),
-])
+@pytest.mark.parametrize(
+    ("profile", "buckets", "refused"),
+    [
+        ("fast", 65536, True),
+        ("fast", 32768, True),
+        ("fast", 16384, False),
+        ("default", 65536, False),
+        ("fast", 4096, False),
+    ],
+)
 def test_buckets_too_many_to_claim_within_half_a_lease_are_refused(
     tmp_path: Path, profile: str, buckets: int, refused: bool
 ) -> None:

@@ -37,8 +37,13 @@ class FakeSink:
         self.notifier = notifier
         self.context: dict[str, str] = {}
 
-    def emit(self, priority: int, message: str, kind: str | None = None,
-             fields: dict[str, str] | None = None) -> None:
+    def emit(
+        self,
+        priority: int,
+        message: str,
+        kind: str | None = None,
+        fields: dict[str, str] | None = None,
+    ) -> None:
         self.entries.append((priority, message, kind, dict(fields or {})))
         self.pings_at_emit.append(len(self.notifier.pings) if self.notifier else 0)
 
@@ -75,15 +80,17 @@ def explode() -> None:
 
 
 def test_check_vips_against_address_refuses_the_own_address() -> None:
-    check_vips_against_address("/etc/lbd/lbd.toml", ("192.0.2.100", "2001:db8::1"),
-                               "192.0.2.11")  # fine
+    check_vips_against_address(
+        "/etc/lbd/lbd.toml", ("192.0.2.100", "2001:db8::1"), "192.0.2.11"
+    )  # fine
     with pytest.raises(ConfigFileError) as info:
-        check_vips_against_address("/etc/lbd/lbd.toml", ("192.0.2.100", "192.0.2.11"),
-                                   "192.0.2.11")
+        check_vips_against_address("/etc/lbd/lbd.toml", ("192.0.2.100", "192.0.2.11"), "192.0.2.11")
     err = info.value
     assert (err.path, err.key) == ("/etc/lbd/lbd.toml", "vips")
-    assert str(err) == ("/etc/lbd/lbd.toml: vips: 192.0.2.11 is this node's own address; a "
-                        "VIP must be an extra address that no node uses as its own")
+    assert str(err) == (
+        "/etc/lbd/lbd.toml: vips: 192.0.2.11 is this node's own address; a "
+        "VIP must be an extra address that no node uses as its own"
+    )
 
 
 def test_run_and_check_config_refuse_a_vip_equal_to_the_resolved_address(
@@ -94,13 +101,14 @@ def test_run_and_check_config_refuse_a_vip_equal_to_the_resolved_address(
     conf = tmp_path / "lbd.toml"
     conf.write_text(f'vips = ["192.0.2.100"]\nkey_file = "{key}"\nnode_id = "n1"\n')
     # As if 192.0.2.100 were the interface's primary address (no address configured).
-    monkeypatch.setattr(cli, "resolve_address", lambda interface, address, path: (
-        7, "192.0.2.100"))
+    monkeypatch.setattr(cli, "resolve_address", lambda interface, address, path: (7, "192.0.2.100"))
     with pytest.raises(ConfigFileError) as info:
         cli._prepare(conf)
     assert (info.value.path, info.value.key) == (str(conf), "vips")
-    expected = (f"lbd: {conf}: vips: 192.0.2.100 is this node's own address; a VIP must be "
-                "an extra address that no node uses as its own\n")
+    expected = (
+        f"lbd: {conf}: vips: 192.0.2.100 is this node's own address; a VIP must be "
+        "an extra address that no node uses as its own\n"
+    )
     for command in ("check-config", "run"):
         assert cli.main([command, "--config", str(conf)]) == 2
         assert capsys.readouterr().err == expected
@@ -125,16 +133,19 @@ def test_on_loop_error_logs_one_line_and_finishes_with_1() -> None:
             explode()
         except RuntimeError as exc:
             error = exc
-        svc._on_loop_error(loop, {"message": "Exception in callback Service._on_timer()",
-                                  "exception": error})
+        svc._on_loop_error(
+            loop, {"message": "Exception in callback Service._on_timer()", "exception": error}
+        )
         assert svc._done.done() and svc._done.result() == 1
     finally:
         loop.close()
     [(priority, message, kind, fields)] = sink.entries
     assert (priority, kind) == (ERR, "InternalError")
     line = explode.__code__.co_firstlineno + 1
-    assert message == ("internal error, stopping: RuntimeError: boom second line "
-                       f"(in explode at test_daemon_errors.py:{line})")
+    assert message == (
+        "internal error, stopping: RuntimeError: boom second line "
+        f"(in explode at test_daemon_errors.py:{line})"
+    )
     assert "\n" not in message
     assert "Traceback (most recent call last)" in fields["TRACEBACK"]
     assert "Service._on_timer()" in fields["TRACEBACK"]
@@ -150,8 +161,9 @@ def test_on_loop_error_without_an_exception_still_stops() -> None:
         assert svc._done.result() == 1
     finally:
         loop.close()
-    assert sink.entries[0][1] == ("internal error, stopping: Task was destroyed but it is "
-                                  "pending! (in asyncio)")
+    assert sink.entries[0][1] == (
+        "internal error, stopping: Task was destroyed but it is pending! (in asyncio)"
+    )
 
 
 def test_on_loop_error_stops_the_watchdog_pings() -> None:
@@ -234,8 +246,9 @@ def test_cli_run_turns_an_unforeseen_exception_into_one_line_and_exit_1(
     monkeypatch.setattr(service_module, "Service", Crashing)
     assert cli.main(["run", "--config", str(tmp_path / "lbd.toml")]) == 1
     err = capsys.readouterr().err
-    assert err == ("lbd: error: internal error, stopping: ValueError: bad VIP "
-                   "'192.0.2.100/24' (detail)\n")
+    assert err == (
+        "lbd: error: internal error, stopping: ValueError: bad VIP '192.0.2.100/24' (detail)\n"
+    )
 
 
 def test_a_quorum_base_stored_with_node_names_is_read_as_wire_ids(tmp_path: Path) -> None:
@@ -279,8 +292,9 @@ def test_a_failed_persist_closes_the_owner_table_and_stops_with_1(tmp_path: Path
         def __init__(self) -> None:
             self.lines: list[tuple[int, str, str | None]] = []
 
-        def emit(self, priority: int, message: str, kind: str | None = None,
-                 fields: Any = None) -> None:
+        def emit(
+            self, priority: int, message: str, kind: str | None = None, fields: Any = None
+        ) -> None:
             self.lines.append((priority, message, kind))
 
     class Nft:
@@ -328,8 +342,9 @@ def test_owner_and_table_name_no_owner_when_every_member_drains() -> None:
     from lbd.protocol.membership import Node
     from lbd.protocol.wire import Codec, Keyring
 
-    core = Node(CoreConfig(buckets=64), Codec("lbd", Keyring(bytes(32))), "a", 1, 0.0,
-                draining=True)
+    core = Node(
+        CoreConfig(buckets=64), Codec("lbd", Keyring(bytes(32))), "a", 1, 0.0, draining=True
+    )
     service = SimpleNamespace(core=core, config=DaemonConfig(buckets=64, vips=("192.0.2.100",)))
     answer = control.owner(service, "198.51.100.7")  # type: ignore[arg-type]
     assert answer["owner"] is None and not answer["held_here"]

@@ -23,8 +23,13 @@ from lbd.protocol.wire import MAX_DATAGRAM, MIN_DATAGRAM
 
 
 def spec(**kw: object) -> FilterSpec:
-    args: dict[str, object] = {"interface": "eth0", "port": 7946,
-                               "segment": ["192.0.2.0/24"], "peers": [], **kw}
+    args: dict[str, object] = {
+        "interface": "eth0",
+        "port": 7946,
+        "segment": ["192.0.2.0/24"],
+        "peers": [],
+        **kw,
+    }
     return FilterSpec.build(**args)  # type: ignore[arg-type]
 
 
@@ -37,8 +42,7 @@ def test_every_table_statement_is_owner_flagged() -> None:
 
 def test_rules_accept_segment_on_the_interface_and_peers_anywhere() -> None:
     cmds = filter_commands(spec(peers=["198.51.100.7"]))
-    rules = [c.removeprefix(f"add rule inet {HB_TABLE} ") for c in cmds
-             if c.startswith("add rule")]
+    rules = [c.removeprefix(f"add rule inet {HB_TABLE} ") for c in cmds if c.startswith("add rule")]
     assert rules == [
         "input meta nfproto ipv4 udp dport 7946 jump heartbeat",
         'heartbeat iifname "eth0" ip saddr @segment goto valid',
@@ -47,10 +51,13 @@ def test_rules_accept_segment_on_the_interface_and_peers_anywhere() -> None:
         f'valid udp length {MIN_DATAGRAM + 8}-{MAX_DATAGRAM + 8} counter name "passed" accept',
         'valid counter name "badlen" drop',
     ]
-    assert f"add chain inet {HB_TABLE} input {{ type filter hook input priority -160; " \
-           "policy accept; }" in cmds
-    assert [f"add counter inet {HB_TABLE} {name}" for name in COUNTERS] == \
-           [c for c in cmds if c.startswith("add counter")]
+    assert (
+        f"add chain inet {HB_TABLE} input {{ type filter hook input priority -160; "
+        "policy accept; }" in cmds
+    )
+    assert [f"add counter inet {HB_TABLE} {name}" for name in COUNTERS] == [
+        c for c in cmds if c.startswith("add counter")
+    ]
     assert f"add element inet {HB_TABLE} peers {{ 198.51.100.7 }}" in cmds
     assert f"add element inet {HB_TABLE} segment {{ 192.0.2.0/24 }}" in cmds
 
@@ -65,9 +72,16 @@ def test_size_bounds_follow_the_wire_format() -> None:
 def test_segment_is_merged_and_peers_deduplicated() -> None:
     """An interval set refuses overlapping elements: a VIP's /32 inside the subnet,
     a subnet given twice, neighbouring halves all merge."""
-    s = spec(segment=["192.0.2.0/25", "192.0.2.128/25", "192.0.2.100/32", "10.1.2.3/16",
-                      ipaddress.IPv4Network("192.0.2.0/24")],
-             peers=["10.9.9.9", "10.9.9.9", "10.0.0.1"])
+    s = spec(
+        segment=[
+            "192.0.2.0/25",
+            "192.0.2.128/25",
+            "192.0.2.100/32",
+            "10.1.2.3/16",
+            ipaddress.IPv4Network("192.0.2.0/24"),
+        ],
+        peers=["10.9.9.9", "10.9.9.9", "10.0.0.1"],
+    )
     assert [str(n) for n in s.segment] == ["10.1.0.0/16", "192.0.2.0/24"]
     assert [str(p) for p in s.peers] == ["10.0.0.1", "10.9.9.9"]
 
@@ -86,11 +100,21 @@ def test_set_replacement_is_one_flush_and_refill() -> None:
     ]
 
 
-@pytest.mark.parametrize("bad", [
-    {"interface": 'eth0" accept #'}, {"interface": ""}, {"interface": "x" * 16},
-    {"port": 0}, {"port": 65536}, {"min_size": 0}, {"min_size": 100, "max_size": 99},
-    {"max_size": 65528}, {"peers": ["2001:db8::1"]}, {"segment": ["not an address"]},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"interface": 'eth0" accept #'},
+        {"interface": ""},
+        {"interface": "x" * 16},
+        {"port": 0},
+        {"port": 65536},
+        {"min_size": 0},
+        {"min_size": 100, "max_size": 99},
+        {"max_size": 65528},
+        {"peers": ["2001:db8::1"]},
+        {"segment": ["not an address"]},
+    ],
+)
 def test_bad_values_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         spec(**bad)

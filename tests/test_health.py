@@ -75,8 +75,11 @@ def check_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", USER], check=True, timeout=30)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
+            check=True,
+            timeout=30,
+        )
         return pwd.getpwnam(USER)
 
 
@@ -118,12 +121,23 @@ def test_defaults_and_empty() -> None:
     cfg = cfg_with()
     assert (cfg.checks, cfg.track_interface, cfg.agent) == ((), (), None)
     assert (cfg.check_user, cfg.check_allow_root) == ("lbd-check", False)
-    cfg = cfg_with(check=[{"name": "web", "tcp": "127.0.0.1:80"},
-                          {"name": "fast", "http": "http://[::1]:8080/h?x=1", "interval": 0.4}],
-                   agent={"tcp": "127.0.0.1:9999"}, track_interface="eth1")
+    cfg = cfg_with(
+        check=[
+            {"name": "web", "tcp": "127.0.0.1:80"},
+            {"name": "fast", "http": "http://[::1]:8080/h?x=1", "interval": 0.4},
+        ],
+        agent={"tcp": "127.0.0.1:9999"},
+        track_interface="eth1",
+    )
     web, fast = cfg.checks
     assert (web.kind, web.target, web.interval, web.timeout, web.rise, web.fall) == (
-        "tcp", "127.0.0.1:80", 1.0, 0.5, 2, 2)
+        "tcp",
+        "127.0.0.1:80",
+        1.0,
+        0.5,
+        2,
+        2,
+    )
     assert (fast.interval, fast.timeout) == (0.4, 0.2)  # default timeout stays below
     assert cfg.agent is not None and (cfg.agent.interval, cfg.agent.timeout) == (2.0, 1.0)
     assert cfg.track_interface == ("eth1",)
@@ -131,15 +145,19 @@ def test_defaults_and_empty() -> None:
 
 def test_toml_file_with_every_key(tmp_path: Path) -> None:
     conf = tmp_path / "lbd.toml"
-    conf.write_text('vips = ["192.0.2.100"]\ntrack_interface = ["eth1", "eth2"]\n'
-                    'check_user = "nobody"\n\n'
-                    '[[check]]\nname = "web"\nhttp = "http://127.0.0.1:80/healthz"\n'
-                    'interval = 0.5\ntimeout = 0.3\nrise = 3\nfall = 1\n\n'
-                    '[[check]]\nname = "dns"\ntcp = "127.0.0.1:53"\n\n'
-                    '[agent]\ntcp = "127.0.0.1:9999"\ninterval = 3\ntimeout = 1\n')
+    conf.write_text(
+        'vips = ["192.0.2.100"]\ntrack_interface = ["eth1", "eth2"]\n'
+        'check_user = "nobody"\n\n'
+        '[[check]]\nname = "web"\nhttp = "http://127.0.0.1:80/healthz"\n'
+        "interval = 0.5\ntimeout = 0.3\nrise = 3\nfall = 1\n\n"
+        '[[check]]\nname = "dns"\ntcp = "127.0.0.1:53"\n\n'
+        '[agent]\ntcp = "127.0.0.1:9999"\ninterval = 3\ntimeout = 1\n'
+    )
     cfg = load_config(conf)
     assert [(c.name, c.kind, c.interval, c.timeout, c.rise, c.fall) for c in cfg.checks] == [
-        ("web", "http", 0.5, 0.3, 3, 1), ("dns", "tcp", 1.0, 0.5, 2, 2)]
+        ("web", "http", 0.5, 0.3, 3, 1),
+        ("dns", "tcp", 1.0, 0.5, 2, 2),
+    ]
     assert cfg.agent is not None and (cfg.agent.kind, cfg.agent.interval) == ("tcp", 3.0)
     assert cfg.track_interface == ("eth1", "eth2")
 
@@ -167,8 +185,11 @@ WEB = {"name": "web", "tcp": "127.0.0.1:80"}
         ({"check": [{**WEB, "fall": 101}]}, "check[web].fall", "out of range 1..100"),
         ({"check": [{**WEB, "fall": 1.5}]}, "check[web].fall", "an integer"),
         ({"check": [{**WEB, "colour": 1}]}, "check[web].colour", "unknown key"),
-        ({"check": [{**WEB, "track_interface": ["eth1"]}]}, "check[web].track_interface",
-         "top-level key"),
+        (
+            {"check": [{**WEB, "track_interface": ["eth1"]}]},
+            "check[web].track_interface",
+            "top-level key",
+        ),
         ({"check": [{"name": "w", "http": "https://h/"}]}, "check[w].http", "only http://"),
         ({"check": [{"name": "w", "http": "http://:80/"}]}, "check[w].http", "needs a host"),
         ({"check": [{"name": "w", "http": "http://h:99999/"}]}, "check[w].http", "bad port"),
@@ -202,12 +223,12 @@ def test_bad_values_name_their_key(keys: dict[str, Any], key: str, words: str) -
 def test_missing_check_user_refused_only_with_exec(scripts: Path) -> None:
     prog = script(scripts, "ok", "#!/bin/sh\nexit 0\n")
     cfg_with(check_user="lbd-no-such-user", check=[WEB], agent={"tcp": "h:1"})
-    for keys in ({"check": [{"name": "x", "exec": [str(prog)]}]},
-                 {"agent": {"exec": [str(prog)]}}):
+    for keys in ({"check": [{"name": "x", "exec": [str(prog)]}]}, {"agent": {"exec": [str(prog)]}}):
         text = error_of(check_user="lbd-no-such-user", **keys)
         assert text.startswith(f"{CONF}: check_user: user 'lbd-no-such-user' does not exist")
-        assert ("useradd --system --no-create-home --shell /usr/sbin/nologin "
-                "lbd-no-such-user") in text
+        assert (
+            "useradd --system --no-create-home --shell /usr/sbin/nologin lbd-no-such-user"
+        ) in text
 
 
 @pytest.mark.root
@@ -226,12 +247,9 @@ def test_exec_script_security(scripts: Path) -> None:
         return error_of(check=[{"name": "s", "exec": [str(path), "--quick"]}])
 
     good = script(scripts, "good", "#!/bin/sh\nexit 0\n")
-    assert cfg_with(check=[{"name": "s", "exec": [str(good)]}]).checks[0].target == (
-        str(good),)
-    assert "writable by group (mode 0775)" in refused(
-        script(scripts, "gw", "#!/bin/sh\n", 0o775))
-    assert "writable by others (mode 0757)" in refused(
-        script(scripts, "ow", "#!/bin/sh\n", 0o757))
+    assert cfg_with(check=[{"name": "s", "exec": [str(good)]}]).checks[0].target == (str(good),)
+    assert "writable by group (mode 0775)" in refused(script(scripts, "gw", "#!/bin/sh\n", 0o775))
+    assert "writable by others (mode 0757)" in refused(script(scripts, "ow", "#!/bin/sh\n", 0o757))
     assert "not executable by lbd-check" in refused(script(scripts, "nx", "#!/bin/sh\n", 0o744))
     assert "No such file" in refused(scripts / "absent")
     assert "not a regular file" in refused(scripts)
@@ -259,8 +277,7 @@ def test_exec_script_security(scripts: Path) -> None:
 def test_rise_fall_state_machine() -> None:
     state = RiseFall(rise=2, fall=3, now=0.0)
     assert not state.healthy  # starts unhealthy
-    assert [state.feed(ok, t) for t, ok in enumerate([False, True, False, True], 1)] == [
-        False] * 4
+    assert [state.feed(ok, t) for t, ok in enumerate([False, True, False, True], 1)] == [False] * 4
     assert not state.healthy and state.passes == 1
     assert state.feed(True, 5.0) and state.healthy and state.since == 5.0
     assert not state.feed(False, 6.0) and not state.feed(False, 7.0)
@@ -272,8 +289,9 @@ def test_rise_fall_state_machine() -> None:
 def test_monitor_starts_unhealthy_and_reports_transitions() -> None:
     clock = Clock()
     changes: list[tuple[str, bool, str]] = []
-    cfg = cfg_with(check=[{**WEB, "rise": 2, "fall": 1}, {"name": "db", "tcp": "h:5432",
-                                                            "rise": 1}])
+    cfg = cfg_with(
+        check=[{**WEB, "rise": 2, "fall": 1}, {"name": "db", "tcp": "h:5432", "rise": 1}]
+    )
     mon = HealthMonitor(cfg, on_change=lambda *a: changes.append(a), clock=clock)
     assert mon.reasons == {"check web", "check db"} and not mon.healthy
     mon.record("web", Result(True, "connected", 0.001))
@@ -288,9 +306,20 @@ def test_monitor_starts_unhealthy_and_reports_transitions() -> None:
     assert mon.reasons == {"check web"}
     assert changes[-1] == ("check web", False, "exit status 2: disk full")
     row = next(r for r in mon.status() if r["name"] == "web")
-    assert row == {"name": "web", "kind": "tcp", "state": "unhealthy", "result": "fail",
-                   "reason": "exit status 2", "latency_ms": 4.0, "output": "disk full",
-                   "since": 1002.0, "passes": 0, "fails": 1, "rise": 2, "fall": 1}
+    assert row == {
+        "name": "web",
+        "kind": "tcp",
+        "state": "unhealthy",
+        "result": "fail",
+        "reason": "exit status 2",
+        "latency_ms": 4.0,
+        "output": "disk full",
+        "since": 1002.0,
+        "passes": 0,
+        "fails": 1,
+        "rise": 2,
+        "fall": 1,
+    }
 
 
 def test_a_failing_callback_does_not_stop_the_checks() -> None:
@@ -312,8 +341,9 @@ def test_a_failing_callback_does_not_stop_the_checks() -> None:
 # ------------------------------------------------------------------ http and tcp
 
 
-async def http_server(answers: dict[str, bytes | None], seen: list[bytes]
-                      ) -> tuple[asyncio.Server, int]:
+async def http_server(
+    answers: dict[str, bytes | None], seen: list[bytes]
+) -> tuple[asyncio.Server, int]:
     """Answers by path; None: never answers."""
     forever = asyncio.Event()
 
@@ -348,8 +378,13 @@ def test_http_check_results() -> None:
         results = {}
         async with server:
             for path in answers:
-                probe = checks.probe_for("http", f"http://127.0.0.1:{port}{path}",
-                                         0.3 if path == "/hang" else 3.0, "web", None)
+                probe = checks.probe_for(
+                    "http",
+                    f"http://127.0.0.1:{port}{path}",
+                    0.3 if path == "/hang" else 3.0,
+                    "web",
+                    None,
+                )
                 results[path] = await probe()
         refused = checks.probe_for("http", f"http://127.0.0.1:{free_port()}/", 3.0, "w", None)
         results["refused"] = await refused()
@@ -396,8 +431,18 @@ def test_monitor_with_a_real_tcp_check_rises_and_falls() -> None:
             changes.append(args)
             changed.set()
 
-        cfg = cfg_with(check=[{"name": "web", "tcp": f"127.0.0.1:{port}", "interval": 0.3,
-                               "timeout": 0.25, "rise": 2, "fall": 2}])
+        cfg = cfg_with(
+            check=[
+                {
+                    "name": "web",
+                    "tcp": f"127.0.0.1:{port}",
+                    "interval": 0.3,
+                    "timeout": 0.25,
+                    "rise": 2,
+                    "fall": 2,
+                }
+            ]
+        )
         mon = HealthMonitor(cfg, on_change=note)
         await mon.start()
         await changed.wait()
@@ -412,8 +457,7 @@ def test_monitor_with_a_real_tcp_check_rises_and_falls() -> None:
 
     up, down = run(scenario())
     assert up == frozenset() and down == {"check web"}
-    assert changes == [("check web", True, "connected"),
-                       ("check web", False, "connection refused")]
+    assert changes == [("check web", True, "connected"), ("check web", False, "connection refused")]
 
 
 # ------------------------------------------------------------------ scheduling
@@ -463,18 +507,25 @@ def test_runs_start_interval_apart() -> None:
 
 
 @pytest.mark.root
-def test_exec_check_pass_fail_output_user_and_env(scripts: Path,
-                                                  check_user: pwd.struct_passwd) -> None:
+def test_exec_check_pass_fail_output_user_and_env(
+    scripts: Path, check_user: pwd.struct_passwd
+) -> None:
     ok = script(scripts, "ok", "#!/bin/sh\necho all good\nexit 0\n")
     bad = script(scripts, "bad", "#!/bin/sh\necho 'db down' >&2\nexit 2\n")
     chatty = script(scripts, "chatty", "#!/bin/sh\nhead -c 100000 /dev/zero | tr '\\0' x\n")
-    who = script(scripts, "who", "#!/usr/bin/python3 -I\nimport os\n"
-                 "print(os.getuid(), os.getgid(), os.getgroups(), os.getcwd(),"
-                 " sorted(os.environ.items()))\n")
+    who = script(
+        scripts,
+        "who",
+        "#!/usr/bin/python3 -I\nimport os\n"
+        "print(os.getuid(), os.getgid(), os.getgroups(), os.getcwd(),"
+        " sorted(os.environ.items()))\n",
+    )
 
     async def scenario() -> list[Result]:
-        return [await checks.run_exec((str(p), "--quick"), 2.0, "web", check_user)
-                for p in (ok, bad, chatty, who)]
+        return [
+            await checks.run_exec((str(p), "--quick"), 2.0, "web", check_user)
+            for p in (ok, bad, chatty, who)
+        ]
 
     r_ok, r_bad, r_chatty, r_who = run(scenario())
     assert (r_ok.ok, r_ok.reason, r_ok.output) == (True, "exit status 0", "all good")
@@ -487,13 +538,16 @@ def test_exec_check_pass_fail_output_user_and_env(scripts: Path,
 @pytest.mark.root
 def test_exec_that_cannot_start_fails_with_the_reason(check_user: pwd.struct_passwd) -> None:
     result = run(checks.run_exec(("/nonexistent/prog",), 1.0, "x", check_user))
-    assert (result.ok, result.reason) == (False, "cannot run /nonexistent/prog: "
-                                          "no such file or directory")
+    assert (result.ok, result.reason) == (
+        False,
+        "cannot run /nonexistent/prog: no such file or directory",
+    )
 
 
 @pytest.mark.root
 def test_exec_timeout_kills_the_child_and_its_group_without_blocking_the_loop(
-        scripts: Path, check_user: pwd.struct_passwd) -> None:
+    scripts: Path, check_user: pwd.struct_passwd
+) -> None:
     hang = script(scripts, "hang", "#!/bin/sh\nsleep 30 &\necho $!\nwait\n")
     pids: list[int] = []
     ticks: list[float] = []
@@ -507,8 +561,7 @@ def test_exec_timeout_kills_the_child_and_its_group_without_blocking_the_loop(
                 await asyncio.sleep(0.01)
 
         beat = asyncio.create_task(heartbeat())
-        result = await checks.run_exec((str(hang),), 1.0, "hang", check_user,
-                                       started=pids.append)
+        result = await checks.run_exec((str(hang),), 1.0, "hang", check_user, started=pids.append)
         beat.cancel()
         return result
 
@@ -546,8 +599,7 @@ def _running(path: Path) -> list[int]:
 @pytest.mark.root
 def test_stop_kills_and_reaps_a_running_exec(scripts: Path) -> None:
     hang = script(scripts, "hang", "#!/bin/sh\nsleep 30\n")
-    cfg = cfg_with(check=[{"name": "hang", "exec": [str(hang)], "interval": 60,
-                           "timeout": 30}])
+    cfg = cfg_with(check=[{"name": "hang", "exec": [str(hang)], "interval": 60, "timeout": 30}])
     found: list[int] = []
 
     async def scenario() -> bool:
@@ -570,14 +622,19 @@ def test_stop_kills_and_reaps_a_running_exec(scripts: Path) -> None:
         subprocess.run(["true"], check=True, timeout=5)
     assert not any(alive(pid) for pid in found), [
         (Path(f"/proc/{p}/cmdline").read_bytes(), Path(f"/proc/{p}/stat").read_text())
-        for p in found if alive(p)]
+        for p in found
+        if alive(p)
+    ]
 
 
 @pytest.mark.root
 def test_monitor_exec_check_keeps_the_output_for_status(scripts: Path) -> None:
     prog = script(scripts, "sick", "#!/bin/sh\necho 'HTTP 500 from backend'\nexit 1\n")
-    cfg = cfg_with(check=[{"name": "app", "exec": [str(prog)], "interval": 5,
-                           "timeout": 4, "rise": 1, "fall": 1}])
+    cfg = cfg_with(
+        check=[
+            {"name": "app", "exec": [str(prog)], "interval": 5, "timeout": 4, "rise": 1, "fall": 1}
+        ]
+    )
 
     async def scenario() -> list[dict[str, Any]]:
         mon = HealthMonitor(cfg)
@@ -596,7 +653,12 @@ def test_monitor_exec_check_keeps_the_output_for_status(scripts: Path) -> None:
 
     row = run(scenario())[0]
     assert (row["kind"], row["state"], row["result"], row["reason"], row["output"]) == (
-        "exec", "unhealthy", "fail", "exit status 1", "HTTP 500 from backend")
+        "exec",
+        "unhealthy",
+        "fail",
+        "exit status 1",
+        "HTTP 500 from backend",
+    )
 
 
 # ------------------------------------------------------------------ interfaces
@@ -634,8 +696,7 @@ def test_track_interface_in_the_monitor(tmp_path: Path, monkeypatch: pytest.Monk
             changes.append(args)
             changed.set()
 
-        mon = HealthMonitor(cfg_with(track_interface=["eth1"]), on_change=note,
-                            sysfs=str(tmp_path))
+        mon = HealthMonitor(cfg_with(track_interface=["eth1"]), on_change=note, sysfs=str(tmp_path))
         await mon.start()
         seen = [mon.reasons]  # missing: down at once, without a transition
         fake_link(tmp_path, "eth1", "0x1003", "1")
@@ -702,9 +763,13 @@ def test_agent_words_in_the_monitor() -> None:
     weights: list[int] = []
     drains: list[tuple[bool, str]] = []
     cfg = cfg_with(agent={"tcp": "127.0.0.1:9999"}, weight=200)
-    mon = HealthMonitor(cfg, on_change=lambda *a: changes.append(a),
-                        on_weight=weights.append, on_drain=lambda *a: drains.append(a),
-                        clock=clock)
+    mon = HealthMonitor(
+        cfg,
+        on_change=lambda *a: changes.append(a),
+        on_weight=weights.append,
+        on_drain=lambda *a: drains.append(a),
+        clock=clock,
+    )
 
     def say(line: str, ok: bool = True) -> None:
         clock.now += 1
@@ -720,7 +785,11 @@ def test_agent_words_in_the_monitor() -> None:
     assert mon.reasons == {"agent down"}  # a useless answer changes nothing
     row = mon.status()[0]
     assert (row["kind"], row["state"], row["result"], row["reason"]) == (
-        "agent tcp", "down", "fail", "no usable answer in 'garbage'")
+        "agent tcp",
+        "down",
+        "fail",
+        "no usable answer in 'garbage'",
+    )
     say("up", ok=False)  # a failed run (e.g. timed out) changes nothing either
     assert mon.reasons == {"agent down"}
     say("UP 50%")
@@ -754,13 +823,13 @@ def test_agent_over_tcp_and_exec(scripts: Path) -> None:
                 got = asyncio.Event()
                 weights: list[int] = []
 
-                def note(weight: int, into: list[int] = weights, ev: asyncio.Event = got
-                         ) -> None:
+                def note(weight: int, into: list[int] = weights, ev: asyncio.Event = got) -> None:
                     into.append(weight)
                     ev.set()
 
-                mon = HealthMonitor(cfg_with(agent={**agent, "interval": 5, "timeout": 4}),
-                                    on_weight=note)
+                mon = HealthMonitor(
+                    cfg_with(agent={**agent, "interval": 5, "timeout": 4}), on_weight=note
+                )
                 await mon.start()
                 await got.wait()
                 await mon.stop()
@@ -769,4 +838,3 @@ def test_agent_over_tcp_and_exec(scripts: Path) -> None:
 
     by_tcp, by_exec = run(scenario())
     assert by_tcp == [40] and by_exec == [75]
-

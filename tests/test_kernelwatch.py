@@ -42,14 +42,16 @@ def addr_msg(new: bool, family: int, address: str, index: int = INDEX) -> bytes:
     body = struct.pack("=BBBBI", family, 32 if family == socket.AF_INET else 128, 0, 0, index)
     if family == socket.AF_INET:  # IPv4: IFA_ADDRESS is the peer, IFA_LOCAL the address
         body += attr(nl.IFA_ADDRESS, socket.inet_pton(family, "192.0.2.1")) + attr(
-            nl.IFA_LOCAL, packed)
+            nl.IFA_LOCAL, packed
+        )
     else:
         body += attr(nl.IFA_ADDRESS, packed)
     return message(nl.RTM_NEWADDR if new else nl.RTM_DELADDR, body)
 
 
-def link_msg(new: bool, flags: int, mac: bytes = bytes.fromhex("02005e000164"),
-             index: int = INDEX) -> bytes:
+def link_msg(
+    new: bool, flags: int, mac: bytes = bytes.fromhex("02005e000164"), index: int = INDEX
+) -> bytes:
     body = struct.pack("=BBHiII", 0, 0, 1, index, flags, 0)
     body += attr(nl.IFLA_IFNAME, b"eth0\0") + attr(nl.IFLA_ADDRESS, mac)
     return message(nl.RTM_NEWLINK if new else nl.RTM_DELLINK, body)
@@ -74,12 +76,19 @@ UP = nl.IFF_UP | nl.IFF_LOWER_UP | 0x40
 
 
 def test_address_and_link_events() -> None:
-    data = (addr_msg(False, socket.AF_INET, VIP4) + addr_msg(True, socket.AF_INET6, VIP6)
-            + link_msg(True, UP) + link_msg(True, nl.IFF_UP) + link_msg(False, 0)
-            + message(24, b"\0" * 12))  # RTM_NEWROUTE: skipped
+    data = (
+        addr_msg(False, socket.AF_INET, VIP4)
+        + addr_msg(True, socket.AF_INET6, VIP6)
+        + link_msg(True, UP)
+        + link_msg(True, nl.IFF_UP)
+        + link_msg(False, 0)
+        + message(24, b"\0" * 12)
+    )  # RTM_NEWROUTE: skipped
     events = nl.parse_route(data)
-    assert events[:2] == [nl.AddrEvent(False, INDEX, VIP4, 32),
-                          nl.AddrEvent(True, INDEX, VIP6, 128)]
+    assert events[:2] == [
+        nl.AddrEvent(False, INDEX, VIP4, 32),
+        nl.AddrEvent(True, INDEX, VIP6, 128),
+    ]
     up, no_carrier, deleted = events[2:]
     assert isinstance(up, nl.LinkEvent) and up.up and up.name == "eth0"
     assert up.mac == "02:00:5e:00:01:64"
@@ -89,9 +98,13 @@ def test_address_and_link_events() -> None:
 
 
 def test_nft_events_name_table_family_port_and_the_committing_process() -> None:
-    data = (nft_msg(2, "lbd_guard") + nft_msg(8, "lbd_mac", family=3, portid=9)
-            + nft_msg(nl.NFT_MSG_NEWGEN, "") + gen_msg(1415, "nft")
-            + message((11 << 8) | 0, b"\0" * 8))  # another nfnetlink subsystem: skipped
+    data = (
+        nft_msg(2, "lbd_guard")
+        + nft_msg(8, "lbd_mac", family=3, portid=9)
+        + nft_msg(nl.NFT_MSG_NEWGEN, "")
+        + gen_msg(1415, "nft")
+        + message((11 << 8) | 0, b"\0" * 8)
+    )  # another nfnetlink subsystem: skipped
     events = nl.parse_nft(data)
     assert events[0] == nl.NftEvent("DELTABLE", "inet", "lbd_guard", 4242)
     assert events[1] == nl.NftEvent("DELRULE", "arp", "lbd_mac", 9)
@@ -100,12 +113,16 @@ def test_nft_events_name_table_family_port_and_the_committing_process() -> None:
 
 @pytest.mark.parametrize("parse", [nl.parse_route, nl.parse_nft])
 def test_every_truncation_parses_what_is_complete(parse: Any) -> None:
-    data = (addr_msg(False, socket.AF_INET, VIP4) + link_msg(True, UP)
-            + nft_msg(2, "lbd_guard") + gen_msg(1, "nft"))
+    data = (
+        addr_msg(False, socket.AF_INET, VIP4)
+        + link_msg(True, UP)
+        + nft_msg(2, "lbd_guard")
+        + gen_msg(1, "nft")
+    )
     whole = parse(data)
     for cut in range(len(data)):
         part = parse(data[:cut])
-        assert part == whole[:len(part)]
+        assert part == whole[: len(part)]
 
 
 @given(st.binary(max_size=600))
@@ -122,12 +139,18 @@ def test_attributes_keep_the_first_of_a_type_and_mask_flags() -> None:
 
 def test_table_batch_layout() -> None:
     flags = nl.NFT_TABLE_F_OWNER | nl.NFT_TABLE_F_PERSIST
-    parts = [nl.table_message(nl.NFT_MSG_DELTABLE, "inet", "lbd_guard", seq=11),
-             nl.table_message(nl.NFT_MSG_NEWTABLE, "inet", "lbd_guard", flags, seq=12)]
+    parts = [
+        nl.table_message(nl.NFT_MSG_DELTABLE, "inet", "lbd_guard", seq=11),
+        nl.table_message(nl.NFT_MSG_NEWTABLE, "inet", "lbd_guard", flags, seq=12),
+    ]
     batch = nl.table_batch(parts, 10)
     msgs = list(nl.messages(batch))
-    assert [m[0] for m in msgs] == [nl.NFNL_MSG_BATCH_BEGIN, (10 << 8) | 2, (10 << 8) | 0,
-                                    nl.NFNL_MSG_BATCH_END]
+    assert [m[0] for m in msgs] == [
+        nl.NFNL_MSG_BATCH_BEGIN,
+        (10 << 8) | 2,
+        (10 << 8) | 0,
+        nl.NFNL_MSG_BATCH_END,
+    ]
     assert msgs[0][3] == struct.pack("=BBH", 0, 0, socket.htons(10))  # res_id: nf_tables
     new = msgs[2]
     assert new[1] == nl.NLM_F_REQUEST | nl.NLM_F_ACK | nl.NLM_F_CREATE
@@ -140,7 +163,8 @@ def test_exchange_reads_one_answer_per_message_without_touching_blocking() -> No
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with ours, kernel:
         acks = message(nl.NLMSG_ERROR, struct.pack("=i", 0)) + message(
-            nl.NLMSG_ERROR, struct.pack("=i", -95))
+            nl.NLMSG_ERROR, struct.pack("=i", -95)
+        )
         kernel.send(acks)
         assert nl.exchange(ours, b"request", 2) == [0, 95]
         assert kernel.recv(100) == b"request"
@@ -191,8 +215,9 @@ class FakeNft:
 class FakeSink:
     entries: list[tuple[int, str, str | None]] = field(default_factory=list)
 
-    def emit(self, priority: int, message: str, kind: str | None = None,
-             fields: Any = None) -> None:
+    def emit(
+        self, priority: int, message: str, kind: str | None = None, fields: Any = None
+    ) -> None:
         self.entries.append((priority, message, kind))
 
     def kinds(self) -> list[str | None]:
@@ -296,8 +321,10 @@ def test_foreign_changes_to_our_tables_are_written_again_our_own_are_not() -> No
     w._on_nft()
     assert svc._nft.reasserts == 1
     assert svc.sink.kinds() == ["TablesChanged"]
-    assert "delrule in inet lbd_guard, deltable in inet lbd_guard by nft (pid 31): tables " \
-           "written again in" in svc.sink.entries[0][1]
+    assert (
+        "delrule in inet lbd_guard, deltable in inet lbd_guard by nft (pid 31): tables "
+        "written again in" in svc.sink.entries[0][1]
+    )
     assert not svc.core.draining
 
 
@@ -308,8 +335,7 @@ def test_table_rewrites_stop_and_drain_when_someone_fights_back() -> None:
         w._nftmon = FakeSocket([nft_msg(2, "lbd_guard", portid=5) + gen_msg(5, "fw")])
         w._on_nft()
     assert svc._nft.reasserts == kw.REASSERT_LIMIT
-    assert svc.core.draining and svc.sink.kinds()[-2:] == ["TablesChanged",
-                                                          "KernelRestoreFailed"]
+    assert svc.core.draining and svc.sink.kinds()[-2:] == ["TablesChanged", "KernelRestoreFailed"]
 
 
 class FakeSocket(socket.socket):

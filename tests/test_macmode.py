@@ -44,8 +44,11 @@ def _checksum(data: bytes) -> int:
 
 
 def _icmp6_ok(src: str, dst: str, icmp: bytes) -> bool:
-    pseudo = (ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
-              + struct.pack("!I3xB", len(icmp), 58))
+    pseudo = (
+        ipaddress.IPv6Address(src).packed
+        + ipaddress.IPv6Address(dst).packed
+        + struct.pack("!I3xB", len(icmp), 58)
+    )
     return _checksum(pseudo + icmp) == 0
 
 
@@ -53,8 +56,12 @@ def _na(target: str, lladdr: bytes, flags: int = 0x60) -> bytes:
     """A Neighbor Advertisement with a TLLA option and a valid checksum (as Linux sends)."""
     body = struct.pack("!BBHB3x", 136, 0, 0, flags) + ipaddress.IPv6Address(target).packed
     body += bytes([2, 1]) + lladdr
-    csum = _checksum(ipaddress.IPv6Address(VIP6).packed + ipaddress.IPv6Address(ROUTER6).packed
-                     + struct.pack("!I3xB", len(body), 58) + body)
+    csum = _checksum(
+        ipaddress.IPv6Address(VIP6).packed
+        + ipaddress.IPv6Address(ROUTER6).packed
+        + struct.pack("!I3xB", len(body), 58)
+        + body
+    )
     return body[:2] + struct.pack("!H", csum) + body[4:]
 
 
@@ -65,10 +72,12 @@ def _rewrite(packet: bytes, own: str, cluster: str) -> bytes:
     return packet[:6] + struct.pack("!H", comp) + packet[8:26] + mac_bytes(cluster)
 
 
-@given(own=st.binary(min_size=6, max_size=6), cluster=st.binary(min_size=6, max_size=6),
-       flags=st.sampled_from([0x20, 0x40, 0x60, 0xE0]))
-def test_nd_rewrite_keeps_the_icmpv6_checksum_valid(own: bytes, cluster: bytes,
-                                                    flags: int) -> None:
+@given(
+    own=st.binary(min_size=6, max_size=6),
+    cluster=st.binary(min_size=6, max_size=6),
+    flags=st.sampled_from([0x20, 0x40, 0x60, 0xE0]),
+)
+def test_nd_rewrite_keeps_the_icmpv6_checksum_valid(own: bytes, cluster: bytes, flags: int) -> None:
     own_mac = ":".join(f"{b:02x}" for b in own)
     cluster_mac = ":".join(f"{b:02x}" for b in cluster)
     na = _na(VIP6, own, flags)
@@ -79,8 +88,9 @@ def test_nd_rewrite_keeps_the_icmpv6_checksum_valid(own: bytes, cluster: bytes,
 
 
 def test_table_text_for_both_families() -> None:
-    spec = MacModeSpec.build("eth0", "03:00:5e:11:22:33", "02:00:00:00:01:0b",
-                             ["192.0.2.100", f"{VIP6}/128"])
+    spec = MacModeSpec.build(
+        "eth0", "03:00:5e:11:22:33", "02:00:00:00:01:0b", ["192.0.2.100", f"{VIP6}/128"]
+    )
     text = "\n".join(table_commands(spec))
     assert 'iifname "eth0" ether daddr 03:00:5e:11:22:33 meta pkttype set host' in text
     assert "arp saddr ip { 192.0.2.100 } arp saddr ether set 03:00:5e:11:22:33" in text
@@ -94,8 +104,7 @@ def test_table_text_for_both_families() -> None:
 
 def test_no_arp_table_without_an_ipv4_vip_and_answer_text() -> None:
     spec = MacModeSpec.build("eth1", "03:00:5e:11:22:33", "02:00:00:00:01:0b", [VIP6])
-    assert not any(c.startswith(("add table arp", "add rule arp")) for c in
-                   table_commands(spec))
+    assert not any(c.startswith(("add table arp", "add rule arp")) for c in table_commands(spec))
     cmds = answer_commands(spec, 560)
     assert cmds[-1] == 'add element inet lbd_mac answer { "eth1" timeout 560ms }'
     assert len(answer_commands(spec, None)) == 2  # add + delete: withdrawn
@@ -119,8 +128,10 @@ def test_flood_table_text() -> None:
     text = "\n".join(cmds)
     # Frames TO the cluster MAC made the node's own at ingress (not prerouting: IP
     # drops PACKET_OTHERHOST before it), frames FROM it never sent.
-    assert ('add chain netdev lbd_mac ingress { type filter hook ingress device "eth0.10" '
-            "priority -500; policy accept; }") in cmds
+    assert (
+        'add chain netdev lbd_mac ingress { type filter hook ingress device "eth0.10" '
+        "priority -500; policy accept; }"
+    ) in cmds
     assert f"add rule netdev lbd_mac ingress ether daddr {cmac} meta pkttype set host" in cmds
     assert f"add rule netdev lbd_mac egress ether saddr {cmac} counter drop" in cmds
     assert not any(c.startswith("add rule inet") and "pkttype" in c for c in cmds)
@@ -131,7 +142,10 @@ def test_flood_table_text() -> None:
     assert "flush chain netdev lbd_mac ingress" in text
     assert not any("netdev" in c for c in answer_commands(spec, 100))
     assert [f for f in ("inet", "arp", "netdev") if f"add table {f} lbd_mac" in text] == [
-        "inet", "arp", "netdev"]
+        "inet",
+        "arp",
+        "netdev",
+    ]
     multicast = table_commands(MacModeSpec.build("eth0", "03:00:5e:11:22:33", own, [VIP6]))
     assert not any("netdev" in c for c in multicast)
 
@@ -144,8 +158,9 @@ def test_spec_refuses_the_interface_wearing_the_cluster_mac() -> None:
 
 
 def test_restore_with_nothing_recorded_is_a_no_op(tmp_path: Path) -> None:
-    mode = MacMode("eth0", ["192.0.2.100"], "03:00:5e:11:22:33",
-                   state_file=tmp_path / "macmode.json")
+    mode = MacMode(
+        "eth0", ["192.0.2.100"], "03:00:5e:11:22:33", state_file=tmp_path / "macmode.json"
+    )
     mode.restore()  # no kernel access needed, nothing raised
     assert not (tmp_path / "macmode.json").exists()
 
@@ -159,7 +174,8 @@ def test_config_mac_mode_default_and_validation() -> None:
     cfg = parse_config({**base, "mac_mode": "multicast", "cluster_mac": "03:00:5E:00:00:01"})
     assert cfg.effective_cluster_mac() == "03:00:5e:00:00:01"
     assert DaemonConfig(cluster_mac="02:00:5e:00:01:64").effective_cluster_mac() == (
-        "02:00:5e:00:01:64")
+        "02:00:5e:00:01:64"
+    )
     cfg = parse_config({**base, "mac_mode": "flood", "cluster": "web"})
     assert cfg.effective_cluster_mac() == derive_cluster_mac("web", "flood")
     assert dict(cfg.agreed_shared())["cluster_mac"] == derive_cluster_mac("web", "flood")

@@ -35,8 +35,7 @@ PARAMS = digest_params(CoreConfig(buckets=64).agreed_values())
 
 def heartbeat(sender: str, seq: int, incarnation: int = 1) -> Heartbeat:
     me = Member(sender, incarnation, 100, False)
-    return Heartbeat(sender, incarnation, seq, 100, False, (me,), (0,), False, 0,
-                     params=PARAMS)
+    return Heartbeat(sender, incarnation, seq, 100, False, (me,), (0,), False, 0, params=PARAMS)
 
 
 def test_quorum_is_a_strict_majority_or_a_half_with_the_smallest_id() -> None:
@@ -86,8 +85,9 @@ def test_garbage_forgery_and_replay_are_counted_not_raised() -> None:
 
 def test_same_node_id_from_another_process_is_reported() -> None:
     node = make_node("a", incarnation=1)
-    node.receive_datagram(Codec("lbd", Keyring(KEY)).seal(heartbeat("a", 1, incarnation=7)),
-                          "x", 0.01)
+    node.receive_datagram(
+        Codec("lbd", Keyring(KEY)).seal(heartbeat("a", 1, incarnation=7)), "x", 0.01
+    )
     assert any(isinstance(e, ev.DuplicateNodeId) and e.incarnation == 7 for e in node.events())
 
 
@@ -138,10 +138,14 @@ def test_datagrams_that_fail_authentication_are_named_by_source() -> None:
     for i in range(3):
         node.receive_datagram(forged, "192.0.2.13", 0.01 * (i + 1))
     assert node.counters.forged == 3
-    assert ev.StrangerHeard("192.0.2.13", "authentication: wrong key file or cluster name?") \
+    assert (
+        ev.StrangerHeard("192.0.2.13", "authentication: wrong key file or cluster name?")
         in node.events()
-    assert node.problems(0.1) == ["hearing 3 datagrams from 192.0.2.13 that fail "
-                                  "authentication: wrong key file or cluster name?"]
+    )
+    assert node.problems(0.1) == [
+        "hearing 3 datagrams from 192.0.2.13 that fail "
+        "authentication: wrong key file or cluster name?"
+    ]
     # Heard a cluster it cannot read: even with bootstrap_expect = 1 it never starts alone.
     node.handle_timer(CoreConfig().timers.startup_wait * 2)
     assert node.held == frozenset()
@@ -179,8 +183,7 @@ def test_the_view_never_exceeds_the_member_limit() -> None:
     me = Member("a", 1, 100, False)
     for i in range(300):  # each lists us (a newcomer must), acking nothing yet
         them = Member(f"p{i:03d}", 1, 100, False)
-        hb = Heartbeat(them.node_id, 1, 1, 100, False, (me, them), (0, 0), False, 0,
-                       params=PARAMS)
+        hb = Heartbeat(them.node_id, 1, 1, 100, False, (me, them), (0, 0), False, 0, params=PARAMS)
         node.receive_datagram(codec.seal(hb), "192.0.2.12", 0.01)
     node.handle_timer(0.01 + CoreConfig().timers.join_holddown + 0.001)
     assert len(node.view) == 256
@@ -230,8 +233,10 @@ def test_two_names_sharing_a_wire_id_are_refused_with_both_names() -> None:
     node.receive_datagram(Codec("lbd", Keyring(KEY)).seal(hb), "192.0.2.77", 0.01)
     assert node.advertised_draining
     problems = node.problems(0.01)
-    assert any(f"node names {first} and {second} (at 192.0.2.77) share the wire ID {shared}"
-               in p for p in problems), problems
+    assert any(
+        f"node names {first} and {second} (at 192.0.2.77) share the wire ID {shared}" in p
+        for p in problems
+    ), problems
     # A collision is not a restart: no new incarnation when it ends.
     node.handle_timer(0.01 + CoreConfig().timers.dead_after + 0.01)
     assert node.incarnation == 1 and not node.advertised_draining
@@ -242,9 +247,23 @@ def test_replayed_heartbeats_of_a_dead_node_never_make_it_a_member_again() -> No
     node's captured heartbeats: they list the receiver's old incarnation only."""
     node = make_node("a", incarnation=2)
     codec = Codec("lbd", Keyring(KEY))
-    captured = [codec.seal(Heartbeat(
-        "b", 1, seq, 100, False, (Member("a", 1, 100, False), Member("b", 1, 100, False)),
-        (seq, 0), True, 0, params=PARAMS)) for seq in range(1, 20)]
+    captured = [
+        codec.seal(
+            Heartbeat(
+                "b",
+                1,
+                seq,
+                100,
+                False,
+                (Member("a", 1, 100, False), Member("b", 1, 100, False)),
+                (seq, 0),
+                True,
+                0,
+                params=PARAMS,
+            )
+        )
+        for seq in range(1, 20)
+    ]
     t = 0.0
     for datagram in captured:
         t += 0.1

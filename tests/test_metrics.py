@@ -78,42 +78,118 @@ def synthetic(n: int, buckets: int = 4096) -> dict[str, Any]:
     if n > 3:
         states[1], states[2], states[3] = "suspect", "draining", "dead"
     rows: list[dict[str, Any]] = [
-        {"node_id": f"node{i}", "wire_id": f"{i:08x}", "address": f"192.0.2.{i + 1}",
-         "state": states[i], "slices": buckets // n, "share": 100 / n, "weight": 100,
-         "last_heard_ms": None if i == 0 else 40 + i, "incarnation": 1000 + i,
-         "is_self": i == 0, "key": "ab" * 8, "mismatch": [],
-         "health": "unhealthy: check, agent" if i == 2 else "ok"} for i in range(n)]
+        {
+            "node_id": f"node{i}",
+            "wire_id": f"{i:08x}",
+            "address": f"192.0.2.{i + 1}",
+            "state": states[i],
+            "slices": buckets // n,
+            "share": 100 / n,
+            "weight": 100,
+            "last_heard_ms": None if i == 0 else 40 + i,
+            "incarnation": 1000 + i,
+            "is_self": i == 0,
+            "key": "ab" * 8,
+            "mismatch": [],
+            "health": "unhealthy: check, agent" if i == 2 else "ok",
+        }
+        for i in range(n)
+    ]
     tally = Tally(slices_gained=buckets // n + 7, slices_released=3, members_lost=1)
     for seconds in (0.0004, 0.0009, 0.006, 0.03):
         tally.applied(seconds)
     return {
-        "node_id": "node0", "wire_id": "00000000", "incarnation": 1000,
-        "address": "192.0.2.1", "view": "0a1b2c3d",
-        "view_members": [r["node_id"] for r in rows], "converged": True, "quorum": True,
-        "quorum_mode": "majority", "lease_remaining_ms": 1250, "slices": buckets // n,
-        "buckets": buckets, "draining": False, "weight": 100, "ready": True,
-        "uptime_s": 12.5, "started_at_unix": 1.8e9, "build": snapshot.build_info(),
-        "counters": {"accepted": 900, "malformed": 1, "forged": 2, "replayed": 3,
-                     "own_echo": 0, "sent": 450, "view_changes": 4, "mismatched": 0,
-                     "foreign_version": 0, "refused": 0, "copies": 5,
-                     "second_process": 0},
-        "events": tally.events(), "members": rows, "problems": [],
+        "node_id": "node0",
+        "wire_id": "00000000",
+        "incarnation": 1000,
+        "address": "192.0.2.1",
+        "view": "0a1b2c3d",
+        "view_members": [r["node_id"] for r in rows],
+        "converged": True,
+        "quorum": True,
+        "quorum_mode": "majority",
+        "lease_remaining_ms": 1250,
+        "slices": buckets // n,
+        "buckets": buckets,
+        "draining": False,
+        "weight": 100,
+        "ready": True,
+        "uptime_s": 12.5,
+        "started_at_unix": 1.8e9,
+        "build": snapshot.build_info(),
+        "counters": {
+            "accepted": 900,
+            "malformed": 1,
+            "forged": 2,
+            "replayed": 3,
+            "own_echo": 0,
+            "sent": 450,
+            "view_changes": 4,
+            "mismatched": 0,
+            "foreign_version": 0,
+            "refused": 0,
+            "copies": 5,
+            "second_process": 0,
+        },
+        "events": tally.events(),
+        "members": rows,
+        "problems": [],
         "keys": {"seals": "ab" * 8, "accepts": ["ab" * 8]},
-        "kernel": {"applies": tally.applies, "mean_apply_ms": 9.3, "last_apply_ms": 30.0,
-                   "max_apply_ms": 30.0, "apply_seconds": tally.histogram(),
-                   "claim_pending": 0, "deadline_checked": True},
+        "kernel": {
+            "applies": tally.applies,
+            "mean_apply_ms": 9.3,
+            "last_apply_ms": 30.0,
+            "max_apply_ms": 30.0,
+            "apply_seconds": tally.histogram(),
+            "claim_pending": 0,
+            "deadline_checked": True,
+        },
         "heartbeat_filter": {"foreign": 6, "badlen": 7, "passed": 950},
         "drain_reasons": [],
-        "health": {"healthy": True, "reasons": [], "serving_anyway": False, "weight": 100,
-                   "checks": [
-                       {"name": "web", "kind": "http", "state": "healthy", "result": "pass",
-                        "reason": "200", "latency_ms": 3.2, "output": "", "since": 0.0,
-                        "passes": 5, "fails": 0, "rise": 2, "fall": 2},
-                       {"name": "eth1", "kind": "interface", "state": "up", "result": None,
-                        "reason": "", "latency_ms": None, "output": "", "since": 0.0},
-                       {"name": "agent", "kind": "agent tcp", "state": "up",
-                        "result": "pass", "reason": "75%", "latency_ms": 1.0, "output": "",
-                        "since": 0.0, "capacity": 75, "weight": 75}]},
+        "health": {
+            "healthy": True,
+            "reasons": [],
+            "serving_anyway": False,
+            "weight": 100,
+            "checks": [
+                {
+                    "name": "web",
+                    "kind": "http",
+                    "state": "healthy",
+                    "result": "pass",
+                    "reason": "200",
+                    "latency_ms": 3.2,
+                    "output": "",
+                    "since": 0.0,
+                    "passes": 5,
+                    "fails": 0,
+                    "rise": 2,
+                    "fall": 2,
+                },
+                {
+                    "name": "eth1",
+                    "kind": "interface",
+                    "state": "up",
+                    "result": None,
+                    "reason": "",
+                    "latency_ms": None,
+                    "output": "",
+                    "since": 0.0,
+                },
+                {
+                    "name": "agent",
+                    "kind": "agent tcp",
+                    "state": "up",
+                    "result": "pass",
+                    "reason": "75%",
+                    "latency_ms": 1.0,
+                    "output": "",
+                    "since": 0.0,
+                    "capacity": 75,
+                    "weight": 75,
+                },
+            ],
+        },
     }
 
 
@@ -122,8 +198,9 @@ def check_naming(families: dict[str, Family]) -> None:
     for name, family in families.items():
         assert name.startswith("lbd_"), name
         assert family.help.strip(), name
-        assert not re.search(r"_(ms|milliseconds|percent|minutes|bytes_total_bytes)(_|$)",
-                             name), f"{name}: use base units"
+        assert not re.search(r"_(ms|milliseconds|percent|minutes|bytes_total_bytes)(_|$)", name), (
+            f"{name}: use base units"
+        )
         assert (family.type == "counter") == name.endswith("_total"), name
         if family.type == "counter":
             for _, labels, value in family.samples:
@@ -133,8 +210,7 @@ def check_naming(families: dict[str, Family]) -> None:
         assert set(labels) == {"node", "address", "state", "is_self"}
 
 
-def test_three_node_snapshot_renders_strictly_and_by_the_rules(
-        three: clustersim.Cluster) -> None:
+def test_three_node_snapshot_renders_strictly_and_by_the_rules(three: clustersim.Cluster) -> None:
     s = sim_snapshot(three, "n0")
     families = parse(metrics.render(s))
     check_naming(families)
@@ -167,13 +243,13 @@ def test_a_failover_shows_in_the_survivors_tallies() -> None:
         families = parse(metrics.render(after))
         assert families["lbd_members_lost_total"].value() == 1
         assert families["lbd_members"].value(state="active") == 2
-        assert families["lbd_member"].value(node="n2", address="n2", state="dead",
-                                            is_self="0") == 1
-        assert (families["lbd_view_changes_total"].value()
-                > before[name]["counters"]["view_changes"])
+        assert families["lbd_member"].value(node="n2", address="n2", state="dead", is_self="0") == 1
+        assert families["lbd_view_changes_total"].value() > before[name]["counters"]["view_changes"]
         assert families["lbd_slices_released_total"].value() == 0
-    gained = sum(sim_snapshot(cluster, n)["events"]["slices_gained"]
-                 - before[n]["events"]["slices_gained"] for n in ("n0", "n1"))
+    gained = sum(
+        sim_snapshot(cluster, n)["events"]["slices_gained"] - before[n]["events"]["slices_gained"]
+        for n in ("n0", "n1")
+    )
     assert gained == before["n2"]["slices"] > 0
 
 
@@ -182,7 +258,8 @@ def test_every_figure_of_a_large_snapshot() -> None:
     families = parse(metrics.render(s))
     check_naming(families)
     expected: list[tuple[str, dict[str, str], float]] = [
-        ("lbd_members", {"state": "active"}, 61), ("lbd_members", {"state": "suspect"}, 1),
+        ("lbd_members", {"state": "active"}, 61),
+        ("lbd_members", {"state": "suspect"}, 1),
         ("lbd_member_healthy", {"node": "node2"}, 0),
         ("lbd_member_unhealthy", {"node": "node2", "reason": "check"}, 1),
         ("lbd_member_unhealthy", {"node": "node2", "reason": "interface"}, 0),
@@ -193,14 +270,17 @@ def test_every_figure_of_a_large_snapshot() -> None:
         ("lbd_check_healthy", {"check": "web", "kind": "http"}, 1),
         ("lbd_check_latency_seconds", {"check": "web", "kind": "http"}, 0.0032),
         ("lbd_interface_up", {"interface": "eth1"}, 1),
-        ("lbd_agent_state", {"state": "up"}, 1), ("lbd_agent_capacity_ratio", {}, 0.75),
+        ("lbd_agent_state", {"state": "up"}, 1),
+        ("lbd_agent_capacity_ratio", {}, 0.75),
     ]
     for name, labels, value in expected:
         assert families[name].value(**labels) == value, (name, labels)
     assert families["lbd_build_info"].value(**snapshot.build_info()) == 1
     hist = families["lbd_kernel_apply_duration_seconds"]
     assert [lab["le"] for _, lab, _ in hist.samples[:-2]] == [
-        *(repr(b) for b in APPLY_BUCKETS), "+Inf"]
+        *(repr(b) for b in APPLY_BUCKETS),
+        "+Inf",
+    ]
     assert hist.value(le="0.001") == 2 and hist.value(le="+Inf") == 4
 
 
@@ -227,8 +307,10 @@ def test_no_lease_and_no_health_render_too() -> None:
 def test_status_text_comes_from_the_same_snapshot() -> None:
     s = synthetic(3)
     text = format_status(s)
-    assert (f"changes     4 view changes; slices gained {s['events']['slices_gained']}, "
-            "released 3; members lost 1") in text.splitlines()
+    assert (
+        f"changes     4 view changes; slices gained {s['events']['slices_gained']}, "
+        "released 3; members lost 1"
+    ) in text.splitlines()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "4 applies" in text
 
@@ -262,8 +344,10 @@ def test_scrape_cost(three: clustersim.Cluster, capsys: pytest.CaptureFixture[st
     big = _cost(lambda: metrics.render(big_snapshot))
     size = len(metrics.render(big_snapshot).encode())
     with capsys.disabled():
-        print(f"\nscrape cost: N=3 take+render {small * 1e3:.3f} ms; "
-              f"N=64 render {big * 1e3:.3f} ms, {size} bytes")
+        print(
+            f"\nscrape cost: N=3 take+render {small * 1e3:.3f} ms; "
+            f"N=64 render {big * 1e3:.3f} ms, {size} bytes"
+        )
     assert small < 0.02 and big < 0.05
 
 
@@ -283,8 +367,9 @@ def test_grafana_dashboard_is_valid_json_on_our_metrics() -> None:
         assert word in titles, word
 
 
-def test_lbd_cli_metrics_prints_the_text_as_is(monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_lbd_cli_metrics_prints_the_text_as_is(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     text = metrics.render(synthetic(3))
     asked: list[dict[str, Any]] = []
 

@@ -40,8 +40,12 @@ class Writer:
         pass
 
 
-def exchange(request: bytes, *, eof: bool = True, server: MetricsServer | None = None,
-             ) -> tuple[int | None, dict[str, str], bytes, Writer]:
+def exchange(
+    request: bytes,
+    *,
+    eof: bool = True,
+    server: MetricsServer | None = None,
+) -> tuple[int | None, dict[str, str], bytes, Writer]:
     """Feed ``request`` to a server's handler: (status, headers, body, writer)."""
     server = server or MetricsServer("127.0.0.1", 0, lambda: BODY)
 
@@ -65,7 +69,8 @@ def exchange(request: bytes, *, eof: bool = True, server: MetricsServer | None =
 
 def test_get_metrics_answers_the_exposition() -> None:
     status, headers, body, writer = exchange(
-        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n", eof=False)
+        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n", eof=False
+    )
     assert status == 200 and writer.closed
     assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert int(headers["Content-Length"]) == len(body)
@@ -108,8 +113,9 @@ def test_a_renderer_bug_is_a_500_not_a_crash() -> None:
     def broken() -> str:
         raise RuntimeError("bug")
 
-    status, _, _, _ = exchange(b"GET /metrics HTTP/1.1\r\n\r\n",
-                               server=MetricsServer("127.0.0.1", 0, broken))
+    status, _, _, _ = exchange(
+        b"GET /metrics HTTP/1.1\r\n\r\n", server=MetricsServer("127.0.0.1", 0, broken)
+    )
     assert status == 500
 
 

@@ -62,15 +62,15 @@ def _labels(text: str, at: int) -> tuple[dict[str, str], int]:
     labels: dict[str, str] = {}
     i = at + 1
     while True:
-        if text[i:i + 1] == "}":
+        if text[i : i + 1] == "}":
             return labels, i + 1
         m = LABEL_NAME.match(text, i)
         if not m:
             raise FormatError(f"bad label name at {i}: {text!r}")
         name = m.group()
         i = m.end()
-        if text[i:i + 2] != '="':
-            raise FormatError(f"label {name} without =\"value\": {text!r}")
+        if text[i : i + 2] != '="':
+            raise FormatError(f'label {name} without ="value": {text!r}')
         i += 2
         value = []
         while True:
@@ -78,7 +78,7 @@ def _labels(text: str, at: int) -> tuple[dict[str, str], int]:
                 raise FormatError(f"unterminated label value: {text!r}")
             ch = text[i]
             if ch == "\\":
-                nxt = text[i + 1:i + 2]
+                nxt = text[i + 1 : i + 2]
                 if nxt not in ESCAPES:
                     raise FormatError(f"bad escape \\{nxt} in label value: {text!r}")
                 value.append(ESCAPES[nxt])
@@ -94,9 +94,9 @@ def _labels(text: str, at: int) -> tuple[dict[str, str], int]:
         if name in labels:
             raise FormatError(f"label {name} twice: {text!r}")
         labels[name] = "".join(value)
-        if text[i:i + 1] == ",":
+        if text[i : i + 1] == ",":
             i += 1
-        elif text[i:i + 1] != "}":
+        elif text[i : i + 1] != "}":
             raise FormatError(f"expected , or }} after label {name}: {text!r}")
 
 
@@ -141,11 +141,11 @@ def parse(text: str) -> dict[str, Family]:
                 raise FormatError(f"bad sample line {line!r}")
             name, i = m.group(), m.end()
             labels: dict[str, str] = {}
-            if line[i:i + 1] == "{":
+            if line[i : i + 1] == "{":
                 labels, i = _labels(line, i)
-            if line[i:i + 1] != " ":
+            if line[i : i + 1] != " ":
                 raise FormatError(f"no space before the value: {line!r}")
-            parts = line[i + 1:].split(" ")
+            parts = line[i + 1 :].split(" ")
             if len(parts) not in (1, 2):
                 raise FormatError(f"bad value part: {line!r}")
             value = _value(parts[0])
@@ -180,10 +180,12 @@ def _check_histogram(family: Family) -> None:
 
 # ------------------------------------------------------------------ the parser's own tests
 
-GOOD = ('# HELP a_total A "counter" with \\\\ and \\n.\n# TYPE a_total counter\n'
-        'a_total{x="q\\"uote",y="back\\\\slash\\nnew"} 3\n'
-        "# HELP h A histogram.\n# TYPE h histogram\n"
-        'h_bucket{le="0.5"} 1\nh_bucket{le="+Inf"} 2\nh_sum 0.75\nh_count 2\n')
+GOOD = (
+    '# HELP a_total A "counter" with \\\\ and \\n.\n# TYPE a_total counter\n'
+    'a_total{x="q\\"uote",y="back\\\\slash\\nnew"} 3\n'
+    "# HELP h A histogram.\n# TYPE h histogram\n"
+    'h_bucket{le="0.5"} 1\nh_bucket{le="+Inf"} 2\nh_sum 0.75\nh_count 2\n'
+)
 
 
 def test_parser_reads_escapes_and_histograms() -> None:

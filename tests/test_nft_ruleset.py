@@ -136,13 +136,16 @@ def test_lease_commands() -> None:
     ]
     # No lease: nothing is live, whatever the deadline.
     assert lease_commands(s, None, 1_000_000_000) == [
-        *lease_commands(s, 750)[:2], "flush chain inet lbd live"]
+        *lease_commands(s, 750)[:2],
+        "flush chain inet lbd live",
+    ]
     # An nft that cannot express the deadline: the relative timeout alone.
     assert lease_commands(s, 750)[-1] == f"add rule inet lbd live {mark}"
 
 
-@pytest.mark.parametrize("deadline_ns", [0, 511, 512, 1_000_000_000, 1_764_410_000_123_456_789,
-                                         (1 << 63) - 1])
+@pytest.mark.parametrize(
+    "deadline_ns", [0, 511, 512, 1_000_000_000, 1_764_410_000_123_456_789, (1 << 63) - 1]
+)
 def test_nft_time_literal_is_what_nft_multiplies_back(deadline_ns: int) -> None:
     """nft computes literal * 10**9 in wrapping 64-bit arithmetic: that must give the
     deadline rounded DOWN to 512 ns, and whole seconds must stay plain seconds."""
@@ -233,8 +236,7 @@ def test_a_big_claim_comes_in_chunks_but_a_release_at_once(fake: FakeNft) -> Non
         NftDataplane(VIPS, 16, 1, claim_chunk=0)
 
 
-def test_an_nft_that_cannot_express_the_deadline_keeps_the_relative_lease(
-        fake: FakeNft) -> None:
+def test_an_nft_that_cannot_express_the_deadline_keeps_the_relative_lease(fake: FakeNft) -> None:
     fake.fail = "meta time"
     dp = NftDataplane(VIPS, 4096, 0x1BD)
     dp.install()

@@ -49,8 +49,9 @@ def test_notifier_without_systemd_is_silent() -> None:
     notifier = Notifier({})
     assert not notifier.send("READY=1")
     assert notifier.watchdog_interval() is None
-    other_pid = Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000",
-                          "WATCHDOG_PID": "1"})
+    other_pid = Notifier(
+        {"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}
+    )
     assert other_pid.watchdog_interval() is None
     assert not other_pid.send("READY=1")  # a vanished socket is never fatal
 
@@ -59,8 +60,7 @@ def test_native_encoding_of_newlines_and_binary() -> None:
     data = encode_journal({"MESSAGE": "two\nlines", "PRIORITY": "6", "RAW": b"\x00\xff"})
     assert data.startswith(b"MESSAGE\n" + (9).to_bytes(8, "little") + b"two\nlines\n")
     assert b"PRIORITY=6\n" in data
-    assert decode_journal(data) == {"MESSAGE": b"two\nlines", "PRIORITY": b"6",
-                                    "RAW": b"\x00\xff"}
+    assert decode_journal(data) == {"MESSAGE": b"two\nlines", "PRIORITY": b"6", "RAW": b"\x00\xff"}
     with pytest.raises(ValueError):
         encode_journal({"bad name": "x"})
     with pytest.raises(ValueError):

@@ -63,9 +63,9 @@ def reference_owners(members: list[tuple[str, int]], buckets: int, seed: int) ->
 
 def assert_identical(members: list[tuple[str, int]], buckets: int, seed: int) -> None:
     ownership.clear_cache()
-    assert np.array_equal(compute_owners(members, buckets, seed), reference_owners(
-        members, buckets, seed
-    ))
+    assert np.array_equal(
+        compute_owners(members, buckets, seed), reference_owners(members, buckets, seed)
+    )
 
 
 def weights_for(
@@ -85,10 +85,17 @@ def clusters(draw: st.DrawFn) -> tuple[list[tuple[str, int]], int, int]:
     few = st.sampled_from([0, 1, 2, 3, 50, 999, 1000])
     weight = few if style == "few" else st.integers(0, MAX_WEIGHT)
     weights = draw(weights_for(style, n, weight))
-    ids = draw(st.lists(st.from_regex(r"[a-z0-9][a-z0-9.-]{0,11}", fullmatch=True),
-                        min_size=n, max_size=n, unique=True))
-    buckets = draw(st.one_of(st.sampled_from([1, 2, 63, 64, 65, 4096, 65536]),
-                             st.integers(1, 65536)))
+    ids = draw(
+        st.lists(
+            st.from_regex(r"[a-z0-9][a-z0-9.-]{0,11}", fullmatch=True),
+            min_size=n,
+            max_size=n,
+            unique=True,
+        )
+    )
+    buckets = draw(
+        st.one_of(st.sampled_from([1, 2, 63, 64, 65, 4096, 65536]), st.integers(1, 65536))
+    )
     seed = draw(st.integers(0, 2**64 - 1))
     return list(zip(ids, weights, strict=True)), buckets, seed
 

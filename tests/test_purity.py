@@ -11,8 +11,20 @@ from pathlib import Path
 
 import pytest
 
-FORBIDDEN = {"socket", "asyncio", "time", "threading", "select", "selectors", "datetime",
-             "subprocess", "signal", "nftables", "pyroute2", "asyncio_dgram"}
+FORBIDDEN = {
+    "socket",
+    "asyncio",
+    "time",
+    "threading",
+    "select",
+    "selectors",
+    "datetime",
+    "subprocess",
+    "signal",
+    "nftables",
+    "pyroute2",
+    "asyncio_dgram",
+}
 PROTOCOL = Path(__file__).resolve().parent.parent / "protocol"
 
 

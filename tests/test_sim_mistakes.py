@@ -53,8 +53,13 @@ def unserved(cluster: Cluster) -> int:
     return sum(1 for nodes in cluster.served().values() if not nodes)
 
 
-def watch(cluster: Cluster, duration: float, *, steps_per_interval: int = 4,
-          each: Callable[[], None] | None = None) -> None:
+def watch(
+    cluster: Cluster,
+    duration: float,
+    *,
+    steps_per_interval: int = 4,
+    each: Callable[[], None] | None = None,
+) -> None:
     """Run for ``duration`` virtual seconds, calling ``each`` a few times per interval."""
     end = cluster.now + duration
     step = cluster.timers.interval / steps_per_interval
@@ -131,7 +136,8 @@ def wrong(config: CoreConfig, what: str) -> CoreConfig:
 @pytest.mark.parametrize("how", ["joins", "restarts"])
 @pytest.mark.parametrize("what", ["buckets", "seed", "timers", "vips", "prefix4"])
 def test_a_node_with_another_parameter_is_never_admitted_and_serves_nothing(
-        what: str, how: str) -> None:
+    what: str, how: str
+) -> None:
     cluster = start(4, seed=31)
     bad = wrong(cluster.config, what)
     assert kernel_mapping(bad) != kernel_mapping(cluster.config) or what in ("timers", "vips")
@@ -163,8 +169,10 @@ def test_a_node_with_another_parameter_is_never_admitted_and_serves_nothing(
         assert all(m.node_id != mistaken for m in core.view), (name, core.view)
         assert core.counters.mismatched > 0
         problems = core.problems(local_now(cluster, name))
-        assert f"node {mistaken} at {mistaken} disagrees on {what}: not admitted (every " \
-            "node must have the same value)" in problems, problems
+        assert (
+            f"node {mistaken} at {mistaken} disagrees on {what}: not admitted (every "
+            "node must have the same value)" in problems
+        ), problems
         if how == "joins":  # a restarted member: see the next test
             rows = {r.node_id: r for r in core.members(local_now(cluster, name))}
             assert rows[mistaken].state == "mismatch" and rows[mistaken].mismatch == (what,)
@@ -215,7 +223,8 @@ def test_two_nodes_with_other_seeds_that_both_serve_violate_s1_per_client() -> N
 @pytest.mark.parametrize("mistake", ["seed", "key"])
 @pytest.mark.parametrize(("nodes", "restarted"), [(2, "n0"), (2, "n1"), (3, "n0")])
 def test_a_mistaken_restart_never_serves_and_the_others_keep_what_they_can(
-        mistake: str, nodes: int, restarted: str) -> None:
+    mistake: str, nodes: int, restarted: str
+) -> None:
     """A member crashes and comes back with one mistake. It never serves: not even the
     smallest ID of a 2-node base, which would otherwise win an exact half alone (its
     base was agreed under other parameters, or it hears its cluster but cannot read
@@ -278,8 +287,10 @@ def test_first_starts_that_hear_only_forged_datagrams_never_claim() -> None:
         core = cluster.nodes[name].core
         assert core is not None and core.held == frozenset() and not core.agreed
         assert core.counters.forged > 0 and core.counters.accepted == 0
-        assert any(f"from {other} that fail authentication" in line
-                   for line in core.problems(local_now(cluster, name)))
+        assert any(
+            f"from {other} that fail authentication" in line
+            for line in core.problems(local_now(cluster, name))
+        )
     # The same key on both: they form the cluster.
     cluster.crash("b")
     cluster.add_node("b", keyring=Keyring(KEY))
@@ -288,26 +299,32 @@ def test_first_starts_that_hear_only_forged_datagrams_never_claim() -> None:
 
 @pytest.mark.parametrize("mistake", ["key", "cluster name"])
 def test_a_newcomer_with_a_wrong_key_or_cluster_name_never_claims_nor_disturbs(
-        mistake: str) -> None:
+    mistake: str,
+) -> None:
     cluster = start(3, seed=35)
-    changes = {name: len(events_of(node, ev.ViewChanged))
-               for name, node in cluster.nodes.items()}
+    changes = {name: len(events_of(node, ev.ViewChanged)) for name, node in cluster.nodes.items()}
     accepted = never_accepts(cluster, "n7")
     if mistake == "key":
         cluster.add_node("n7", keyring=Keyring(WRONG_KEY))
     else:
         cluster.add_node("n7", config=replace(cluster.config, cluster="lbd-typo"))
     gaps: list[float] = []
-    watch(cluster, 6 * FAST.startup_wait,
-          each=lambda: gaps.append(cluster.now) if unserved(cluster) else None)
+    watch(
+        cluster,
+        6 * FAST.startup_wait,
+        each=lambda: gaps.append(cluster.now) if unserved(cluster) else None,
+    )
     assert not accepted and not gaps
-    assert {name: len(events_of(cluster.nodes[name], ev.ViewChanged))
-            for name in changes} == changes
+    assert {
+        name: len(events_of(cluster.nodes[name], ev.ViewChanged)) for name in changes
+    } == changes
     for name in ("n0", "n1", "n2"):  # the good nodes say the same about it
         core = cluster.nodes[name].core
         assert core is not None and core.counters.forged > 0
-        assert any("from n7 that fail authentication" in line
-                   for line in core.problems(local_now(cluster, name)))
+        assert any(
+            "from n7 that fail authentication" in line
+            for line in core.problems(local_now(cluster, name))
+        )
     core = cluster.nodes["n7"].core
     assert core is not None and core.counters.forged > 0 and core.counters.accepted == 0
     # Fixed, it joins.
@@ -332,8 +349,10 @@ def test_bootstrap_expect_three_waits_for_the_third_node(timers: Timers) -> None
     for name in ("n0", "n1"):
         core = cluster.nodes[name].core
         assert core is not None and len(core.view) == 2 and not core.agreed
-        assert any("waiting for bootstrap_expect = 3 members" in line
-                   for line in core.problems(local_now(cluster, name)))
+        assert any(
+            "waiting for bootstrap_expect = 3 members" in line
+            for line in core.problems(local_now(cluster, name))
+        )
         assert cluster.nodes[name].persisted_base[0] == ()
     cluster.add_node("n2")
     settle(cluster, limit=timers.startup_wait + 20 * timers.interval)
@@ -354,8 +373,9 @@ def test_a_bootstrap_race_under_partition_forms_one_cluster(seed: int) -> None:
     for name in names:
         cluster.at(rng.uniform(0, 2 * FAST.startup_wait), partial(cluster.add_node, name))
     claimed: list[float] = []
-    cluster.on_kernel_change = lambda node: claimed.append(cluster.now) if node.accepting(
-        cluster.now) else None
+    cluster.on_kernel_change = lambda node: (
+        claimed.append(cluster.now) if node.accepting(cluster.now) else None
+    )
     cluster.run_until(4 * FAST.startup_wait)
     assert not claimed
     cluster.blocked.clear()
@@ -368,8 +388,9 @@ def test_bootstrap_expect_below_a_majority_can_split_at_first_start() -> None:
     with bootstrap_expect = 2, four first starts split 2/2 form two clusters."""
     cluster = Cluster(37, FAST, config=replace(CONFIG, bootstrap_expect=2))
     names = ["n0", "n1", "n2", "n3"]
-    cluster.blocked |= {(a, b) for a in names for b in names
-                        if (a in ("n0", "n1")) != (b in ("n0", "n1"))}
+    cluster.blocked |= {
+        (a, b) for a in names for b in names if (a in ("n0", "n1")) != (b in ("n0", "n1"))
+    }
     for name in names:
         cluster.add_node(name)
     with pytest.raises(Violation, match="S1 violated"):
@@ -379,8 +400,12 @@ def test_bootstrap_expect_below_a_majority_can_split_at_first_start() -> None:
 # ----------------------------------------------------------------- key rotation
 
 
-def rotate(cluster: Cluster, rng: random.Random, rings: list[Keyring],
-           check: Callable[[], None] | None = None) -> None:
+def rotate(
+    cluster: Cluster,
+    rng: random.Random,
+    rings: list[Keyring],
+    check: Callable[[], None] | None = None,
+) -> None:
     """Each step copied to every node one by one (random order, random delays), the
     next step only once all have it."""
     interval = cluster.timers.interval
@@ -429,7 +454,8 @@ def test_a_three_step_key_rotation_loses_nobody(timers: Timers, seed: int) -> No
 @pytest.mark.parametrize("skipped", [1, 2])
 @pytest.mark.parametrize("seed", range(4))
 def test_a_rotation_that_skips_a_step_may_lose_members_but_never_s1(
-        seed: int, skipped: int) -> None:
+    seed: int, skipped: int
+) -> None:
     """Skipping step 1 (seal with a key peers do not accept yet) or step 2 (drop the
     old key while peers still seal with it) makes nodes deaf to each other for a
     while: views change, S1 (checked on every kernel change) holds, the strangers are
@@ -438,8 +464,9 @@ def test_a_rotation_that_skips_a_step_may_lose_members_but_never_s1(
     rings = [Keyring(KEY, NEW_KEY), Keyring(NEW_KEY, KEY), Keyring(NEW_KEY)]
     del rings[skipped - 1]
     rotate(cluster, random.Random(seed), rings)
-    assert any(node.core is not None and node.core.counters.forged > 0
-               for node in cluster.nodes.values())
+    assert any(
+        node.core is not None and node.core.counters.forged > 0 for node in cluster.nodes.values()
+    )
     settle(cluster)
     assert unserved(cluster) == 0
 
@@ -448,10 +475,10 @@ def test_a_rotation_that_skips_a_step_may_lose_members_but_never_s1(
 
 
 @pytest.mark.parametrize("copy_state", [False, True], ids=["fresh", "copied-state"])
-@pytest.mark.parametrize(("n", "cloned"), [(4, "n2"), (4, "n0"), (3, "n0"), (2, "n0"),
-                                           (2, "n1")])
+@pytest.mark.parametrize(("n", "cloned"), [(4, "n2"), (4, "n0"), (3, "n0"), (2, "n0"), (2, "n1")])
 def test_a_cloned_node_id_serves_nothing_while_both_speak(
-        n: int, cloned: str, copy_state: bool) -> None:
+    n: int, cloned: str, copy_state: bool
+) -> None:
     """The clone (the newer process) hears the live original: it stops speaking and
     stays out until restarted, so one ID never has two votes. The original drains
     while it hears the clone, then takes an incarnation above the clone's and its
@@ -460,8 +487,9 @@ def test_a_cloned_node_id_serves_nothing_while_both_speak(
     cluster = start(n, seed=60 + n)
     original = cluster.nodes[cloned]
     twin = f"{cloned}~clone"
-    cluster.add_node(twin, node_id=cloned,
-                     base=original.persisted_base if copy_state else ((), 0, None))
+    cluster.add_node(
+        twin, node_id=cloned, base=original.persisted_base if copy_state else ((), 0, None)
+    )
     held: list[tuple[float, str]] = []
 
     def check() -> None:
@@ -472,10 +500,13 @@ def test_a_cloned_node_id_serves_nothing_while_both_speak(
     assert not held, held[:3]
     clone = cluster.nodes[twin].core
     assert clone is not None and clone.advertised_draining
-    assert any(r.is_self and r.state == "duplicate-id"
-               for r in clone.members(local_now(cluster, twin)))
-    assert any(f"node ID {cloned} is also used by the process at" in line
-               and "until restarted" in line for line in clone.problems(local_now(cluster, twin)))
+    assert any(
+        r.is_self and r.state == "duplicate-id" for r in clone.members(local_now(cluster, twin))
+    )
+    assert any(
+        f"node ID {cloned} is also used by the process at" in line and "until restarted" in line
+        for line in clone.problems(local_now(cluster, twin))
+    )
     core = original.core
     assert core is not None and core.incarnation > clone.incarnation  # it took a new one
     if (n, cloned) != (2, "n0"):
@@ -504,12 +535,35 @@ def test_a_clone_beside_an_original_that_cannot_hear_never_overlaps_it(how: str)
 
 
 ONCE_FAILING: list[tuple[int, str]] = [
-    (46, "fast"), (50, "fast"), (115, "fast"), (160, "fast"), (246, "fast"), (272, "fast"),
-    (415, "fast"), (493, "fast"), (620, "fast"), (630, "fast"), (754, "fast"),
-    (759, "fast"), (833, "fast"), (1093, "fast"), (1119, "fast"), (1160, "fast"),
-    (1316, "fast"), (25, "default"), (46, "default"), (50, "default"), (107, "default"),
-    (160, "default"), (246, "default"), (272, "default"), (300, "default"),
-    (325, "default"), (389, "default"), (415, "default"), (493, "default"),
+    (46, "fast"),
+    (50, "fast"),
+    (115, "fast"),
+    (160, "fast"),
+    (246, "fast"),
+    (272, "fast"),
+    (415, "fast"),
+    (493, "fast"),
+    (620, "fast"),
+    (630, "fast"),
+    (754, "fast"),
+    (759, "fast"),
+    (833, "fast"),
+    (1093, "fast"),
+    (1119, "fast"),
+    (1160, "fast"),
+    (1316, "fast"),
+    (25, "default"),
+    (46, "default"),
+    (50, "default"),
+    (107, "default"),
+    (160, "default"),
+    (246, "default"),
+    (272, "default"),
+    (300, "default"),
+    (325, "default"),
+    (389, "default"),
+    (415, "default"),
+    (493, "default"),
     (506, "default"),
 ]
 """Seeds that broke S1 through a clone before the core refused a second process
@@ -545,5 +599,4 @@ def test_random_schedules_with_mistakes() -> None:
 
 @pytest.mark.parametrize(("seed", "profile"), ONCE_FAILING)
 def test_once_failing_seeds_now_hold(seed: int, profile: str) -> None:
-    run_random_schedule(seed, FAST_TIMERS if profile == "fast" else DEFAULT_TIMERS,
-                        mistakes=True)
+    run_random_schedule(seed, FAST_TIMERS if profile == "fast" else DEFAULT_TIMERS, mistakes=True)

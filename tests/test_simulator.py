@@ -40,8 +40,13 @@ FAST = FAST_TIMERS
 SCHEDULES = int(os.environ.get("LBD_SIM_SCHEDULES", "2000"))
 
 
-def start(n: int, seed: int = 1, timers: Timers = FAST, buckets: int = 256,
-          config: CoreConfig | None = None) -> Cluster:
+def start(
+    n: int,
+    seed: int = 1,
+    timers: Timers = FAST,
+    buckets: int = 256,
+    config: CoreConfig | None = None,
+) -> Cluster:
     return clustersim.start(n, seed, timers, buckets=buckets, config=config)
 
 
@@ -102,15 +107,16 @@ def test_heartbeats_travel_as_one_wave_per_interval() -> None:
     # A settled follower reads just after the pacer's heartbeat is due.
     late = cluster.delay[1] + (QUIET_SLACK + cluster.skew) * DEFAULT_TIMERS.interval
     followers = [(t, n) for t, n in sends if n != "n0"]
-    in_wave = sum(1 for t, _ in followers
-                  if any(0 <= t - p <= late for p in pacer_times))
+    in_wave = sum(1 for t, _ in followers if any(0 <= t - p <= late for p in pacer_times))
     assert in_wave >= 0.95 * len(followers), (in_wave, len(followers))
 
 
-@pytest.mark.parametrize(("timers", "every"), [(DEFAULT_TIMERS, 3), (FAST_TIMERS, 2)],
-                         ids=["default", "fast"])
+@pytest.mark.parametrize(
+    ("timers", "every"), [(DEFAULT_TIMERS, 3), (FAST_TIMERS, 2)], ids=["default", "fast"]
+)
 def test_settled_nodes_renew_the_kernel_lease_every_few_heartbeats(
-        timers: Timers, every: int) -> None:
+    timers: Timers, every: int
+) -> None:
     """A kernel transaction is the dearest thing a settled node does: the lease is
     renewed every few heartbeats, never lapses, and keeps a quarter lease in hand."""
     cluster = start(4, seed=5, timers=timers)
@@ -143,8 +149,9 @@ def test_settled_nodes_read_late_but_time_silence_from_arrival() -> None:
     read; once something changes, everyone reads each datagram as it comes."""
     timers = DEFAULT_TIMERS
     cluster = start(4, seed=7, timers=timers)
-    assert all(n.core is not None and n.core.quiet_until() is not None
-               for n in cluster.nodes.values())
+    assert all(
+        n.core is not None and n.core.quiet_until() is not None for n in cluster.nodes.values()
+    )
     sent: list[float] = []
     multicast = cluster._multicast
 
@@ -169,8 +176,11 @@ def test_settled_nodes_read_late_but_time_silence_from_arrival() -> None:
     slack = cluster.delay[1] + cluster.skew * timers.dead_after + 1e-3
     for name in ("n0", "n1", "n3"):
         node = cluster.nodes[name]
-        deaths = [t for t, e in node.events
-                  if t > crashed_at and isinstance(e, ev.MemberDead) and e.node_id == "n2"]
+        deaths = [
+            t
+            for t, e in node.events
+            if t > crashed_at and isinstance(e, ev.MemberDead) and e.node_id == "n2"
+        ]
         assert deaths, name
         # Read a whole interval late, the verdict would come up to an interval later.
         assert deaths[0] - sent[-1] <= timers.dead_after + slack, (name, deaths[0] - sent[-1])
@@ -178,8 +188,7 @@ def test_settled_nodes_read_late_but_time_silence_from_arrival() -> None:
         changing = [q for t, n, q in quiet if n == name and deaths[0] <= t < agreed]
         assert changing and all(q is None for q in changing), name
     settle(cluster)
-    assert all(n.core is not None and n.core.quiet_until() is not None
-               for n in cluster.live())
+    assert all(n.core is not None and n.core.quiet_until() is not None for n in cluster.live())
 
 
 @pytest.mark.parametrize("timers", [DEFAULT_TIMERS, FAST_TIMERS], ids=["default", "fast"])
@@ -221,8 +230,7 @@ def test_hang_expires_lease_and_resumed_node_never_reclaims_blindly() -> None:
 def test_symmetric_partition_only_majority_serves(minority: list[str]) -> None:
     cluster = start(5, seed=4)
     names = list(cluster.nodes)
-    cluster.blocked |= {(a, b) for a in names for b in names
-                        if (a in minority) != (b in minority)}
+    cluster.blocked |= {(a, b) for a in names for b in names if (a in minority) != (b in minority)}
     cluster.run_until(cluster.now + 4 * FAST.dead_after)
     for name in minority:
         assert cluster.nodes[name].accepting(cluster.now) == frozenset()
@@ -313,11 +321,13 @@ def test_graceful_leave_hands_over_without_gap_growth() -> None:
     settle(cluster)
     after = owners_now(cluster)
     assert {b for b in before if before[b] != after[b]} == {
-        b for b, o in before.items() if o == "n1"}
+        b for b, o in before.items() if o == "n1"
+    }
     # the leave was acknowledged by absorption, not by timeout
     assert any(isinstance(e, ev.LeftCluster) for _, e in leaver.events)
-    assert not any(isinstance(e, ev.MemberDead) for n in cluster.nodes.values()
-                   for _, e in n.events)
+    assert not any(
+        isinstance(e, ev.MemberDead) for n in cluster.nodes.values() for _, e in n.events
+    )
 
 
 def test_two_node_cluster_survives_graceful_leave_of_either() -> None:
@@ -381,8 +391,9 @@ def test_rolling_restart_and_restart_all() -> None:
 def test_quorum_none_keeps_serving_alone_and_documents_the_trade() -> None:
     config = CoreConfig(buckets=256, quorum=QuorumMode.NONE)
     cluster = start(3, seed=15, config=config)
-    cluster.blocked |= {(a, b) for a in cluster.nodes for b in cluster.nodes
-                        if a != b and "n0" in (a, b)}
+    cluster.blocked |= {
+        (a, b) for a in cluster.nodes for b in cluster.nodes if a != b and "n0" in (a, b)
+    }
     with pytest.raises(Violation):
         # both sides of the partition serve n0's... and then each other's slices
         cluster.run_until(cluster.now + 4 * FAST.dead_after)
@@ -445,10 +456,11 @@ def test_nodes_with_disjoint_vips_never_share_a_client() -> None:
     config = CoreConfig(buckets=64, shared=(("vips", "192.0.2.100/32"),))
     cluster = Cluster(20, FAST, config=config)
     a = cluster.add_node("a")
-    b = cluster.add_node("b", config=replace(cluster.config,
-                                             shared=(("vips", "192.0.2.101/32"),)))
-    c = cluster.add_node("c", config=replace(cluster.config, seed=9, shared=(
-        ("vips", "192.0.2.101/32,192.0.2.100/32"),)))
+    b = cluster.add_node("b", config=replace(cluster.config, shared=(("vips", "192.0.2.101/32"),)))
+    c = cluster.add_node(
+        "c",
+        config=replace(cluster.config, seed=9, shared=(("vips", "192.0.2.101/32,192.0.2.100/32"),)),
+    )
     _accept(cluster, a, set(range(64)))
     _accept(cluster, b, set(range(64)))
     with pytest.raises(Violation, match="c and a both accept"):
@@ -504,8 +516,9 @@ def test_a_slow_base_write_holds_every_later_action_of_its_node() -> None:
         multicast(sender, data)
 
     def sampled() -> None:
-        held.extend(n.name for n in cluster.nodes.values()
-                    if n.driver is not None and n.driver.persisting)
+        held.extend(
+            n.name for n in cluster.nodes.values() if n.driver is not None and n.driver.persisting
+        )
         cluster.at(cluster.now + FAST.interval / 7, sampled)
 
     cluster._apply = checked_apply  # type: ignore[method-assign]
@@ -550,8 +563,9 @@ def test_random_schedules_with_a_slow_disk() -> None:
     failures = []
     for seed in range(SCHEDULES // 20):
         try:
-            run_random_schedule(20_000 + seed, FAST, persist_delay=SLOW_DISK,
-                                mistakes=seed % 4 == 0)
+            run_random_schedule(
+                20_000 + seed, FAST, persist_delay=SLOW_DISK, mistakes=seed % 4 == 0
+            )
         except Violation as violation:
             failures.append(str(violation))
     assert not failures, "\n".join(failures[:10])
@@ -562,7 +576,8 @@ SLOW_TABLES = (0.0, FAST.interval)
 
 
 def test_a_view_waits_for_its_table_and_failover_still_completes(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """With tables built away from the step, a node takes a new view only once its
     table is back (no core builds one of several members itself): the survivors of
     a crash take the dead node's slices anyway, later by at most the build."""
@@ -611,9 +626,13 @@ def test_random_schedules_with_tables_built_elsewhere() -> None:
     failures = []
     for seed in range(SCHEDULES // 20):
         try:
-            run_random_schedule(21_000 + seed, FAST, table_delay=SLOW_TABLES,
-                                persist_delay=SLOW_DISK if seed % 2 else (0.0, 0.0),
-                                mistakes=seed % 4 == 0)
+            run_random_schedule(
+                21_000 + seed,
+                FAST,
+                table_delay=SLOW_TABLES,
+                persist_delay=SLOW_DISK if seed % 2 else (0.0, 0.0),
+                mistakes=seed % 4 == 0,
+            )
         except Violation as violation:
             failures.append(str(violation))
     assert not failures, "\n".join(failures[:10])

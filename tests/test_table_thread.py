@@ -42,7 +42,8 @@ def request(*names: str) -> ev.BuildTable:
 
 
 def test_tables_are_built_off_the_loop_and_only_the_newest_waits(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     builders: list[int] = []
     release = threading.Event()
 
@@ -65,8 +66,7 @@ def test_tables_are_built_off_the_loop_and_only_the_newest_waits(
         return shell, threading.get_ident()
 
     shell, loop_thread = asyncio.run(scenario())
-    assert [w for w, _ in shell.handed] == [request("a", "b").weights,
-                                            request("a", "c").weights]
+    assert [w for w, _ in shell.handed] == [request("a", "b").weights, request("a", "c").weights]
     assert len(builders) == 2 and loop_thread not in builders
     assert all(thread == loop_thread for _, thread in shell.handed)
     assert shell.stepped == 2

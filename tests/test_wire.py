@@ -116,8 +116,9 @@ def mixed_heartbeat() -> Heartbeat:
     sender = wire_id("alpha.example")
     outside = wire_id("gone.example")
     view_ids = sorted([sender, wire_id("beta.example"), "b", "node-1", "DEADBEEF"])
-    view = tuple(Member(node_id, 1_732_000_000_000 + i, 10 * i, i == 2)
-                 for i, node_id in enumerate(view_ids))
+    view = tuple(
+        Member(node_id, 1_732_000_000_000 + i, 10 * i, i == 2) for i, node_id in enumerate(view_ids)
+    )
     return Heartbeat(
         sender, 1_732_000_000_000, 7, 100, False, view, tuple(range(5, 10)), True, 12,
         epoch=9, base=tuple(sorted([sender, "b", outside, "old-node"])), params=ALL_PARAMS,
@@ -136,9 +137,11 @@ def doc_id(node_id: str) -> bytes:
 
 def doc_view(view: tuple[Member, ...]) -> bytes:
     return b"".join(
-        doc_id(m.node_id) + m.incarnation.to_bytes(6, "big")
+        doc_id(m.node_id)
+        + m.incarnation.to_bytes(6, "big")
         + (m.weight | (0x8000 if m.draining else 0)).to_bytes(2, "big")
-        for m in view)
+        for m in view
+    )
 
 
 def doc_acks(acks: tuple[int, ...]) -> bytes:
@@ -157,9 +160,23 @@ def doc_body(message: Message) -> list[Any]:
     if isinstance(message, Leave):
         return [2, message.sender, message.incarnation, message.seq]
     m = message
-    return [1, m.sender, m.incarnation, m.seq, m.weight, m.draining, doc_view(m.view),
-            doc_acks(m.acks), m.agreed, m.held, m.epoch, doc_base(m.base, m.view), m.params,
-            m.name, m.health]
+    return [
+        1,
+        m.sender,
+        m.incarnation,
+        m.seq,
+        m.weight,
+        m.draining,
+        doc_view(m.view),
+        doc_acks(m.acks),
+        m.agreed,
+        m.held,
+        m.epoch,
+        doc_base(m.base, m.view),
+        m.params,
+        m.name,
+        m.health,
+    ]
 
 
 def seal_body(
@@ -205,13 +222,15 @@ def body_as_lists(message: Message) -> list[Any]:
     body = doc_body(message)
     if isinstance(message, Heartbeat):
         view = message.view
-        body[VIEW] = Blob(Blob([split_id(m.node_id), doc_view((m,))[-8:-2], doc_view((m,))[-2:]])
-                          for m in view)
+        body[VIEW] = Blob(
+            Blob([split_id(m.node_id), doc_view((m,))[-8:-2], doc_view((m,))[-2:]]) for m in view
+        )
         body[ACKS] = Blob(ack.to_bytes(5, "big") for ack in message.acks)
         in_view = {m.node_id for m in view}
         bitmap = doc_base(message.base, view)[: -(-len(view) // 8)]
-        body[BASE] = Blob([bitmap, *(split_id(node_id) for node_id in message.base
-                                     if node_id not in in_view)])
+        body[BASE] = Blob(
+            [bitmap, *(split_id(node_id) for node_id in message.base if node_id not in in_view)]
+        )
     return body
 
 
@@ -289,11 +308,46 @@ leaves = st.builds(Leave, sender=any_ids, incarnation=incarnations, seq=seqs)
 
 # Values at and just past every limit the validation enforces.
 BOUNDARY_VALUES: list[Any] = [
-    0, 1, 2, 3, -1, MAX_WEIGHT, MAX_WEIGHT + 1, MAX_HELD, MAX_HELD + 1, MAX_SEQ, MAX_SEQ + 1,
-    MAX_INCARNATION, MAX_INCARNATION + 1, MAX_COUNTER, MAX_COUNTER + 1, 2**64 - 1, -(2**63),
-    True, False, None, 1.0, float("nan"), "", "a", "node-000", "node-001", "-bad", "x" * 64,
-    "x" * 65, "é", wire_id("a"), b"", b"node-000", bytes(4), bytes(44), [], {}, [[]],
-    msgpack.ExtType(0, b""), msgpack.ExtType(5, b"x"),
+    0,
+    1,
+    2,
+    3,
+    -1,
+    MAX_WEIGHT,
+    MAX_WEIGHT + 1,
+    MAX_HELD,
+    MAX_HELD + 1,
+    MAX_SEQ,
+    MAX_SEQ + 1,
+    MAX_INCARNATION,
+    MAX_INCARNATION + 1,
+    MAX_COUNTER,
+    MAX_COUNTER + 1,
+    2**64 - 1,
+    -(2**63),
+    True,
+    False,
+    None,
+    1.0,
+    float("nan"),
+    "",
+    "a",
+    "node-000",
+    "node-001",
+    "-bad",
+    "x" * 64,
+    "x" * 65,
+    "é",
+    wire_id("a"),
+    b"",
+    b"node-000",
+    bytes(4),
+    bytes(44),
+    [],
+    {},
+    [[]],
+    msgpack.ExtType(0, b""),
+    msgpack.ExtType(5, b"x"),
 ]
 msgpack_scalars = (
     st.sampled_from(BOUNDARY_VALUES)
@@ -305,17 +359,41 @@ msgpack_scalars = (
 )
 msgpack_values = st.recursive(
     msgpack_scalars,
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=2) | st.integers(0, 9), children, max_size=2),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.text(max_size=2) | st.integers(0, 9), children, max_size=2)
+    ),
     max_leaves=5,
 )
 # Pieces at and just past the limits of the binary fields.
 BOUNDARY_PIECES: list[bytes] = [
-    b"", b"\x00", b"\x01", b"\x04", b"\x08", b"\x40", b"\x41", b"\x80", b"\xff",
-    bytes(4), b"\xff" * 4, bytes(5), b"\xff" * 5, b"\xff" * 6, MAX_INCARNATION.to_bytes(6, "big"),
-    MAX_WEIGHT.to_bytes(2, "big"), (MAX_WEIGHT + 1).to_bytes(2, "big"),
-    (0x8000 | MAX_WEIGHT).to_bytes(2, "big"), b"\x7f\xff", b"\x01a", b"\x01b", b"\x01-",
-    b"\x01\xe9", b"\x08deadbeef", b"\x08DEADBEEF", b"\x00\xde\xad\xbe\xef", b"\x40" + b"x" * 64,
+    b"",
+    b"\x00",
+    b"\x01",
+    b"\x04",
+    b"\x08",
+    b"\x40",
+    b"\x41",
+    b"\x80",
+    b"\xff",
+    bytes(4),
+    b"\xff" * 4,
+    bytes(5),
+    b"\xff" * 5,
+    b"\xff" * 6,
+    MAX_INCARNATION.to_bytes(6, "big"),
+    MAX_WEIGHT.to_bytes(2, "big"),
+    (MAX_WEIGHT + 1).to_bytes(2, "big"),
+    (0x8000 | MAX_WEIGHT).to_bytes(2, "big"),
+    b"\x7f\xff",
+    b"\x01a",
+    b"\x01b",
+    b"\x01-",
+    b"\x01\xe9",
+    b"\x08deadbeef",
+    b"\x08DEADBEEF",
+    b"\x00\xde\xad\xbe\xef",
+    b"\x40" + b"x" * 64,
 ]
 pieces = st.sampled_from(BOUNDARY_PIECES) | st.binary(max_size=9)
 
@@ -445,8 +523,9 @@ def test_wire_ids_and_short_names_mix() -> None:
     assert b"\x01b" in view and b"\x06node-1" in view and b"\x08DEADBEEF" in view
     # A node named after a wire ID is just a name: its own wire ID is another.
     named = wire_id(message.sender)
-    own = Heartbeat(named, 1, 1, 1, False, (Member(named, 1, 1, False),), (0,), True, 0,
-                    name=message.sender)
+    own = Heartbeat(
+        named, 1, 1, 1, False, (Member(named, 1, 1, False),), (0,), True, 0, name=message.sender
+    )
     assert codec.open(codec.seal(own)) == own
 
 
@@ -501,8 +580,20 @@ def test_binary_fields_byte_by_byte() -> None:
     view = (Member("a", 1, 5, True), Member(hexid, 2**40 + 2, MAX_WEIGHT, False))
     if hexid < "a":
         view = view[::-1]
-    message = Heartbeat("a", 3, 4, 5, False, view, (1, 2**32), True, 6, epoch=7,
-                        base=tuple(sorted(("a", "b", hexid))), name="")
+    message = Heartbeat(
+        "a",
+        3,
+        4,
+        5,
+        False,
+        view,
+        (1, 2**32),
+        True,
+        6,
+        epoch=7,
+        base=tuple(sorted(("a", "b", hexid))),
+        name="",
+    )
     body = wirebody.body_of(message)
     a = b"\x01a" + b"\x00\x00\x00\x00\x00\x01" + b"\x80\x05"
     x = b"\x00" + bytes.fromhex(hexid) + b"\x01\x00\x00\x00\x00\x02" + b"\x03\xe8"
@@ -518,8 +609,19 @@ def test_binary_fields_byte_by_byte() -> None:
 
 def test_unsorted_or_duplicate_base_is_refused() -> None:
     codec = make_codec()
-    good = Heartbeat("a", 1, 1, 1, False, (Member("a", 1, 1, False),), (0,), True, 0,
-                     epoch=3, base=("a", "b", "c"))
+    good = Heartbeat(
+        "a",
+        1,
+        1,
+        1,
+        False,
+        (Member("a", 1, 1, False),),
+        (0,),
+        True,
+        0,
+        epoch=3,
+        base=("a", "b", "c"),
+    )
     assert codec.open(codec.seal(good)) == good
     body = doc_body(good)
     assert body[BASE] == b"\x80\x01b\x01c"
@@ -534,8 +636,18 @@ def test_unsorted_or_duplicate_base_is_refused() -> None:
 
 
 def test_a_base_member_in_the_view_must_be_in_the_bitmap() -> None:
-    good = Heartbeat("a", 1, 1, 1, False, (Member("a", 1, 1, False), Member("b", 1, 1, False)),
-                     (0, 0), True, 0, base=("a", "b"))
+    good = Heartbeat(
+        "a",
+        1,
+        1,
+        1,
+        False,
+        (Member("a", 1, 1, False), Member("b", 1, 1, False)),
+        (0, 0),
+        True,
+        0,
+        base=("a", "b"),
+    )
     body = doc_body(good)
     assert body[BASE] == b"\xc0"
     body[BASE] = b"\x80\x01b"  # "b" listed as if it were not in the view
@@ -545,8 +657,18 @@ def test_a_base_member_in_the_view_must_be_in_the_bitmap() -> None:
 
 @pytest.mark.parametrize("padding", [0x01, 0x20, 0x3F])
 def test_a_bitmap_bit_past_the_view_is_refused(padding: int) -> None:
-    good = Heartbeat("a", 1, 1, 1, False, (Member("a", 1, 1, False), Member("b", 1, 1, False)),
-                     (0, 0), True, 0, base=("a",))
+    good = Heartbeat(
+        "a",
+        1,
+        1,
+        1,
+        False,
+        (Member("a", 1, 1, False), Member("b", 1, 1, False)),
+        (0, 0),
+        True,
+        0,
+        base=("a",),
+    )
     body = doc_body(good)
     assert body[BASE] == b"\x80"
     body[BASE] = bytes([0x80 | padding])
@@ -560,8 +682,9 @@ def test_a_bitmap_bit_past_the_view_is_refused(padding: int) -> None:
 @pytest.mark.parametrize("field", [VIEW, BASE])
 def test_an_8_hex_id_must_travel_in_4_bytes(field: int) -> None:
     hexid = wire_id("a")
-    good = Heartbeat(hexid, 1, 1, 1, False, (Member(hexid, 1, 1, False),), (0,), True, 0,
-                     base=(wire_id("b"),))
+    good = Heartbeat(
+        hexid, 1, 1, 1, False, (Member(hexid, 1, 1, False),), (0,), True, 0, base=(wire_id("b"),)
+    )
     body = doc_body(good)
     node_id = hexid if field == VIEW else wire_id("b")
     assert body[VIEW] == b"\x00" + bytes.fromhex(hexid) + bytes(5) + b"\x01" + b"\x00\x01"
@@ -600,12 +723,17 @@ def test_bad_id_encodings_are_refused(encoded: bytes, problem: str) -> None:
 def test_the_name_must_be_what_the_sender_id_is_made_of() -> None:
     codec = make_codec()
     sender = wire_id("web-1")
-    good = Heartbeat(sender, 1, 1, 1, False, (Member(sender, 1, 1, False),), (0,), True, 0,
-                     name="web-1")
+    good = Heartbeat(
+        sender, 1, 1, 1, False, (Member(sender, 1, 1, False),), (0,), True, 0, name="web-1"
+    )
     assert codec.open(codec.seal(good)) == good
-    for name, problem in (("web-2", "wire id of the name"), ("-web", "invalid node id"),
-                          ("w" * 65, "malformed"), (b"web-1", "name must be a string"),
-                          (None, "name must be a string")):
+    for name, problem in (
+        ("web-2", "wire id of the name"),
+        ("-web", "invalid node id"),
+        ("w" * 65, "malformed"),
+        (b"web-1", "name must be a string"),
+        (None, "name must be a string"),
+    ):
         body = doc_body(good)
         body[13] = name
         with pytest.raises(DecodeError, match=problem):
@@ -620,8 +748,21 @@ def test_the_name_must_be_what_the_sender_id_is_made_of() -> None:
 def test_a_body_of_an_old_layout_is_refused() -> None:
     """Version 2 was never released with its first layout, and version 3 added the
     health field: a body of either older layout is not read."""
-    old = [1, "a", 1, 1, 1, False, msgpack.packb([["a", 1, 1, False]]), [0], True, 0, 0,
-           msgpack.packb([]), bytes(4)]
+    old = [
+        1,
+        "a",
+        1,
+        1,
+        1,
+        False,
+        msgpack.packb([["a", 1, 1, False]]),
+        [0],
+        True,
+        0,
+        0,
+        msgpack.packb([]),
+        bytes(4),
+    ]
     with pytest.raises(DecodeError, match="15 fields"):
         decode(old)
     with pytest.raises(DecodeError):
@@ -655,8 +796,18 @@ def limit_heartbeat(**changes: Any) -> Heartbeat:
         (lambda v: limit_heartbeat(weight=v), 0, MAX_WEIGHT),
         (lambda v: limit_heartbeat(member=Member("a", 1, v, True)), 0, MAX_WEIGHT),
     ],
-    ids=["incarnation", "member-incarnation", "leave-incarnation", "seq", "leave-seq", "ack",
-         "epoch", "held", "weight", "member-weight"],
+    ids=[
+        "incarnation",
+        "member-incarnation",
+        "leave-incarnation",
+        "seq",
+        "leave-seq",
+        "ack",
+        "epoch",
+        "held",
+        "weight",
+        "member-weight",
+    ],
 )
 def test_limits_are_accepted_and_one_past_them_refused(
     make: Callable[[int], Message], smallest: int, largest: int
@@ -702,8 +853,10 @@ def test_a_member_weight_past_the_limit_is_refused() -> None:
 def test_acks_of_any_count_round_trip(count: int) -> None:
     """Few acks and many are decoded two ways (see wirebins.unpack_acks): both as documented."""
     values = (0, MAX_SEQ, 1, 2**32, 2**39, 255, 2**40 - 256)
-    acks = tuple(values[i % len(values)] ^ (i if values[i % len(values)] < 2**39 else 0)
-                 for i in range(count))
+    acks = tuple(
+        values[i % len(values)] ^ (i if values[i % len(values)] < 2**39 else 0)
+        for i in range(count)
+    )
     packed = wirebins.pack_acks(acks)
     assert packed == doc_acks(acks) and wirebins.unpack_acks(packed, count) == acks
 
@@ -744,8 +897,19 @@ def test_view_and_base_sizes_are_limited() -> None:
 
 @pytest.mark.parametrize(
     ("in_view", "base"),
-    [(64, "view"), (64, "all"), (1, "outside"), (1, "all"), (1, "view"), (32, "all"),
-     (32, "outside"), (32, "view"), (48, "all"), (17, "outside"), (63, "all")],
+    [
+        (64, "view"),
+        (64, "all"),
+        (1, "outside"),
+        (1, "all"),
+        (1, "view"),
+        (32, "all"),
+        (32, "outside"),
+        (32, "view"),
+        (48, "all"),
+        (17, "outside"),
+        (63, "all"),
+    ],
 )
 def test_a_heartbeat_of_64_nodes_fits_one_frame(in_view: int, base: str) -> None:
     """Every field at its widest, 64 distinct nodes however split between the view
@@ -784,8 +948,13 @@ def test_the_size_bound_grows_past_one_frame_beyond_64_nodes() -> None:
     assert len(make_codec().seal(worst_case_heartbeat(256, 256, "all"))) == bounds[256]
     assert heartbeat_size_bound(64, name_len=0) == bounds[64] - 65
     assert heartbeat_size_bound(64, params_len=4) == bounds[64] - 40
-    for bad in ({"members": 0}, {"members": 2 * MAX_NODES + 1}, {"members": 64, "name_len": 65},
-                {"members": 64, "params_len": 3}, {"members": 64, "params_len": 4 * 65}):
+    for bad in (
+        {"members": 0},
+        {"members": 2 * MAX_NODES + 1},
+        {"members": 64, "name_len": 65},
+        {"members": 64, "params_len": 3},
+        {"members": 64, "params_len": 4 * 65},
+    ):
         with pytest.raises(ValueError):
             heartbeat_size_bound(**bad)
 
@@ -799,10 +968,12 @@ def test_a_view_seen_before_is_still_checked_exactly() -> None:
     that lacks the sender too."""
     codec = make_codec()
     hexid = wire_id("a")
-    view = tuple(sorted((Member(hexid, 1, 1, False), Member("b", 1, 1, True)),
-                        key=lambda m: m.node_id))
-    good = Heartbeat(hexid, 1, 1, 1, False, view, (0, 0), True, 0, epoch=3, base=(hexid, "b"),
-                     name="a")
+    view = tuple(
+        sorted((Member(hexid, 1, 1, False), Member("b", 1, 1, True)), key=lambda m: m.node_id)
+    )
+    good = Heartbeat(
+        hexid, 1, 1, 1, False, view, (0, 0), True, 0, epoch=3, base=(hexid, "b"), name="a"
+    )
     assert codec.open(codec.seal(good)) == good
     opened, again = codec.open(codec.seal(good)), codec.open(codec.seal(good))
     assert isinstance(opened, Heartbeat) and isinstance(again, Heartbeat)
@@ -820,6 +991,7 @@ def test_a_view_seen_before_is_still_checked_exactly() -> None:
 
 def test_a_base_is_remembered_with_its_view() -> None:
     """The same base bytes mean another base under another view, or nothing."""
+
     def body_with(view_ids: tuple[str, ...], base: bytes) -> list[Any]:
         members = tuple(Member(node_id, 1, 1, False) for node_id in view_ids)
         body = doc_body(Heartbeat("a", 1, 1, 1, False, members, (0,) * len(members), True, 0))
@@ -881,10 +1053,31 @@ def test_the_sealing_memo_goes_by_identity_not_equality() -> None:
 
 @pytest.mark.parametrize(
     ("index", "value"),
-    [(1, b"a"), (2, True), (2, 1.0), (3, True), (3, 1.0), (4, True), (4, 1.0), (5, 0),
-     (5, None), (6, "a"), (6, [["a", 1, 1, False]]), (7, [0]), (7, "\x00" * 5), (8, 1),
-     (9, False), (9, 0.0), (10, True), (11, []), (11, "\x80"), (12, "\x00" * 4), (12, [0]),
-     (13, None), (13, b"")],
+    [
+        (1, b"a"),
+        (2, True),
+        (2, 1.0),
+        (3, True),
+        (3, 1.0),
+        (4, True),
+        (4, 1.0),
+        (5, 0),
+        (5, None),
+        (6, "a"),
+        (6, [["a", 1, 1, False]]),
+        (7, [0]),
+        (7, "\x00" * 5),
+        (8, 1),
+        (9, False),
+        (9, 0.0),
+        (10, True),
+        (11, []),
+        (11, "\x80"),
+        (12, "\x00" * 4),
+        (12, [0]),
+        (13, None),
+        (13, b""),
+    ],
 )
 def test_fields_of_an_equal_value_but_another_type_are_refused(index: int, value: Any) -> None:
     body = doc_body(limit_heartbeat(draining=False, agreed=True, base=("a",), held=0))
@@ -930,24 +1123,53 @@ WIRE_SENDER = wire_id("web-1")
         Heartbeat("node-000", 1, 1, 1, False, VIEW3, (0, 1, 2), True, MAX_HELD + 1),
         Heartbeat("node-000", MAX_INCARNATION + 1, 1, 1, False, VIEW3, (0, 1, 2), True, 0),
         Heartbeat("node-000", 1, MAX_SEQ + 1, 1, False, VIEW3, (0, 1, 2), True, 0),
-        Heartbeat("node-000", 1, 1, 1, False, (Member("node-000", 1, 1, 1),),  # type: ignore[arg-type]
-                  (0,), True, 0),
-        Heartbeat("node-000", 1, 1, 1, False, (Member("node-000", 1, True, False),),
-                  (0,), True, 0),
-        Heartbeat("node-000", 1, 1, 1, False, (Member("node-000", 2**48, 1, False),),
-                  (0,), True, 0),
+        Heartbeat(
+            "node-000",
+            1,
+            1,
+            1,
+            False,
+            (Member("node-000", 1, 1, 1),),  # type: ignore[arg-type]
+            (0,),
+            True,
+            0,
+        ),
+        Heartbeat("node-000", 1, 1, 1, False, (Member("node-000", 1, True, False),), (0,), True, 0),
+        Heartbeat(
+            "node-000", 1, 1, 1, False, (Member("node-000", 2**48, 1, False),), (0,), True, 0
+        ),
         Heartbeat("node-000", 1, 1, 1, False, (Member("node 0", 1, 1, False),), (0,), True, 0),
-        Heartbeat("node-000", 1, 1, 1, False, (("node-000", 1, 1, False),),  # type: ignore[arg-type]
-                  (0,), True, 0),
+        Heartbeat(
+            "node-000",
+            1,
+            1,
+            1,
+            False,
+            (("node-000", 1, 1, False),),  # type: ignore[arg-type]
+            (0,),
+            True,
+            0,
+        ),
         Heartbeat("node-000", 1, 1, 1, False, VIEW3, (0, 1, 2), True, 0, base=("b", "a")),
-        Heartbeat("node-000", 1, 1, 1, False, VIEW3, (0, 1, 2), True, 0,
-                  base=("node-000", "node-000")),
+        Heartbeat(
+            "node-000", 1, 1, 1, False, VIEW3, (0, 1, 2), True, 0, base=("node-000", "node-000")
+        ),
         Heartbeat("node-000", 1, 1, 1, False, VIEW3, (0, 1, 2), True, 0, base=("x" * 65,)),
         Heartbeat("node-000", 1, 1, 1, False, VIEW3, (0, 1, 2), True, 0, base=["a"]),  # type: ignore[arg-type]
         Heartbeat("node-000", 1, 1, 1, False, VIEW3, (0, 1, 2), True, 0, params=b"123"),
         Heartbeat("node-000", 1, 1, 1, False, VIEW3, (0, 1, 2), True, 0, name="web-1"),
-        Heartbeat(WIRE_SENDER, 1, 1, 1, False, (Member(WIRE_SENDER, 1, 1, False),), (0,), True,
-                  0, name="web-2"),
+        Heartbeat(
+            WIRE_SENDER,
+            1,
+            1,
+            1,
+            False,
+            (Member(WIRE_SENDER, 1, 1, False),),
+            (0,),
+            True,
+            0,
+            name="web-2",
+        ),
         Leave("bad id", 1, 1),
         Leave("node-000", -1, 1),
         Leave("node-000", MAX_INCARNATION + 1, 1),
@@ -960,14 +1182,25 @@ def test_seal_refuses_what_receivers_would_refuse(bad: Message) -> None:
 
 
 SWAPS: list[tuple[str, Any]] = [
-    ("acks", [0]), ("acks", (True,)), ("acks", (MAX_SEQ + 1,)), ("base", ("b", "a")),
-    ("base", ("a", "a")), ("base", ["a"]), ("base", (1,)), ("view", [Member("a", 1, 1, False)]),
+    ("acks", [0]),
+    ("acks", (True,)),
+    ("acks", (MAX_SEQ + 1,)),
+    ("base", ("b", "a")),
+    ("base", ("a", "a")),
+    ("base", ["a"]),
+    ("base", (1,)),
+    ("view", [Member("a", 1, 1, False)]),
     ("view", (Member("a", 1, 1, 1),)),  # type: ignore[arg-type]
     ("view", (Member("a", 1, True, False),)),
     ("view", (Member("a", 1.0, 1, False),)),  # type: ignore[arg-type]
     ("view", (Member("a", 2**48, 1, False),)),
-    ("view", (Member("A", 1, 1, False),)), ("name", "x"), ("name", wire_id("a")),
-    ("health", 8), ("health", -1), ("health", True), ("health", 5),
+    ("view", (Member("A", 1, 1, False),)),
+    ("name", "x"),
+    ("name", wire_id("a")),
+    ("health", 8),
+    ("health", -1),
+    ("health", True),
+    ("health", 5),
 ]
 
 

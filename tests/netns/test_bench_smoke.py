@@ -29,8 +29,9 @@ from lbd.testbed import cost, failover_lab, keepalived_lab
 from lbd.testbed.bed import Bed, wait_for
 
 
-def keepalived_bed(bed: Callable[..., Bed], tmp_path: Path, *,
-                   check: bool = False) -> tuple[ModuleType, Bed, Any]:
+def keepalived_bed(
+    bed: Callable[..., Bed], tmp_path: Path, *, check: bool = False
+) -> tuple[ModuleType, Bed, Any]:
     """keepalived_lab, a 3-node bed with unique MACs, its (unstarted) KeepalivedCluster
     at ``advert_int 0.1``; ``check``: every node tracks its echo service."""
     if shutil.which("keepalived") is None and not Path("/usr/sbin/keepalived").exists():

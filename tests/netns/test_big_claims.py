@@ -40,7 +40,10 @@ MAX_APPLY_MS = 60.0
 
 @pytest.mark.parametrize(("profile", "buckets"), [("fast", 16384), ("default", 65536)])
 def test_big_claims_come_in_parts_and_fail_over_cleanly(
-    bed: Callable[..., Bed], tmp_path: Path, profile: str, buckets: int,
+    bed: Callable[..., Bed],
+    tmp_path: Path,
+    profile: str,
+    buckets: int,
     record_property: Callable[[str, object], None],
 ) -> None:
     with cluster_run(bed, tmp_path, profile=profile, buckets=buckets) as run:
@@ -65,8 +68,10 @@ def test_big_claims_come_in_parts_and_fail_over_cleanly(
         # No lapse-and-reclaim cycles: the survivors changed views for the crash
         # and the rejoin only (a few changes each), not dozens of times.
         after = [cluster.view_changes(i) for i in (0, 2)]
-        assert all(a is not None and b is not None and a - b <= 6
-                   for a, b in zip(after, [before[0], before[2]], strict=True)), (before, after)
+        assert all(
+            a is not None and b is not None and a - b <= 6
+            for a, b in zip(after, [before[0], before[2]], strict=True)
+        ), (before, after)
         worst = max(k["max_apply_ms"] for k in kernels.values())
         record_property("max_apply_ms", worst)
         for kernel in kernels.values():

@@ -53,8 +53,9 @@ class Cluster(LbdCluster):
     def config(self, index: int, **extra: str) -> Path:
         return super().config(index, **{"cluster": f'"{CLUSTER_NAME}"', **extra})
 
-    def wait_slices(self, indexes: list[int], check: Callable[[dict[str, int]], bool],
-                    what: str) -> dict[str, int]:
+    def wait_slices(
+        self, indexes: list[int], check: Callable[[dict[str, int]], bool], what: str
+    ) -> dict[str, int]:
         return self.wait_converged(indexes, check, CONVERGE_TIMEOUT, what)
 
 
@@ -68,13 +69,19 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
     notify = DatagramSink(tmp_path / "notify")
     journal = DatagramSink(tmp_path / "journal")
     try:
-        cluster.start(0, env={"NOTIFY_SOCKET": str(tmp_path / "notify"),
-                              "WATCHDOG_USEC": "1000000",
-                              "LBD_JOURNAL_SOCKET": str(tmp_path / "journal")})
+        cluster.start(
+            0,
+            env={
+                "NOTIFY_SOCKET": str(tmp_path / "notify"),
+                "WATCHDOG_USEC": "1000000",
+                "LBD_JOURNAL_SOCKET": str(tmp_path / "journal"),
+            },
+        )
         cluster.start(1)
         cluster.start(2)
-        shares = cluster.wait_slices([0, 1, 2], lambda s: all(v > 0 for v in s.values()),
-                                     "three daemons to converge")
+        shares = cluster.wait_slices(
+            [0, 1, 2], lambda s: all(v > 0 for v in s.values()), "three daemons to converge"
+        )
         assert set(shares) == {"node0", "node1", "node2"}
         assert all(BUCKETS / 3 * 0.7 < v < BUCKETS / 3 * 1.3 for v in shares.values())
 
@@ -84,8 +91,9 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
         assert re.findall(r"rb(\d+)", skmem) == [str(2 * RECEIVE_BUFFER)], skmem
 
         # A second daemon on node 0 refuses to start (instance lock), clearly.
-        second = the_bed.python(the_bed.nodes[0].name, "-m", "lbd.daemon.cli", "run",
-                                 "--config", str(cluster.config(0)))
+        second = the_bed.python(
+            the_bed.nodes[0].name, "-m", "lbd.daemon.cli", "run", "--config", str(cluster.config(0))
+        )
         assert second.wait(timeout=20) == 1
         assert "already running" in the_bed.output(second)
 
@@ -96,8 +104,12 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
         # A settled daemon reads heartbeats once per interval (100 ms) but catches up
         # before it answers: a peer is never shown older than its last heartbeat
         # (sent every interval), which without catching up reached two intervals.
-        heard = [row["last_heard_ms"] for _ in range(12)
-                 for row in cluster.query(1, "members") or [] if not row["is_self"]]
+        heard = [
+            row["last_heard_ms"]
+            for _ in range(12)
+            for row in cluster.query(1, "members") or []
+            if not row["is_self"]
+        ]
         assert len(heard) == 24 and max(heard) < 150, heard
 
         # Every client source is answered by exactly one node.
@@ -118,8 +130,9 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
 
         # An established connection to node 1 survives its drain and undrain.
         src = next(s for s, name in tcp.items() if name == the_bed.nodes[1].name)
-        client = the_bed.python(the_bed.client, "-c", CLIENT, src, the_bed.vip4,
-                                str(TCP_PORT), stdin=subprocess.PIPE)
+        client = the_bed.python(
+            the_bed.client, "-c", CLIENT, src, the_bed.vip4, str(TCP_PORT), stdin=subprocess.PIPE
+        )
         wait_for(lambda: "CONNECTED" in the_bed.output(client), 10, what="client connect")
         assert client.stdin is not None
         assert cluster.cli(1, "drain").returncode == 0
@@ -127,8 +140,11 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
         assert drained["node0"] + drained["node2"] == BUCKETS
         client.stdin.write(b"during-drain\n")
         client.stdin.flush()
-        wait_for(lambda: "ECHO during-drain" in the_bed.output(client), 5,
-                 what="echo on the established connection while draining")
+        wait_for(
+            lambda: "ECHO during-drain" in the_bed.output(client),
+            5,
+            what="echo on the established connection while draining",
+        )
         after = the_bed.probe(60)
         assert None not in after.values()
         assert the_bed.nodes[1].name not in after.values()
@@ -136,8 +152,11 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
         cluster.wait_slices([0, 1, 2], lambda s: s["node1"] > 0, "node1 undrained")
         client.stdin.write(b"after-undrain\n")
         client.stdin.flush()
-        wait_for(lambda: "ECHO after-undrain" in the_bed.output(client), 5,
-                 what="echo on the established connection after undrain")
+        wait_for(
+            lambda: "ECHO after-undrain" in the_bed.output(client),
+            5,
+            what="echo on the established connection after undrain",
+        )
         client.stdin.close()
         assert client.wait(timeout=10) == 0, the_bed.output(client)
 
@@ -152,8 +171,9 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
         assert OWNER_TABLE not in tables and GUARD_TABLE not in tables, tables
         addrs = the_bed.run(the_bed.nodes[2].name, "ip", "-4", "addr", "show", "eth0").stdout
         assert the_bed.vip4 not in addrs
-        left = cluster.wait_slices([0, 1], lambda s: set(s) == {"node0", "node1"},
-                                   "survivors to absorb node2's slices")
+        left = cluster.wait_slices(
+            [0, 1], lambda s: set(s) == {"node0", "node1"}, "survivors to absorb node2's slices"
+        )
         assert sum(left.values()) == BUCKETS
         final = the_bed.probe(60)
         assert None not in final.values()
@@ -169,8 +189,9 @@ def test_three_daemons_converge_serve_drain_and_leave(bed: Any, tmp_path: Path) 
         ids = {e.get("MESSAGE_ID", b"").decode() for e in entries}
         for kind in ("Started", "ViewAgreed", "BucketsGained", "MemberLeft"):
             assert MESSAGE_IDS[kind] in ids, kind
-        agreed = next(e for e in entries
-                      if e.get("MESSAGE_ID", b"").decode() == MESSAGE_IDS["ViewAgreed"])
+        agreed = next(
+            e for e in entries if e.get("MESSAGE_ID", b"").decode() == MESSAGE_IDS["ViewAgreed"]
+        )
         assert agreed["NODE"] == b"node0" and agreed["VIEW"] and agreed["SLICES"]
     finally:
         for proc in cluster.procs.values():
@@ -192,8 +213,17 @@ def test_bad_config_key_and_interface_fail_with_one_line(bed: Any, tmp_path: Pat
     ns = the_bed.nodes[0].name
 
     def run_lbd(config: Path) -> subprocess.CompletedProcess[str]:
-        return the_bed.run(ns, sys.executable, "-m", "lbd.daemon.cli", "run", "--config",
-                           str(config), check=False, timeout=30)
+        return the_bed.run(
+            ns,
+            sys.executable,
+            "-m",
+            "lbd.daemon.cli",
+            "run",
+            "--config",
+            str(config),
+            check=False,
+            timeout=30,
+        )
 
     bad = cluster.config(0, weight='"heavy"')
     out = run_lbd(bad)
@@ -216,8 +246,9 @@ def test_bad_config_key_and_interface_fail_with_one_line(bed: Any, tmp_path: Pat
 
     out = cluster.cli(0, "status")
     assert out.returncode == 1
-    assert out.stderr == (f"lbd-cli: cannot reach lbd at {cluster.sock(0)} "
-                          "(is the daemon running?)\n")
+    assert out.stderr == (
+        f"lbd-cli: cannot reach lbd at {cluster.sock(0)} (is the daemon running?)\n"
+    )
 
 
 def test_sighup_rotates_the_key_and_changes_weight_without_dropping(
@@ -253,14 +284,18 @@ def test_sighup_rotates_the_key_and_changes_weight_without_dropping(
         # Weight 300 vs 100 via reload: node0 ends up with about three quarters.
         cluster.config(0, weight="300")
         cluster.procs[0].send_signal(signal.SIGHUP)
-        shares = cluster.wait_slices([0, 1], lambda s: s["node0"] > BUCKETS * 0.6,
-                                     "the weight change to take effect")
+        shares = cluster.wait_slices(
+            [0, 1], lambda s: s["node0"] > BUCKETS * 0.6, "the weight change to take effect"
+        )
         assert shares["node0"] + shares["node1"] == BUCKETS
         # A reload with a mistake keeps the running config and says so.
         cluster.config(0, weight="0")
         cluster.procs[0].send_signal(signal.SIGHUP)
-        wait_for(lambda: "reload failed" in the_bed.output(cluster.procs[0]), 5,
-                 what="the failed reload to be logged")
+        wait_for(
+            lambda: "reload failed" in the_bed.output(cluster.procs[0]),
+            5,
+            what="the failed reload to be logged",
+        )
         assert cluster.procs[0].poll() is None
     finally:
         for proc in cluster.procs.values():

@@ -35,9 +35,16 @@ SETTLE = 1.0
 
 
 @contextmanager
-def cluster_run(bed: Callable[..., Bed], tmp_path: Path, *, nodes: int = 3,
-                profile: str = "fast", start: list[int] | None = None,
-                load: bool = True, buckets: int = 512) -> Iterator[Run]:
+def cluster_run(
+    bed: Callable[..., Bed],
+    tmp_path: Path,
+    *,
+    nodes: int = 3,
+    profile: str = "fast",
+    start: list[int] | None = None,
+    load: bool = True,
+    buckets: int = 512,
+) -> Iterator[Run]:
     the_bed = bed(nodes=nodes, add_vip=False)
     cluster = LbdCluster(the_bed, tmp_path / "cluster", profile=profile, buckets=buckets)
     run = Run(the_bed, cluster)
@@ -54,8 +61,9 @@ def cluster_run(bed: Callable[..., Bed], tmp_path: Path, *, nodes: int = 3,
         run.close()
 
 
-def assert_clean(record: dict[str, Any], report: DuplicateReport,
-                 down: set[str] | frozenset[str] = frozenset()) -> None:
+def assert_clean(
+    record: dict[str, Any], report: DuplicateReport, down: set[str] | frozenset[str] = frozenset()
+) -> None:
     """S1 and S3: no duplicate answers at all, no broken connection on nodes that stayed up."""
     assert report.syns > 100 and report.udp_queries > 100, report
     assert report.duplicates == 0, report
@@ -74,8 +82,9 @@ def assert_short_gaps(record: dict[str, Any], limit_ms: float = FAST_OUTAGE_LIMI
     assert max(bursts, default=0.0) * 1000 <= limit_ms, bursts
 
 
-def assert_failover(record: dict[str, Any], fault: float, node: str, limit_ms: float,
-                    sampling_ms: float = 64 * 4.0) -> dict[str, Any]:
+def assert_failover(
+    record: dict[str, Any], fault: float, node: str, limit_ms: float, sampling_ms: float = 64 * 4.0
+) -> dict[str, Any]:
     figures = metrics.outage(record, fault, node)
     print("failover figures:", figures)
     assert figures["affected_sources"] >= 5, figures
@@ -105,8 +114,9 @@ def test_hang_sigstop_then_rejoin(bed: Callable[..., Bed], tmp_path: Path) -> No
         run.cluster.wait_converged([0, 2], what="survivors to absorb the hung node1")
         time.sleep(SETTLE)  # its lease has long expired in the kernel; it must stay closed
         run.cluster.resume(1)
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s["node1"] > 0,
-                                   what="node1 to rejoin after SIGCONT")
+        run.cluster.wait_converged(
+            [0, 1, 2], check=lambda s: s["node1"] > 0, what="node1 to rejoin after SIGCONT"
+        )
         time.sleep(SETTLE)
         since = time.monotonic() - SETTLE  # before finish(): slow when loaded
         record, report = run.finish()
@@ -123,8 +133,9 @@ def test_host_death_link_down(bed: Callable[..., Bed], tmp_path: Path) -> None:
         run.cluster.wait_converged([0, 2], what="survivors to absorb the dead host")
         time.sleep(SETTLE)
         run.cluster.link_up(1)
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s["node1"] > 0,
-                                   what="node1 to rejoin after link up")
+        run.cluster.wait_converged(
+            [0, 1, 2], check=lambda s: s["node1"] > 0, what="node1 to rejoin after link up"
+        )
         time.sleep(SETTLE)
         record, report = run.finish()
         assert_failover(record, fault, run.name(1), FAST_OUTAGE_LIMIT_MS)
@@ -132,16 +143,20 @@ def test_host_death_link_down(bed: Callable[..., Bed], tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("direction", ["both", "out"])
-def test_heartbeat_partition_of_one_node(bed: Callable[..., Bed], tmp_path: Path,
-                                         direction: str) -> None:
+def test_heartbeat_partition_of_one_node(
+    bed: Callable[..., Bed], tmp_path: Path, direction: str
+) -> None:
     """Symmetric, or one-way (peers stop hearing node1; it still hears them)."""
     with cluster_run(bed, tmp_path) as run:
         fault = run.cluster.partition(1, direction)
         run.cluster.wait_converged([0, 2], what="the majority side to absorb node1")
         time.sleep(SETTLE)
         run.cluster.heal(1)
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s["node1"] > 0,
-                                   what="node1 to rejoin after the partition heals")
+        run.cluster.wait_converged(
+            [0, 1, 2],
+            check=lambda s: s["node1"] > 0,
+            what="node1 to rejoin after the partition heals",
+        )
         time.sleep(SETTLE)
         record, report = run.finish()
         assert_failover(record, fault, run.name(1), FAST_OUTAGE_LIMIT_MS)
@@ -154,8 +169,11 @@ def test_one_way_partition_inbound_is_safe(bed: Callable[..., Bed], tmp_path: Pa
         run.cluster.partition(1, "in")
         time.sleep(2 * SETTLE)
         run.cluster.heal(1)
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s["node1"] > 0,
-                                   what="node1 to rejoin after the partition heals")
+        run.cluster.wait_converged(
+            [0, 1, 2],
+            check=lambda s: s["node1"] > 0,
+            what="node1 to rejoin after the partition heals",
+        )
         time.sleep(SETTLE)
         record, report = run.finish()
         assert_clean(record, report)
@@ -180,8 +198,7 @@ def test_heartbeat_loss_20_percent_no_flapping(bed: Callable[..., Bed], tmp_path
 def test_join_under_load(bed: Callable[..., Bed], tmp_path: Path) -> None:
     with cluster_run(bed, tmp_path, start=[0, 1]) as run:
         run.cluster.start(2)
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s["node2"] > 0,
-                                   what="node2 to join")
+        run.cluster.wait_converged([0, 1, 2], check=lambda s: s["node2"] > 0, what="node2 to join")
         joined = time.monotonic()
         time.sleep(SETTLE)
         record, report = run.finish()
@@ -207,14 +224,16 @@ def test_graceful_leave_sigterm(bed: Callable[..., Bed], tmp_path: Path) -> None
 def test_drain_and_undrain(bed: Callable[..., Bed], tmp_path: Path) -> None:
     with cluster_run(bed, tmp_path) as run:
         assert run.cluster.cli(1, "drain").returncode == 0
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s["node1"] == 0,
-                                   what="node1 to drain")
+        run.cluster.wait_converged(
+            [0, 1, 2], check=lambda s: s["node1"] == 0, what="node1 to drain"
+        )
         drained = time.monotonic()
         time.sleep(SETTLE)
         undrain = time.monotonic()
         assert run.cluster.cli(1, "undrain").returncode == 0
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s["node1"] > 0,
-                                   what="node1 to undrain")
+        run.cluster.wait_converged(
+            [0, 1, 2], check=lambda s: s["node1"] > 0, what="node1 to undrain"
+        )
         time.sleep(SETTLE)
         since = time.monotonic() - SETTLE  # before finish(): slow when loaded
         record, report = run.finish()
@@ -230,8 +249,9 @@ def test_rolling_restart(bed: Callable[..., Bed], tmp_path: Path) -> None:
         for index in range(3):
             restarted_at[run.name(index)] = time.monotonic()
             run.cluster.restart(index)
-            run.cluster.wait_converged([0, 1, 2], check=holds_slices(index),
-                                       what=f"node{index} to come back")
+            run.cluster.wait_converged(
+                [0, 1, 2], check=holds_slices(index), what=f"node{index} to come back"
+            )
             time.sleep(0.5)
         record, report = run.finish()
         assert_clean(record, report, down=set(restarted_at))

@@ -65,8 +65,9 @@ class FdbWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
-            out = self.bed.run(self.bed.hub, "bridge", "fdb", "show", "br", "br0",
-                               check=False).stdout
+            out = self.bed.run(
+                self.bed.hub, "bridge", "fdb", "show", "br", "br0", check=False
+            ).stdout
             self.polls += 1
             self.hits += [ln for ln in out.splitlines() if self.mac in ln.lower()]
 
@@ -79,8 +80,9 @@ def responder(the_bed: Bed, alive: list[int]) -> list[int]:
     """Nodes whose ``answer`` set holds their LAN interface (the ARP/ND responder)."""
     found = []
     for index in alive:
-        out = the_bed.run(the_bed.nodes[index].name, "nft", "list", "set", "arp", "lbd_mac",
-                          "answer", check=False).stdout
+        out = the_bed.run(
+            the_bed.nodes[index].name, "nft", "list", "set", "arp", "lbd_mac", "answer", check=False
+        ).stdout
         if f'"{the_bed.lan_iface}"' in out:
             found.append(index)
     return found
@@ -96,8 +98,9 @@ def check_resolution(the_bed: Bed, answering: int) -> None:
     for vip in (the_bed.vip4, the_bed.vip6):
         entry = re.search(rf"^{re.escape(vip)} lladdr {CMAC} (\S+)", neigh, re.M)
         assert entry and entry.group(1) != "PERMANENT", neigh
-    out = the_bed.run(the_bed.router, sys.executable, L2PROBE, the_bed.lan_iface, CMAC,
-                      the_bed.vip4, the_bed.vip6).stdout
+    out = the_bed.run(
+        the_bed.router, sys.executable, L2PROBE, the_bed.lan_iface, CMAC, the_bed.vip4, the_bed.vip6
+    ).stdout
     probes = json.loads(out)
     assert probes["arp"] == [{"eth_src": own, "is_at": CMAC}], probes
     # An NA to a unicast NS carries no TLLA (Linux): the router keeps the cluster MAC.
@@ -115,8 +118,9 @@ def check_own_addresses(the_bed: Bed, alive: list[int]) -> None:
 
 
 def egress_drops(the_bed: Bed, index: int) -> int:
-    out = the_bed.run(the_bed.nodes[index].name, "nft", "list", "chain", "netdev", "lbd_mac",
-                      "egress").stdout
+    out = the_bed.run(
+        the_bed.nodes[index].name, "nft", "list", "chain", "netdev", "lbd_mac", "egress"
+    ).stdout
     match = re.search(r"ether saddr \S+ counter packets (\d+)", out)
     assert match, out
     return int(match.group(1))
@@ -134,21 +138,34 @@ def check_ipv6_shares(the_bed: Bed, alive: list[int]) -> None:
 # collected: this machine's kernel (6.18, built without CONFIG_VLAN_8021Q) cannot make
 # 802.1Q devices, and under CI=true a skip is a failure. On a kernel that can, add 10.
 @pytest.mark.parametrize("vlan", [None], ids=["eth0"])
-def test_flood_mode_on_a_learning_switch(bed: Callable[..., Bed], tmp_path: Path,
-                                         vlan: int | None) -> None:
+def test_flood_mode_on_a_learning_switch(
+    bed: Callable[..., Bed], tmp_path: Path, vlan: int | None
+) -> None:
     the_bed: Bed = bed(nodes=3, add_vip=False, switch=True, unique_macs=True, vlan=vlan)
     lan = the_bed.lan_iface
     fdb = FdbWatch(the_bed, CMAC)
-    from_cmac = the_bed.popen(the_bed.router, "tcpdump", "-i", "eth0", "-n", "-e", "-l",
-                              "--immediate-mode", f"ether src {CMAC}")
+    from_cmac = the_bed.popen(
+        the_bed.router,
+        "tcpdump",
+        "-i",
+        "eth0",
+        "-n",
+        "-e",
+        "-l",
+        "--immediate-mode",
+        f"ether src {CMAC}",
+    )
     cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="fast")
     run = Run(the_bed, cluster)
     vips = f'["{the_bed.vip4}", "{the_bed.vip6}"]'
     try:
         for index in range(3):
             cluster.start(index, vips=vips, mac_mode='"flood"')
-        cluster.wait_converged([0, 1, 2], check=lambda s: all(v > 0 for v in s.values()),
-                               what="three flood-mode daemons to converge")
+        cluster.wait_converged(
+            [0, 1, 2],
+            check=lambda s: all(v > 0 for v in s.values()),
+            what="three flood-mode daemons to converge",
+        )
         for index, node in enumerate(the_bed.nodes):
             assert f"flood cluster MAC {CMAC}" in cluster.log(index)
             assert node.mac in the_bed.run(node.name, "ip", "link", "show", lan).stdout
@@ -160,10 +177,16 @@ def test_flood_mode_on_a_learning_switch(bed: Callable[..., Bed], tmp_path: Path
         # S5: the unicast filter entry removed by someone else is put back (audit).
         ns2 = the_bed.nodes[2].name
         the_bed.run(ns2, "bridge", "fdb", "del", CMAC, "dev", lan, "self")
-        wait_for(lambda: CMAC in the_bed.run(ns2, "bridge", "fdb", "show", "dev", lan).stdout,
-                 5, what="the filter entry to be added again")
-        wait_for(lambda: f"filter lost the cluster MAC {CMAC}" in cluster.log(2), 5,
-                 what="the daemon to report the lost filter entry")
+        wait_for(
+            lambda: CMAC in the_bed.run(ns2, "bridge", "fdb", "show", "dev", lan).stdout,
+            5,
+            what="the filter entry to be added again",
+        )
+        wait_for(
+            lambda: f"filter lost the cluster MAC {CMAC}" in cluster.log(2),
+            5,
+            what="the daemon to report the lost filter entry",
+        )
         check_resolution(the_bed, first[0])
         check_own_addresses(the_bed, [0, 1, 2])
         check_ipv6_shares(the_bed, [0, 1, 2])
@@ -187,12 +210,14 @@ def test_flood_mode_on_a_learning_switch(bed: Callable[..., Bed], tmp_path: Path
             # Host death: the node's link goes down under load, then comes back.
             dead = alive[0]
             death = cluster.link_down(dead)
-            cluster.wait_converged([i for i in (0, 1, 2) if i != dead],
-                                   what="survivors to absorb the dead host")
+            cluster.wait_converged(
+                [i for i in (0, 1, 2) if i != dead], what="survivors to absorb the dead host"
+            )
             time.sleep(SETTLE)
             cluster.link_up(dead)
-            cluster.wait_converged([0, 1, 2], check=holds_slices(dead),
-                                   what="the dead host to rejoin")
+            cluster.wait_converged(
+                [0, 1, 2], check=holds_slices(dead), what="the dead host to rejoin"
+            )
             time.sleep(SETTLE)
             # Graceful leave of one node, then back.
             leaver = alive[1]
@@ -210,8 +235,10 @@ def test_flood_mode_on_a_learning_switch(bed: Callable[..., Bed], tmp_path: Path
         assert_clean(record, report, down=down)
         shares = metrics.shares(record)
         assert all(shares[n.name] > 100 for n in the_bed.nodes), shares
-        print(f"flood mode ({lan}): shares {dict(shares)}, SYNs {report.syns}, "
-              f"duplicates {report.duplicates}, fdb polls {fdb.polls}")
+        print(
+            f"flood mode ({lan}): shares {dict(shares)}, SYNs {report.syns}, "
+            f"duplicates {report.duplicates}, fdb polls {fdb.polls}"
+        )
         check_ipv6_shares(the_bed, [0, 1, 2])
         check_own_addresses(the_bed, [0, 1, 2])
         assert [egress_drops(the_bed, i) for i in range(3)] == [0, 0, 0]
@@ -289,8 +316,13 @@ def test_lbd_lab_on_a_switch_shared_starves_flood_serves(
         figures[mode] = json.loads(capsys.readouterr().out)
     shared, flood = figures["shared"], figures["flood"]
     for mode, found in figures.items():
-        print(f"lbd lab --switch --mac-mode {mode}:", {k: found[k] for k in (
-            "served_pct", "outage_ms", "duplicate_synacks", "broken_connections")})
+        print(
+            f"lbd lab --switch --mac-mode {mode}:",
+            {
+                k: found[k]
+                for k in ("served_pct", "outage_ms", "duplicate_synacks", "broken_connections")
+            },
+        )
     assert shared["network"] == flood["network"] == "learning switch"
     assert shared["served_pct"] < 75, shared
     assert flood["served_pct"] > 90, flood  # the rest: the kill's and rejoin's gaps

@@ -35,8 +35,15 @@ from lbd.testbed import flood
 from lbd.testbed.bed import Bed, wait_for
 from lbd.testbed.cluster import HEARTBEAT_PORT, LbdCluster
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-          "/usr/bin/python3", "-I", "-c"]
+NOBODY = [
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "/usr/bin/python3",
+    "-I",
+    "-c",
+]
 THIEF = r"""
 import errno, json, os, socket, sys
 port, addresses = int(sys.argv[1]), sys.argv[2].split(",")
@@ -77,8 +84,10 @@ def counters(cluster: LbdCluster, index: int) -> dict[str, int]:
     """The daemon's datagram counters and its heartbeat filter's, in one dict."""
     status = cluster.query(index, "status")
     assert status is not None, cluster.log(index)[-2000:]
-    return {**status["counters"], **{f"filter_{k}": v
-                                     for k, v in status["heartbeat_filter"].items()}}
+    return {
+        **status["counters"],
+        **{f"filter_{k}": v for k, v in status["heartbeat_filter"].items()},
+    }
 
 
 def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -90,6 +99,7 @@ def tables(bed: Bed, index: int) -> str:
 
 
 # ---------------------------------------------------------------- the socket
+
 
 def test_overflow_keeps_the_reader_reading_on_arrival() -> None:
     """A datagram the socket had to drop (full buffer) turns the next read's answer
@@ -121,8 +131,9 @@ def test_overflow_keeps_the_reader_reading_on_arrival() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_port_is_not_shared_and_every_heartbeat_is_heard(bed: Callable[..., Bed],
-                                                          tmp_path: Path) -> None:
+def test_port_is_not_shared_and_every_heartbeat_is_heard(
+    bed: Callable[..., Bed], tmp_path: Path
+) -> None:
     the_bed = bed(nodes=3, add_vip=False)
     cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="default")
     peers = json.dumps([n.addr4 for n in the_bed.nodes])
@@ -131,8 +142,13 @@ def test_port_is_not_shared_and_every_heartbeat_is_heard(bed: Callable[..., Bed]
             cluster.start(index, multicast="false", peers=peers)
         cluster.wait_converged(what="the unicast cluster to form")
         node = the_bed.nodes[0]
-        out = the_bed.run(node.name, *NOBODY, THIEF, str(HEARTBEAT_PORT),
-                          f"0.0.0.0,{node.addr4},239.255.0.1,127.0.0.1")
+        out = the_bed.run(
+            node.name,
+            *NOBODY,
+            THIEF,
+            str(HEARTBEAT_PORT),
+            f"0.0.0.0,{node.addr4},239.255.0.1,127.0.0.1",
+        )
         thief = json.loads(out.stdout)
         assert thief["uid"] == 65534
         assert len(thief["results"]) == 5 * 4
@@ -157,8 +173,7 @@ def test_port_is_not_shared_and_every_heartbeat_is_heard(bed: Callable[..., Bed]
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("options", ["plain", "reuse"])
-def test_daemon_refuses_a_taken_port(bed: Callable[..., Bed], tmp_path: Path,
-                                     options: str) -> None:
+def test_daemon_refuses_a_taken_port(bed: Callable[..., Bed], tmp_path: Path, options: str) -> None:
     """Another process holds the port (with SO_REUSEADDR and SO_REUSEPORT, or without):
     the daemon exits 1 with one line naming the port and leaves nothing behind."""
     the_bed = bed(nodes=1, add_vip=False)
@@ -187,9 +202,11 @@ def test_daemon_refuses_a_taken_port(bed: Callable[..., Bed], tmp_path: Path,
 
 # ---------------------------------------------------------------- the filter
 
+
 @pytest.mark.timeout(120)
-def test_filter_drops_foreign_sources_and_bad_sizes(bed: Callable[..., Bed],
-                                                    tmp_path: Path) -> None:
+def test_filter_drops_foreign_sources_and_bad_sizes(
+    bed: Callable[..., Bed], tmp_path: Path
+) -> None:
     the_bed = bed(nodes=3, add_vip=False)
     cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="default")
     outsider = "198.18.0.7"  # outside the segment; a peer after the reload
@@ -234,21 +251,39 @@ def test_filter_drops_foreign_sources_and_bad_sizes(bed: Callable[..., Bed],
 
 # ---------------------------------------------------------------- the benchmark
 
+
 @pytest.mark.timeout(150)
 def test_flood_bench_smoke(tmp_path: Path) -> None:
     """A short ramp of bench/flood.py: the report's shape, and a modest flood of forged
     datagrams (and of spoofed ones, all dropped by the filter) changes nothing."""
     prefix = f"lbdt-floodsmk-{int(time.time() * 1000) % 10000:04d}-"
     # Default timers: on a busy 2-core machine the fast ones flap without any flood.
-    report = flood.run(tmp_path, kinds=["forged", "spoofed"], rates=[1000], step=1.5,
-                       prefix=prefix, profile="default")
+    report = flood.run(
+        tmp_path,
+        kinds=["forged", "spoofed"],
+        rates=[1000],
+        step=1.5,
+        prefix=prefix,
+        profile="default",
+    )
     assert report["benchmark"] == "flood" and report["max_datagram"] == MAX_DATAGRAM
     assert [s["kind"] for s in report["steps"]] == ["forged", "spoofed"]
     assert report["baseline"]["kind"] == "baseline" and report["baseline"]["sent"] == 0
     for step in [report["baseline"], *report["steps"]]:
-        assert {"target_rate", "rate", "sent", "seconds", "filter_drops", "view_changes",
-                "failed_connections", "connections", "duplicate_answers", "min_heard",
-                "clean", "nodes"} <= set(step), step
+        assert {
+            "target_rate",
+            "rate",
+            "sent",
+            "seconds",
+            "filter_drops",
+            "view_changes",
+            "failed_connections",
+            "connections",
+            "duplicate_answers",
+            "min_heard",
+            "clean",
+            "nodes",
+        } <= set(step), step
         assert len(step["nodes"]) == 3
         assert step["rate"] > 500 or step["kind"] == "baseline", step
         assert step["view_changes"] == 0 and step["duplicate_answers"] == 0, step

@@ -47,8 +47,15 @@ from .test_e2e import assert_clean
 OUTAGE_LIMIT_MS = 1000.0
 SETTLE = 1.0
 SUBJECT = 1
-FAULT_KINDS = {"VipRemoved", "LinkDown", "MacChanged", "TablesChanged", "SysctlChanged",
-               "ClusterMacLeft", "KernelRestoreFailed"}
+FAULT_KINDS = {
+    "VipRemoved",
+    "LinkDown",
+    "MacChanged",
+    "TablesChanged",
+    "SysctlChanged",
+    "ClusterMacLeft",
+    "KernelRestoreFailed",
+}
 
 
 @dataclass
@@ -70,26 +77,31 @@ class Run:
 
     def status(self, index: int = SUBJECT) -> dict[str, Any] | None:
         try:
-            result: dict[str, Any] = request(str(self.cluster.sock(index)), {"cmd": "status"},
-                                             timeout=1.0)
+            result: dict[str, Any] = request(
+                str(self.cluster.sock(index)), {"cmd": "status"}, timeout=1.0
+            )
         except CtlError:
             return None
         return result
 
     def poll_problems(self) -> None:
         """Record node1's status problems every 10 ms (a thread) until finish()."""
+
         def poll() -> None:
             while not self._polling.is_set():
                 status = self.status()
                 if status and status["problems"]:
                     self.seen.append(status["problems"])
                 time.sleep(0.01)
+
         threading.Thread(target=poll, daemon=True).start()
 
     def journal(self) -> list[dict[str, str]]:
         """node1's journal entries so far, decoded."""
-        return [{k: v.decode(errors="replace") for k, v in decode_journal(d).items()}
-                for d in list(self.journal_socket.received)]
+        return [
+            {k: v.decode(errors="replace") for k, v in decode_journal(d).items()}
+            for d in list(self.journal_socket.received)
+        ]
 
     def journal_kinds(self) -> list[str]:
         ids = {v: k for k, v in MESSAGE_IDS.items()}
@@ -104,9 +116,15 @@ class Run:
 
 
 @contextmanager
-def cluster_run(bed: Callable[..., Bed], tmp_path: Path, *, v6: bool = False,
-                env: dict[str, str] | None = None, bed_kw: dict[str, Any] | None = None,
-                **extra: str) -> Iterator[Run]:
+def cluster_run(
+    bed: Callable[..., Bed],
+    tmp_path: Path,
+    *,
+    v6: bool = False,
+    env: dict[str, str] | None = None,
+    bed_kw: dict[str, Any] | None = None,
+    **extra: str,
+) -> Iterator[Run]:
     the_bed = bed(nodes=3, add_vip=False, **(bed_kw or {}))
     cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="fast")
     journal = DatagramSink(tmp_path / "journal")
@@ -154,8 +172,12 @@ def restored_ms(run: Run, what: str) -> float:
 
 def assert_served_again(record: dict[str, Any], fault: float, name: str) -> dict[str, Any]:
     figures = metrics.outage(record, fault, name)
-    print("figures:", figures, "bursts (ms):",
-          [round(b * 1000) for b in metrics.failure_bursts(record)])
+    print(
+        "figures:",
+        figures,
+        "bursts (ms):",
+        [round(b * 1000) for b in metrics.failure_bursts(record)],
+    )
     assert figures["affected_sources"] >= 5 and not figures["unserved_sources"], figures
     assert figures["served_again_ms"] <= OUTAGE_LIMIT_MS, figures
     assert max(metrics.failure_bursts(record), default=0) * 1000 <= OUTAGE_LIMIT_MS
@@ -167,18 +189,30 @@ def test_vip_removed_ipv4_then_ipv6(bed: Callable[..., Bed], tmp_path: Path) -> 
         name = run.bed.nodes[SUBJECT].name
         fault = time.monotonic()
         run.sh("ip", "addr", "del", f"{run.bed.vip4}/32", "dev", "eth0")
-        wait_for(lambda: log_lines(run, f"VIP {run.bed.vip4}", "fixed after"), 5.0,
-                 what="node1 to put its IPv4 VIP back")
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s[run.cluster.node_id(SUBJECT)] > 0,
-                                   what="node1 to take slices again")
+        wait_for(
+            lambda: log_lines(run, f"VIP {run.bed.vip4}", "fixed after"),
+            5.0,
+            what="node1 to put its IPv4 VIP back",
+        )
+        run.cluster.wait_converged(
+            [0, 1, 2],
+            check=lambda s: s[run.cluster.node_id(SUBJECT)] > 0,
+            what="node1 to take slices again",
+        )
         time.sleep(SETTLE)
         # The IPv6 VIP: no load generator for it; probes show it answered again, once.
         v6 = sources6(40)
         run.sh("ip", "-6", "addr", "del", f"{run.bed.vip6}/128", "dev", "eth0")
-        wait_for(lambda: log_lines(run, f"VIP {run.bed.vip6}", "fixed after"), 5.0,
-                 what="node1 to put its IPv6 VIP back")
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s[run.cluster.node_id(SUBJECT)] > 0,
-                                   what="node1 to take slices again")
+        wait_for(
+            lambda: log_lines(run, f"VIP {run.bed.vip6}", "fixed after"),
+            5.0,
+            what="node1 to put its IPv6 VIP back",
+        )
+        run.cluster.wait_converged(
+            [0, 1, 2],
+            check=lambda s: s[run.cluster.node_id(SUBJECT)] > 0,
+            what="node1 to take slices again",
+        )
         time.sleep(SETTLE)
         end = time.monotonic()
         record, report = run.finish()
@@ -209,8 +243,11 @@ def test_link_down_and_up_flushing_the_ipv6_vip(bed: Callable[..., Bed], tmp_pat
         run.bed.set_sysctls(run.ns, {"net.ipv6.conf.eth0.keep_addr_on_down": 0})
         fault = run.cluster.link_down(SUBJECT)
         run.cluster.wait_converged([0, 2], what="the peers to take node1's slices")
-        wait_for(lambda: log_lines(run, f"VIP {run.bed.vip6} missing"), 2.0,
-                 what="the IPv6 VIP to go with the link")
+        wait_for(
+            lambda: log_lines(run, f"VIP {run.bed.vip6} missing"),
+            2.0,
+            what="the IPv6 VIP to go with the link",
+        )
         time.sleep(0.5)
         assert any(f"{node.iface} is down" in p for seen in run.seen for p in seen), run.seen
         # ifup: the link, the node's own addresses and routes; not lbd's VIP.
@@ -223,8 +260,11 @@ def test_link_down_and_up_flushing_the_ipv6_vip(bed: Callable[..., Bed], tmp_pat
                 return run.bed.run(run.ns, *argv, check=False).returncode == 0
 
             wait_for(routed, 3.0, what=f"a default route via {gateway}")
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s[run.cluster.node_id(SUBJECT)] > 0,
-                                   what="node1 to take slices again")
+        run.cluster.wait_converged(
+            [0, 1, 2],
+            check=lambda s: s[run.cluster.node_id(SUBJECT)] > 0,
+            what="node1 to take slices again",
+        )
         time.sleep(SETTLE)
         end = time.monotonic()
         record, report = run.finish()
@@ -270,8 +310,11 @@ def test_flush_ruleset_then_flush_and_sigkill(bed: Callable[..., Bed], tmp_path:
         assert_clean(record, report)
         assert_served_again(record, killed, name)
         # Closed: the orphaned guard drops every new flow; node1 answers nothing new.
-        late = [r for r in metrics.successes(record) if r[metrics.NAME] == name
-                and r[metrics.START] > killed + 0.05]
+        late = [
+            r
+            for r in metrics.successes(record)
+            if r[metrics.NAME] == name and r[metrics.START] > killed + 0.05
+        ]
         assert not late, late[:5]
         listing = guard_listing(run)
         assert "tcp flags syn / fin,syn,rst,ack drop" in listing, listing
@@ -321,8 +364,10 @@ def test_flush_without_persistent_tables_window(bed: Callable[..., Bed], tmp_pat
             elif gone is not None:
                 windows.append((float(stamp) - gone) * 1000)
                 gone = None
-        print(f"guard missing after a flush (ms): median {statistics.median(windows):.2f}, "
-              f"max {max(windows):.2f}, all {[round(w, 2) for w in windows]}")
+        print(
+            f"guard missing after a flush (ms): median {statistics.median(windows):.2f}, "
+            f"max {max(windows):.2f}, all {[round(w, 2) for w in windows]}"
+        )
         assert len(windows) == 10 and max(windows) < 100, windows
         assert "tcp flags syn / fin,syn,rst,ack drop" in guard_listing(run)
         assert_clean(record, report)
@@ -334,14 +379,22 @@ def test_flush_without_persistent_tables_window(bed: Callable[..., Bed], tmp_pat
 def test_multicast_mode_lbd_mac_tables_deleted(bed: Callable[..., Bed], tmp_path: Path) -> None:
     """mac_mode = "multicast", tables not persistent (as on a kernel < 6.9): a flush
     deletes lbd_mac (pkttype, ARP and ND rules) and the guard; lbd writes them again."""
-    with cluster_run(bed, tmp_path, v6=True, env={"LBD_TABLE_PERSIST": "0"},
-                     bed_kw={"switch": True, "unique_macs": True},
-                     mac_mode='"multicast"') as run:
+    with cluster_run(
+        bed,
+        tmp_path,
+        v6=True,
+        env={"LBD_TABLE_PERSIST": "0"},
+        bed_kw={"switch": True, "unique_macs": True},
+        mac_mode='"multicast"',
+    ) as run:
         name = run.bed.nodes[SUBJECT].name
         fault = time.monotonic()
         run.sh("nft", "flush", "ruleset")
-        wait_for(lambda: log_lines(run, "lbd_mac", "written again"), 2.0,
-                 what="node1 to write its tables again")
+        wait_for(
+            lambda: log_lines(run, "lbd_mac", "written again"),
+            2.0,
+            what="node1 to write its tables again",
+        )
         time.sleep(SETTLE)
         record, report = run.finish()
         assert_clean(record, report)
@@ -351,8 +404,7 @@ def test_multicast_mode_lbd_mac_tables_deleted(bed: Callable[..., Bed], tmp_path
         assert figures["outage_ms"] is not None and figures["outage_ms"] <= OUTAGE_LIMIT_MS
         tables = run.sh("nft", "list", "tables")
         assert "table arp lbd_mac" in tables and "table inet lbd_mac" in tables, tables
-        assert "meta pkttype set host" in run.sh("nft", "list", "chain", "inet", "lbd_mac",
-                                                 "pre")
+        assert "meta pkttype set host" in run.sh("nft", "list", "chain", "inet", "lbd_mac", "pre")
         assert "arp saddr ether set" in run.sh("nft", "list", "chain", "arp", "lbd_mac", "out")
         assert "TablesChanged" in run.journal_kinds()
         answers = run.bed.probe_udp_all(sources6(40), window=0.5)
@@ -365,14 +417,23 @@ def test_shared_mac_changed_and_sysctl_reset(bed: Callable[..., Bed], tmp_path: 
         name = run.bed.nodes[SUBJECT].name
         fault = time.monotonic()
         run.sh("ip", "link", "set", "eth0", "address", "02:00:5e:00:01:99")
-        wait_for(lambda: log_lines(run, "has MAC 02:00:5e:00:01:99", "fixed after"), 5.0,
-                 what="node1 to set its MAC back")
+        wait_for(
+            lambda: log_lines(run, "has MAC 02:00:5e:00:01:99", "fixed after"),
+            5.0,
+            what="node1 to set its MAC back",
+        )
         assert "02:00:5e:00:01:64" in run.sh("ip", "link", "show", "eth0")
-        run.cluster.wait_converged([0, 1, 2], check=lambda s: s[run.cluster.node_id(SUBJECT)] > 0,
-                                   what="node1 to take slices again")
+        run.cluster.wait_converged(
+            [0, 1, 2],
+            check=lambda s: s[run.cluster.node_id(SUBJECT)] > 0,
+            what="node1 to take slices again",
+        )
         run.bed.set_sysctls(run.ns, {"net.ipv4.conf.eth0.arp_ignore": 0})
-        wait_for(lambda: log_lines(run, "arp_ignore", "fixed after"), 5.0,
-                 what="node1 to set arp_ignore back")
+        wait_for(
+            lambda: log_lines(run, "arp_ignore", "fixed after"),
+            5.0,
+            what="node1 to set arp_ignore back",
+        )
         assert run.bed.read_sysctl(run.ns, "net.ipv4.conf.eth0.arp_ignore") == "1"
         time.sleep(SETTLE)
         record, report = run.finish()

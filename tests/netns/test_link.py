@@ -270,10 +270,15 @@ print(json.dumps(out))
 """
 
 
-def drive_child(bed: Bed, node: NodeNs, actions: list[str], state: Path,
-                interface: str = "eth0") -> dict[str, Any]:
-    cfg = {"interface": interface, "vips": [bed.vip4, bed.vip6], "actions": actions,
-           "state": str(state)}
+def drive_child(
+    bed: Bed, node: NodeNs, actions: list[str], state: Path, interface: str = "eth0"
+) -> dict[str, Any]:
+    cfg = {
+        "interface": interface,
+        "vips": [bed.vip4, bed.vip6],
+        "actions": actions,
+        "state": str(state),
+    }
     out = bed.run_python(node.name, CHILD_DRIVER, json.dumps(cfg), timeout=60)
     report: dict[str, Any] = json.loads(out.stdout)
     return report
@@ -300,5 +305,6 @@ def test_link_process_does_the_netlink_work_in_a_child(bed: MakeBed, tmp_path: P
     missing = drive_child(b, node, ["apply", "restore"], state, interface="nope0")
     assert missing["apply"] == "LinkProcessError: interface 'nope0' does not exist"
     assert missing["restore"] == "ok"  # nothing recorded: a no-op
-    assert missing["resolve"] == ("ConfigFileError: /etc/lbd/lbd.toml: interface: "
-                                  "'nope0' does not exist")
+    assert missing["resolve"] == (
+        "ConfigFileError: /etc/lbd/lbd.toml: interface: 'nope0' does not exist"
+    )

@@ -84,7 +84,8 @@ def agree(families: dict[str, Family], status: dict[str, Any]) -> None:
         assert families["lbd_member_slices"].value(node=row["node_id"]) == row["slices"]
     for state in ("active", "dead"):
         assert families["lbd_members"].value(state=state) == sum(
-            r["state"] == state for r in status["members"])
+            r["state"] == state for r in status["members"]
+        )
     e, c = status["events"], status["counters"]
     assert families["lbd_slices_gained_total"].value() == e["slices_gained"]
     assert families["lbd_slices_released_total"].value() == e["slices_released"]
@@ -135,8 +136,9 @@ def test_metrics_through_a_failover(bed: Callable[..., Bed], tmp_path: Path) -> 
             assert over_http["lbd_slices_owned"].value() == slices[f"node{i}"]
         assert http(the_bed, 0, "http://127.0.0.1:9477/other").strip() == "404"
 
-        scraper = the_bed.python(the_bed.nodes[0].name, "-c", SCRAPER, URL,
-                                 str(SCRAPE_EVERY), str(SCRAPE_FOR))
+        scraper = the_bed.python(
+            the_bed.nodes[0].name, "-c", SCRAPER, URL, str(SCRAPE_EVERY), str(SCRAPE_FOR)
+        )
         time.sleep(1.0)  # scraping before the fault too
         cluster.crash(1)  # SIGKILL, by PID
         cluster.wait_converged([0, 2], what="node0 and node2 to absorb node1")
@@ -150,15 +152,17 @@ def test_metrics_through_a_failover(bed: Callable[..., Bed], tmp_path: Path) -> 
             delta = status["events"]["slices_gained"] - old["events"]["slices_gained"]
             assert delta == status["slices"] - old["slices"] > 0, (i, status, old)
             gained += delta
-            assert families["lbd_slices_released_total"].value() == old["events"][
-                "slices_released"]
+            assert families["lbd_slices_released_total"].value() == old["events"]["slices_released"]
             assert families["lbd_members_lost_total"].value() == 1
             assert families["lbd_view_changes_total"].value() > old["counters"]["view_changes"]
             live = families["lbd_members"]
             assert live.value(state="active") + live.value(state="suspect") == 2
             assert live.value(state="dead") == 1
-            dead = [labels for _, labels, _ in families["lbd_member"].samples
-                    if labels["node"] == "node1"]
+            dead = [
+                labels
+                for _, labels, _ in families["lbd_member"].samples
+                if labels["node"] == "node1"
+            ]
             assert [d["state"] for d in dead] == ["dead"], dead
         assert gained == slices["node1"] > 0
 
@@ -170,9 +174,11 @@ def test_metrics_through_a_failover(bed: Callable[..., Bed], tmp_path: Path) -> 
         assert seen["owned"][0] == slices["node0"]
         assert seen["owned"][-1] == after[0][0]["slices"]
         ms = sorted(seen["ms"])
-        print(f"\nHTTP scrapes during the failover: {seen['ok']}, median "
-              f"{statistics.median(ms):.2f} ms, p99 {ms[int(len(ms) * 0.99)]:.2f} ms, "
-              f"max {ms[-1]:.2f} ms")
+        print(
+            f"\nHTTP scrapes during the failover: {seen['ok']}, median "
+            f"{statistics.median(ms):.2f} ms, p99 {ms[int(len(ms) * 0.99)]:.2f} ms, "
+            f"max {ms[-1]:.2f} ms"
+        )
     finally:
         cluster.stop_all()
 
@@ -187,23 +193,26 @@ time.sleep(float(sys.argv[1]))
 """
 
 
-def test_a_taken_port_costs_the_metrics_not_the_node(bed: Callable[..., Bed],
-                                                     tmp_path: Path) -> None:
+def test_a_taken_port_costs_the_metrics_not_the_node(
+    bed: Callable[..., Bed], tmp_path: Path
+) -> None:
     """Another program holds 127.0.0.1:9477 in node0's namespace: node0 serves its
     slices all the same, and says why it has no metrics."""
     the_bed = bed(nodes=2, add_vip=False)
     cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="default", buckets=512)
     holder = the_bed.python(the_bed.nodes[0].name, "-c", HOLD_PORT, "60")
     try:
-        wait_for(lambda: "listening" in the_bed.output(holder), 10.0, 0.05,
-                 "the port holder to listen")
+        wait_for(
+            lambda: "listening" in the_bed.output(holder), 10.0, 0.05, "the port holder to listen"
+        )
         for index in range(2):
             cluster.start(index, metrics_listen=f'"{LISTEN}"')
         slices = cluster.wait_converged(what="both nodes to serve")
         assert slices["node0"] > 0
         status = cluster.query(0, "status")
-        assert any(p.startswith(f"metrics_listen {LISTEN}: ") for p in status["problems"]), \
-            status["problems"]
+        assert any(p.startswith(f"metrics_listen {LISTEN}: ") for p in status["problems"]), status[
+            "problems"
+        ]
         assert "serving no metrics" in cluster.log(0)
         assert scrape(cluster, 0)["lbd_problems"].value() == len(status["problems"])
         assert parse(http(the_bed, 1))["lbd_up"].value() == 1  # node1's own port is free

@@ -98,8 +98,11 @@ def test_rules_load_list_idempotent_incremental(nbed: Bed, agents: dict[str, Age
     # The absolute deadline: nft lists it as a local date, in whole seconds.
     deadline = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stats["until_ns"] // 10**9))
     live = _rules(agent.ruleset()["owner"], "live")
-    assert len(live) == 1 and {"match": {"op": "<", "left": {"meta": {"key": "time"}},
-                                         "right": deadline}} in live[0]["expr"]
+    assert (
+        len(live) == 1
+        and {"match": {"op": "<", "left": {"meta": {"key": "time"}}, "right": deadline}}
+        in live[0]["expr"]
+    )
     listing = _normalise(agent.ruleset())
     stats = agent.apply(first, 5000)
     assert (stats["added"], stats["removed"]) == (0, 0)

@@ -119,8 +119,7 @@ def test_a_65536_bucket_claim_ends_on_the_cores_deadline(
     of hundreds of ms, so its relative timeout starts that much after the core
     computed the lease. The kernel still ends the lease on the core's deadline."""
     lease = PROFILES[profile].lease
-    agent = AgentClient(lbed, lbed.nodes[0].name, [lbed.vip4, lbed.vip6], buckets=65536,
-                        seed=SEED)
+    agent = AgentClient(lbed, lbed.nodes[0].name, [lbed.vip4, lbed.vip6], buckets=65536, seed=SEED)
     try:
         loop = start_loop(lbed, SUBJECT_SRCS, duration=1.0 + 2 * lease)
         until_ns = time.time_ns() + int(lease * 1e9)
@@ -131,9 +130,11 @@ def test_a_65536_bucket_claim_ends_on_the_cores_deadline(
     finally:
         agent.stop()
     record_property("claim_ms", round(stats["seconds"] * 1000, 1))
-    print(f"{profile}: a 65536-bucket claim took {stats['seconds'] * 1000:.0f} ms; the "
-          f"relative timeout alone would have run up to {(committed + lease - until) * 1000:.0f}"
-          " ms past the deadline")
+    print(
+        f"{profile}: a 65536-bucket claim took {stats['seconds'] * 1000:.0f} ms; the "
+        f"relative timeout alone would have run up to {(committed + lease - until) * 1000:.0f}"
+        " ms past the deadline"
+    )
     assert stats["added"] == 65536 and stats["until_ns"] == until_ns
     late = [ok for t, ok in attempts if t > until + SLACK]
     assert late and not any(late), attempts

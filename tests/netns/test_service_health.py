@@ -49,8 +49,10 @@ from lbd.testbed.traffic import TCP_PORT
 from .test_e2e import SETTLE, assert_failover
 
 INTERVAL, TIMEOUT, RISE, FALL = 0.2, 0.1, 2, 2
-CHECK = (f'\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:{TCP_PORT}"\ninterval = {INTERVAL}\n'
-         f"timeout = {TIMEOUT}\nrise = {RISE}\nfall = {FALL}\n")
+CHECK = (
+    f'\n[[check]]\nname = "echo"\ntcp = "127.0.0.1:{TCP_PORT}"\ninterval = {INTERVAL}\n'
+    f"timeout = {TIMEOUT}\nrise = {RISE}\nfall = {FALL}\n"
+)
 PROFILE = "default"
 """Timers: the fast profile (a peer dead after 140 ms of silence) flaps on a machine
 whose load average reaches 9 (seen here); the default one (700 ms) does not."""
@@ -68,9 +70,16 @@ class CheckedCluster(LbdCluster):
     """Every node's config gets ``checks`` (default: the TCP check of its echo service);
     ``top[i]``: node i's extra top-level keys, ``tail[i]``: TOML appended to its file."""
 
-    def __init__(self, bed: Bed, workdir: Path, *, checks: str = CHECK,
-                 top: dict[int, dict[str, str]] | None = None,
-                 tail: dict[int, str] | None = None, profile: str = PROFILE) -> None:
+    def __init__(
+        self,
+        bed: Bed,
+        workdir: Path,
+        *,
+        checks: str = CHECK,
+        top: dict[int, dict[str, str]] | None = None,
+        tail: dict[int, str] | None = None,
+        profile: str = PROFILE,
+    ) -> None:
         super().__init__(bed, workdir, profile=profile)
         self.checks = checks
         self.top = top or {}
@@ -94,17 +103,16 @@ def kill_service(proc: Any) -> None:
     proc.wait(timeout=5)
 
 
-def test_a_node_serves_only_while_its_service_does(
-    bed: Callable[..., Bed], tmp_path: Path
-) -> None:
+def test_a_node_serves_only_while_its_service_does(bed: Callable[..., Bed], tmp_path: Path) -> None:
     the_bed = bed(nodes=3, add_vip=False)
     cluster = CheckedCluster(the_bed, tmp_path / "cluster")
     with serving(the_bed, tmp_path, cluster, check_unhealthy_start=True) as (run, services):
         # node1's service dies: node1 drains; the others serve its clients.
         fault = time.monotonic()
         kill_service(services[1])
-        cluster.wait_converged(check=lambda s: s["node1"] == 0,
-                               what="node1 to drain on its failing check")
+        cluster.wait_converged(
+            check=lambda s: s["node1"] == 0, what="node1 to drain on its failing check"
+        )
         rows = {r["node_id"]: r for r in cluster.query(0, "members")}
         assert rows["node1"]["health"] == "unhealthy: check", rows
         assert rows["node0"]["health"] == "ok"
@@ -138,14 +146,15 @@ def test_a_node_serves_only_while_its_service_does(
             kill_service(services[index])
 
         def everyone_says_so() -> bool:
-            return all("every node of the view is unhealthy" in cluster.log(i)
-                       for i in range(3))
+            return all("every node of the view is unhealthy" in cluster.log(i) for i in range(3))
 
         wait_for(everyone_says_so, 10.0, what="every node to report EveryNodeUnhealthy")
         # Bounded wait, not a snapshot: on a loaded machine the fast timers may lose a
         # heartbeat now and then. Drained nodes would hold no slice (and sum to 0).
-        cluster.wait_converged(check=lambda s: all(v > 0 for v in s.values()),
-                               what="every unhealthy node to keep serving")
+        cluster.wait_converged(
+            check=lambda s: all(v > 0 for v in s.values()),
+            what="every unhealthy node to keep serving",
+        )
 
 
 # ------------------------------------------------------------------ the other scenarios
@@ -153,10 +162,12 @@ def test_a_node_serves_only_while_its_service_does(
 HANG_TIMEOUT = 0.15
 # A TCP check passes against a stopped process (the kernel accepts into the backlog):
 # this one must read the service's greeting line, so a hung service times it out.
-HANG_CHECK = (f'\n[[check]]\nname = "echo"\nexec = ["/bin/bash", "-c", '
-              f"'exec 3<>/dev/tcp/127.0.0.1/{TCP_PORT} && read -r line <&3']\n"
-              f"interval = {INTERVAL}\ntimeout = {HANG_TIMEOUT}\nrise = {RISE}\n"
-              f"fall = {FALL}\n")
+HANG_CHECK = (
+    f'\n[[check]]\nname = "echo"\nexec = ["/bin/bash", "-c", '
+    f"'exec 3<>/dev/tcp/127.0.0.1/{TCP_PORT} && read -r line <&3']\n"
+    f"interval = {INTERVAL}\ntimeout = {HANG_TIMEOUT}\nrise = {RISE}\n"
+    f"fall = {FALL}\n"
+)
 HANG_BOUND = FALL * INTERVAL + HANG_TIMEOUT + HANDOFF
 """Hung service to clients served by others: fall x interval + timeout + handoff."""
 FLAP_SECONDS = 3.0
@@ -178,7 +189,8 @@ AGENT_SERVER = (
     "        c.sendall(open(sys.argv[1], 'rb').read())\n"
     "    except OSError:\n"
     "        pass\n"
-    "    c.close()\n")
+    "    c.close()\n"
+)
 AGENT = f'\n[agent]\ntcp = "127.0.0.1:{AGENT_PORT}"\ninterval = 0.2\ntimeout = 0.1\n'
 
 
@@ -193,8 +205,9 @@ def flap_bound(seconds: float) -> int:
 
 
 @contextmanager
-def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster, *,
-            check_unhealthy_start: bool = False) -> Iterator[tuple[Run, dict[int, Any]]]:
+def serving(
+    the_bed: Bed, tmp_path: Path, cluster: CheckedCluster, *, check_unhealthy_start: bool = False
+) -> Iterator[tuple[Run, dict[int, Any]]]:
     """Daemons and services up, every node serving, client load and capture running.
     ``check_unhealthy_start``: first assert that, before the services start, the
     daemons (up, VIP added) claim nothing: a node starts unhealthy."""
@@ -202,9 +215,12 @@ def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster, *,
     try:
         cluster.start_all()
         if check_unhealthy_start:
+
             def vips_added() -> bool:
-                return all(the_bed.vip4 in the_bed.run(n.name, "ip", "-4", "addr").stdout
-                           for n in the_bed.nodes)
+                return all(
+                    the_bed.vip4 in the_bed.run(n.name, "ip", "-4", "addr").stdout
+                    for n in the_bed.nodes
+                )
 
             wait_for(vips_added, 30.0, what="the daemons to add the VIP")
             time.sleep(1.0)  # a claim would come within a heartbeat or two: none may
@@ -216,8 +232,10 @@ def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster, *,
             statuses = wait_for(answered, 10.0, what="every daemon to answer status")
             assert [s["slices"] for s in statuses] == [0, 0, 0], statuses
         services = start_services(the_bed, [0, 1, 2])
-        cluster.wait_converged(check=lambda s: all(v > 0 for v in s.values()),
-                               what="the cluster to serve once the checks rose")
+        cluster.wait_converged(
+            check=lambda s: all(v > 0 for v in s.values()),
+            what="the cluster to serve once the checks rose",
+        )
         run.capture = Capture(the_bed, tmp_path)
         run.load = ClientLoad(the_bed, tmp_path)
         time.sleep(SETTLE)
@@ -226,8 +244,9 @@ def serving(the_bed: Bed, tmp_path: Path, cluster: CheckedCluster, *,
         run.close()
 
 
-def assert_no_harm(record: dict[str, Any], report: Any,
-                   excluded: set[str] | frozenset[str] = frozenset()) -> None:
+def assert_no_harm(
+    record: dict[str, Any], report: Any, excluded: set[str] | frozenset[str] = frozenset()
+) -> None:
     """S1 and S3: no duplicate answer, no long-lived connection broken or reset on a
     node not in ``excluded`` (whose service the test stopped under its connections)."""
     assert report.syns > 100 and report.duplicates == 0, report
@@ -240,8 +259,10 @@ def assert_no_harm(record: dict[str, Any], report: Any,
 
 def bucket_sets(table: dict[str, Any]) -> dict[str, set[int]]:
     """lbd-cli --json table: {node: set of its buckets}."""
-    return {node: {b for first, last in runs for b in range(first, last + 1)}
-            for node, runs in table["ranges"].items()}
+    return {
+        node: {b for first, last in runs for b in range(first, last + 1)}
+        for node, runs in table["ranges"].items()
+    }
 
 
 def test_a_hung_service_drains_its_node(bed: Callable[..., Bed], tmp_path: Path) -> None:
@@ -255,8 +276,9 @@ def test_a_hung_service_drains_its_node(bed: Callable[..., Bed], tmp_path: Path)
         fault = time.monotonic()
         os.kill(services[1].pid, signal.SIGSTOP)  # the Popen this test started
         try:
-            cluster.wait_converged(check=lambda s: s["node1"] == 0,
-                                   what="node1 to drain on its hung service")
+            cluster.wait_converged(
+                check=lambda s: s["node1"] == 0, what="node1 to drain on its hung service"
+            )
             rows = {r["node_id"]: r for r in cluster.query(0, "members")}
             assert rows["node1"]["health"] == "unhealthy: check", rows
             assert f"check echo failed: timed out after {HANG_TIMEOUT:.2f} s" in cluster.log(1)
@@ -298,8 +320,10 @@ def test_a_flapping_service_is_damped(bed: Callable[..., Bed], tmp_path: Path) -
         assert after is not None
         changes = after - before
         bound = flap_bound(period)
-        print(f"flap: {flips} service transitions in {period:.1f} s, {changes} view "
-              f"changes on node0 (bound {bound})")
+        print(
+            f"flap: {flips} service transitions in {period:.1f} s, {changes} view "
+            f"changes on node0 (bound {bound})"
+        )
         assert changes <= bound, (changes, bound)
         assert changes >= 1, "node1 never fell: the flapping did not reach its check"
         cluster.wait_converged(check=holds_slices(1), what="node1 to serve once stable")
@@ -316,13 +340,15 @@ def test_a_tracked_interface_down_drains(bed: Callable[..., Bed], tmp_path: Path
     the_bed.run(ns1, "ip", "link", "add", "trk0", "type", "veth", "peer", "name", "trk1")
     for link in ("trk0", "trk1"):
         the_bed.run(ns1, "ip", "link", "set", link, "up")
-    cluster = CheckedCluster(the_bed, tmp_path / "cluster",
-                             top={1: {"track_interface": '["trk0"]'}})
+    cluster = CheckedCluster(
+        the_bed, tmp_path / "cluster", top={1: {"track_interface": '["trk0"]'}}
+    )
     with serving(the_bed, tmp_path, cluster) as (run, _):
         before = cluster.wait_converged(check=holds_slices(1), what="node1 to serve")
         the_bed.run(ns1, "ip", "link", "set", "trk0", "down")
-        cluster.wait_converged(check=lambda s: s["node1"] == 0,
-                               what="node1 to drain with trk0 down")
+        cluster.wait_converged(
+            check=lambda s: s["node1"] == 0, what="node1 to drain with trk0 down"
+        )
         rows = {r["node_id"]: r for r in cluster.query(0, "members")}
         assert rows["node1"]["health"] == "unhealthy: interface", rows
         assert "interface trk0 failed" in cluster.log(1)
@@ -355,8 +381,11 @@ def test_the_agent_moves_part_of_a_node_and_drains_it(
     say("100%")
     agent = the_bed.python(ns1, "-c", AGENT_SERVER, str(answer))
     try:
-        wait_for(lambda: "READY" in the_bed.output(agent) or agent.poll() is not None,
-                 10.0, what="the agent to listen")
+        wait_for(
+            lambda: "READY" in the_bed.output(agent) or agent.poll() is not None,
+            10.0,
+            what="the agent to listen",
+        )
         assert agent.poll() is None, the_bed.output(agent)
         cluster = CheckedCluster(the_bed, tmp_path / "cluster", tail={1: AGENT})
         with serving(the_bed, tmp_path, cluster) as (run, _):
@@ -365,12 +394,16 @@ def test_the_agent_moves_part_of_a_node_and_drains_it(
             assert abs(len(full["node1"]) / buckets - 1 / 3) < 0.06, full
 
             say("50%")
-            cluster.wait_converged(check=lambda s: s["node1"] < len(full["node1"]) * 0.8,
-                                   what="node1's share to follow the agent's 50 %")
+            cluster.wait_converged(
+                check=lambda s: s["node1"] < len(full["node1"]) * 0.8,
+                what="node1's share to follow the agent's 50 %",
+            )
             assert cluster.query(1, "status")["health"]["weight"] == 50
             half = bucket_sets(cluster.query(0, "table"))
-            print(f"agent: node1 {len(full['node1'])} of {buckets} buckets at 100 %, "
-                  f"{len(half['node1'])} at 50 %")
+            print(
+                f"agent: node1 {len(full['node1'])} of {buckets} buckets at 100 %, "
+                f"{len(half['node1'])} at 50 %"
+            )
             assert abs(len(half["node1"]) / buckets - 50 / 250) < 0.05, half
             assert half["node1"] < full["node1"]
             assert half["node0"] >= full["node0"] and half["node2"] >= full["node2"]
@@ -378,8 +411,9 @@ def test_the_agent_moves_part_of_a_node_and_drains_it(
             time.sleep(SETTLE)
 
             say("drain")
-            cluster.wait_converged(check=lambda s: s["node1"] == 0,
-                                   what="node1 to drain on the agent's word")
+            cluster.wait_converged(
+                check=lambda s: s["node1"] == 0, what="node1 to drain on the agent's word"
+            )
             assert "agent" in cluster.query(1, "status")["drain_reasons"]
             time.sleep(SETTLE)
             say("up")

@@ -28,9 +28,23 @@ DURATION = 50
 @pytest.mark.timeout(150)
 def test_soak_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "soak.json"
-    code = soak.main(["--duration", str(DURATION), "--seed", str(SEED), "--gap", "0.3,1.2",
-                      "--segment", "30", "--json", "--out", str(out),
-                      "--logs", str(tmp_path / "logs")])
+    code = soak.main(
+        [
+            "--duration",
+            str(DURATION),
+            "--seed",
+            str(SEED),
+            "--gap",
+            "0.3,1.2",
+            "--segment",
+            "30",
+            "--json",
+            "--out",
+            str(out),
+            "--logs",
+            str(tmp_path / "logs"),
+        ]
+    )
     printed = capsys.readouterr()
     report = json.loads(out.read_text())
     assert json.loads(printed.out) == report
@@ -38,16 +52,42 @@ def test_soak_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0, (report["violations"], report["stuck"], report["daemon_errors"])
 
     # The report's shape.
-    for key in ("bed", "nodes", "profile", "seed", "duration_s", "elapsed_s", "segments", "faults",
-                "faults_total", "per_kind", "duplicates", "broken", "resets_to_long_lived",
-                "new_connections", "captured", "flap_holds", "stuck", "events",
-                "violations", "ok", "daemon_errors", "daemons_started"):
+    for key in (
+        "bed",
+        "nodes",
+        "profile",
+        "seed",
+        "duration_s",
+        "elapsed_s",
+        "segments",
+        "faults",
+        "faults_total",
+        "per_kind",
+        "duplicates",
+        "broken",
+        "resets_to_long_lived",
+        "new_connections",
+        "captured",
+        "flap_holds",
+        "stuck",
+        "events",
+        "violations",
+        "ok",
+        "daemon_errors",
+        "daemons_started",
+    ):
         assert key in report, key
     assert report["seed"] == SEED and report["nodes"] == 3 and report["profile"] == "fast"
     assert set(report["faults"]) == set(KINDS) == set(report["per_kind"])
     for row in report["per_kind"].values():
-        assert set(row) >= {"count", "worst_outage_ms", "median_outage_ms", "failed",
-                            "unserved_sources", "worst_agreed_ms"}, row
+        assert set(row) >= {
+            "count",
+            "worst_outage_ms",
+            "median_outage_ms",
+            "failed",
+            "unserved_sources",
+            "worst_agreed_ms",
+        }, row
     assert report["segments"] >= 2  # the load and capture were restarted (segments)
     assert DURATION <= report["elapsed_s"] < DURATION + 30
 
@@ -61,8 +101,9 @@ def test_soak_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert all(e["agreed_ms"] is not None for e in report["events"]), report["events"]
     assert not report["stuck"]
     # vip_removed: the daemon put the VIP back; nft_flush: lbd's tables survived.
-    assert not [e for e in report["events"]
-                if [n for n in e["notes"] if "flap hold" not in n]], report["events"]
+    assert not [e for e in report["events"] if [n for n in e["notes"] if "flap hold" not in n]], (
+        report["events"]
+    )
 
     # Nothing lost.
     assert report["ok"] and not report["violations"]

@@ -66,8 +66,9 @@ def responders(the_bed: Bed, alive: list[int]) -> list[int]:
     """Nodes whose ``answer`` set holds eth0 (the ARP/ND responder)."""
     found = []
     for index in alive:
-        out = the_bed.run(the_bed.nodes[index].name, "nft", "list", "set", "arp", "lbd_mac",
-                          "answer", check=False).stdout
+        out = the_bed.run(
+            the_bed.nodes[index].name, "nft", "list", "set", "arp", "lbd_mac", "answer", check=False
+        ).stdout
         if '"eth0"' in out:
             found.append(index)
     return found
@@ -78,9 +79,17 @@ class Sniffer:
 
     def __init__(self, the_bed: Bed) -> None:
         self.bed = the_bed
-        self.proc = the_bed.popen(the_bed.router, "tcpdump", "-i", the_bed.lan_iface, "-n",
-                                  "-e", "-l",
-                                  "--immediate-mode", "arp or icmp6")
+        self.proc = the_bed.popen(
+            the_bed.router,
+            "tcpdump",
+            "-i",
+            the_bed.lan_iface,
+            "-n",
+            "-e",
+            "-l",
+            "--immediate-mode",
+            "arp or icmp6",
+        )
         wait_for(lambda: "listening on" in the_bed.output(self.proc), 5, what="tcpdump")
 
     def stop(self) -> str:
@@ -99,8 +108,11 @@ def resolve_from_router(the_bed: Bed) -> tuple[list[str], list[str], str]:
     text = sniff.stop()
     assert ok4 and ok6, text
     arp = [ln for ln in text.splitlines() if f"Reply {the_bed.vip4} is-at" in ln]
-    na = [ln for ln in text.splitlines()
-          if "neighbor advertisement" in ln and f"tgt is {the_bed.vip6}" in ln]
+    na = [
+        ln
+        for ln in text.splitlines()
+        if "neighbor advertisement" in ln and f"tgt is {the_bed.vip6}" in ln
+    ]
     neigh = the_bed.run(the_bed.router, "ip", "neigh", "show", "dev", the_bed.lan_iface).stdout
     return arp, na, neigh
 
@@ -138,8 +150,14 @@ def check_serving(the_bed: Bed, cluster: Cluster, alive: list[int]) -> Counter[s
 def test_multicast_mode_on_a_learning_switch(
     bed: Any, tmp_path: Path, snooping: bool, querier: bool
 ) -> None:
-    the_bed: Bed = bed(nodes=3, add_vip=False, switch=True, unique_macs=True,
-                       mcast_snooping=snooping, mcast_querier=querier)
+    the_bed: Bed = bed(
+        nodes=3,
+        add_vip=False,
+        switch=True,
+        unique_macs=True,
+        mcast_snooping=snooping,
+        mcast_querier=querier,
+    )
     if querier:
         # With snooping AND a querier the Linux bridge sends an IPv4 unicast packet in
         # a multicast frame only to multicast-router ports (it classifies by the IP
@@ -147,12 +165,16 @@ def test_multicast_mode_on_a_learning_switch(
         # few seconds after the querier started. The switch-side fix the README gives:
         # make the cluster ports static mrouter ports.
         for node in the_bed.nodes:
-            the_bed.run(the_bed.hub, "bridge", "link", "set", "dev", f"p{node.index}",
-                        "mcast_router", "2")
+            the_bed.run(
+                the_bed.hub, "bridge", "link", "set", "dev", f"p{node.index}", "mcast_router", "2"
+            )
     cluster = start_cluster(the_bed, tmp_path, "multicast")
     try:
-        cluster.wait_slices([0, 1, 2], lambda s: all(v > 0 for v in s.values()),
-                            "three multicast-mode daemons to converge")
+        cluster.wait_slices(
+            [0, 1, 2],
+            lambda s: all(v > 0 for v in s.values()),
+            "three multicast-mode daemons to converge",
+        )
         for index, node in enumerate(the_bed.nodes):
             log = the_bed.output(cluster.procs[index])
             assert f"multicast cluster MAC {CMAC}" in log, log
@@ -202,8 +224,19 @@ def test_multicast_mode_on_a_learning_switch(
         # The README's recipe for routers that refuse a multicast MAC in ARP/ND:
         # permanent neighbour entries serve just as well.
         for vip in (the_bed.vip4, the_bed.vip6):
-            the_bed.run(the_bed.router, "ip", "neigh", "replace", vip, "lladdr", CMAC,
-                        "dev", "eth0", "nud", "permanent")
+            the_bed.run(
+                the_bed.router,
+                "ip",
+                "neigh",
+                "replace",
+                vip,
+                "lladdr",
+                CMAC,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            )
         check_serving(the_bed, cluster, alive)
 
         # Graceful stop: tables and MAC group gone, own MAC untouched.
@@ -222,15 +255,16 @@ def test_multicast_mode_on_a_learning_switch(
 
 def add_syn_counter(the_bed: Bed, index: int) -> None:
     """A counter of SYNs to the VIP arriving at node ``index`` (test-owned table)."""
-    rules = (f"table inet {COUNT_TABLE} {{\n chain pre {{\n type filter hook prerouting "
-             f"priority -300; policy accept;\n ip daddr {the_bed.vip4} "
-             "tcp flags & (syn|ack) == syn counter\n }\n}\n")
+    rules = (
+        f"table inet {COUNT_TABLE} {{\n chain pre {{\n type filter hook prerouting "
+        f"priority -300; policy accept;\n ip daddr {the_bed.vip4} "
+        "tcp flags & (syn|ack) == syn counter\n }\n}\n"
+    )
     the_bed.run(the_bed.nodes[index].name, "nft", "-f", "-", input=rules)
 
 
 def syn_count(the_bed: Bed, index: int) -> int:
-    out = the_bed.run(the_bed.nodes[index].name, "nft", "list", "table", "inet",
-                      COUNT_TABLE).stdout
+    out = the_bed.run(the_bed.nodes[index].name, "nft", "list", "table", "inet", COUNT_TABLE).stdout
     match = re.search(r"counter packets (\d+)", out)
     assert match, out
     return int(match.group(1))
@@ -240,15 +274,21 @@ def test_shared_mode_starves_on_a_learning_switch(bed: Any, tmp_path: Path) -> N
     the_bed: Bed = bed(nodes=3, add_vip=False, switch=True)
     cluster = start_cluster(the_bed, tmp_path, "shared")
     try:
-        cluster.wait_slices([0, 1, 2], lambda s: all(v > 0 for v in s.values()),
-                            "three shared-mode daemons to converge")
+        cluster.wait_slices(
+            [0, 1, 2],
+            lambda s: all(v > 0 for v in s.values()),
+            "three shared-mode daemons to converge",
+        )
         for index in range(3):
             add_syn_counter(the_bed, index)
         the_bed.start_echo(addrs=[the_bed.vip4])
         # The switch holds the shared MAC on exactly one port (the last sender's).
         fdb = the_bed.run(the_bed.hub, "bridge", "fdb", "show", "br", "br0").stdout
-        learned = [ln for ln in fdb.splitlines()
-                   if ln.startswith(the_bed.shared_mac) and "master br0" in ln]
+        learned = [
+            ln
+            for ln in fdb.splitlines()
+            if ln.startswith(the_bed.shared_mac) and "master br0" in ln
+        ]
         assert len(learned) == 1, fdb
         sent = 120
         tcp = the_bed.probe(sent, timeout=1.0)
@@ -260,8 +300,10 @@ def test_shared_mode_starves_on_a_learning_switch(bed: Any, tmp_path: Path) -> N
         assert sum(received) < 1.5 * sent, received
         # A SYN reaching a node that does not own its slice is dropped: most fail.
         assert answered < 0.75 * sent, (answered, received, Counter(tcp.values()))
-        print(f"shared MAC on a learning switch: {answered}/{sent} connections answered, "
-              f"SYNs received per node {received} (hub: {sent} each)")
+        print(
+            f"shared MAC on a learning switch: {answered}/{sent} connections answered, "
+            f"SYNs received per node {received} (hub: {sent} each)"
+        )
     finally:
         stop_cluster(cluster)
 
@@ -307,8 +349,12 @@ def test_macmode_apply_is_idempotent_and_restores_what_it_recorded(
     call("apply")
     call("apply")
     assert maddr().count(CMAC) == 1 and "lbd_mac" in tables()
-    assert the_bed.run(ns, "nft", "list", "chain", "inet", "lbd_mac", "pre").stdout.count(
-        "pkttype set host") == 1
+    assert (
+        the_bed.run(ns, "nft", "list", "chain", "inet", "lbd_mac", "pre").stdout.count(
+            "pkttype set host"
+        )
+        == 1
+    )
     call("restore")
     assert CMAC not in maddr() and "lbd_mac" not in tables()
     assert not Path(state).exists()

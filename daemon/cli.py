@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import sys
 import traceback
@@ -56,6 +57,9 @@ def _prepare(path: Path) -> tuple[DaemonConfig, Keyring, str, int, str]:
 def _run(args: argparse.Namespace) -> int:
     from lbd.daemon.service import Service  # noqa: PLC0415 - keeps keygen/check light
 
+    # A crash in native code (libnftables, numpy, OpenSSL) then leaves every thread's
+    # Python stack on stderr, i.e. in the journal, beside the C library's last words.
+    faulthandler.enable(all_threads=True)
     path = Path(args.config)
     cfg, keyring, node_id, ifindex, address = _prepare(path)
     sink = LogSink()

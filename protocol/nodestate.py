@@ -274,7 +274,8 @@ class NodeState:
         self._keep_table(weights, owners)
         if self._table_asked == weights:
             self._table_asked = None
-        self._step(now)
+        if not self._left:  # a build may finish after the leave: nothing more to do
+            self._step(max(now, self._last_step))
 
     def _table_ready(self, view: tuple[Member, ...]) -> bool:
         """Whether ``view`` may be taken now; if not, its table is asked for (once)."""

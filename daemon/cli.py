@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import sys
@@ -59,7 +60,10 @@ def _run(args: argparse.Namespace) -> int:
 
     # A crash in native code (libnftables, numpy, OpenSSL) then leaves every thread's
     # Python stack on stderr, i.e. in the journal, beside the C library's last words.
-    faulthandler.enable(all_threads=True)
+    # Without a stderr that has a file descriptor (started without one, or in a test),
+    # there is nowhere to write the stacks.
+    with contextlib.suppress(RuntimeError, ValueError, OSError):
+        faulthandler.enable(all_threads=True)
     path = Path(args.config)
     cfg, keyring, node_id, ifindex, address = _prepare(path)
     sink = LogSink()

@@ -84,7 +84,15 @@ stays silent on ARP/ND for the VIP, like the guard keeps it closed. With
 daemon lives nobody else can flush or delete them (``nft flush ruleset`` skips them),
 after a crash they stay, orphaned, and the next run adopts them. Otherwise they are
 plain tables and the daemon re-asserts them within milliseconds of an nft event
-(``reassert``, daemon/kernelwatch.py). ``restore()``
+(``reassert``, daemon/kernelwatch.py); and, so that those milliseconds cost nothing,
+each also gets an *owned twin* (``lbd_mac_owned``, ``flags owner``) with the same
+rules, which no other process can flush or delete and which dies with the daemon.
+While the daemon lives, a ``nft flush ruleset`` (``systemctl restart nftables`` on
+Debian 12's 6.1 kernel) leaves the twin in place, so flood mode's ingress rule never
+lapses (without it every SYN to the node in that gap was lost); after a crash the
+plain table remains, as before. Every rule is idempotent when applied twice: setting
+pkttype, the MAC or the ARP sender again changes nothing, the ND rewrite matches only
+a message still holding our own MAC, and both ``answer`` sets are written together. ``restore()``
 deletes both tables and leaves the MAC group, as recorded in the JSON state file
 (write-ahead, idempotent, like link.py); the daemon calls it after the VIPs are gone.
 """
@@ -98,7 +106,7 @@ import logging
 import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +125,7 @@ from lbd.protocol.errors import LbdError
 log = logging.getLogger("lbd.netcfg.macmode")
 
 TABLE = "lbd_mac"
+OWNED_TWIN_SUFFIX = "_owned"  # the owned twin of each table (module doc)
 PRE_PRIORITY = -190  # after conntrack (-200), before lbd's owner table (-180)
 INGRESS_PRIORITY = -500  # before any other ingress chain looks at the frame
 FAMILIES = ("inet", "arp", "netdev")
@@ -292,6 +301,16 @@ def flood_commands(spec: MacModeSpec) -> list[str]:
     ]
 
 
+def owned_twin(spec: MacModeSpec) -> MacModeSpec:
+    """The spec of the owned twin tables (module doc)."""
+    return replace(spec, table=spec.table + OWNED_TWIN_SUFFIX)
+
+
+def as_owned(cmds: Sequence[str]) -> list[str]:
+    """``cmds`` with every table created ``flags owner`` (owned by the sending socket)."""
+    return [f"{c} {{ flags owner; }}" if c.startswith("add table ") else c for c in cmds]
+
+
 def _families(spec: MacModeSpec) -> list[str]:
     return ["inet", *(["arp"] if spec.vips4 else []), *(["netdev"] if spec.flood else [])]
 
@@ -349,6 +368,8 @@ class MacMode:
         self.answering = False
         self.persist = persist
         self.persistent = False
+        self.twinned = False
+        """Whether the owned twin tables are kept (persist asked, kernel < 6.9)."""
 
     def _context(self) -> Any:
         if self._nft is None:
@@ -375,7 +396,14 @@ class MacMode:
     def _table_commands(self, spec: MacModeSpec) -> list[str]:
         cmds = table_commands(spec)
         # A persistent table refuses a table message without PERSIST (nft.py).
-        return [c for c in cmds if not c.startswith("add table ")] if self.persistent else cmds
+        if self.persistent:
+            return [c for c in cmds if not c.startswith("add table ")]
+        if self.twinned:
+            cmds += as_owned(table_commands(owned_twin(spec)))
+        return cmds
+
+    def _twin_families(self) -> list[str]:
+        return _families(self.spec) if self.twinned and self.spec is not None else []
 
     # ---------------------------------------------------------------- state
 
@@ -436,9 +464,11 @@ class MacMode:
                 )
             except NftError as exc:
                 raise MacModeError(str(exc)) from None
+            self.twinned = not self.persistent
         if not self.spec.flood:  # a flood-mode run's table, before the mode changed
-            with contextlib.suppress(MacModeError):
-                self._run([f"delete table netdev {self.table}"])
+            for table in (self.table, self.table + OWNED_TWIN_SUFFIX):
+                with contextlib.suppress(MacModeError):
+                    self._run([f"delete table netdev {table}"])
         self._run(self._table_commands(self.spec))
         self.answering = False
 
@@ -481,13 +511,23 @@ class MacMode:
             raise MacModeError("answer() before apply()")
         if lease_ms is None and not self.answering:
             return  # nothing to withdraw: spare the transaction on every heartbeat
-        self._run(answer_commands(self.spec, lease_ms))
+        cmds = answer_commands(self.spec, lease_ms)
+        if self.twinned:  # in the same transaction: both copies agree on the responder
+            cmds += answer_commands(owned_twin(self.spec), lease_ms)
+        self._run(cmds)
         self.answering = lease_ms is not None
 
     def restore(self) -> None:
         """Delete the tables and leave the MAC group as recorded; no-op if nothing is."""
         state = self._load()
         failures = []
+        for family in self._twin_families():
+            try:
+                self._run([f"delete table {family} {self.table}{OWNED_TWIN_SUFFIX}"])
+            except MacModeError as exc:
+                if "No such file or directory" not in str(exc):
+                    failures.append(str(exc))
+        self.twinned = self.twinned and bool(failures)
         if state["tables"] and self.persist:
             # No "add table" first: a persistent table (ours, or an orphan) refuses it.
             for family in FAMILIES:

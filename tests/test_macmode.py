@@ -18,9 +18,11 @@ from lbd.netcfg.macmode import (
     MacMode,
     MacModeSpec,
     answer_commands,
+    as_owned,
     derive_cluster_mac,
     nd_compensation,
     ones_sum,
+    owned_twin,
     remove_commands,
     table_commands,
 )
@@ -148,6 +150,20 @@ def test_flood_table_text() -> None:
     ]
     multicast = table_commands(MacModeSpec.build("eth0", "03:00:5e:11:22:33", own, [VIP6]))
     assert not any("netdev" in c for c in multicast)
+
+
+def test_owned_twin_text() -> None:
+    """Kernels < 6.9: the twin holds the same rules in owned tables of its own name."""
+    spec = MacModeSpec.build("eth0", "02:6c:11:22:33:44", "02:00:00:00:01:0b", ["192.0.2.100"])
+    twin = as_owned(table_commands(owned_twin(spec)))
+    assert [c for c in twin if c.startswith("add table")] == [
+        "add table inet lbd_mac_owned { flags owner; }",
+        "add table netdev lbd_mac_owned { flags owner; }",
+        "add table arp lbd_mac_owned { flags owner; }",
+    ]
+    plain = [c for c in table_commands(spec) if not c.startswith("add table")]
+    assert [c.replace("lbd_mac_owned", "lbd_mac") for c in twin if "add table" not in c] == plain
+    assert all("lbd_mac_owned" in c for c in answer_commands(owned_twin(spec), 100))
 
 
 def test_spec_refuses_the_interface_wearing_the_cluster_mac() -> None:

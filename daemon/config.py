@@ -98,12 +98,14 @@ class DaemonConfig:
     """Optional unicast peer addresses, for networks that block multicast."""
     multicast: bool = True
     """Send heartbeats to ``group`` (set false to use ``peers`` only)."""
-    mac_mode: str = "shared"
-    """"shared": every node wears one unicast MAC (hub, or a switch set to flood it).
+    mac_mode: str = "flood"
+    """"flood" (default): nodes keep their own MACs; the VIPs resolve to a unicast
+    cluster MAC that no frame is ever sent from, so switches flood it as unknown and
+    routers accept it (no switch or router configuration; README "Switched networks").
+    "shared": every node wears one unicast MAC (hub, or a switch set to flood it); the
+    default when ``cluster_mac`` is set and ``mac_mode`` is not (the seed's recipe).
     "multicast": nodes keep their own MACs; the VIPs resolve (ARP/ND) to a multicast
-    cluster MAC that any learning switch floods to every port (lbd.netcfg.macmode).
-    "flood": the same with a unicast cluster MAC that no frame is ever sent from, so
-    switches flood it as unknown and routers accept it (no static ARP/ND needed)."""
+    cluster MAC that any learning switch floods to every port (lbd.netcfg.macmode)."""
     cluster_mac: str | None = None
     """shared: optional unicast MAC set on the interface (else the site provides one).
     multicast: the cluster MAC (group bit set); flood: the cluster MAC (unicast, best
@@ -306,6 +308,10 @@ def parse_config(data: dict[str, Any], path: str | Path = "<config>") -> DaemonC
             values[key] = _expect(p, key, raw, bool, "true or false")
         else:
             values[key] = _expect(p, key, raw, str, "a string")
+    if "cluster_mac" in values and "mac_mode" not in values:
+        # The seed's recipe (one MAC on every node) from before flood became the
+        # default: a config that names a MAC to wear keeps meaning shared mode.
+        values["mac_mode"] = "shared"
     cfg = DaemonConfig(**values)
     cfg = replace(cfg, vips=_canonical_vips(p, cfg.vips))
     _check_values(p, cfg)

@@ -184,7 +184,12 @@ def test_restore_with_nothing_recorded_is_a_no_op(tmp_path: Path) -> None:
 def test_config_mac_mode_default_and_validation() -> None:
     base = {"vips": ["192.0.2.100"]}
     cfg = parse_config(base)
-    assert cfg.mac_mode == "shared" and cfg.effective_cluster_mac() is None
+    assert cfg.mac_mode == "flood"  # the default: works on the most networks (README)
+    assert cfg.effective_cluster_mac() == derive_cluster_mac("lbd", "flood")
+    # The seed's recipe: a MAC to wear and no mode means shared, as before.
+    cfg = parse_config({**base, "cluster_mac": "02:00:5e:00:01:64"})
+    assert cfg.mac_mode == "shared" and cfg.effective_cluster_mac() == "02:00:5e:00:01:64"
+    assert parse_config({**base, "mac_mode": "shared"}).effective_cluster_mac() is None
     cfg = parse_config({**base, "mac_mode": "multicast", "cluster": "web"})
     assert cfg.effective_cluster_mac() == derive_cluster_mac("web")
     cfg = parse_config({**base, "mac_mode": "multicast", "cluster_mac": "03:00:5E:00:00:01"})

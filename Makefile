@@ -13,18 +13,19 @@ PY        := $(VENV)/bin/python
 # the versions a packaged install runs on.
 APT_PKGS  := python3 python3-venv python3-pip python3-nftables nftables systemd \
              iproute2 tcpdump conntrack keepalived procps \
-             python3-pyroute2 python3-msgpack python3-cryptography python3-numpy
+             python3-pyroute2 python3-msgpack python3-cryptography python3-numpy \
+             qemu-system-x86 busybox-static kmod
 DEB_PKGS  := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
              dpkg-dev
 DIST      ?= dist
 STAMP     := $(VENV)/.installed
 
-.PHONY: lab test deps deb-deps deb lint typecheck pytest bench clean
+.PHONY: lab test deps deb-deps deb vm-kernel lint typecheck pytest bench clean
 
 lab: $(STAMP)
 	$(VENV)/bin/lbd lab
 
-test: $(STAMP) lint typecheck pytest
+test: $(STAMP) vm-kernel lint typecheck pytest
 
 # apt-get install whichever of the packages $(1) are missing.
 define apt_install
@@ -41,6 +42,23 @@ deps:
 
 deb-deps:
 	$(call apt_install,$(DEB_PKGS))
+
+# Debian 12's own kernel, unpacked (not installed) for tests/netns/test_vlan_vm.py,
+# which boots it in qemu: this machine's kernel cannot make VLAN devices. The
+# modules' index is built here because the guest has no depmod of its own to run.
+VM_DIR    := build/vm
+vm-kernel: $(VM_DIR)/.ready
+$(VM_DIR)/.ready: | deps
+	rm -rf $(VM_DIR) && mkdir -p $(VM_DIR)
+	cd $(VM_DIR) && for attempt in lists-as-they-are updated-lists; do \
+	  pkg=$$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $$2; exit}'); \
+	  test -n "$$pkg" && apt-get download -q "$$pkg" && break; \
+	  test $$attempt = updated-lists && { echo "vm-kernel: cannot download Debian's kernel" >&2; exit 1; }; \
+	  apt-get update -qq; \
+	done; \
+	dpkg-deb -x "$$pkg"_*.deb root && rm -f "$$pkg"_*.deb
+	depmod -b $(VM_DIR)/root $$(ls $(VM_DIR)/root/lib/modules)
+	touch $@
 
 # Built in a copy of the tree (build/deb/lbd), so that dpkg-buildpackage's
 # output (which it writes to the parent directory) and debhelper's scratch files

@@ -32,6 +32,7 @@ from typing import Any
 
 from lbd.daemon.config import write_key
 from lbd.testbed.bed import TCP_PORT, UDP_PORT, Bed, BedError, sources4, wait_for
+from lbd.testbed.nsutil import TIME_SCALE
 from lbd.testbed.pcap import DuplicateReport, count_duplicates, read_pcap
 
 HEARTBEAT_PORT = 7946
@@ -134,7 +135,7 @@ class LbdCluster:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * TIME_SCALE
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -150,7 +151,7 @@ class LbdCluster:
             capture_output=True,
             text=True,
             check=False,
-            timeout=timeout,
+            timeout=timeout * TIME_SCALE,
         )
 
     def query(self, index: int, cmd: str, *args: str) -> Any:
@@ -220,7 +221,7 @@ class LbdCluster:
         """SIGKILL the daemon (it never spawns children); returns the fault time."""
         when = time.monotonic()
         self.signal(index, signal.SIGKILL)
-        self.procs[index].wait(timeout=5)
+        self.procs[index].wait(timeout=5 * TIME_SCALE)
         return when
 
     def hang(self, index: int) -> float:
@@ -234,7 +235,7 @@ class LbdCluster:
     def terminate(self, index: int, timeout: float = 15.0) -> int:
         """SIGTERM (graceful leave) and wait for the exit code."""
         self.signal(index, signal.SIGTERM)
-        return self.procs[index].wait(timeout=timeout)
+        return self.procs[index].wait(timeout=timeout * TIME_SCALE)
 
     def restart(
         self, index: int, *, profile: str | None = None, **extra: str

@@ -24,6 +24,10 @@ OWNER_DIR = Path("/run/lbd-testbed")
 
 T = TypeVar("T")
 
+TIME_SCALE = max(1.0, float(os.environ.get("LBD_TEST_TIME_SCALE") or 1))
+"""Every bounded wait is this many times longer: for a bed inside an emulated machine
+(tests/netns/test_vlan_vm.py), where everything runs several times slower."""
+
 
 class BedError(RuntimeError):
     """The bed could not be built or a helper command failed."""
@@ -36,6 +40,7 @@ def wait_for(
 
     Returns that value, raises TimeoutError naming ``what`` otherwise.
     """
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -29,6 +29,7 @@ that case is not collected (see the parametrisation).
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -44,8 +45,15 @@ from lbd.netcfg.macmode import derive_cluster_mac
 from lbd.testbed import metrics
 from lbd.testbed.bed import Bed, sources6, wait_for
 from lbd.testbed.cluster import Capture, ClientLoad, LbdCluster, Run, holds_slices
+from lbd.testbed.nsutil import TIME_SCALE
 
-from .test_e2e import FAST_OUTAGE_LIMIT_MS, SETTLE, assert_clean, assert_failover
+from .test_e2e import (
+    DEFAULT_OUTAGE_LIMIT_MS,
+    FAST_OUTAGE_LIMIT_MS,
+    SETTLE,
+    assert_clean,
+    assert_failover,
+)
 from .test_switched import MacModeCalls, resolve_from_router
 
 CMAC = derive_cluster_mac("lbd-lab", "flood")  # LbdCluster's cluster name
@@ -92,9 +100,11 @@ def check_resolution(the_bed: Bed, answering: int) -> None:
     """One ARP reply / NA per request, broadcast or unicast to the cluster MAC: payload
     the cluster MAC, Ethernet source the responder's own MAC; dynamic router entries."""
     own = the_bed.nodes[answering].mac
-    arp, na, neigh = resolve_from_router(the_bed)
-    assert len(arp) == 1 and CMAC in arp[0] and own in arp[0], arp
-    assert len(na) == 1 and own in na[0], na
+    arp, na, neigh, asked4, asked6 = resolve_from_router(the_bed)
+    # One answer per request: in the emulated guest (test_vlan_vm.py) the router may
+    # ask again before the first answer arrives.
+    assert len(arp) == asked4 >= 1 and all(CMAC in ln and own in ln for ln in arp), arp
+    assert len(na) == asked6 >= 1 and all(own in ln for ln in na), na
     for vip in (the_bed.vip4, the_bed.vip6):
         entry = re.search(rf"^{re.escape(vip)} lladdr {CMAC} (\S+)", neigh, re.M)
         assert entry and entry.group(1) != "PERMANENT", neigh
@@ -134,10 +144,14 @@ def check_ipv6_shares(the_bed: Bed, alive: list[int]) -> None:
     assert all(len(v) == 1 for v in udp6.values()), udp6
 
 
-# The VLAN case (vlan=10: the nodes' LAN interface is eth0.10 over the switch) is not
-# collected: this machine's kernel (6.18, built without CONFIG_VLAN_8021Q) cannot make
-# 802.1Q devices, and under CI=true a skip is a failure. On a kernel that can, add 10.
-@pytest.mark.parametrize("vlan", [None], ids=["eth0"])
+# The VLAN case (vlan=10: the nodes' LAN interface is eth0.10 over the switch) is
+# collected only where LBD_TEST_VLAN=1 says the kernel makes 802.1Q devices: this
+# machine's (6.18, no CONFIG_VLAN_8021Q) cannot, and under CI=true a skip is a failure.
+# test_vlan_vm.py boots Debian 12's kernel in a VM and runs it there.
+VLAN_CASES = [None, 10] if os.environ.get("LBD_TEST_VLAN") == "1" else [None]
+
+
+@pytest.mark.parametrize("vlan", VLAN_CASES, ids=lambda v: "eth0" if v is None else f"eth0.{v}")
 def test_flood_mode_on_a_learning_switch(
     bed: Callable[..., Bed], tmp_path: Path, vlan: int | None
 ) -> None:
@@ -155,7 +169,11 @@ def test_flood_mode_on_a_learning_switch(
         "--immediate-mode",
         f"ether src {CMAC}",
     )
-    cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="fast")
+    # In an emulated machine (test_vlan_vm.py) the fast timers would suspect peers that
+    # are only slow: the default ones, and their bound, times the emulation's slowness.
+    emulated = TIME_SCALE > 1
+    cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="default" if emulated else "fast")
+    outage_limit = DEFAULT_OUTAGE_LIMIT_MS * TIME_SCALE if emulated else FAST_OUTAGE_LIMIT_MS
     run = Run(the_bed, cluster)
     vips = f'["{the_bed.vip4}", "{the_bed.vip6}"]'
     try:
@@ -205,33 +223,28 @@ def test_flood_mode_on_a_learning_switch(
         cluster.start(victim, vips=vips, mac_mode='"flood"')  # restart: rejoin
         cluster.wait_converged([0, 1, 2], check=holds_slices(victim), what="rejoin")
         time.sleep(SETTLE)
-        dead = leaver = None
-        if vlan is None:
-            # Host death: the node's link goes down under load, then comes back.
-            dead = alive[0]
-            death = cluster.link_down(dead)
-            cluster.wait_converged(
-                [i for i in (0, 1, 2) if i != dead], what="survivors to absorb the dead host"
-            )
-            time.sleep(SETTLE)
-            cluster.link_up(dead)
-            cluster.wait_converged(
-                [0, 1, 2], check=holds_slices(dead), what="the dead host to rejoin"
-            )
-            time.sleep(SETTLE)
-            # Graceful leave of one node, then back.
-            leaver = alive[1]
-            assert cluster.terminate(leaver) == 0
-            cluster.wait_converged([i for i in (0, 1, 2) if i != leaver], what="leave")
-            cluster.start(leaver, vips=vips, mac_mode='"flood"')
-            cluster.wait_converged([0, 1, 2], check=holds_slices(leaver), what="re-join")
-            time.sleep(SETTLE)
+        # Host death: the node's link goes down under load, then comes back.
+        dead = alive[0]
+        death = cluster.link_down(dead)
+        cluster.wait_converged(
+            [i for i in (0, 1, 2) if i != dead], what="survivors to absorb the dead host"
+        )
+        time.sleep(SETTLE)
+        cluster.link_up(dead)
+        cluster.wait_converged([0, 1, 2], check=holds_slices(dead), what="the dead host to rejoin")
+        time.sleep(SETTLE)
+        # Graceful leave of one node, then back.
+        leaver = alive[1]
+        assert cluster.terminate(leaver) == 0
+        cluster.wait_converged([i for i in (0, 1, 2) if i != leaver], what="leave")
+        cluster.start(leaver, vips=vips, mac_mode='"flood"')
+        cluster.wait_converged([0, 1, 2], check=holds_slices(leaver), what="re-join")
+        time.sleep(SETTLE)
         record, report = run.finish()
-        assert_failover(record, crash, the_bed.nodes[victim].name, FAST_OUTAGE_LIMIT_MS)
-        if dead is not None:
-            assert_failover(record, death, the_bed.nodes[dead].name, FAST_OUTAGE_LIMIT_MS)
+        assert_failover(record, crash, the_bed.nodes[victim].name, outage_limit)
+        assert_failover(record, death, the_bed.nodes[dead].name, outage_limit)
         # A leaving node takes its VIPs away: its own long-lived connections end.
-        down = {the_bed.nodes[i].name for i in (dead, leaver) if i is not None}
+        down = {the_bed.nodes[dead].name, the_bed.nodes[leaver].name}
         assert_clean(record, report, down=down)
         shares = metrics.shares(record)
         assert all(shares[n.name] > 100 for n in the_bed.nodes), shares

@@ -29,7 +29,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -98,23 +98,34 @@ class Sniffer:
         return self.bed.output(self.proc)
 
 
-def resolve_from_router(the_bed: Bed) -> tuple[list[str], list[str], str]:
+class Resolution(NamedTuple):
+    """What the router saw while resolving both VIPs (resolve_from_router)."""
+
+    arp: list[str]  # ARP replies for the IPv4 VIP
+    na: list[str]  # Neighbor Advertisements for the IPv6 VIP
+    neigh: str  # the router's neighbour table afterwards
+    asked4: int  # ARP requests the router sent for the VIP (a slow guest may resend)
+    asked6: int  # Neighbor Solicitations it sent for the VIP
+
+
+def resolve_from_router(the_bed: Bed) -> Resolution:
     """Flush the router's neighbour cache, ping both VIPs; return the ARP replies and
-    the Neighbor Advertisements seen for the VIPs, and the router's neighbour table."""
+    the Neighbor Advertisements seen for the VIPs, the requests, and the router's
+    neighbour table."""
     sniff = Sniffer(the_bed)  # first: under client load the flush is answered at once
     the_bed.run(the_bed.router, "ip", "neigh", "flush", "dev", the_bed.lan_iface)
     ok4 = the_bed.ping(the_bed.router, the_bed.vip4, timeout=2.0)
     ok6 = the_bed.ping(the_bed.router, the_bed.vip6, timeout=2.0)
-    text = sniff.stop()
-    assert ok4 and ok6, text
-    arp = [ln for ln in text.splitlines() if f"Reply {the_bed.vip4} is-at" in ln]
-    na = [
-        ln
-        for ln in text.splitlines()
-        if "neighbor advertisement" in ln and f"tgt is {the_bed.vip6}" in ln
-    ]
-    neigh = the_bed.run(the_bed.router, "ip", "neigh", "show", "dev", the_bed.lan_iface).stdout
-    return arp, na, neigh
+    lines = sniff.stop().splitlines()
+    assert ok4 and ok6, lines
+    vip4, vip6 = the_bed.vip4, the_bed.vip6
+    return Resolution(
+        arp=[ln for ln in lines if f"Reply {vip4} is-at" in ln],
+        na=[ln for ln in lines if "neighbor advertisement" in ln and f"tgt is {vip6}" in ln],
+        neigh=the_bed.run(the_bed.router, "ip", "neigh", "show", "dev", the_bed.lan_iface).stdout,
+        asked4=sum(f"Request who-has {vip4} " in ln for ln in lines),
+        asked6=sum("neighbor solicitation" in ln and f"who has {vip6}" in ln for ln in lines),
+    )
 
 
 def check_serving(the_bed: Bed, cluster: Cluster, alive: list[int]) -> Counter[str]:
@@ -187,11 +198,11 @@ def test_multicast_mode_on_a_learning_switch(
         assert len(first) == 1, first
         the_bed.start_echo(addrs=[the_bed.vip4, the_bed.vip6])
 
-        arp, na, neigh = resolve_from_router(the_bed)
+        arp, na, neigh, asked4, asked6 = resolve_from_router(the_bed)
         responder_mac = the_bed.nodes[first[0]].mac
         # One reply: Ethernet source = the responder's own MAC, is-at = the cluster MAC.
-        assert len(arp) == 1 and CMAC in arp[0] and responder_mac in arp[0], arp
-        assert len(na) == 1 and responder_mac in na[0], na
+        assert len(arp) == asked4 == 1 and CMAC in arp[0] and responder_mac in arp[0], arp
+        assert len(na) == asked6 == 1 and responder_mac in na[0], na
         assert re.search(rf"{re.escape(the_bed.vip4)} lladdr {CMAC}", neigh), neigh
         assert re.search(rf"{re.escape(the_bed.vip6)} lladdr {CMAC}", neigh), neigh
         # The router verified the rewritten NA's checksum (else no entry above); no
@@ -215,10 +226,10 @@ def test_multicast_mode_on_a_learning_switch(
         assert sum(left.values()) == BUCKETS
         wait_for(lambda: len(responders(the_bed, alive)) == 1, 10, what="a new ARP responder")
         assert responders(the_bed, [victim]) == [], "the dead node's answer must expire"
-        arp, na, neigh = resolve_from_router(the_bed)
+        arp, na, neigh, asked4, asked6 = resolve_from_router(the_bed)
         new_mac = the_bed.nodes[responders(the_bed, alive)[0]].mac
-        assert len(arp) == 1 and CMAC in arp[0] and new_mac in arp[0], arp
-        assert len(na) == 1 and new_mac in na[0], na
+        assert len(arp) == asked4 == 1 and CMAC in arp[0] and new_mac in arp[0], arp
+        assert len(na) == asked6 == 1 and new_mac in na[0], na
         check_serving(the_bed, cluster, alive)
 
         # The README's recipe for routers that refuse a multicast MAC in ARP/ND:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lbd.testbed.bed import Bed
+from lbd.testbed.benchout import add_output_args, emit
 from lbd.testbed.cluster import LbdCluster
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -332,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=25.0)
     parser.add_argument("--cases", default="default:3,default:8,default:16,fast:3,default:32")
     parser.add_argument("--no-imports", action="store_true")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_output_args(parser)
     args = parser.parse_args(argv)
     cases = []
     with tempfile.TemporaryDirectory(prefix="lbd-cost-") as tmp:
@@ -352,12 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         out["import_rss_mb"] = import_rss()
         out["import_chain_rss_mb"] = chain_rss()
         out["import_time_top"] = import_times()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
+    if not emit(args, out):
         for c in cases:
             print(
                 f"{c['profile']:>8} N={c['nodes']:<3} node0 {c['node0']}; CPU % mean "

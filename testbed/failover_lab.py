@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import random
 import statistics
@@ -41,6 +40,7 @@ from typing import Any
 from lbd.protocol.config import PROFILES
 from lbd.testbed import metrics
 from lbd.testbed.bed import Bed, wait_for
+from lbd.testbed.benchout import add_output_args, emit
 from lbd.testbed.cluster import Capture, ClientLoad, LbdCluster, holds_slices
 from lbd.testbed.traffic import TCP_PORT
 
@@ -264,13 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", default="default,fast")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--fault", choices=FAULTS, default="kill")
-    parser.add_argument(
-        "--prefix",
-        default="lbdt-bench",
-        help="namespace name prefix (lbdt-...; its leftovers are deleted)",
-    )
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_output_args(parser, prefix="lbdt-bench")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="lbd-bench-") as tmp:
@@ -286,12 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "fault": args.fault,
         "results": results,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
+    if not emit(args, out):
         for r in results:
             o = r["outage_ms"]
             print(

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import signal
@@ -59,6 +58,7 @@ from typing import Any
 
 from lbd.testbed import metrics
 from lbd.testbed.bed import Bed, BedError, wait_for
+from lbd.testbed.benchout import add_output_args, emit
 from lbd.testbed.cluster import Capture, ClientLoad
 from lbd.testbed.failover_lab import (
     CHECK_FALL,
@@ -408,13 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--advert", default="1,0.1", help="advert_int values (s), 0.01..255")
     parser.add_argument("--fault", choices=FAULTS, default="hostdeath")
-    parser.add_argument(
-        "--prefix",
-        default="lbdt-kad-",
-        help="namespace name prefix (lbdt-...; its leftovers are deleted)",
-    )
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    add_output_args(parser, prefix="lbdt-kad-")
     args = parser.parse_args(argv)
     if not Path(KEEPALIVED).exists():
         parser.error(f"{KEEPALIVED} is not installed (apt-get install keepalived)")
@@ -425,12 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_config(float(advert), args.trials, Path(tmp), args.fault, args.prefix)
             )
     out = {"benchmark": "keepalived_lab", "nodes": 3, "fault": args.fault, "results": results}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
+    if not emit(args, out):
         for r in results:
             o = r["outage_ms"] or {}
             print(

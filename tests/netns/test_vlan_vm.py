@@ -49,9 +49,11 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out /newroot/vmout
 exec switch_root /newroot /bin/sh /vmout/guest.sh
 """
 
+# The guest's root is already writable (the tmpfs layer), so /tmp stays as it is: the
+# checkout under test may live there. /run gets a fresh tmpfs (netns mounts, owners).
 GUEST = """mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /run
 mkdir -p /lib/modules && ln -s {modules} /lib/modules/{version}
 ip link set lo up
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root

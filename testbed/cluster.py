@@ -26,11 +26,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lbd.daemon.config import write_key
+from lbd.protocol.config import PROFILES
 from lbd.testbed.bed import TCP_PORT, UDP_PORT, Bed, BedError, sources4, wait_for
 from lbd.testbed.nsutil import TIME_SCALE
 from lbd.testbed.pcap import DuplicateReport, count_duplicates, read_pcap
@@ -87,7 +88,13 @@ class LbdCluster:
         path = self.workdir / f"{node.name}.toml"
         text = "".join(f"{k} = {v}\n" for k, v in lines.items())
         profile = self.node_profiles.get(index, self.profile)
-        path.write_text(text + f'\n[timers]\nprofile = "{profile}"\n')
+        timers = f'\n[timers]\nprofile = "{profile}"\n'
+        if TIME_SCALE > 1:
+            # An emulated guest stalls for hundreds of ms under load: stretch every
+            # timer by half the time scale, or the stalls read as deaths (all in seconds).
+            stretched = {k: v * TIME_SCALE / 2 for k, v in asdict(PROFILES[profile]).items()}
+            timers += "".join(f"{k} = {v:.3f}\n" for k, v in stretched.items())
+        path.write_text(text + timers)
         return path
 
     def start(

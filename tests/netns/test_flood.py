@@ -170,7 +170,8 @@ def test_flood_mode_on_a_learning_switch(
         f"ether src {CMAC}",
     )
     # In an emulated machine (test_vlan_vm.py) the fast timers would suspect peers that
-    # are only slow: the default ones, and their bound, times the emulation's slowness.
+    # are only slow: the default ones there (LbdCluster stretches them further), and
+    # the default bound times the emulation's slowness.
     emulated = TIME_SCALE > 1
     cluster = LbdCluster(the_bed, tmp_path / "cluster", profile="default" if emulated else "fast")
     outage_limit = DEFAULT_OUTAGE_LIMIT_MS * TIME_SCALE if emulated else FAST_OUTAGE_LIMIT_MS

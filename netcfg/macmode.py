@@ -402,9 +402,6 @@ class MacMode:
             cmds += as_owned(table_commands(owned_twin(spec)))
         return cmds
 
-    def _twin_families(self) -> list[str]:
-        return _families(self.spec) if self.twinned and self.spec is not None else []
-
     # ---------------------------------------------------------------- state
 
     def _load(self) -> dict[str, Any]:
@@ -466,9 +463,8 @@ class MacMode:
                 raise MacModeError(str(exc)) from None
             self.twinned = not self.persistent
         if not self.spec.flood:  # a flood-mode run's table, before the mode changed
-            for table in (self.table, self.table + OWNED_TWIN_SUFFIX):
-                with contextlib.suppress(MacModeError):
-                    self._run([f"delete table netdev {table}"])
+            with contextlib.suppress(MacModeError):
+                self._run([f"delete table netdev {self.table}"])
         self._run(self._table_commands(self.spec))
         self.answering = False
 
@@ -521,13 +517,15 @@ class MacMode:
         """Delete the tables and leave the MAC group as recorded; no-op if nothing is."""
         state = self._load()
         failures = []
-        for family in self._twin_families():
-            try:
-                self._run([f"delete table {family} {self.table}{OWNED_TWIN_SUFFIX}"])
-            except MacModeError as exc:
-                if "No such file or directory" not in str(exc):
-                    failures.append(str(exc))
-        self.twinned = self.twinned and bool(failures)
+        if self.twinned and self.spec is not None:
+            twin = owned_twin(self.spec)
+            for family in _families(twin):
+                try:
+                    self._run([f"delete table {family} {twin.table}"])
+                except MacModeError as exc:
+                    if "No such file or directory" not in str(exc):
+                        failures.append(str(exc))
+            self.twinned = bool(failures)  # kept while one is left to delete
         if state["tables"] and self.persist:
             # No "add table" first: a persistent table (ours, or an orphan) refuses it.
             for family in FAMILIES:

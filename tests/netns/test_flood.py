@@ -2,7 +2,7 @@
 
 The bed's bridge is a learning switch (``Bed(switch=True)``: learning on, default
 ageing 300 s), the nodes keep their own MACs, the router is a Linux router with default
-neighbour settings and no static entry. Three real daemons (fast timer profile) serve
+neighbour settings and no static entry. Three real daemons (fast timers) serve
 both VIPs (IPv4, IPv6) in flood mode; the client load (64 sources, a new TCP connection
 and a UDP query every 4 ms) and a capture run throughout, and so does a poll of the
 switch's ``bridge fdb show`` (every ~0.1 s) and a capture of frames from the cluster MAC
@@ -21,9 +21,9 @@ on the router. The test asserts:
 * the nodes reach each other and the router by their own addresses;
 * a graceful stop removes the tables and the unicast filter entry.
 
-The same runs with the LAN on a VLAN sub-interface (``eth0.10``), shorter (no host
-death or leave), exist for a kernel with 802.1Q support; this machine's has none, so
-that case is not collected (see the parametrisation).
+The same runs with the LAN on a VLAN sub-interface (``eth0.10``) on a kernel with
+802.1Q support; this machine's has none, so that case is collected only in the virtual
+machine of test_vlan_vm.py (see the parametrisation), with the default timers stretched.
 """
 
 from __future__ import annotations

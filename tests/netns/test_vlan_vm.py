@@ -104,7 +104,7 @@ def build_initramfs(work: Path, version: str) -> Path:
     names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
     with image.open("wb") as out:
         subprocess.run(
-            ["busybox", "cpio", "-o", "-H", "newc"],
+            [busybox, "cpio", "-o", "-H", "newc"],
             input="\n".join(names) + "\n",
             text=True,
             cwd=tree,
